@@ -1,0 +1,80 @@
+"""Orbit cameras around a mesh, as OpenGL-style view and projection matrices."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+UP_AXES = {"y": np.array([0.0, 1.0, 0.0]), "z": np.array([0.0, 0.0, 1.0])}
+
+
+@dataclass
+class Cameras:
+    """A batch of K cameras; ``mvp`` maps world points to clip space, one (4,4) per camera."""
+
+    mvp: torch.Tensor          # (K, 4, 4) float32
+    azimuths: list[float]      # degrees
+    elevations: list[float]    # degrees
+
+    def __len__(self) -> int:
+        return self.mvp.shape[0]
+
+
+def perspective(fov_y_deg: float, near: float, far: float) -> np.ndarray:
+    f = 1.0 / math.tan(math.radians(fov_y_deg) / 2)
+    return np.array([
+        [f, 0, 0, 0],
+        [0, f, 0, 0],
+        [0, 0, (far + near) / (near - far), 2 * far * near / (near - far)],
+        [0, 0, -1, 0],
+    ])
+
+
+def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
+    forward = target - eye
+    forward /= np.linalg.norm(forward)
+    right = np.cross(forward, up)
+    if np.linalg.norm(right) < 1e-8:  # looking straight along the up axis
+        right = np.cross(forward, np.roll(up, 1))
+    right /= np.linalg.norm(right)
+    true_up = np.cross(right, forward)
+    view = np.eye(4)
+    view[0, :3], view[1, :3], view[2, :3] = right, true_up, -forward
+    view[:3, 3] = -view[:3, :3] @ eye
+    return view
+
+
+def orbit(positions: np.ndarray, azimuths: list[float], elevations: list[float], up_axis: str,
+          fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu") -> Cameras:
+    """Cameras on a sphere around the mesh's bounding box, each framing the whole mesh.
+
+    Azimuth 0 looks at the mesh's front (from -Y towards +Y for Z-up, from +Z for Y-up), so
+    view-dependent prompts ("front view") mean the same thing as Blender's Front view.
+    """
+    up = UP_AXES[up_axis]
+    lo, hi = positions.min(axis=0).astype(np.float64), positions.max(axis=0).astype(np.float64)
+    center = (lo + hi) / 2
+    radius = max(float(np.linalg.norm(hi - lo)) / 2, 1e-6)
+    distance = radius * margin / math.sin(math.radians(fov_y_deg) / 2)
+    proj = perspective(fov_y_deg, max(distance - radius * 1.5, distance * 0.01), distance + radius * 1.5)
+    if up_axis == "z":
+        front, side = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
+    else:
+        front, side = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
+    mats = []
+    for az, el in zip(azimuths, elevations):
+        a, e = math.radians(az), math.radians(el)
+        direction = math.cos(e) * (math.cos(a) * front + math.sin(a) * side) + math.sin(e) * up
+        mats.append(proj @ look_at(center + distance * direction, center, up))
+    mvp = torch.tensor(np.stack(mats), dtype=torch.float32, device=device)
+    return Cameras(mvp, list(azimuths), list(elevations))
+
+
+def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[list[float], list[float]]:
+    """Evenly spaced azimuths with a shared offset; elevations cycle so top and bottom are seen."""
+    az = [(offset_deg + 360.0 * k / count) % 360.0 for k in range(count)]
+    el = [elevations[k % len(elevations)] for k in range(count)]
+    return az, el

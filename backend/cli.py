@@ -1,0 +1,114 @@
+"""``python -m backend``: the server Blender spawns, and a headless texturing CLI for pipelines.
+
+The CLI runs the very job the server runs (``jobs.run_texture_job``) and exits non-zero with the
+reason on stderr when anything fails, so batch scripts can trust its exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .jobs import MAX_TEXTURE, MIN_TEXTURE, JobError, ModelCache, TextureEvents, TextureRequest, run_texture_job
+from .mesh import Mesh, MeshError, load_mesh_file
+from .presets import PRESETS
+from .prior import ModelError
+
+
+class ConsoleEvents(TextureEvents):
+    """Progress on a tqdm bar on stderr; the last texture kept for writing out."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.bar = tqdm(total=1, unit="update", file=sys.stderr, dynamic_ncols=True)
+        self.final = None
+
+    def progress(self, done: int, total: int, phase: str) -> None:
+        self.bar.total = total
+        self.bar.n = done
+        self.bar.set_description(phase)
+        self.bar.refresh()
+
+    def texture(self, rgba, final: bool) -> None:
+        if final:
+            self.final = rgba.numpy()
+
+    def log(self, text: str) -> None:
+        self.bar.write(text, file=sys.stderr)
+
+
+def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
+    """Write the texture PNG and a textured GLB (one vertex per triangle corner, so seams keep
+    their own UVs)."""
+    import trimesh
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    image = Image.fromarray(np.ascontiguousarray(rgba[::-1, :, :3]))  # rows bottom-up → PNG's top-down
+    png = out / f"{mesh.name}_texture.png"
+    image.save(png)
+    corners = mesh.positions[mesh.triangles].reshape(-1, 3)
+    faces = np.arange(len(corners)).reshape(-1, 3)
+    visual = trimesh.visual.TextureVisuals(uv=mesh.corner_uvs.reshape(-1, 2), image=image)
+    glb = out / f"{mesh.name}.glb"
+    trimesh.Trimesh(corners, faces, visual=visual, process=False).export(glb)
+    return {"texture": str(png), "mesh": str(glb)}
+
+
+def texture_command(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        request = TextureRequest.from_fields({
+            "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model, "seed": args.seed,
+            "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "preset": args.preset,
+            "offline": args.offline})
+        mesh, _ = load_mesh_file(Path(args.mesh))
+        mesh.up_axis = args.up
+        events = ConsoleEvents()
+        run_texture_job(request, mesh, events, ModelCache())
+        events.bar.close()
+    except (JobError, MeshError, ModelError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    files = write_result(mesh, events.final, Path(args.out))
+    summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
+               "pipeline_check": request.model == "tiny", **files}
+    (Path(args.out) / "result.json").write_text(json.dumps(summary, indent=2))
+    if request.model == "tiny":
+        print("PIPELINE CHECK: made with the built-in tiny random-weight model. The texture is noise by "
+              "design; it proves the pipeline runs end to end. Use --model with real weights for art.")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the server Blender connects to (secret on stdin)")
+    serve.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on stdout)")
+    tex = sub.add_parser("texture", help="texture a mesh file from a prompt, without Blender")
+    tex.add_argument("mesh", help="OBJ, GLB, PLY, ... (anything trimesh reads)")
+    tex.add_argument("--prompt", required=True)
+    tex.add_argument("--negative", default="", help="negative prompt")
+    tex.add_argument("--model", default="tiny",
+                     help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
+                          "or a .safetensors file")
+    tex.add_argument("--seed", type=int, default=0)
+    tex.add_argument("--size", type=int, default=1024, help=f"texture size, {MIN_TEXTURE}-{MAX_TEXTURE}")
+    tex.add_argument("--steps", type=int, default=None, help="SIR iterations (default: the preset's)")
+    tex.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
+    tex.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
+    tex.add_argument("--offline", action="store_true", help="never contact the model hub")
+    tex.add_argument("--out", required=True, help="output folder")
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        from .server import serve as run_server
+        return run_server(args.port)
+    return texture_command(args)

@@ -1,0 +1,149 @@
+"""A texture job: its validated request, and the one function the server and the CLI both run."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .mesh import Mesh, MeshError, unwrap
+from .presets import default_preset, resolve
+from .prior import LatentDiffusionPrior, load_prior
+
+MIN_TEXTURE, MAX_TEXTURE = 512, 4096
+
+
+class JobError(Exception):
+    """A job that cannot run as asked; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass(frozen=True)
+class TextureRequest:
+    prompt: str
+    negative_prompt: str = ""
+    model: str = "tiny"
+    seed: int = 0
+    texture_size: int = 1024
+    steps: int | None = None        # SIR iterations; None keeps the preset's
+    guidance: float | None = None   # None keeps the preset's
+    preset: str | None = None
+    offline: bool = False
+
+    @classmethod
+    def from_fields(cls, f: dict[str, Any]) -> "TextureRequest":
+        """Validate a request from the wire or the CLI; each problem gets its own message."""
+        def bad(msg: str) -> JobError:
+            return JobError(protocol.E_BAD_REQUEST, msg)
+
+        prompt = f.get("prompt")
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise bad("the prompt is empty: type what the texture should show, e.g. 'weathered bronze'")
+        size = f.get("texture_size", 1024)
+        if not isinstance(size, int) or not MIN_TEXTURE <= size <= MAX_TEXTURE:
+            raise bad(f"texture size {size!r} is out of range: choose {MIN_TEXTURE} to {MAX_TEXTURE} pixels")
+        steps = f.get("steps")
+        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 500):
+            raise bad(f"steps {steps!r} is out of range: choose 1 to 500")
+        guidance = f.get("guidance")
+        if guidance is not None and (not isinstance(guidance, (int, float)) or not 0 <= guidance <= 200):
+            raise bad(f"guidance {guidance!r} is out of range: choose 0 to 200")
+        seed = f.get("seed", 0)
+        if not isinstance(seed, int) or seed < 0:
+            raise bad(f"seed {seed!r} must be a whole number ≥ 0")
+        model = f.get("model") or "tiny"
+        if not isinstance(model, str):
+            raise bad("model must be a name, folder or file path")
+        return cls(prompt=prompt.strip(), negative_prompt=str(f.get("negative_prompt") or ""), model=model,
+                   seed=seed, texture_size=size, steps=steps,
+                   guidance=None if guidance is None else float(guidance),
+                   preset=f.get("preset"), offline=bool(f.get("offline", False)))
+
+    def config(self):
+        try:
+            return resolve(self.preset or default_preset(self.model),
+                           {"iterations": self.steps, "guidance": self.guidance})
+        except ValueError as exc:
+            raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+
+
+@dataclass
+class ModelCache:
+    """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
+
+    priors: dict[str, LatentDiffusionPrior] = field(default_factory=dict)
+
+    def get(self, model: str, offline: bool) -> LatentDiffusionPrior:
+        if model not in self.priors:
+            self.priors.clear()  # one model resident at a time keeps VRAM bounded
+            self.priors[model] = load_prior(model, offline=offline)
+        return self.priors[model]
+
+    def unload(self) -> None:
+        self.priors.clear()
+        import torch
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def mesh_from_message(msg: protocol.Message) -> Mesh:
+    """Build the job's mesh from a SUBMIT message's arrays, rejecting malformed input clearly."""
+    a = msg.arrays
+    for name in ("positions", "triangles"):
+        if name not in a:
+            raise MeshError(f"the job carries no {name!r} array")
+
+    def arr(name: str, dtype: Any, width: tuple[int, ...]) -> np.ndarray:
+        blob = a[name]
+        out = np.frombuffer(blob.data, dtype=np.dtype(blob.dtype))
+        try:
+            return out.reshape(-1, *width).astype(dtype, copy=False)
+        except ValueError:
+            raise MeshError(f"array {name!r} of shape {blob.shape} is not (N, {', '.join(map(str, width))})") from None
+
+    tri_loops = arr("tri_loops", np.int64, (3,)) if "tri_loops" in a else None
+    corner_uvs = None
+    if "loop_uvs" in a and tri_loops is not None:
+        loop_uvs = arr("loop_uvs", np.float32, (2,))
+        if tri_loops.size and (tri_loops.min() < 0 or tri_loops.max() >= len(loop_uvs)):
+            raise MeshError("loop indices out of range of the UV array")
+        corner_uvs = loop_uvs[tri_loops]
+    return Mesh(positions=arr("positions", np.float32, (3,)), triangles=arr("triangles", np.int64, (3,)),
+                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=int(msg.get("loop_count", 0)),
+                up_axis=str(msg.get("up_axis", "z")), name=str(msg.get("object", "mesh")))
+
+
+class TextureEvents:
+    """Engine events plus the job-level ones (phase changes, new UVs); implemented per front end."""
+
+    def progress(self, done: int, total: int, phase: str) -> None: ...
+    def texture(self, rgba, final: bool) -> None: ...
+    def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None: ...
+    def log(self, text: str) -> None: ...
+    def cancelled(self) -> bool: return False
+
+
+def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache):
+    """Validate, unwrap if needed, load the prior, run SIR; returns the final (3, S, S) texture."""
+    from .sir import SIRTexturer
+
+    cfg = request.config()
+    mesh.validate()
+    if mesh.corner_uvs is None:
+        events.progress(0, cfg.total_work(), "unwrapping UVs (xatlas)")
+        loop_uvs = unwrap(mesh)
+        events.uvs(loop_uvs, mesh.corner_uvs)
+    events.progress(0, cfg.total_work(), f"loading model {request.model}")
+    prior = models.get(request.model, request.offline)
+    if prior.pipeline_check:
+        events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
+                   "this texture tests the pipeline and is not art")
+    texturer = SIRTexturer(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
+                           request.seed, events)
+    return texturer.run()

@@ -1,0 +1,109 @@
+"""The triangle mesh a job textures, its validation, and UV unwrapping.
+
+Blender meshes carry UVs per loop (face corner), and n-gons share loops between the triangles they
+split into. The backend therefore works on per-corner UVs and, when it unwraps a mesh itself,
+returns per-loop UVs and re-derives the corners from them, so the baked texture matches exactly
+what Blender will sample.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+#: Above this many triangles texturing is refused with a suggestion; unwrapping and rasterising
+#: costs grow with it and a texture cannot hold more detail than ~1 texel per triangle anyway.
+MAX_TRIANGLES = 1_000_000
+
+
+class MeshError(ValueError):
+    """Bad mesh input; the message names the problem and the fix."""
+
+
+@dataclass
+class Mesh:
+    positions: np.ndarray          # (V, 3) float32
+    triangles: np.ndarray          # (T, 3) int64 vertex indices
+    corner_uvs: np.ndarray | None  # (T, 3, 2) float32, or None when the mesh has no UVs
+    tri_loops: np.ndarray | None = None  # (T, 3) Blender loop index of each corner
+    loop_count: int = 0
+    up_axis: str = "z"
+    name: str = "mesh"
+
+    @property
+    def triangle_count(self) -> int:
+        return int(self.triangles.shape[0])
+
+    def validate(self) -> None:
+        """Raise MeshError for meshes that cannot be textured; cheap, runs before any GPU work."""
+        p, t = self.positions, self.triangles
+        if p.ndim != 2 or p.shape[1] != 3 or t.ndim != 2 or t.shape[1] != 3:
+            raise MeshError(f"mesh {self.name!r}: expected (V,3) positions and (T,3) triangles, "
+                            f"got {p.shape} and {t.shape}")
+        if t.shape[0] == 0:
+            raise MeshError(f"mesh {self.name!r} has no faces: Kiln textures surfaces. "
+                            "Add faces (e.g. Edit Mode > Face > Fill) or select another object")
+        if t.shape[0] > MAX_TRIANGLES:
+            raise MeshError(f"mesh {self.name!r} has {t.shape[0]:,} triangles, over Kiln's limit of "
+                            f"{MAX_TRIANGLES:,}: reduce it first (Decimate modifier, then Apply)")
+        if not np.isfinite(p).all():
+            bad = int((~np.isfinite(p)).any(axis=1).sum())
+            raise MeshError(f"mesh {self.name!r} has {bad} vertices with NaN or infinite coordinates: "
+                            "fix or delete them (Edit Mode > Mesh > Clean Up) before texturing")
+        if t.min() < 0 or t.max() >= p.shape[0]:
+            raise MeshError(f"mesh {self.name!r}: triangle indices out of range")
+        extent = p.max(axis=0) - p.min(axis=0)
+        if float(extent.max()) <= 0.0:
+            raise MeshError(f"mesh {self.name!r} has zero size: all vertices coincide")
+        if self.corner_uvs is not None:
+            if self.corner_uvs.shape != (t.shape[0], 3, 2):
+                raise MeshError(f"mesh {self.name!r}: UVs of shape {self.corner_uvs.shape} "
+                                f"do not match {t.shape[0]} triangles")
+            if not np.isfinite(self.corner_uvs).all():
+                raise MeshError(f"mesh {self.name!r} has NaN UVs: re-unwrap it (UV > Smart UV Project) "
+                                "or delete the UV map so Kiln unwraps it")
+
+
+def unwrap(mesh: Mesh) -> np.ndarray | None:
+    """Give a UV-less mesh UVs with xatlas; sets ``corner_uvs`` and returns per-loop UVs (or None).
+
+    The per-loop array is what Blender stores in the new UV map. Where an n-gon's loops got
+    different UVs in different triangles, the last one wins and the corners are re-read from the
+    loop array, so the texture is baked for the UVs Blender will actually use.
+    """
+    import xatlas
+
+    vmapping, indices, uvs = xatlas.parametrize(mesh.positions.astype(np.float32),
+                                                mesh.triangles.astype(np.uint32))
+    del vmapping
+    corner = uvs[indices.astype(np.int64)].astype(np.float32)  # (T, 3, 2)
+    if mesh.tri_loops is None:
+        mesh.corner_uvs = corner
+        return None
+    loop_uv = np.zeros((mesh.loop_count, 2), np.float32)
+    loop_uv[mesh.tri_loops.reshape(-1)] = corner.reshape(-1, 2)
+    mesh.corner_uvs = loop_uv[mesh.tri_loops]
+    return loop_uv
+
+
+def load_mesh_file(path: Path) -> tuple[Mesh, object]:
+    """Load OBJ/GLB/PLY/... with trimesh for the CLI; returns the Mesh and the trimesh object."""
+    import trimesh
+
+    if not path.is_file():
+        raise MeshError(f"mesh file {str(path)!r} does not exist")
+    try:
+        loaded = trimesh.load(path, force="mesh", process=False)
+    except Exception as exc:  # trimesh raises many types for unreadable files
+        raise MeshError(f"could not read {str(path)!r} as a mesh: {exc}") from None
+    if not isinstance(loaded, trimesh.Trimesh):
+        raise MeshError(f"{str(path)!r} holds no triangle mesh")
+    faces = np.asarray(loaded.faces, np.int64).reshape(-1, 3)
+    uv = getattr(loaded.visual, "uv", None)
+    corner_uvs = None
+    if uv is not None and len(uv) == len(loaded.vertices):
+        corner_uvs = np.asarray(uv, np.float32)[faces]
+    mesh = Mesh(np.asarray(loaded.vertices, np.float32), faces, corner_uvs, up_axis="y", name=path.stem)
+    return mesh, loaded

@@ -1,0 +1,142 @@
+"""The 2D diffusion prior: Stable Diffusion through diffusers, or the built-in tiny model.
+
+Methods talk to a prior only through ``LatentDiffusionPrior``: prompt embeddings, VAE encode and
+decode, and one guided noise prediction per call with the CFG pair batched into a single UNet
+pass. Loading accepts a Hugging Face id, a local diffusers folder or a single ``.safetensors``
+checkpoint, and turns the many ways that fails into one message that says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import protocol
+
+TINY = "tiny"
+_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelError(Exception):
+    """A model that cannot be loaded; ``code`` is a protocol error code."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class LatentDiffusionPrior:
+    name: str
+    unet: Any
+    vae: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+    device: torch.device
+    dtype: torch.dtype
+    #: True for the random-weight tiny model: results check the pipeline and are not art.
+    pipeline_check: bool = False
+
+    @property
+    def latent_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str, negative: str) -> torch.Tensor:
+        """Embeddings (2, L, D): the negative (unconditional) prompt first, then the prompt."""
+        tokens = self.tokenizer([negative, prompt], padding="max_length", truncation=True,
+                                max_length=self.tokenizer.model_max_length, return_tensors="pt")
+        return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        latents = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist.mean
+        return latents * self.vae.config.scaling_factor
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+        return ((images.float() + 1) / 2).clamp(0, 1)
+
+    @torch.no_grad()
+    def guided_output(self, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
+                      guidance: float) -> torch.Tensor:
+        """The model output (ε or v, as the scheduler expects) with classifier-free guidance."""
+        k = latents.shape[0]
+        both = torch.cat([latents, latents]).to(self.dtype)
+        cond = torch.cat([embeds[0:1].expand(k, -1, -1), embeds[1:2].expand(k, -1, -1)])
+        out = self.unet(both, t, encoder_hidden_states=cond).sample.float()
+        uncond, text = out.chunk(2)
+        return uncond + guidance * (text - uncond)
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_prior(model: str, device: torch.device | None = None, offline: bool = False) -> LatentDiffusionPrior:
+    device = device or default_device()
+    if model == TINY:
+        from .tiny_model import build_tiny_prior
+        return build_tiny_prior(device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    path = Path(model).expanduser()
+    if path.is_dir():
+        pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
+    elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        pipe = _from_single_file(path, dtype, offline)
+    elif _HF_ID.match(model) and not path.exists():
+        pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
+    else:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"unknown model {model!r}: it is not 'tiny', an existing diffusers folder, a "
+                         ".safetensors file, or a Hugging Face id like 'stabilityai/stable-diffusion-2-1-base'")
+    return _from_pipeline(model, pipe, device, dtype)
+
+
+def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=offline,
+                                                       safety_checker=None, requires_safety_checker=False)
+    except Exception as exc:  # hub, filesystem and config errors all end here
+        raise _explain(exc, label, offline) from None
+
+
+def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
+    except Exception as exc:
+        raise _explain(exc, f"checkpoint {str(path)!r}", offline) from None
+
+
+def _explain(exc: Exception, label: str, offline: bool) -> ModelError:
+    text = f"{type(exc).__name__}: {exc}"
+    if offline or "offline" in text.lower() or "connect" in text.lower():
+        return ModelError(protocol.E_WEIGHTS_OFFLINE,
+                          f"the weights of {label} are not on this machine and it is offline. Download them "
+                          "once where there is internet (e.g. `huggingface-cli download <id>`), or pick a local "
+                          f"diffusers folder or .safetensors file in Kiln's model field. ({text[:300]})")
+    if "not found" in text.lower() or "404" in text or "repository" in text.lower():
+        return ModelError(protocol.E_MODEL_NOT_FOUND,
+                          f"{label} was not found: check the spelling of the id or path. ({text[:300]})")
+    return ModelError(protocol.E_MODEL_NOT_FOUND, f"could not load {label}: {text[:500]}")
+
+
+def _from_pipeline(name: str, pipe: Any, device: torch.device, dtype: torch.dtype) -> LatentDiffusionPrior:
+    from diffusers import DDIMScheduler
+
+    pipe.to(device)
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    return LatentDiffusionPrior(name, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(),
+                                pipe.tokenizer, scheduler, device, dtype)

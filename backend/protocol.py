@@ -1,0 +1,268 @@
+"""Kiln's wire protocol: the one definition shared by the Blender add-on and the backend.
+
+Standard library only, because Blender's Python imports it too (the extension zip carries this
+file inside its copy of ``backend/``).
+
+A frame is ``MAGIC | header length (u32) | payload length (u64)``, then a UTF-8 JSON header, then
+the payload. The header always has ``"type"``; bulk data (meshes, textures) travels as raw
+little-endian arrays concatenated in the payload and described by ``header["arrays"]`` — never as
+base64, which would cost a third more bytes and a slow decode in Blender.
+
+Authentication is a mutual HMAC challenge: the secret itself never crosses the socket, so a
+process that can connect to the loopback port but did not receive the secret over the backend's
+stdin cannot drive the GPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import socket
+import struct
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+PROTOCOL_VERSION = 1
+MAGIC = b"KLN1"
+PREFIX = struct.Struct("!4sIQ")
+MAX_HEADER_BYTES = 1 << 20
+#: Big enough for a 4096² RGBA8 texture (64 MiB) or a 1M-triangle mesh with per-corner UVs.
+MAX_PAYLOAD_BYTES = 256 << 20
+
+# Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
+# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, LOG, ERROR, DONE, PONG.
+HELLO = "hello"
+AUTH = "auth"
+WELCOME = "welcome"
+SUBMIT = "submit"
+ACCEPTED = "accepted"
+PROGRESS = "progress"
+TEXTURE = "texture"
+MESH = "mesh"
+LOG = "log"
+ERROR = "error"
+DONE = "done"
+CANCEL = "cancel"
+UNLOAD = "unload"
+SHUTDOWN = "shutdown"
+PING = "ping"
+PONG = "pong"
+
+MESSAGE_TYPES = frozenset(
+    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, LOG, ERROR, DONE, CANCEL,
+     UNLOAD, SHUTDOWN, PING, PONG}
+)
+
+# Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
+E_AUTH = "auth_failed"
+E_VERSION = "version_mismatch"
+E_FRAME_TOO_LARGE = "frame_too_large"
+E_BAD_FRAME = "bad_frame"
+E_BAD_REQUEST = "bad_request"
+E_BAD_MESH = "bad_mesh"
+E_MODEL_NOT_FOUND = "model_not_found"
+E_WEIGHTS_OFFLINE = "weights_offline"
+E_OUT_OF_MEMORY = "out_of_memory"
+E_JOB_FAILED = "job_failed"
+E_INTERNAL = "internal"
+
+#: dtype strings allowed in payload arrays (numpy's spelling, explicit little-endian).
+DTYPE_SIZES = {"<f4": 4, "<f2": 2, "<i4": 4, "<u4": 4, "<i8": 8, "|u1": 1}
+
+
+class ProtocolError(Exception):
+    """A frame or message that breaks the protocol; ``code`` is one of the E_* strings."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionClosed(Exception):
+    """The peer went away; ``mid_frame`` tells a clean close from a cut-off frame."""
+
+    def __init__(self, message: str, mid_frame: bool = False) -> None:
+        super().__init__(message)
+        self.mid_frame = mid_frame
+
+
+@dataclass
+class Array:
+    """A raw array in a payload: dtype (numpy spelling), shape, and the bytes as a memoryview."""
+
+    dtype: str
+    shape: tuple[int, ...]
+    data: memoryview
+
+    @property
+    def count(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class Message:
+    type: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    arrays: dict[str, Array] = field(default_factory=dict)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.fields.get(key, default)
+
+
+def _as_bytes_view(obj: Any) -> memoryview:
+    view = memoryview(obj)
+    if not view.c_contiguous:
+        raise ValueError("payload arrays must be C-contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view
+
+
+def array(dtype: str, shape: tuple[int, ...], data: Any) -> Array:
+    """Describe a buffer (numpy array, array.array, bytes) for sending; checks its size."""
+    if dtype not in DTYPE_SIZES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use one of {sorted(DTYPE_SIZES)}")
+    view = _as_bytes_view(data)
+    expected = math.prod(shape) * DTYPE_SIZES[dtype]
+    if view.nbytes != expected:
+        raise ValueError(f"array of shape {shape} and dtype {dtype} needs {expected} bytes, got {view.nbytes}")
+    return Array(dtype, tuple(int(s) for s in shape), view)
+
+
+def encode(msg_type: str, fields: Mapping[str, Any] | None = None,
+           arrays: Mapping[str, Array] | None = None) -> list[bytes | memoryview]:
+    """Frame a message as a list of buffers, so large payloads are sent without a copy."""
+    if msg_type not in MESSAGE_TYPES:
+        raise ValueError(f"unknown message type {msg_type!r}")
+    header: dict[str, Any] = dict(fields or {})
+    header["type"] = msg_type
+    arrays = dict(arrays or {})
+    header["arrays"] = [{"name": n, "dtype": a.dtype, "shape": list(a.shape)} for n, a in arrays.items()]
+    head = json.dumps(header, separators=(",", ":"), allow_nan=False).encode("utf-8")
+    payload_len = sum(a.data.nbytes for a in arrays.values())
+    if len(head) > MAX_HEADER_BYTES:
+        raise ProtocolError(E_FRAME_TOO_LARGE, f"header of {len(head)} bytes exceeds {MAX_HEADER_BYTES}")
+    if payload_len > MAX_PAYLOAD_BYTES:
+        raise ProtocolError(
+            E_FRAME_TOO_LARGE,
+            f"payload of {payload_len / 2**20:.1f} MiB exceeds the {MAX_PAYLOAD_BYTES >> 20} MiB frame limit",
+        )
+    return [PREFIX.pack(MAGIC, len(head), payload_len), head, *(a.data for a in arrays.values())]
+
+
+def send(sock: socket.socket, msg_type: str, fields: Mapping[str, Any] | None = None,
+         arrays: Mapping[str, Array] | None = None) -> None:
+    """Send one message; the caller serialises concurrent senders (one lock per socket)."""
+    for part in encode(msg_type, fields, arrays):
+        sock.sendall(part)
+
+
+def _recv_exact(sock: socket.socket, n: int, started: bool) -> bytearray:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        k = sock.recv_into(view[got:], min(n - got, 1 << 20))
+        if k == 0:
+            if got == 0 and not started:
+                raise ConnectionClosed("connection closed by peer")
+            raise ConnectionClosed(f"connection closed mid-frame ({got} of {n} bytes)", mid_frame=True)
+        got += k
+    return buf
+
+
+def decode_header(raw: bytes | bytearray) -> dict[str, Any]:
+    try:
+        header = json.loads(bytes(raw).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ProtocolError(E_BAD_FRAME, f"malformed frame header: {exc}") from None
+    if not isinstance(header, dict) or header.get("type") not in MESSAGE_TYPES:
+        raise ProtocolError(E_BAD_FRAME, f"malformed frame header: missing or unknown type {header!r:.80}")
+    specs = header.get("arrays", [])
+    if not isinstance(specs, list):
+        raise ProtocolError(E_BAD_FRAME, "malformed frame header: 'arrays' must be a list")
+    return header
+
+
+def _split_payload(specs: list[Any], payload: memoryview) -> dict[str, Array]:
+    arrays: dict[str, Array] = {}
+    offset = 0
+    for spec in specs:
+        try:
+            name, dtype, shape = spec["name"], spec["dtype"], tuple(int(s) for s in spec["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise ProtocolError(E_BAD_FRAME, f"malformed array description {spec!r:.80}") from None
+        if dtype not in DTYPE_SIZES or any(s < 0 for s in shape):
+            raise ProtocolError(E_BAD_FRAME, f"array {name!r}: bad dtype or shape")
+        nbytes = math.prod(shape) * DTYPE_SIZES[dtype]
+        if offset + nbytes > payload.nbytes:
+            raise ProtocolError(E_BAD_FRAME, f"array {name!r} runs past the end of the payload")
+        arrays[name] = Array(dtype, shape, payload[offset:offset + nbytes])
+        offset += nbytes
+    if offset != payload.nbytes:
+        raise ProtocolError(E_BAD_FRAME, f"payload has {payload.nbytes - offset} bytes no array describes")
+    return arrays
+
+
+def recv(sock: socket.socket, max_payload: int = MAX_PAYLOAD_BYTES) -> Message:
+    """Read one message. Oversized or malformed frames raise ProtocolError before the payload is read."""
+    prefix = _recv_exact(sock, PREFIX.size, started=False)
+    magic, head_len, payload_len = PREFIX.unpack(prefix)
+    if magic != MAGIC:
+        raise ProtocolError(E_BAD_FRAME, f"bad frame magic {bytes(magic)!r}: not a Kiln peer, or a protocol mismatch")
+    if head_len > MAX_HEADER_BYTES:
+        raise ProtocolError(E_FRAME_TOO_LARGE, f"frame header of {head_len} bytes exceeds {MAX_HEADER_BYTES}")
+    if payload_len > max_payload:
+        raise ProtocolError(
+            E_FRAME_TOO_LARGE,
+            f"frame payload of {payload_len / 2**20:.1f} MiB exceeds the {max_payload >> 20} MiB limit",
+        )
+    header = decode_header(_recv_exact(sock, head_len, started=True))
+    payload = memoryview(_recv_exact(sock, payload_len, started=True)) if payload_len else memoryview(b"")
+    arrays = _split_payload(header.pop("arrays", []), payload)
+    msg_type = header.pop("type")
+    return Message(msg_type, header, arrays)
+
+
+# --- authentication -------------------------------------------------------------------------
+
+def new_secret() -> str:
+    return secrets.token_hex(32)
+
+
+def new_nonce() -> str:
+    return secrets.token_hex(16)
+
+
+def auth_digest(secret: str, nonce: str, role: str) -> str:
+    """HMAC proof that the sender holds ``secret``; ``role`` stops a reflected proof from passing."""
+    return hmac.new(secret.encode("ascii"), f"{role}:{nonce}".encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def digest_matches(secret: str, nonce: str, role: str, digest: Any) -> bool:
+    return isinstance(digest, str) and hmac.compare_digest(auth_digest(secret, nonce, role), digest)
+
+
+def client_handshake(sock: socket.socket, secret: str, client_name: str = "kiln") -> Message:
+    """Authenticate to a server and check that it holds the secret too; returns its WELCOME."""
+    hello = recv(sock)
+    if hello.type == ERROR:
+        raise ProtocolError(hello.get("code", E_AUTH), hello.get("message", "server refused the connection"))
+    if hello.type != HELLO:
+        raise ProtocolError(E_BAD_FRAME, f"expected {HELLO!r}, got {hello.type!r}")
+    if hello.get("version") != PROTOCOL_VERSION:
+        raise ProtocolError(
+            E_VERSION,
+            f"backend speaks protocol {hello.get('version')}, this add-on {PROTOCOL_VERSION}: "
+            "restart the backend from the add-on so both come from the same Kiln version",
+        )
+    my_nonce = new_nonce()
+    send(sock, AUTH, {"version": PROTOCOL_VERSION, "client": client_name, "nonce": my_nonce,
+                      "digest": auth_digest(secret, str(hello.get("nonce")), "client")})
+    reply = recv(sock)
+    if reply.type == ERROR:
+        raise ProtocolError(reply.get("code", E_AUTH), reply.get("message", "authentication failed"))
+    if reply.type != WELCOME or not digest_matches(secret, my_nonce, "server", reply.get("digest")):
+        raise ProtocolError(E_AUTH, "the process on this port could not prove it is the backend Kiln started")
+    return reply

@@ -1,0 +1,338 @@
+"""The backend server Blender spawns: loopback only, authenticated, one GPU job at a time.
+
+Threads: one accepts connections; each connection has a reader (requests) and a writer (its
+outbox); one worker runs jobs from a FIFO queue. A protocol fault closes only the connection that
+caused it. The process exits when its parent closes our stdin (Blender quit or crashed), so no
+orphan keeps holding VRAM.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import logging
+import os
+import queue
+import socket
+import sys
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import protocol
+from .jobs import JobError, ModelCache, TextureEvents, TextureRequest, mesh_from_message, run_texture_job
+from .mesh import MeshError
+
+log = logging.getLogger("kiln.server")
+AUTH_TIMEOUT_S = 10.0
+
+
+class Outbox:
+    """Ordered outgoing frames, where a newer droppable frame (a live texture) replaces an unsent
+    older one with the same key: a slow client sees fewer previews, and the job never waits."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.cv = threading.Condition()
+        self.items: collections.deque[list[Any]] = collections.deque()
+        self.pending: dict[Any, list[Any]] = {}
+        self.closed = False
+        self.dropped = 0
+        self.thread = threading.Thread(target=self._write, name="kiln-outbox", daemon=True)
+        self.thread.start()
+
+    def put(self, msg_type: str, fields: dict[str, Any], arrays: dict[str, protocol.Array] | None = None,
+            replace_key: Any = None) -> None:
+        parts = protocol.encode(msg_type, fields, arrays)
+        with self.cv:
+            if self.closed:
+                return
+            entry = self.pending.get(replace_key) if replace_key is not None else None
+            if entry is not None:
+                entry[1] = parts
+                self.dropped += 1
+            else:
+                entry = [replace_key, parts]
+                self.items.append(entry)
+                if replace_key is not None:
+                    self.pending[replace_key] = entry
+            self.cv.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self.cv:
+                while not self.items and not self.closed:
+                    self.cv.wait()
+                if not self.items:
+                    return
+                key, parts = self.items.popleft()
+                if key is not None:
+                    self.pending.pop(key, None)
+            try:
+                for part in parts:
+                    self.sock.sendall(part)
+            except OSError:
+                self.close()
+                return
+
+    def close(self) -> None:
+        with self.cv:
+            self.closed = True
+            self.items.clear()
+            self.pending.clear()
+            self.cv.notify()
+
+    def flush_and_close(self, timeout: float = 5.0) -> None:
+        """Let queued frames (an error message, say) go out before the socket closes."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.cv:
+                if not self.items:
+                    break
+            time.sleep(0.01)
+        self.close()
+
+
+@dataclass
+class Job:
+    id: int
+    conn: "Connection"
+    request: TextureRequest
+    mesh: Any
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class JobEvents(TextureEvents):
+    """Engine events → protocol messages for the job's own client."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.start = time.monotonic()
+
+    def _send(self, msg_type: str, fields: dict[str, Any], arrays=None, replace_key=None) -> None:
+        self.job.conn.outbox.put(msg_type, {"job": self.job.id, **fields}, arrays, replace_key)
+
+    def progress(self, done: int, total: int, phase: str) -> None:
+        elapsed = time.monotonic() - self.start
+        eta = elapsed / done * (total - done) if done else None
+        self._send(protocol.PROGRESS, {"done": done, "total": total, "phase": phase,
+                                       "elapsed_s": round(elapsed, 3), "eta_s": None if eta is None else round(eta, 1)})
+
+    def texture(self, rgba, final: bool) -> None:
+        h, w, _ = rgba.shape
+        data = rgba.numpy()
+        self._send(protocol.TEXTURE, {"width": w, "height": h, "final": final},
+                   {"rgba": protocol.array("|u1", (h, w, 4), data)},
+                   replace_key=None if final else (self.job.id, "texture"))
+
+    def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None:
+        if loop_uvs is None:
+            return
+        self._send(protocol.MESH, {"uv_map": "KilnUV"},
+                   {"loop_uvs": protocol.array("<f4", loop_uvs.shape, np.ascontiguousarray(loop_uvs, "<f4"))})
+
+    def log(self, text: str) -> None:
+        self._send(protocol.LOG, {"level": "info", "text": text})
+
+    def cancelled(self) -> bool:
+        return self.job.cancel.is_set() or self.job.conn.outbox.closed
+
+
+class Connection:
+    def __init__(self, server: "Server", sock: socket.socket, peer: Any) -> None:
+        self.server, self.sock, self.peer = server, sock, peer
+        self.outbox = Outbox(sock)
+        self.jobs: dict[int, Job] = {}
+
+    def serve(self) -> None:
+        try:
+            if self._handshake():
+                self._loop()
+        except protocol.ConnectionClosed as exc:
+            log.info("client %s left: %s", self.peer, exc)
+        except protocol.ProtocolError as exc:
+            log.warning("closing %s: %s", self.peer, exc)
+            self.outbox.put(protocol.ERROR, {"code": exc.code, "message": str(exc)})
+            self.outbox.flush_and_close()
+        except OSError as exc:
+            log.info("connection %s failed: %s", self.peer, exc)
+        finally:
+            for job in list(self.jobs.values()):
+                job.cancel.set()
+            self.outbox.close()
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self.sock.close()
+
+    def _handshake(self) -> bool:
+        nonce = protocol.new_nonce()
+        self.outbox.put(protocol.HELLO, {"version": protocol.PROTOCOL_VERSION, "nonce": nonce})
+        self.sock.settimeout(AUTH_TIMEOUT_S)
+        try:
+            msg = protocol.recv(self.sock, max_payload=0)
+        except socket.timeout:
+            raise protocol.ProtocolError(protocol.E_AUTH, "no authentication within 10 s") from None
+        self.sock.settimeout(None)
+        if msg.type != protocol.AUTH:
+            raise protocol.ProtocolError(protocol.E_AUTH, f"expected {protocol.AUTH!r} first, got {msg.type!r}")
+        if msg.get("version") != protocol.PROTOCOL_VERSION:
+            raise protocol.ProtocolError(protocol.E_VERSION,
+                                         f"client speaks protocol {msg.get('version')}, backend "
+                                         f"{protocol.PROTOCOL_VERSION}: use the backend shipped with the add-on")
+        if not protocol.digest_matches(self.server.secret, nonce, "client", msg.get("digest")):
+            log.warning("refused %s: wrong secret", self.peer)
+            raise protocol.ProtocolError(protocol.E_AUTH, "authentication failed: wrong secret")
+        self.outbox.put(protocol.WELCOME, {
+            "digest": protocol.auth_digest(self.server.secret, str(msg.get("nonce")), "server"),
+            "pid": os.getpid(), "device": self.server.device_name()})
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            msg = protocol.recv(self.sock)
+            if msg.type == protocol.SUBMIT:
+                self._submit(msg)
+            elif msg.type == protocol.CANCEL:
+                job = self.jobs.get(msg.get("job"))
+                if job:
+                    job.cancel.set()
+            elif msg.type == protocol.PING:
+                self.outbox.put(protocol.PONG, {"t": msg.get("t")})
+            elif msg.type == protocol.UNLOAD:
+                self.server.jobs.put(None)
+            elif msg.type == protocol.SHUTDOWN:
+                log.info("shutdown requested by %s", self.peer)
+                self.server.stop()
+                return
+            else:
+                self.outbox.put(protocol.ERROR, {"code": protocol.E_BAD_REQUEST,
+                                                 "message": f"a client may not send {msg.type!r}"})
+
+    def _submit(self, msg: protocol.Message) -> None:
+        job_id = next(self.server.ids)
+        try:
+            request = TextureRequest.from_fields(msg.fields)
+            mesh = mesh_from_message(msg)
+        except (JobError, MeshError) as exc:
+            self.outbox.put(protocol.ERROR, {"job": job_id, "tag": msg.get("tag"),
+                                             "code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
+            return
+        job = Job(job_id, self, request, mesh)
+        self.jobs[job_id] = job
+        self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"),
+                                            "queue_position": self.server.jobs.qsize()})
+        self.server.jobs.put(job)
+
+
+class Server:
+    def __init__(self, secret: str, port: int = 0) -> None:
+        self.secret = secret
+        self.listener = socket.create_server(("127.0.0.1", port))
+        self.port = self.listener.getsockname()[1]
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.ids = itertools.count(1)
+        self.models = ModelCache()
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def device_name() -> str:
+        try:
+            import torch
+            return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+        except Exception:  # the device name is informational; never fail a handshake over it
+            return "unknown"
+
+    def serve_forever(self) -> None:
+        threading.Thread(target=self._work, name="kiln-worker", daemon=True).start()
+        self.listener.settimeout(0.5)
+        while not self.stopping.is_set():
+            try:
+                sock, peer = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                break
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            threading.Thread(target=Connection(self, sock, peer).serve, name=f"kiln-conn-{peer[1]}",
+                             daemon=True).start()
+        self.listener.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                self.models.unload()
+                continue
+            self._run(job)
+
+    def _run(self, job: Job) -> None:
+        out = job.conn.outbox
+        started = time.monotonic()
+        if job.cancel.is_set():
+            out.put(protocol.DONE, {"job": job.id, "status": "cancelled", "seconds": 0.0})
+            return
+        from .sir import JobCancelled
+        from .prior import ModelError
+        try:
+            run_texture_job(job.request, job.mesh, JobEvents(job), self.models)
+            out.put(protocol.DONE, {"job": job.id, "status": "finished",
+                                    "seconds": round(time.monotonic() - started, 3)})
+        except JobCancelled:
+            out.put(protocol.DONE, {"job": job.id, "status": "cancelled",
+                                    "seconds": round(time.monotonic() - started, 3)})
+        except (JobError, ModelError) as exc:
+            out.put(protocol.ERROR, {"job": job.id, "code": exc.code, "message": str(exc)})
+        except MeshError as exc:
+            out.put(protocol.ERROR, {"job": job.id, "code": protocol.E_BAD_MESH, "message": str(exc)})
+        except Exception as exc:  # the server outlives any one job's failure
+            out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc)})
+            log.error("job %d failed:\n%s", job.id, traceback.format_exc())
+        finally:
+            job.conn.jobs.pop(job.id, None)
+
+
+def describe_failure(exc: BaseException) -> dict[str, str]:
+    """Map an unexpected exception to an error code and a message with a fix where one is known."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in text.lower():
+        return {"code": protocol.E_OUT_OF_MEMORY,
+                "message": "the GPU ran out of memory: choose a smaller texture size, close other GPU "
+                           f"programs, or press Unload Models and try again ({text[:200]})"}
+    return {"code": protocol.E_JOB_FAILED, "message": f"the job failed: {text[:500]}"}
+
+
+def _exit_with_parent() -> None:
+    """Block on stdin; EOF means the process that spawned us is gone."""
+    try:
+        while sys.stdin.buffer.read(1 << 16):
+            pass
+    finally:
+        log.info("parent closed stdin; exiting")
+        os._exit(0)
+
+
+def serve(port: int = 0) -> int:
+    """Entry point of ``python -m backend serve``: secret on stdin's first line, port on stdout."""
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kiln-backend %(levelname)s %(message)s")
+    secret = sys.stdin.readline().strip()
+    if len(secret) < 32:
+        print("kiln-backend: expected the session secret on stdin's first line (Blender passes it); "
+              "refusing to serve without one", file=sys.stderr)
+        return 2
+    server = Server(secret, port)
+    threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
+    print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
+                      "protocol": protocol.PROTOCOL_VERSION}), flush=True)
+    log.info("listening on 127.0.0.1:%d", server.port)
+    server.serve_forever()
+    return 0

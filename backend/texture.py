@@ -1,0 +1,94 @@
+"""The optimised texture: a multi-resolution pyramid behind a sigmoid, plus UV-island padding.
+
+A 2048² texture seen through eight 512² views gets gradients on a few percent of its texels. As a
+sum of levels from full size down to 16², every rendered pixel also moves the coarse levels, so
+texels no camera saw take the colour of their surroundings instead of staying grey. Views sample
+each level directly at the pixel UVs, so the full-size texture is only composed when it is sent.
+
+Texture rows run bottom-up (row 0 is v = 0), as in Blender's image pixels.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .raster import Raster, interpolate, rasterize
+
+_COARSEST = 16
+
+
+class PyramidTexture(torch.nn.Module):
+    def __init__(self, size: int, device: torch.device | str, init: torch.Tensor | None = None) -> None:
+        super().__init__()
+        sizes = []
+        s = size
+        while s >= _COARSEST:
+            sizes.append(s)
+            s //= 2
+        self.size = size
+        self.levels = torch.nn.ParameterList(
+            [torch.nn.Parameter(torch.zeros(1, 3, s, s, device=device)) for s in sizes])
+        if init is not None:  # start from an existing texture (refine mode): all detail in level 0
+            with torch.no_grad():
+                self.levels[0].copy_(torch.logit(init.clamp(1e-3, 1 - 1e-3)).to(device)[None])
+
+    def sample(self, uv: torch.Tensor) -> torch.Tensor:
+        """Colours at UVs of shape (N, 2) → (N, 3), differentiable in every level."""
+        grid = (uv * 2 - 1).view(1, 1, -1, 2)
+        logits = sum(F.grid_sample(level, grid, mode="bilinear", padding_mode="border",
+                                   align_corners=False) for level in self.levels)
+        return torch.sigmoid(logits).view(3, -1).t()
+
+    @torch.no_grad()
+    def compose(self) -> torch.Tensor:
+        """The full-size texture, (3, H, W) in [0, 1]."""
+        logits = sum(F.interpolate(level, size=(self.size, self.size), mode="bilinear",
+                                   align_corners=False) for level in self.levels)
+        return torch.sigmoid(logits)[0]
+
+
+def render(texture: PyramidTexture, corner_uvs: torch.Tensor, raster: Raster,
+           background: float) -> torch.Tensor:
+    """Render the views in ``raster`` as (K, 3, H, W) images, top row first, on a flat background."""
+    mask = raster.mask
+    uv = interpolate(corner_uvs, raster)[mask]
+    k, h, w = mask.shape
+    image = torch.full((k, h, w, 3), background, device=uv.device, dtype=torch.float32)
+    image = image.masked_scatter(mask[..., None].expand(-1, -1, -1, 3), texture.sample(uv))
+    return image.permute(0, 3, 1, 2).flip(2)
+
+
+def image_mask(raster: Raster) -> torch.Tensor:
+    """The coverage mask in image orientation (top row first), (K, 1, H, W)."""
+    return raster.mask[:, None].flip(2)
+
+
+def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:
+    """Which texels lie inside a UV island, (size, size) bool, rasterised in UV space."""
+    corners = corner_uvs.reshape(-1, 2)
+    clip = torch.cat([corners * 2 - 1, torch.zeros_like(corners[:, :1]), torch.ones_like(corners[:, :1])], 1)
+    tris = torch.arange(corners.shape[0], device=corners.device).view(-1, 3)
+    return rasterize(clip[None], tris, size, size).mask[0]
+
+
+def pad_islands(image: torch.Tensor, inside: torch.Tensor, texels: int) -> torch.Tensor:
+    """Grow each UV island's border colours ``texels`` texels outward, so bilinear lookups and
+    mipmaps near seams read island colours instead of bleeding in whatever lies between islands."""
+    valid = inside[None, None].to(image.dtype)
+    colour = image[None] * valid
+    kernel = torch.ones(1, 1, 3, 3, device=image.device, dtype=image.dtype)
+    for _ in range(texels):
+        count = F.conv2d(valid, kernel, padding=1)
+        summed = F.conv2d(colour.view(3, 1, *colour.shape[2:]), kernel, padding=1).view_as(colour)
+        grow = (valid == 0) & (count > 0)
+        colour = torch.where(grow, summed / count.clamp_min(1), colour)
+        valid = torch.where(grow, torch.ones_like(valid), valid)
+    return torch.where(valid > 0, colour, image[None])[0]
+
+
+def to_rgba8(image: torch.Tensor) -> torch.Tensor:
+    """(3, H, W) float → (H, W, 4) uint8 on the CPU, the wire format of texture updates."""
+    rgb = (image.clamp(0, 1) * 255 + 0.5).to(torch.uint8).permute(1, 2, 0)
+    alpha = torch.full_like(rgb[..., :1], 255)
+    return torch.cat([rgb, alpha], -1).cpu().contiguous()
