@@ -1,0 +1,28 @@
+"""Kiln: texture meshes from a text prompt, with a local GPU backend.
+
+This side is bpy only (plus Blender's bundled numpy). Torch lives in the backend process, in its
+own environment, so no install step ever touches Blender's Python.
+"""
+
+from __future__ import annotations
+
+import bpy
+
+from . import operators, panel, properties, session
+
+CLASSES = (*properties.CLASSES, *operators.CLASSES, *panel.CLASSES)
+
+
+def register() -> None:
+    for cls in CLASSES:
+        bpy.utils.register_class(cls)
+    properties.register()
+
+
+def unregister() -> None:
+    if operators.ACTIVE is not None:
+        operators.ACTIVE.cancel()
+    session.MANAGER.stop()
+    properties.unregister()
+    for cls in reversed(CLASSES):
+        bpy.utils.unregister_class(cls)

@@ -1,0 +1,132 @@
+"""Finding, starting and stopping the backend process. No bpy here: plain subprocess work.
+
+The backend runs in its own Python environment (made by the README's set-up command), never in
+Blender's: torch in Blender's Python is the leading cause of AI add-on install failures. The
+session secret goes to the child on stdin — the command line is readable by other users — and
+the open stdin doubles as a lifeline: when Blender dies, the backend sees EOF and exits.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from .backend import protocol
+
+ADDON_DIR = Path(__file__).resolve().parent
+#: Written by ``build.py setup`` so the add-on finds the environment with no configuration.
+POINTER_FILE = Path.home() / ".kiln" / "backend-python"
+START_TIMEOUT_S = 120.0
+
+
+class BackendError(Exception):
+    """The backend cannot be found, started or reached; the message says what to do."""
+
+
+def find_python(preference: str) -> Path:
+    """The backend interpreter: the preference, else $KILN_PYTHON, else what set-up recorded."""
+    candidates = [(preference, "the add-on preferences"), (os.environ.get("KILN_PYTHON", ""), "$KILN_PYTHON")]
+    if POINTER_FILE.is_file():
+        candidates.append((POINTER_FILE.read_text(encoding="utf-8").strip(), str(POINTER_FILE)))
+    for value, source in candidates:
+        if not value:
+            continue
+        path = Path(value).expanduser()
+        if path.is_file():
+            return path
+        raise BackendError(f"the backend Python set in {source} does not exist: {path}. Run the set-up command "
+                           "from Kiln's README, or fix Backend Python in Preferences > Add-ons > Kiln")
+    raise BackendError("no backend Python is configured: run the set-up command from Kiln's README "
+                       "(`python3 build.py setup`), or set Backend Python in Preferences > Add-ons > Kiln")
+
+
+class BackendProcess:
+    def __init__(self, python: Path, offline: bool) -> None:
+        self.python = python
+        self.offline = offline
+        self.secret = protocol.new_secret()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.port = 0
+        self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
+
+    def start(self) -> int:
+        """Spawn and wait for the port; blocking, so call it off Blender's main thread."""
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ADDON_DIR), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+        env["PYTHONUNBUFFERED"] = "1"
+        if self.offline:
+            env["HF_HUB_OFFLINE"] = "1"
+        flags = subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0
+        try:
+            self.proc = subprocess.Popen([str(self.python), "-m", "backend", "serve"], cwd=str(ADDON_DIR),
+                                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                         env=env, creationflags=flags)
+        except OSError as exc:
+            raise BackendError(f"could not run the backend Python {self.python}: {exc}") from None
+        assert self.proc.stdin and self.proc.stdout and self.proc.stderr
+        self.proc.stdin.write(self.secret.encode("ascii") + b"\n")
+        self.proc.stdin.flush()
+        threading.Thread(target=self._read_stderr, name="kiln-backend-stderr", daemon=True).start()
+        lines: queue.Queue[bytes] = queue.Queue()
+        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            try:
+                line = lines.get(timeout=0.1)
+            except queue.Empty:
+                if self.proc.poll() is not None:
+                    break
+                continue
+            try:
+                ready = json.loads(line)
+                self.port = int(ready["port"])
+                return self.port
+            except (ValueError, KeyError, TypeError):
+                break
+        self.stop()
+        raise BackendError(f"the backend failed to start{self._exit_note()}. {self.diagnosis()}")
+
+    def _read_stderr(self) -> None:
+        assert self.proc and self.proc.stderr
+        for raw in self.proc.stderr:
+            line = raw.decode("utf-8", "replace").rstrip()
+            self.stderr_tail.append(line)
+            print(line, file=sys.stderr)
+
+    def _exit_note(self) -> str:
+        code = self.proc.poll() if self.proc else None
+        return "" if code is None else f" (exit code {code})"
+
+    def diagnosis(self) -> str:
+        """The most useful stderr lines, with a fix for the common failures."""
+        time.sleep(0.1)  # let the stderr reader catch the last lines of a dying process
+        tail = "\n".join(list(self.stderr_tail)[-8:])
+        if "No module named" in tail:
+            return (f"The backend Python {self.python} lacks Kiln's dependencies: run the set-up command from "
+                    f"the README, or point Backend Python at its environment. Last output:\n{tail}")
+        return f"Last output:\n{tail}" if tail else "It printed nothing."
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def exit_description(self) -> str:
+        return f"the backend process exited{self._exit_note()}. {self.diagnosis()}"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Close the lifeline (the backend exits by itself), then make sure."""
+        if self.proc is None:
+            return
+        try:
+            if self.proc.stdin:
+                self.proc.stdin.close()
+            self.proc.wait(timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait(timeout=timeout)

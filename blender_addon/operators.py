@@ -1,0 +1,181 @@
+"""Operators. "Texture Selected" is modal in the UI (timer-driven, Esc cancels) and blocking in
+background mode, where no timer ever fires; both drive the same TextureSession."""
+
+from __future__ import annotations
+
+import threading
+
+import bpy
+
+from . import session as sessions
+from .backend import protocol
+from .backend_process import BackendError
+from .properties import preferences
+from .scene_io import SceneError
+
+#: The running texture session, if any; one at a time keeps the undo history simple.
+ACTIVE: sessions.TextureSession | None = None
+
+
+def _running() -> bool:
+    return ACTIVE is not None and not ACTIVE.finished
+
+
+def _redraw(context: bpy.types.Context) -> None:
+    for window in context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type in ("VIEW_3D", "IMAGE_EDITOR", "PROPERTIES"):
+                area.tag_redraw()
+
+
+class KILN_OT_texture_selected(bpy.types.Operator):
+    """Texture the selected meshes from the prompt, live, with the Kiln backend"""
+
+    bl_idname = "kiln.texture_selected"
+    bl_label = "Texture Selected"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+            return False
+        if not any(o.type == "MESH" for o in context.selected_objects):
+            cls.poll_message_set("Select one or more mesh objects")
+            return False
+        return True
+
+    def _session(self, context: bpy.types.Context) -> sessions.TextureSession | None:
+        global ACTIVE
+        try:
+            fields = sessions.read_settings(context.scene.kiln)
+            objects = sorted(context.selected_objects, key=lambda o: o.name)
+            ACTIVE = sessions.TextureSession(objects, fields, preferences(context).python_path)
+        except SceneError as exc:
+            self.report({"ERROR"}, str(exc))
+            return None
+        ACTIVE.start()
+        return ACTIVE
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        session = self._session(context)
+        if session is None:
+            return {"CANCELLED"}
+        try:
+            while not session.finished:
+                session.pump(timeout=0.1)
+        except KeyboardInterrupt:
+            session.cancel()
+            while not session.finished:
+                session.pump(timeout=0.1)
+        return self._end(session)
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        if self._session(context) is None:
+            return {"CANCELLED"}
+        wm = context.window_manager
+        self._timer = wm.event_timer_add(0.05, window=context.window)
+        wm.modal_handler_add(self)
+        return {"RUNNING_MODAL"}
+
+    def modal(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        session = ACTIVE
+        if event.type == "ESC" and event.value == "PRESS":
+            session.cancel()
+            return {"RUNNING_MODAL"}
+        if event.type != "TIMER":
+            return {"PASS_THROUGH"}
+        session.pump()
+        fraction, text = session.progress()
+        context.workspace.status_text_set(f"Kiln {fraction:.0%} · {text}  (Esc to cancel)")
+        _redraw(context)
+        if not session.finished:
+            return {"PASS_THROUGH"}
+        context.window_manager.event_timer_remove(self._timer)
+        context.workspace.status_text_set(None)
+        return self._end(session)
+
+    def _end(self, session: sessions.TextureSession) -> set[str]:
+        for note in dict.fromkeys(session.notes):
+            self.report({"INFO"}, note)
+        if session.succeeded:
+            self.report({"INFO"}, f"Kiln: {session.summary()}")
+            return {"FINISHED"}
+        if session.cancel_requested and not session.failure:
+            self.report({"WARNING"}, f"Kiln cancelled; kept the last texture. {session.summary()}")
+        else:
+            self.report({"ERROR"}, f"Kiln: {session.summary()}")
+        # An undo step is owed whenever something in the scene changed (a kept partial texture).
+        return {"FINISHED"} if any(t.live for t in session.targets) else {"CANCELLED"}
+
+
+class KILN_OT_cancel(bpy.types.Operator):
+    """Stop the running Kiln job, keeping the last texture it produced"""
+
+    bl_idname = "kiln.cancel"
+    bl_label = "Cancel"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return _running()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        ACTIVE.cancel()
+        return {"FINISHED"}
+
+
+def _in_background(work, done_message: str) -> None:
+    """Run backend start/stop work off the main thread; print the outcome to the console."""
+    def run() -> None:
+        try:
+            work()
+            print(f"Kiln: {done_message}")
+        except (BackendError, OSError, protocol.ProtocolError) as exc:
+            print(f"Kiln: {exc}")
+    threading.Thread(target=run, name="kiln-backend-control", daemon=True).start()
+
+
+class KILN_OT_start_backend(bpy.types.Operator):
+    """Start the Kiln backend now, so the first job does not wait for it"""
+
+    bl_idname = "kiln.start_backend"
+    bl_label = "Start Backend"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        python, offline = preferences(context).python_path, not getattr(bpy.app, "online_access", True)
+        _in_background(lambda: sessions.MANAGER.ensure(python, offline), "backend started")
+        return {"FINISHED"}
+
+
+class KILN_OT_stop_backend(bpy.types.Operator):
+    """Stop the Kiln backend and free the memory its models hold"""
+
+    bl_idname = "kiln.stop_backend"
+    bl_label = "Stop Backend"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return not _running()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        _in_background(sessions.MANAGER.stop, "backend stopped")
+        return {"FINISHED"}
+
+
+class KILN_OT_copy_diagnostics(bpy.types.Operator):
+    """Copy the backend's recent console output, for a bug report"""
+
+    bl_idname = "kiln.copy_diagnostics"
+    bl_label = "Copy Diagnostics"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        process = sessions.MANAGER.process
+        lines = list(process.stderr_tail) if process else []
+        context.window_manager.clipboard = "\n".join(
+            [f"Kiln backend: {sessions.MANAGER.status()}", *(lines or ["(no backend output)"])])
+        self.report({"INFO"}, f"Copied {len(lines)} lines of backend output")
+        return {"FINISHED"}
+
+
+CLASSES = (KILN_OT_texture_selected, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
+           KILN_OT_copy_diagnostics)

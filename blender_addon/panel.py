@@ -1,0 +1,54 @@
+"""The Kiln tab in the 3D viewport's sidebar."""
+
+from __future__ import annotations
+
+import bpy
+
+from . import operators, session
+
+
+class KILN_PT_main(bpy.types.Panel):
+    bl_label = "Kiln"
+    bl_idname = "KILN_PT_main"
+    bl_space_type = "VIEW_3D"
+    bl_region_type = "UI"
+    bl_category = "Kiln"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        settings = context.scene.kiln
+        running = operators._running()
+        col = layout.column()
+        col.enabled = not running
+        col.prop(settings, "prompt")
+        col.prop(settings, "negative_prompt")
+        col.prop(settings, "model")
+        if settings.model.strip() == "tiny":
+            col.label(text="Tiny model: a pipeline check, not art", icon="INFO")
+        row = col.row(align=True)
+        row.prop(settings, "seed")
+        row.prop(settings, "texture_size", text="Size")
+        row = col.row(align=True)
+        row.prop(settings, "steps")
+        row.prop(settings, "guidance")
+        if running:
+            fraction, text = operators.ACTIVE.progress()
+            if hasattr(layout, "progress"):
+                layout.progress(factor=fraction, type="BAR", text=text)
+            else:
+                layout.label(text=f"{fraction:.0%} {text}")
+            layout.operator("kiln.cancel", icon="CANCEL")
+        else:
+            layout.operator("kiln.texture_selected", icon="TEXTURE")
+            if operators.ACTIVE is not None:
+                layout.label(text=operators.ACTIVE.summary()[:120],
+                             icon="CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")
+        box = layout.box()
+        box.label(text=f"Backend: {session.MANAGER.status()}", icon="CONSOLE")
+        row = box.row(align=True)
+        row.operator("kiln.start_backend", text="Start")
+        row.operator("kiln.stop_backend", text="Stop")
+        box.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+
+
+CLASSES = (KILN_PT_main,)

@@ -1,0 +1,56 @@
+"""The artist's settings: per scene (saved with the .blend) and per installation (preferences)."""
+
+from __future__ import annotations
+
+import bpy
+from bpy.props import FloatProperty, IntProperty, StringProperty
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class KilnPreferences(bpy.types.AddonPreferences):
+    bl_idname = __package__
+
+    python_path: StringProperty(
+        name="Backend Python", subtype="FILE_PATH",
+        description="Python of the environment made by Kiln's set-up command. Empty: use $KILN_PYTHON, "
+                    "else the environment the set-up command recorded in ~/.kiln/backend-python")
+
+    def draw(self, context: bpy.types.Context) -> None:
+        from .backend_process import BackendError, find_python
+        layout = self.layout
+        layout.prop(self, "python_path")
+        try:
+            layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
+        except BackendError as exc:
+            layout.label(text=str(exc)[:120], icon="ERROR")
+
+
+class KilnSettings(bpy.types.PropertyGroup):
+    prompt: StringProperty(name="Prompt", description="What the texture should show")
+    negative_prompt: StringProperty(name="Negative", description="What the texture should avoid")
+    model: StringProperty(
+        name="Model", default=DEFAULT_MODEL,
+        description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "
+                    "random-weight model that checks the pipeline offline; its output is not art)")
+    seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
+    texture_size: IntProperty(name="Texture Size", default=1024, min=512, max=4096, step=512, subtype="PIXEL")
+    steps: IntProperty(name="Steps", default=12, min=1, max=200,
+                       description="SIR iterations: each denoises the views and refits the texture")
+    guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0,
+                            description="Classifier-free guidance: higher follows the prompt more closely")
+
+
+CLASSES = (KilnPreferences, KilnSettings)
+
+
+def register() -> None:
+    bpy.types.Scene.kiln = bpy.props.PointerProperty(type=KilnSettings)
+
+
+def unregister() -> None:
+    del bpy.types.Scene.kiln
+
+
+def preferences(context: bpy.types.Context) -> KilnPreferences:
+    return context.preferences.addons[__package__].preferences

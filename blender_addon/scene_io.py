@@ -1,0 +1,154 @@
+"""Reading meshes out of the scene and writing UVs, images and materials back. Main thread only.
+
+Bulk data goes through ``foreach_get``/``foreach_set`` with numpy (bundled with Blender): a
+per-element Python loop over a 2048² image takes seconds, this takes milliseconds.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import bpy
+import numpy as np
+
+from .backend import protocol
+
+UV_MAP_NAME = "KilnUV"
+MAX_TRIANGLES = 1_000_000  # the backend enforces the same limit; checking here saves the transfer
+
+
+class SceneError(Exception):
+    """Bad scene input; the message names the problem and the fix."""
+
+
+def check_object(obj: Any) -> None:
+    if obj is None:
+        raise SceneError("no object given: select one or more mesh objects")
+    if obj.type != "MESH":
+        raise SceneError(f"{obj.name!r} is a {obj.type.lower()}, not a mesh: convert it "
+                         "(Object > Convert > Mesh) or deselect it")
+    if obj.mode != "OBJECT":
+        raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first")
+    mesh = obj.data
+    if len(mesh.polygons) == 0:
+        raise SceneError(f"{obj.name!r} has no faces: Kiln textures surfaces. Add faces or deselect it")
+    tris = len(mesh.loop_triangles)
+    if tris > MAX_TRIANGLES:
+        raise SceneError(f"{obj.name!r} has {tris:,} triangles, over Kiln's limit of {MAX_TRIANGLES:,}: "
+                         "reduce it first (Decimate modifier, then Apply)")
+
+
+def mesh_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+    """The SUBMIT fields and arrays for one object: world-space positions, loop triangles, their
+    loops, and the active UV map's per-loop UVs if it has one."""
+    check_object(obj)
+    mesh = obj.data
+    co = np.empty(len(mesh.vertices) * 3, np.float32)
+    mesh.vertices.foreach_get("co", co)
+    co = co.reshape(-1, 3)
+    if not np.isfinite(co).all():
+        bad = int((~np.isfinite(co)).any(axis=1).sum())
+        raise SceneError(f"{obj.name!r} has {bad} vertices with NaN or infinite coordinates: fix or delete "
+                         "them (Edit Mode > Mesh > Clean Up) before texturing")
+    m = np.array(obj.matrix_world, np.float64)
+    world = (co @ m[:3, :3].T + m[:3, 3]).astype("<f4")
+    tri_count = len(mesh.loop_triangles)
+    tris = np.empty(tri_count * 3, np.int32)
+    loops = np.empty(tri_count * 3, np.int32)
+    mesh.loop_triangles.foreach_get("vertices", tris)
+    mesh.loop_triangles.foreach_get("loops", loops)
+    arrays = {
+        "positions": protocol.array("<f4", world.shape, world),
+        "triangles": protocol.array("<i4", (tri_count, 3), tris.astype("<i4")),
+        "tri_loops": protocol.array("<i4", (tri_count, 3), loops.astype("<i4")),
+    }
+    uv_layer = mesh.uv_layers.active
+    if uv_layer is not None:
+        uv = np.empty(len(mesh.loops) * 2, "<f4")
+        uv_layer.data.foreach_get("uv", uv)
+        arrays["loop_uvs"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
+    fields = {"object": obj.name, "loop_count": len(mesh.loops), "up_axis": "z",
+              "uv_map": uv_layer.name if uv_layer is not None else UV_MAP_NAME}
+    return fields, arrays
+
+
+def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
+    """A new UV map from the backend's unwrap; the object's existing maps are left untouched."""
+    mesh = obj.data
+    layer = mesh.uv_layers.new(name=UV_MAP_NAME)
+    if layer is None:
+        raise SceneError(f"{obj.name!r} already has 8 UV maps, Blender's limit: delete one and retry")
+    layer.data.foreach_set("uv", np.ascontiguousarray(loop_uvs, np.float32).ravel())
+    mesh.update()
+    return layer.name
+
+
+@dataclass
+class LiveTexture:
+    """The image and material one job paints into; the float buffer is reused across updates
+    (a fresh 64 MiB allocation per update costs more than the copy itself)."""
+
+    obj_name: str
+    image: Any
+    material: Any
+    buffer: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.float32))
+
+    def update(self, rgba: protocol.Array) -> None:
+        h, w, _ = rgba.shape
+        if tuple(self.image.size) != (w, h):
+            self.image.scale(w, h)
+        if self.buffer.size != w * h * 4:
+            self.buffer = np.empty(w * h * 4, np.float32)
+        np.multiply(np.frombuffer(rgba.data, np.uint8), np.float32(1 / 255), out=self.buffer)
+        self.image.pixels.foreach_set(self.buffer)
+        self.image.update()
+
+
+def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveTexture:
+    """Create the image and a Principled BSDF material that samples it through ``uv_map``, and put
+    the material on every slot. Replaced materials get a fake user so saving never drops them."""
+    image = bpy.data.images.new(f"Kiln {obj.name}", size[0], size[1], alpha=True)
+    material = bpy.data.materials.new(f"Kiln {obj.name}")
+    if not material.node_tree:  # Blender < 5 creates node trees only on request
+        material.use_nodes = True
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None) or nodes.new("ShaderNodeBsdfPrincipled")
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.image = image
+    tex.location = (bsdf.location.x - 350, bsdf.location.y)
+    uv = nodes.new("ShaderNodeUVMap")
+    uv.uv_map = uv_map
+    uv.location = (tex.location.x - 250, tex.location.y)
+    links.new(uv.outputs["UV"], tex.inputs["Vector"])
+    links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    previous = [slot.material.name for slot in obj.material_slots if slot.material]
+    for name in previous:
+        bpy.data.materials[name].use_fake_user = True
+    if previous:
+        obj["kiln_previous_materials"] = previous
+    if obj.material_slots:
+        for slot in obj.material_slots:
+            slot.material = material
+    else:
+        obj.data.materials.append(material)
+    return LiveTexture(obj.name, image, material)
+
+
+def finish_texture(live: LiveTexture, seed: int) -> str:
+    """Save the image next to the .blend (``//kiln_textures/``), or pack it into an unsaved file."""
+    image = live.image
+    if not bpy.data.filepath:
+        image.pack()
+        return "packed into the .blend (save the file to write it to disk)"
+    folder = Path(bpy.path.abspath("//kiln_textures"))
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
+    path = folder / f"{stem}_seed{seed}.png"
+    image.filepath_raw = str(path)
+    image.file_format = "PNG"
+    image.save()
+    image.filepath = bpy.path.relpath(str(path))
+    return str(path)

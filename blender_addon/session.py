@@ -1,0 +1,274 @@
+"""One run of "Texture Selected": submits a job per object and applies what comes back.
+
+``pump`` runs on the main thread — from the modal operator's timer in the UI, or in a blocking
+loop in background mode, where timers never fire. The slow parts (starting the backend,
+connecting, sending meshes) run on a thread and report through the same inbox as the socket.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import bpy
+import numpy as np
+
+from .backend import protocol
+from .backend_process import BackendError, BackendProcess, find_python
+from .client import Client, Disconnected
+from .scene_io import LiveTexture, SceneError, add_uv_map, finish_texture, mesh_arrays, start_live_texture
+
+MIN_TEXTURE, MAX_TEXTURE = 512, 4096
+
+
+class BackendManager:
+    """The one backend process of this Blender session; restarted when it has died."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.process: BackendProcess | None = None
+
+    def ensure(self, python_preference: str, offline: bool) -> BackendProcess:
+        with self.lock:
+            if self.process is None or not self.process.alive() or self.process.offline != offline:
+                if self.process is not None:
+                    self.process.stop()
+                process = BackendProcess(find_python(python_preference), offline)
+                process.start()
+                self.process = process
+            return self.process
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.process is not None:
+                self.process.stop()
+                self.process = None
+
+    def status(self) -> str:
+        process = self.process
+        if process is None:
+            return "stopped"
+        return f"running on port {process.port}" if process.alive() else "exited"
+
+
+MANAGER = BackendManager()
+atexit.register(MANAGER.stop)
+
+
+@dataclass
+class _Connected:
+    client: Client
+
+
+@dataclass
+class _StartFailed:
+    message: str
+
+
+@dataclass
+class Target:
+    name: str
+    fields: dict[str, Any]
+    arrays: dict[str, protocol.Array]
+    job: int | None = None
+    done: int = 0
+    total: int = 1
+    phase: str = "queued"
+    eta: float | None = None
+    live: LiveTexture | None = None
+    status: str = "pending"  # pending → running → finished | cancelled | failed
+    error: str = ""
+    saved_to: str = ""
+    progress_log: list[int] = field(default_factory=list)
+
+    @property
+    def ended(self) -> bool:
+        return self.status in ("finished", "cancelled", "failed")
+
+
+def read_settings(settings: Any) -> dict[str, Any]:
+    """The job fields from the scene's Kiln settings, checked before anything starts."""
+    prompt = settings.prompt.strip()
+    if not prompt:
+        raise SceneError("the prompt is empty: type what the texture should show in the Kiln panel")
+    if not MIN_TEXTURE <= settings.texture_size <= MAX_TEXTURE:
+        raise SceneError(f"texture size {settings.texture_size} is out of range: choose {MIN_TEXTURE} to "
+                         f"{MAX_TEXTURE} pixels")
+    if not settings.model.strip():
+        raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
+    return {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
+            "seed": int(settings.seed), "texture_size": int(settings.texture_size), "steps": int(settings.steps),
+            "guidance": float(settings.guidance)}
+
+
+class TextureSession:
+    def __init__(self, objects: list[Any], job_fields: dict[str, Any], python_preference: str) -> None:
+        if not objects:
+            raise SceneError("no mesh selected: select one or more mesh objects to texture")
+        self.job_fields = dict(job_fields)
+        self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
+        self.python_preference = python_preference
+        self.targets = [Target(obj.name, *mesh_arrays(obj)) for obj in objects]
+        self.inbox: queue.Queue[Any] = queue.Queue()
+        self.client: Client | None = None
+        self.cancel_requested = False
+        self.failure = ""
+        self.notes: list[str] = []
+        self.started = time.monotonic()
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        threading.Thread(target=self._connect_and_submit, name="kiln-start", daemon=True).start()
+
+    def _connect_and_submit(self) -> None:
+        try:
+            process = MANAGER.ensure(self.python_preference, self.job_fields["offline"])
+            client = Client(process.port, process.secret, self.inbox)
+        except (BackendError, OSError, protocol.ProtocolError) as exc:
+            self.inbox.put(_StartFailed(str(exc)))
+            return
+        self.inbox.put(_Connected(client))
+        for target in self.targets:
+            client.send(protocol.SUBMIT, {**self.job_fields, **target.fields, "tag": target.name}, target.arrays)
+
+    def cancel(self) -> None:
+        self.cancel_requested = True
+        if self.client is None:
+            return
+        for target in self.targets:
+            if target.job is not None and not target.ended:
+                self.client.send(protocol.CANCEL, {"job": target.job})
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.failure) or all(t.ended for t in self.targets)
+
+    def close(self) -> None:
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+
+    # --- progress --------------------------------------------------------------------------
+    def progress(self) -> tuple[float, str]:
+        done = sum(t.done for t in self.targets)
+        total = sum(max(t.total, 1) for t in self.targets)
+        active = next((t for t in self.targets if t.status == "running"), None)
+        if active is None:
+            return done / total, "Starting backend…" if self.client is None else "Queued…"
+        eta = f" · ETA {active.eta:.0f} s" if active.eta is not None else ""
+        return done / total, f"{active.name}: {active.phase} {active.done}/{active.total}{eta}"
+
+    def summary(self) -> str:
+        parts = [f"{t.name}: {t.status}" + (f" ({t.error})" if t.error else "") for t in self.targets]
+        text = "; ".join(parts)
+        return f"{self.failure} — {text}" if self.failure else text
+
+    @property
+    def succeeded(self) -> bool:
+        return not self.failure and all(t.status == "finished" for t in self.targets)
+
+    # --- applying messages -----------------------------------------------------------------
+    def pump(self, timeout: float = 0.0) -> None:
+        """Apply everything waiting; of several texture frames for one job only the newest is
+        applied (the backend already drops frames for slow clients; this catches the rest)."""
+        batch: list[Any] = []
+        try:
+            batch.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
+            while True:
+                batch.append(self.inbox.get_nowait())
+        except queue.Empty:
+            pass
+        newest: dict[Any, int] = {}
+        for i, item in enumerate(batch):
+            if isinstance(item, protocol.Message) and item.type == protocol.TEXTURE and not item.get("final"):
+                newest[item.get("job")] = i
+        for i, item in enumerate(batch):
+            if isinstance(item, protocol.Message) and item.type == protocol.TEXTURE \
+                    and not item.get("final") and newest.get(item.get("job")) != i:
+                continue
+            self._apply(item)
+
+    def _target(self, msg: protocol.Message) -> Target | None:
+        job, tag = msg.get("job"), msg.get("tag")
+        for t in self.targets:
+            if (job is not None and t.job == job) or (tag is not None and t.name == tag and t.job is None):
+                return t
+        return None
+
+    def _apply(self, item: Any) -> None:
+        if isinstance(item, _Connected):
+            self.client = item.client
+            if self.cancel_requested:
+                self.close()
+                for t in self.targets:
+                    t.status = "cancelled"
+            return
+        if isinstance(item, _StartFailed):
+            self.failure = item.message
+            return
+        if isinstance(item, Disconnected):
+            if not item.expected and not self.finished:
+                process = MANAGER.process
+                why = process.exit_description() if process and not process.alive() else item.reason
+                self.failure = f"lost the backend mid-job: {why}"
+                self._end_unfinished("failed", "backend lost")
+            return
+        msg: protocol.Message = item
+        target = self._target(msg)
+        if msg.type == protocol.LOG:
+            self.notes.append(str(msg.get("text")))
+            print(f"Kiln: {msg.get('text')}")
+            return
+        if target is None:
+            if msg.type == protocol.ERROR:
+                self.failure = f"backend error: {msg.get('message')}"
+            return
+        if msg.type == protocol.ACCEPTED:
+            target.job, target.status = msg.get("job"), "running"
+            if self.cancel_requested and self.client:
+                self.client.send(protocol.CANCEL, {"job": target.job})
+        elif msg.type == protocol.PROGRESS:
+            target.done, target.total = int(msg.get("done")), int(msg.get("total"))
+            target.phase, target.eta = str(msg.get("phase")), msg.get("eta_s")
+            target.progress_log.append(target.done)
+        elif msg.type == protocol.MESH:
+            obj = bpy.data.objects.get(target.name)
+            uv = msg.arrays["loop_uvs"]
+            if obj is not None:
+                target.fields["uv_map"] = add_uv_map(obj, np.frombuffer(uv.data, np.float32).reshape(uv.shape))
+        elif msg.type == protocol.TEXTURE:
+            self._apply_texture(target, msg)
+        elif msg.type == protocol.ERROR:
+            target.status, target.error = "failed", str(msg.get("message"))
+            self._finish(target)
+        elif msg.type == protocol.DONE:
+            target.status = str(msg.get("status"))
+            if target.status == "finished":
+                target.done = target.total
+            self._finish(target)
+        if self.finished:
+            self.close()
+
+    def _apply_texture(self, target: Target, msg: protocol.Message) -> None:
+        obj = bpy.data.objects.get(target.name)
+        if obj is None:  # deleted while the job ran: nothing to paint, and nothing to damage
+            return
+        rgba = msg.arrays["rgba"]
+        if target.live is None:
+            target.live = start_live_texture(obj, target.fields["uv_map"], (rgba.shape[1], rgba.shape[0]))
+        target.live.update(rgba)
+
+    def _finish(self, target: Target) -> None:
+        """Keep the last good texture of any job that produced one, finished or not."""
+        if target.live is not None:
+            target.saved_to = finish_texture(target.live, int(self.job_fields["seed"]))
+
+    def _end_unfinished(self, status: str, error: str) -> None:
+        for target in self.targets:
+            if not target.ended:
+                target.status, target.error = status, error
+                self._finish(target)

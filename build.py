@@ -1,0 +1,127 @@
+#!/usr/bin/env python3
+"""Build Kiln's Blender extension zip, or set up the backend environment.
+
+    python3 build.py                 # dist/kiln-<version>.zip, validated by Blender's own checker
+    python3 build.py setup [--dev]   # .venv with the backend's dependencies (+ test tools with --dev)
+
+The zip holds the add-on (``blender_addon/`` at its root) and a copy of ``backend/``: the add-on
+imports the shared wire protocol from it, and launches it with the backend environment's Python,
+so the two sides always come from the same Kiln version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+POINTER_FILE = Path.home() / ".kiln" / "backend-python"
+#: The CPU build of torch this project is tested with; an unpinned torch pulls GBs of CUDA wheels.
+CPU_TORCH = "torch==2.13.0"
+
+
+def manifest_version() -> str:
+    text = (ROOT / "blender_manifest.toml").read_text(encoding="utf-8")
+    match = re.search(r'^version\s*=\s*"([^"]+)"', text, re.MULTILINE)
+    if not match:
+        sys.exit("build.py: blender_manifest.toml has no version")
+    return match.group(1)
+
+
+def _package_files() -> list[tuple[Path, str]]:
+    files = [(ROOT / "blender_manifest.toml", "blender_manifest.toml"), (ROOT / "README.md", "README.md")]
+    for src, prefix in ((ROOT / "blender_addon", ""), (ROOT / "backend", "backend/")):
+        for path in sorted(src.rglob("*.py")):
+            if "__pycache__" not in path.parts:
+                files.append((path, prefix + path.relative_to(src).as_posix()))
+    return files
+
+
+def build(out_dir: Path) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target = out_dir / f"kiln-{manifest_version()}.zip"
+    with zipfile.ZipFile(target, "w", zipfile.ZIP_DEFLATED) as zf:
+        for path, arcname in _package_files():
+            zf.write(path, arcname)
+    return target
+
+
+def _blender_validator() -> list[str] | None:
+    """Blender's own `extension validate`: from a blender binary, or from the bpy module's copy."""
+    blender = shutil.which("blender")
+    if blender:
+        return [blender, "--factory-startup", "--command", "extension", "validate"]
+    try:
+        import bpy  # noqa: F401  (only to locate Blender's scripts)
+    except ImportError:
+        return None
+    # bpy/__init__.py sits in <bpy>/<version>/scripts/modules/bpy/; the CLI is beside the add-ons.
+    scripts = Path(bpy.__file__).resolve().parents[2]
+    cli = scripts / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
+    return [sys.executable, str(cli), "validate"] if cli.is_file() else None
+
+
+def validate(zip_path: Path) -> bool:
+    command = _blender_validator()
+    if command is None:
+        print("build.py: no Blender found (binary or bpy module); the zip was not validated")
+        return False
+    result = subprocess.run([*command, str(zip_path)], capture_output=True, text=True)
+    print((result.stdout + result.stderr).strip())
+    if result.returncode != 0:
+        sys.exit(f"build.py: Blender rejected {zip_path.name}")
+    return True
+
+
+def _has_nvidia_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and \
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def setup(dev: bool, device: str) -> None:
+    """Create .venv with the backend's dependencies and record it for the add-on."""
+    if sys.version_info < (3, 10):
+        sys.exit("build.py setup: Python 3.10 or newer is needed for the backend")
+    python = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    if device == "auto":
+        device = "cuda" if _has_nvidia_gpu() else "cpu"
+    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    torch = "torch" if device == "cuda" else CPU_TORCH
+    subprocess.run([*pip, torch, "-r", str(ROOT / "requirements.txt")], check=True)
+    if device == "cuda":
+        subprocess.run([*pip, "-r", str(ROOT / "requirements-cuda.txt")], check=True)
+    if dev:
+        subprocess.run([*pip, "-r", str(ROOT / "requirements-dev.txt")], check=True)
+    POINTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+    POINTER_FILE.write_text(str(python), encoding="utf-8")
+    print(f"Kiln backend environment ready ({device}): {python}\nRecorded in {POINTER_FILE} for the add-on.")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command")
+    s = sub.add_parser("setup", help="create the backend environment in .venv")
+    s.add_argument("--dev", action="store_true", help="also install the test tools (pytest, bpy)")
+    s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    b = sub.add_parser("zip", help="build the extension zip (the default)")
+    b.add_argument("--out", type=Path, default=ROOT / "dist")
+    args = parser.parse_args()
+    if args.command == "setup":
+        setup(args.dev, args.device)
+        return
+    zip_path = build(getattr(args, "out", ROOT / "dist"))
+    validate(zip_path)
+    print(zip_path)
+
+
+if __name__ == "__main__":
+    main()
