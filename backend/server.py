@@ -226,8 +226,8 @@ class Connection:
             return
         job = Job(job_id, self, request, mesh)
         self.jobs[job_id] = job
-        self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"),
-                                            "queue_position": self.server.jobs.qsize()})
+        ahead = self.server.jobs.qsize() + int(self.server.running is not None)
+        self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"), "queue_position": ahead})
         self.server.jobs.put(job)
 
 
@@ -240,6 +240,7 @@ class Server:
         self.ids = itertools.count(1)
         self.models = ModelCache()
         self.stopping = threading.Event()
+        self.running: Job | None = None  # the job on the GPU, for queue positions
 
     @staticmethod
     def device_name() -> str:
@@ -273,7 +274,11 @@ class Server:
             if job is None:
                 self.models.unload()
                 continue
-            self._run(job)
+            self.running = job
+            try:
+                self._run(job)
+            finally:
+                self.running = None
 
     def _run(self, job: Job) -> None:
         out = job.conn.outbox

@@ -1,7 +1,7 @@
 """The optimised texture: a multi-resolution pyramid behind a sigmoid, plus UV-island padding.
 
 A 2048² texture seen through eight 512² views gets gradients on a few percent of its texels. As a
-sum of levels from full size down to 16², every rendered pixel also moves the coarse levels, so
+sum of levels from full size down to 1², every rendered pixel also moves the coarse levels, so
 texels no camera saw take the colour of their surroundings instead of staying grey. Views sample
 each level directly at the pixel UVs, so the full-size texture is only composed when it is sent.
 
@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .raster import Raster, interpolate, rasterize
 
-_COARSEST = 16
+_COARSEST = 1
 
 
 class PyramidTexture(torch.nn.Module):

@@ -1,0 +1,155 @@
+"""The texturing job without a server: mesh validation, unwrapping, SIR, model loading, the CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from backend import protocol
+from backend.jobs import ModelCache, TextureEvents, TextureRequest, run_texture_job
+from backend.mesh import MAX_TRIANGLES, Mesh, MeshError, load_mesh_file, unwrap
+from backend.presets import PRESETS, resolve
+from backend.prior import ModelError, load_prior
+from backend.sir import t2_schedule
+from conftest import ROOT
+
+VASE = ROOT / "examples" / "vase.obj"
+
+
+class Recorder(TextureEvents):
+    def __init__(self) -> None:
+        self.progress_calls: list[tuple[int, int, str]] = []
+        self.textures: list[tuple[np.ndarray, bool]] = []
+        self.uv_updates = 0
+
+    def progress(self, done, total, phase):
+        self.progress_calls.append((done, total, phase))
+
+    def texture(self, rgba, final):
+        self.textures.append((rgba.numpy().copy(), final))
+
+    def uvs(self, loop_uvs, corner_uvs):
+        self.uv_updates += 1
+
+
+def grid_mesh() -> Mesh:
+    mesh, _ = load_mesh_file(VASE)
+    return mesh
+
+
+@pytest.mark.parametrize("change, fragment", [
+    (lambda m: m.positions.__setitem__((0, 0), np.inf), "NaN or infinite"),
+    (lambda m: setattr(m, "triangles", np.zeros((0, 3), np.int64)), "has no faces"),
+    (lambda m: setattr(m, "triangles", np.zeros((MAX_TRIANGLES + 1, 3), np.int64)), "Decimate"),
+    (lambda m: setattr(m, "positions", np.zeros_like(m.positions)), "zero size"),
+])
+def test_bad_meshes_are_refused_with_the_fix(change, fragment) -> None:
+    mesh = grid_mesh()
+    change(mesh)
+    with pytest.raises(MeshError, match=fragment):
+        mesh.validate()
+
+
+def test_unwrap_gives_per_loop_uvs_that_reproduce_the_corners() -> None:
+    mesh = grid_mesh()
+    assert mesh.corner_uvs is None
+    mesh.tri_loops = np.arange(mesh.triangle_count * 3).reshape(-1, 3)
+    mesh.loop_count = mesh.triangle_count * 3
+    loop_uvs = unwrap(mesh)
+    assert loop_uvs.shape == (mesh.loop_count, 2)
+    assert np.array_equal(mesh.corner_uvs, loop_uvs[mesh.tri_loops])
+    assert (loop_uvs >= 0).all() and (loop_uvs <= 1).all()
+    areas = np.cross(mesh.corner_uvs[:, 1] - mesh.corner_uvs[:, 0], mesh.corner_uvs[:, 2] - mesh.corner_uvs[:, 0])
+    assert (np.abs(areas) > 0).mean() > 0.99  # no collapsed charts
+
+
+def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
+    cfg = resolve("quality", {"iterations": 3, "guidance": None})
+    assert cfg.iterations == 3 and cfg.guidance == PRESETS["quality"].guidance
+    with pytest.raises(ValueError, match="unknown SIR setting"):
+        resolve("quality", {"iteration": 3})
+    schedule = t2_schedule(cfg, 1000)
+    assert schedule[0] == pytest.approx(cfg.t_start * 1000) and schedule[-1] == pytest.approx(cfg.t_end * 1000)
+    assert schedule == sorted(schedule, reverse=True)
+
+
+def test_tiny_job_is_deterministic_for_a_seed_and_changes_with_it() -> None:
+    models = ModelCache()
+
+    def run(seed: int) -> Recorder:
+        rec = Recorder()
+        request = TextureRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
+                                              "steps": 1, "seed": seed})
+        run_texture_job(request, grid_mesh(), rec, models)
+        return rec
+
+    a, b, c = run(3), run(3), run(4)
+    assert a.uv_updates == 1
+    assert a.textures[-1][1] and np.array_equal(a.textures[-1][0], b.textures[-1][0])
+    assert not np.array_equal(a.textures[-1][0], c.textures[-1][0])
+    done = [p[0] for p in a.progress_calls]
+    assert done == sorted(done) and done[-1] == a.progress_calls[-1][1]
+
+
+def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> None:
+    with pytest.raises(ModelError) as err:
+        load_prior("not a model", torch.device("cpu"))
+    assert err.value.code == protocol.E_MODEL_NOT_FOUND and "Hugging Face id" in str(err.value)
+    with pytest.raises(ModelError) as err:
+        load_prior("kiln-tests/never-downloaded", torch.device("cpu"), offline=True)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and "huggingface-cli download" in str(err.value)
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"not a checkpoint")
+    with pytest.raises(ModelError) as err:
+        load_prior(str(broken), torch.device("cpu"), offline=True)
+    assert "broken.safetensors" in str(err.value)
+
+
+def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
+    """Save the tiny model as a diffusers folder (what a user downloads) and load it back."""
+    from diffusers import StableDiffusionPipeline
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
+                            scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(tmp_path / "model")
+    loaded = load_prior(str(tmp_path / "model"), torch.device("cpu"))
+    assert not loaded.pipeline_check
+    embeds = loaded.encode_prompt("a vase", "")
+    assert torch.allclose(embeds, tiny.encode_prompt("a vase", ""))
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
+    import trimesh
+    from PIL import Image
+
+    result = run_cli("texture", str(VASE), "--prompt", "a glazed vase", "--size", "512", "--steps", "1",
+                     "--out", str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    assert "PIPELINE CHECK" in result.stdout
+    summary = json.loads((tmp_path / "result.json").read_text())
+    png = Image.open(summary["texture"])
+    assert png.size == (512, 512) and np.asarray(png).std() > 1.0
+    glb = trimesh.load(summary["mesh"], force="mesh")
+    assert len(glb.faces) == 2112 and glb.visual.uv is not None
+
+
+def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
+    result = run_cli("texture", str(VASE), "--prompt", "", "--out", str(tmp_path))
+    assert result.returncode == 2 and "prompt is empty" in result.stderr
+    result = run_cli("texture", str(tmp_path / "missing.obj"), "--prompt", "x", "--out", str(tmp_path))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+    result = run_cli("texture", str(VASE), "--prompt", "x", "--size", "100", "--out", str(tmp_path))
+    assert result.returncode == 2 and "out of range" in result.stderr

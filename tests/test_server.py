@@ -1,0 +1,172 @@
+"""The backend server as a real subprocess: authentication, faults, bad jobs, a tiny job, cancel."""
+
+from __future__ import annotations
+
+import socket
+import struct
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from backend import protocol
+from conftest import BackendServer, cube_arrays, read_until, submit
+
+
+def assert_still_serving(server: BackendServer) -> None:
+    sock = server.connect()
+    protocol.send(sock, protocol.PING, {"t": 1})
+    assert protocol.recv(sock).type == protocol.PONG
+    sock.close()
+
+
+def test_listens_on_loopback_only(server: BackendServer) -> None:
+    out = subprocess.run(["ss", "-ltnp"], capture_output=True, text=True).stdout if _has_ss() else ""
+    lines = [line for line in out.splitlines() if f":{server.port} " in line]
+    if lines:
+        assert all("127.0.0.1:" in line for line in lines), lines
+    assert_still_serving(server)
+
+
+def _has_ss() -> bool:
+    from shutil import which
+    return which("ss") is not None
+
+
+def test_wrong_secret_is_refused_and_server_keeps_serving(server: BackendServer) -> None:
+    with pytest.raises(protocol.ProtocolError) as err:
+        server.connect(secret=protocol.new_secret())
+    assert err.value.code == protocol.E_AUTH
+    assert "wrong secret" in str(err.value)
+    assert_still_serving(server)
+
+
+def test_unauthenticated_requests_are_refused(server: BackendServer) -> None:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+    assert protocol.recv(sock).type == protocol.HELLO
+    submit(sock)  # a job without authenticating first
+    reply = protocol.recv(sock)
+    assert reply.type == protocol.ERROR and reply.get("code") in (protocol.E_AUTH, protocol.E_FRAME_TOO_LARGE)
+    assert_still_serving(server)
+
+
+def test_oversized_frame_is_refused_without_killing_the_server(server: BackendServer) -> None:
+    sock = server.connect()
+    sock.sendall(struct.pack("!4sIQ", protocol.MAGIC, 15, protocol.MAX_PAYLOAD_BYTES + 1) + b'{"type":"ping"}')
+    reply = protocol.recv(sock)
+    assert reply.type == protocol.ERROR and reply.get("code") == protocol.E_FRAME_TOO_LARGE
+    assert_still_serving(server)
+
+
+def test_malformed_header_is_refused_without_killing_the_server(server: BackendServer) -> None:
+    sock = server.connect()
+    sock.sendall(struct.pack("!4sIQ", protocol.MAGIC, 9, 0) + b"{not json")
+    reply = protocol.recv(sock)
+    assert reply.type == protocol.ERROR and reply.get("code") == protocol.E_BAD_FRAME
+    assert_still_serving(server)
+
+
+def test_disconnect_mid_frame_leaves_the_server_serving(server: BackendServer) -> None:
+    sock = server.connect()
+    sock.sendall(struct.pack("!4sIQ", protocol.MAGIC, 200, 1000) + b'{"type":')
+    sock.close()
+    time.sleep(0.2)
+    assert_still_serving(server)
+
+
+@pytest.mark.parametrize("fields, arrays, code, fragment", [
+    ({"prompt": "   "}, None, protocol.E_BAD_REQUEST, "prompt is empty"),
+    ({"texture_size": 256}, None, protocol.E_BAD_REQUEST, "texture size 256 is out of range"),
+    ({"texture_size": 8192}, None, protocol.E_BAD_REQUEST, "texture size 8192 is out of range"),
+    ({"steps": 0}, None, protocol.E_BAD_REQUEST, "steps 0 is out of range"),
+    ({}, "nan", protocol.E_BAD_MESH, "NaN or infinite"),
+    ({}, "no_faces", protocol.E_BAD_MESH, "has no faces"),
+    ({"model": "no such model!"}, None, protocol.E_MODEL_NOT_FOUND, "unknown model"),
+    ({"model": "someone/not-downloaded-model", "offline": True}, None, protocol.E_WEIGHTS_OFFLINE, "offline"),
+])
+def test_bad_jobs_get_clear_errors(server: BackendServer, fields, arrays, code, fragment) -> None:
+    sock = server.connect()
+    payload = cube_arrays()
+    if arrays == "nan":
+        pos = np.frombuffer(payload["positions"].data, "<f4").copy().reshape(-1, 3)
+        pos[3, 1] = np.nan
+        payload["positions"] = protocol.array("<f4", pos.shape, pos)
+    elif arrays == "no_faces":
+        payload["triangles"] = protocol.array("<i4", (0, 3), b"")
+        payload["tri_loops"] = protocol.array("<i4", (0, 3), b"")
+    submit(sock, payload, **fields)
+    error = read_until(sock, protocol.ERROR, protocol.DONE)[-1]
+    assert error.type == protocol.ERROR, error
+    assert error.get("code") == code
+    assert fragment in error.get("message")
+    assert_still_serving(server)
+
+
+def test_tiny_job_streams_progress_and_textures_in_order(server: BackendServer) -> None:
+    sock = server.connect()
+    submit(sock, cube_arrays(with_uvs=False), steps=2)
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    types = [m.type for m in msgs]
+    assert types[0] == protocol.ACCEPTED
+    assert protocol.MESH in types and types.index(protocol.MESH) < types.index(protocol.TEXTURE)
+    progress = [m for m in msgs if m.type == protocol.PROGRESS]
+    done = [m.get("done") for m in progress]
+    assert done == sorted(done) and done[-1] == progress[-1].get("total") > 0
+    uvs = msgs[types.index(protocol.MESH)].arrays["loop_uvs"]
+    assert uvs.shape == (36, 2)
+    loop_uv = np.frombuffer(uvs.data, "<f4")
+    assert ((loop_uv >= 0) & (loop_uv <= 1)).all()
+    textures = [m for m in msgs if m.type == protocol.TEXTURE]
+    final = textures[-1]
+    assert final.get("final") and sum(m.get("final") for m in textures) == 1
+    rgba = np.frombuffer(final.arrays["rgba"].data, np.uint8).reshape(512, 512, 4)
+    assert rgba[..., 3].min() == 255 and rgba[..., :3].std() > 1.0  # not a flat fill
+
+
+def test_cancel_stops_a_running_job_within_a_second(server: BackendServer) -> None:
+    sock = server.connect()
+    submit(sock, steps=50)
+    accepted = protocol.recv(sock)
+    while True:  # wait until it is really working
+        msg = protocol.recv(sock)
+        if msg.type == protocol.PROGRESS and msg.get("done", 0) > 0:
+            break
+    sent = time.monotonic()
+    protocol.send(sock, protocol.CANCEL, {"job": accepted.get("job")})
+    done = read_until(sock, protocol.DONE)[-1]
+    assert done.get("status") == "cancelled"
+    assert time.monotonic() - sent < 1.0
+
+
+def test_queued_job_can_be_cancelled_before_it_starts(server: BackendServer) -> None:
+    sock = server.connect()
+    submit(sock, steps=50)
+    first = protocol.recv(sock)
+    submit(sock, steps=1)
+    second = next(m for m in iter(lambda: protocol.recv(sock), None) if m.type == protocol.ACCEPTED)
+    assert second.get("queue_position") >= 1
+    protocol.send(sock, protocol.CANCEL, {"job": second.get("job")})
+    protocol.send(sock, protocol.CANCEL, {"job": first.get("job")})
+    statuses = {}
+    while len(statuses) < 2:
+        msg = protocol.recv(sock)
+        if msg.type == protocol.DONE:
+            statuses[msg.get("job")] = msg.get("status")
+    assert statuses == {first.get("job"): "cancelled", second.get("job"): "cancelled"}
+
+
+def test_backend_exits_when_its_parent_closes_stdin() -> None:
+    srv = BackendServer()
+    srv.proc.stdin.close()
+    assert srv.proc.wait(timeout=10) == 0
+
+
+def test_backend_refuses_to_serve_without_a_secret() -> None:
+    import os
+    from conftest import BACKEND_PYTHON, ROOT
+    proc = subprocess.run([BACKEND_PYTHON, "-m", "backend", "serve"], cwd=ROOT, input=b"\n", capture_output=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
+    assert proc.returncode == 2
+    assert b"secret" in proc.stderr
