@@ -33,11 +33,13 @@ class BackendManager:
         self.process: BackendProcess | None = None
 
     def ensure(self, python_preference: str, offline: bool) -> BackendProcess:
+        python = find_python(python_preference)  # raises if the configured interpreter is gone
         with self.lock:
-            if self.process is None or not self.process.alive() or self.process.offline != offline:
-                if self.process is not None:
-                    self.process.stop()
-                process = BackendProcess(find_python(python_preference), offline)
+            current = self.process
+            if current is None or not current.alive() or (current.python, current.offline) != (python, offline):
+                if current is not None:
+                    current.stop()
+                process = BackendProcess(python, offline)
                 process.start()
                 self.process = process
             return self.process

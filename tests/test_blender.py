@@ -1,0 +1,269 @@
+"""The add-on in real Blender (the ``bpy`` module): build and install the zip, then drive the
+operators against a real backend subprocess running the tiny model on the CPU."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+import venv
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+bpy = pytest.importorskip("bpy")
+
+import build  # noqa: E402
+from conftest import BACKEND_PYTHON, ROOT  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def kiln(tmp_path_factory):
+    """Build the zip, check it with Blender's validator, install and enable it."""
+    zip_path = build.build(tmp_path_factory.mktemp("dist"))
+    assert build.validate(zip_path), "Blender's extension validator did not run"
+    names = zipfile.ZipFile(zip_path).namelist()
+    assert "blender_manifest.toml" in names and "backend/protocol.py" in names and "__init__.py" in names
+    bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default", enable_on_install=True)
+    package = next(name for name in bpy.context.preferences.addons.keys() if name.endswith(".kiln"))
+    addon = importlib.import_module(package)
+    yield addon
+    addon.session.MANAGER.stop()
+
+
+@pytest.fixture
+def scene(kiln, tmp_path):
+    """An empty scene saved to a temporary .blend, with Kiln set to the tiny model."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "scene.blend"))
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    prefs.python_path = BACKEND_PYTHON
+    settings = bpy.context.scene.kiln
+    settings.prompt, settings.model, settings.texture_size, settings.steps, settings.seed = \
+        "a wooden crate", "tiny", 512, 2, 0
+    return settings
+
+
+def add_cube(name: str = "Cube", uvs: bool = True, artist_material: bool = True):
+    bpy.ops.mesh.primitive_cube_add()
+    obj = bpy.context.active_object
+    obj.name = name
+    if not uvs:
+        while obj.data.uv_layers:
+            obj.data.uv_layers.remove(obj.data.uv_layers[0])
+    if artist_material:
+        mat = bpy.data.materials.new(f"Artist {name}")
+        image = bpy.data.images.new(f"Artist texture {name}", 8, 8)
+        if not mat.node_tree:  # Blender < 5 makes node trees only on request
+            mat.use_nodes = True
+        node = mat.node_tree.nodes.new("ShaderNodeTexImage")
+        node.image = image
+        obj.data.materials.append(mat)
+    return obj
+
+
+def select(*objects) -> None:
+    for obj in bpy.context.scene.objects:
+        obj.select_set(obj in objects)
+    if objects:
+        bpy.context.view_layer.objects.active = objects[0]
+
+
+def pixels(image) -> np.ndarray:
+    out = np.empty(len(image.pixels), np.float32)
+    image.pixels.foreach_get(out)
+    return out
+
+
+def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None:
+    obj = add_cube()
+    select(obj)
+    checksums = []
+    original_update = kiln.scene_io.LiveTexture.update
+
+    def spy(self, rgba):
+        original_update(self, rgba)
+        checksums.append(float(pixels(self.image).sum()))
+    monkeypatch.setattr(kiln.scene_io.LiveTexture, "update", spy)
+
+    bpy.ops.ed.undo_push(message="before Kiln")
+    assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
+
+    target = kiln.operators.ACTIVE.targets[0]
+    assert target.status == "finished"
+    assert target.progress_log == sorted(target.progress_log) and target.progress_log[-1] == target.total
+    assert len(checksums) >= 2 and len(set(checksums)) >= 2, "the texture never changed while streaming"
+    mat = obj.material_slots[0].material
+    assert mat.name == "Kiln Cube"
+    base = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"]
+    tex = base.links[0].from_node
+    assert tex.type == "TEX_IMAGE" and tex.image.name == "Kiln Cube"
+    uv_node = tex.inputs["Vector"].links[0].from_node
+    assert uv_node.type == "UVMAP" and uv_node.uv_map == "UVMap"  # the cube's own UVs, untouched
+    saved = Path(bpy.path.abspath(tex.image.filepath))
+    assert saved.is_file() and saved.parent.name == "kiln_textures" and saved.stat().st_size > 1000
+    px = pixels(tex.image).reshape(512, 512, 4)
+    assert px[..., :3].std() > 0.01 and np.allclose(px[..., 3], 1.0)
+    artist = bpy.data.materials["Artist Cube"]
+    assert artist.use_fake_user and list(obj["kiln_previous_materials"]) == ["Artist Cube"]
+
+    bpy.ops.ed.undo()
+    obj = bpy.data.objects["Cube"]
+    assert obj.material_slots[0].material.name == "Artist Cube"
+    assert "Kiln Cube" not in bpy.data.materials and "Kiln Cube" not in bpy.data.images
+    assert "Artist texture Cube" in bpy.data.images
+
+
+def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
+    plain = add_cube("Plain", uvs=False, artist_material=False)
+    other = add_cube("Other")
+    other.location.x = 3
+    select(plain, other)
+    bpy.ops.kiln.texture_selected()
+    assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished", "finished"]
+    assert [uv.name for uv in plain.data.uv_layers] == ["KilnUV"]
+    assert [uv.name for uv in other.data.uv_layers] == ["UVMap"]
+    uv = np.empty(len(plain.data.loops) * 2, np.float32)
+    plain.data.uv_layers["KilnUV"].data.foreach_get("uv", uv)
+    assert uv.min() >= 0 and uv.max() <= 1 and np.ptp(uv) > 0.5
+    uv_node = next(n for n in plain.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
+    assert uv_node.uv_map == "KilnUV"
+    assert bpy.data.images["Kiln Plain"] != bpy.data.images["Kiln Other"]
+
+
+def run_session(kiln, objects, steps: int):
+    fields = kiln.session.read_settings(bpy.context.scene.kiln)
+    fields["steps"] = steps
+    session = kiln.session.TextureSession(list(objects), fields, BACKEND_PYTHON)
+    session.start()
+    return session
+
+
+def pump_until(session, condition, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, session.summary()
+        session.pump(timeout=0.05)
+
+
+def test_cancel_mid_job_keeps_the_last_texture(kiln, scene) -> None:
+    obj = add_cube()
+    session = run_session(kiln, [obj], steps=100)
+    target = session.targets[0]
+    pump_until(session, lambda: target.live is not None)
+    sent = time.monotonic()
+    session.cancel()
+    pump_until(session, lambda: session.finished)
+    assert time.monotonic() - sent < 1.0
+    assert target.status == "cancelled"
+    assert obj.material_slots[0].material.name == "Kiln Cube"
+    assert Path(bpy.path.abspath(target.live.image.filepath)).is_file()
+    assert pixels(target.live.image)[:-4:4].std() > 0.01
+
+
+def test_backend_killed_mid_job_then_a_new_job_restarts_it(kiln, scene) -> None:
+    obj = add_cube()
+    session = run_session(kiln, [obj], steps=100)
+    target = session.targets[0]
+    pump_until(session, lambda: target.done > 0)
+    process = kiln.session.MANAGER.process
+    os.kill(process.proc.pid, signal.SIGKILL)
+    pump_until(session, lambda: session.finished, timeout=30)
+    assert "lost the backend" in session.failure and "exit code -9" in session.failure
+    assert target.status == "failed"
+    assert obj.material_slots[0].material.name in ("Artist Cube", "Kiln Cube")  # the artist's or the last good one
+    assert "Artist Cube" in bpy.data.materials and "Artist texture Cube" in bpy.data.images
+
+    select(obj)
+    bpy.ops.kiln.texture_selected()
+    assert kiln.operators.ACTIVE.succeeded
+    assert kiln.session.MANAGER.process.proc.pid != process.proc.pid
+
+
+def empty_venv_python(tmp_path: Path) -> str:
+    venv.create(tmp_path / "empty-env", with_pip=False)
+    return str(tmp_path / "empty-env" / ("Scripts/python.exe" if os.name == "nt" else "bin/python"))
+
+
+@pytest.mark.parametrize("case, fragment", [
+    ("nothing selected", "Select one or more mesh objects"),
+    ("camera selected", "is a camera, not a mesh"),
+    ("no faces", "has no faces"),
+    ("nan vertex", "NaN or infinite"),
+    ("million faces", "Decimate"),
+    ("empty prompt", "prompt is empty"),
+    ("unknown model", "unknown model"),
+    ("weights offline", "it is offline"),
+    ("backend missing", "does not exist"),
+    ("backend without dependencies", "lacks Kiln's dependencies"),
+])
+def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tmp_path, case, fragment) -> None:
+    obj = add_cube()
+    selection = [obj]
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    if case == "nothing selected":
+        selection = []
+    elif case == "camera selected":
+        bpy.ops.object.camera_add()
+        selection = [obj, bpy.context.active_object]
+    elif case == "no faces":
+        bpy.ops.object.mode_set(mode="EDIT")
+        bpy.ops.mesh.select_all(action="SELECT")
+        bpy.ops.mesh.delete(type="ONLY_FACE")
+        bpy.ops.object.mode_set(mode="OBJECT")
+    elif case == "nan vertex":
+        obj.data.vertices[0].co.x = float("nan")
+    elif case == "million faces":
+        bpy.ops.mesh.primitive_grid_add(x_subdivisions=720, y_subdivisions=720)
+        selection = [bpy.context.active_object]
+    elif case == "empty prompt":
+        scene.prompt = "   "
+    elif case == "unknown model":
+        scene.model = "definitely not a model"
+    elif case == "weights offline":
+        scene.model = "kiln-tests/not-downloaded"
+    elif case == "backend missing":
+        prefs.python_path = str(tmp_path / "no" / "python")
+    elif case == "backend without dependencies":
+        prefs.python_path = empty_venv_python(tmp_path)
+        kiln.session.MANAGER.stop()
+    select(*selection)
+    images_before = set(bpy.data.images.keys())
+    with pytest.raises(RuntimeError, match=fragment):
+        bpy.ops.kiln.texture_selected()
+    assert obj.material_slots[0].material.name == "Artist Cube"
+    assert set(bpy.data.images.keys()) == images_before
+    assert not any(m.name.startswith("Kiln") for m in bpy.data.materials)
+
+
+def test_texture_size_is_clamped_to_the_supported_range(scene) -> None:
+    scene.texture_size = 100
+    assert scene.texture_size == 512
+    scene.texture_size = 100_000
+    assert scene.texture_size == 4096
+
+
+def run_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """The batch example in a fresh Blender process, as `blender -b --python` would run it."""
+    blend = tmp_path / "batch.blend"
+    setup = (f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})")
+    subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
+              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({str(ROOT / 'examples' / 'batch_texture.py')!r}, "
+              "run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", script, str(blend), *args, "--backend-python", BACKEND_PYTHON],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+
+def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None:
+    ok = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1", "--save")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "textured Cube" in ok.stdout
+    assert (tmp_path / "kiln_textures" / "Cube_seed0.png").is_file()
+    bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
+    assert bad.returncode == 1 and "prompt is empty" in bad.stderr
