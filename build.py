@@ -3,6 +3,7 @@
 
     python3 build.py                 # dist/kiln-<version>.zip, validated by Blender's own checker
     python3 build.py setup [--dev]   # .venv with the backend's dependencies (+ test tools with --dev)
+    python3 build.py test            # setup --dev, every test, then the Blender tests under bpy 4.2
 
 The zip holds the add-on (``blender_addon/`` at its root) and a copy of ``backend/``: the add-on
 imports the shared wire protocol from it, and launches it with the backend environment's Python,
@@ -25,6 +26,8 @@ VENV = ROOT / ".venv"
 POINTER_FILE = Path.home() / ".kiln" / "backend-python"
 #: The CPU build of torch this project is tested with; an unpinned torch pulls GBs of CUDA wheels.
 CPU_TORCH = "torch==2.13.0"
+#: The oldest Blender the manifest admits; its tests run in a second environment (one bpy per env).
+MIN_BLENDER_BPY = "bpy==4.2.23"
 
 
 def manifest_version() -> str:
@@ -85,13 +88,18 @@ def _has_nvidia_gpu() -> bool:
         subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
-def setup(dev: bool, device: str) -> None:
+def _venv(path: Path) -> Path:
+    python = path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return python
+
+
+def setup(dev: bool, device: str) -> Path:
     """Create .venv with the backend's dependencies and record it for the add-on."""
     if sys.version_info < (3, 10):
         sys.exit("build.py setup: Python 3.10 or newer is needed for the backend")
-    python = VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
+    python = _venv(VENV)
     if device == "auto":
         device = "cuda" if _has_nvidia_gpu() else "cpu"
     pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
@@ -104,6 +112,20 @@ def setup(dev: bool, device: str) -> None:
     POINTER_FILE.parent.mkdir(parents=True, exist_ok=True)
     POINTER_FILE.write_text(str(python), encoding="utf-8")
     print(f"Kiln backend environment ready ({device}): {python}\nRecorded in {POINTER_FILE} for the add-on.")
+    return python
+
+
+def test() -> int:
+    """Every test with bpy 5.0.1, then the Blender tests again under the oldest supported Blender."""
+    backend_python = setup(dev=True, device="auto")
+    first = subprocess.run([str(backend_python), "-m", "pytest", "-q", "tests"], cwd=ROOT).returncode
+    old = _venv(ROOT / ".venv-blender-min")
+    subprocess.run([str(old), "-m", "pip", "install", "--disable-pip-version-check", "-q", MIN_BLENDER_BPY,
+                    "pytest>=8", "pytest-timeout>=2.3"], check=True)
+    print(f"Blender tests again under {MIN_BLENDER_BPY}, with the backend in {backend_python}:", flush=True)
+    env = dict(os.environ, KILN_BACKEND_PYTHON=str(backend_python))
+    second = subprocess.run([str(old), "-m", "pytest", "-q", "tests/test_blender.py"], cwd=ROOT, env=env).returncode
+    return first or second
 
 
 def main() -> None:
@@ -112,12 +134,15 @@ def main() -> None:
     s = sub.add_parser("setup", help="create the backend environment in .venv")
     s.add_argument("--dev", action="store_true", help="also install the test tools (pytest, bpy)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    sub.add_parser("test", help="set up with test tools and run every test (bpy 5.0.1 and 4.2)")
     b = sub.add_parser("zip", help="build the extension zip (the default)")
     b.add_argument("--out", type=Path, default=ROOT / "dist")
     args = parser.parse_args()
     if args.command == "setup":
         setup(args.dev, args.device)
         return
+    if args.command == "test":
+        sys.exit(test())
     zip_path = build(getattr(args, "out", ROOT / "dist"))
     validate(zip_path)
     print(zip_path)

@@ -24,7 +24,9 @@ os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="kiln-bl
 
 from backend import protocol  # noqa: E402
 
-BACKEND_PYTHON = sys.executable
+#: The backend's interpreter; the Blender tests can run under another bpy (4.2) whose environment
+#: has no torch, so they may point at the backend environment instead.
+BACKEND_PYTHON = os.environ.get("KILN_BACKEND_PYTHON", sys.executable)
 
 
 class BackendServer:

@@ -1,0 +1,119 @@
+"""Vertical-slice figures, measured in real Blender (the bpy module) on this machine's CPU.
+
+    .venv/bin/python bench/slice.py [--repeats 5]
+
+1. Time to apply one texture update of each size in Blender (the add-on's own code path:
+   RGBA8 from the wire → float buffer → ``foreach_set`` → ``update``), median of N.
+2. The tiny-model texture job end to end from the operator: cold (backend start included) and
+   warm (backend running, model cached).
+3. The same job from the CLI, without Blender.
+
+Prints a table and writes ``bench/results/slice.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="kiln-bench-blender-"))
+
+import bpy  # noqa: E402
+
+import build  # noqa: E402
+from backend import protocol  # noqa: E402
+
+
+def install() -> object:
+    zip_path = build.build(Path(tempfile.mkdtemp(prefix="kiln-bench-dist-")))
+    bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default", enable_on_install=True)
+    package = next(name for name in bpy.context.preferences.addons.keys() if name.endswith(".kiln"))
+    bpy.context.preferences.addons[package].preferences.python_path = sys.executable
+    return importlib.import_module(package)
+
+
+def texture_updates(kiln, repeats: int) -> dict[int, float]:
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.mesh.primitive_cube_add()
+    obj = bpy.context.active_object
+    results = {}
+    for size in (1024, 2048, 4096):
+        live = kiln.scene_io.start_live_texture(obj, "UVMap", (size, size))
+        rng = np.random.default_rng(size)
+        frames = [rng.integers(0, 256, (size, size, 4), dtype=np.uint8) for _ in range(2)]
+        times = []
+        for i in range(repeats + 1):
+            frame = frames[i % 2]
+            arr = protocol.array("|u1", frame.shape, frame)
+            start = time.perf_counter()
+            live.update(arr)
+            times.append(time.perf_counter() - start)
+        results[size] = statistics.median(times[1:]) * 1000  # the first call allocates the buffer
+    return results
+
+
+def operator_job(kiln, size: int, steps: int) -> float:
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(Path(tempfile.mkdtemp()) / "bench.blend"))
+    bpy.ops.mesh.primitive_monkey_add()
+    settings = bpy.context.scene.kiln
+    settings.prompt, settings.model, settings.texture_size, settings.steps = "a bronze statue", "tiny", size, steps
+    start = time.perf_counter()
+    bpy.ops.kiln.texture_selected()
+    return time.perf_counter() - start
+
+
+def cli_job(size: int, steps: int) -> float:
+    out = tempfile.mkdtemp(prefix="kiln-bench-cli-")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"), "--prompt",
+                    "a glazed vase", "--size", str(size), "--steps", str(steps), "--out", out],
+                   cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=6, help="SIR iterations (the pipeline-check preset's)")
+    args = parser.parse_args()
+    kiln = install()
+    updates = texture_updates(kiln, args.repeats)
+    cold = operator_job(kiln, 1024, args.steps)
+    warm = operator_job(kiln, 1024, args.steps)
+    cli = cli_job(1024, args.steps)
+    kiln.session.MANAGER.stop()
+    rows = [(f"apply {s}² texture update in Blender (median of {args.repeats})", f"{ms:.1f} ms")
+            for s, ms in updates.items()]
+    rows += [(f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, cold backend", f"{cold:.1f} s"),
+             (f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, warm backend", f"{warm:.1f} s"),
+             (f"tiny job, vase.obj, 1024², {args.steps} iterations, CLI (process start included)", f"{cli:.1f} s")]
+    width = max(len(r[0]) for r in rows)
+    print(f"Kiln vertical slice — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+          f"Blender {bpy.app.version_string}")
+    for name, value in rows:
+        print(f"{name:<{width}}  {value:>10}")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "slice.json").write_text(json.dumps({
+        "blender": bpy.app.version_string, "cpu_count": os.cpu_count(), "steps": args.steps,
+        "texture_update_ms": updates, "operator_cold_s": cold, "operator_warm_s": warm, "cli_s": cli,
+        "date": time.strftime("%Y-%m-%d")}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
