@@ -65,7 +65,7 @@ def orbit(positions: np.ndarray, azimuths: list[float], elevations: list[float],
     else:
         front, side = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
     mats = []
-    for az, el in zip(azimuths, elevations):
+    for az, el in zip(azimuths, elevations, strict=True):
         a, e = math.radians(az), math.radians(el)
         direction = math.cos(e) * (math.cos(a) * front + math.sin(a) * side) + math.sin(e) * up
         mats.append(proj @ look_at(center + distance * direction, center, up))

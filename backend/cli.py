@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .jobs import MAX_TEXTURE, MIN_TEXTURE, JobError, ModelCache, TextureEvents, TextureRequest, run_texture_job
+from .events import TextureEvents
+from .jobs import MAX_TEXTURE, MIN_TEXTURE, JobError, ModelCache, TextureRequest, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
 from .presets import PRESETS
 from .prior import ModelError

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from . import protocol
+from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
 from .presets import default_preset, resolve
 from .prior import LatentDiffusionPrior, load_prior
@@ -117,16 +117,6 @@ def mesh_from_message(msg: protocol.Message) -> Mesh:
     return Mesh(positions=arr("positions", np.float32, (3,)), triangles=arr("triangles", np.int64, (3,)),
                 corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=int(msg.get("loop_count", 0)),
                 up_axis=str(msg.get("up_axis", "z")), name=str(msg.get("object", "mesh")))
-
-
-class TextureEvents:
-    """Engine events plus the job-level ones (phase changes, new UVs); implemented per front end."""
-
-    def progress(self, done: int, total: int, phase: str) -> None: ...
-    def texture(self, rgba, final: bool) -> None: ...
-    def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None: ...
-    def log(self, text: str) -> None: ...
-    def cancelled(self) -> bool: return False
 
 
 def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache):

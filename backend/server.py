@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .jobs import JobError, ModelCache, TextureEvents, TextureRequest, mesh_from_message, run_texture_job
+from .events import TextureEvents
+from .jobs import JobError, ModelCache, TextureRequest, mesh_from_message, run_texture_job
 from .mesh import MeshError
 
 log = logging.getLogger("kiln.server")
@@ -286,8 +287,8 @@ class Server:
         if job.cancel.is_set():
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled", "seconds": 0.0})
             return
-        from .sir import JobCancelled
         from .prior import ModelError
+        from .sir import JobCancelled
         try:
             run_texture_job(job.request, job.mesh, JobEvents(job), self.models)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",

@@ -9,12 +9,12 @@ texture updates: that is where SIR's speed over SDS comes from.
 from __future__ import annotations
 
 import time
-from typing import Protocol
 
 import numpy as np
 import torch
 
 from .cameras import orbit, ring
+from .events import TextureEvents
 from .mesh import Mesh
 from .presets import SIRConfig
 from .prior import LatentDiffusionPrior
@@ -24,14 +24,6 @@ from .texture import PyramidTexture, image_mask, pad_islands, render, to_rgba8, 
 
 class JobCancelled(Exception):
     pass
-
-
-class Events(Protocol):
-    """What the engine reports while it works; the server and the CLI each implement it."""
-
-    def progress(self, done: int, total: int, phase: str) -> None: ...
-    def texture(self, rgba: torch.Tensor, final: bool) -> None: ...
-    def cancelled(self) -> bool: ...
 
 
 def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
@@ -44,7 +36,7 @@ def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
 
 class SIRTexturer:
     def __init__(self, mesh: Mesh, prior: LatentDiffusionPrior, cfg: SIRConfig, texture_size: int,
-                 prompt: str, negative: str, seed: int, events: Events) -> None:
+                 prompt: str, negative: str, seed: int, events: TextureEvents) -> None:
         if mesh.corner_uvs is None:
             raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
         self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events

@@ -18,8 +18,9 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-import build  # noqa: E402
 from conftest import BACKEND_PYTHON, ROOT  # noqa: E402
+
+import build  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -253,9 +254,9 @@ def run_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
     blend = tmp_path / "batch.blend"
     setup = (f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})")
     subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    example = str(ROOT / "examples" / "batch_texture.py")
     script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
-              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({str(ROOT / 'examples' / 'batch_texture.py')!r}, "
-              "run_name='__main__')")
+              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
     return subprocess.run([sys.executable, "-c", script, str(blend), *args, "--backend-python", BACKEND_PYTHON],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
 

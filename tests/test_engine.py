@@ -10,14 +10,15 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from backend import protocol
-from backend.jobs import ModelCache, TextureEvents, TextureRequest, run_texture_job
+from backend.events import TextureEvents
+from backend.jobs import ModelCache, TextureRequest, run_texture_job
 from backend.mesh import MAX_TRIANGLES, Mesh, MeshError, load_mesh_file, unwrap
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
 from backend.sir import t2_schedule
-from conftest import ROOT
 
 VASE = ROOT / "examples" / "vase.obj"
 

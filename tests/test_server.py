@@ -9,9 +9,9 @@ import time
 
 import numpy as np
 import pytest
+from conftest import BackendServer, cube_arrays, read_until, submit
 
 from backend import protocol
-from conftest import BackendServer, cube_arrays, read_until, submit
 
 
 def assert_still_serving(server: BackendServer) -> None:
@@ -165,6 +165,7 @@ def test_backend_exits_when_its_parent_closes_stdin() -> None:
 
 def test_backend_refuses_to_serve_without_a_secret() -> None:
     import os
+
     from conftest import BACKEND_PYTHON, ROOT
     proc = subprocess.run([BACKEND_PYTHON, "-m", "backend", "serve"], cwd=ROOT, input=b"\n", capture_output=True,
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
