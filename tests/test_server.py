@@ -51,19 +51,16 @@ def test_unauthenticated_requests_are_refused(server: BackendServer) -> None:
     assert_still_serving(server)
 
 
-def test_oversized_frame_is_refused_without_killing_the_server(server: BackendServer) -> None:
+@pytest.mark.parametrize("raw, code", [
+    (struct.pack("!4sIQ", protocol.MAGIC, 15, protocol.MAX_PAYLOAD_BYTES + 1) + b'{"type":"ping"}',
+     protocol.E_FRAME_TOO_LARGE),
+    (struct.pack("!4sIQ", protocol.MAGIC, 9, 0) + b"{not json", protocol.E_BAD_FRAME),
+], ids=["oversized frame", "malformed header"])
+def test_bad_frames_are_refused_without_killing_the_server(server: BackendServer, raw: bytes, code: str) -> None:
     sock = server.connect()
-    sock.sendall(struct.pack("!4sIQ", protocol.MAGIC, 15, protocol.MAX_PAYLOAD_BYTES + 1) + b'{"type":"ping"}')
+    sock.sendall(raw)
     reply = protocol.recv(sock)
-    assert reply.type == protocol.ERROR and reply.get("code") == protocol.E_FRAME_TOO_LARGE
-    assert_still_serving(server)
-
-
-def test_malformed_header_is_refused_without_killing_the_server(server: BackendServer) -> None:
-    sock = server.connect()
-    sock.sendall(struct.pack("!4sIQ", protocol.MAGIC, 9, 0) + b"{not json")
-    reply = protocol.recv(sock)
-    assert reply.type == protocol.ERROR and reply.get("code") == protocol.E_BAD_FRAME
+    assert reply.type == protocol.ERROR and reply.get("code") == code
     assert_still_serving(server)
 
 
