@@ -85,11 +85,13 @@ class ModelCache:
             self.priors[model] = load_prior(model, offline=offline)
         return self.priors[model]
 
-    def unload(self) -> None:
+    def unload(self) -> list[str]:
+        names = list(self.priors)
         self.priors.clear()
         import torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return names
 
 
 def mesh_from_message(msg: protocol.Message) -> Mesh:

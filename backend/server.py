@@ -207,7 +207,11 @@ class Connection:
             elif msg.type == protocol.PING:
                 self.outbox.put(protocol.PONG, {"t": msg.get("t")})
             elif msg.type == protocol.UNLOAD:
-                self.server.jobs.put(None)
+                # A running job keeps its own reference, so dropping the cache is safe at any time;
+                # the memory is freed when that job ends.
+                names = self.server.models.unload()
+                self.outbox.put(protocol.LOG, {"level": "info",
+                                               "text": f"unloaded models: {', '.join(names) or 'none loaded'}"})
             elif msg.type == protocol.SHUTDOWN:
                 log.info("shutdown requested by %s", self.peer)
                 self.server.stop()
@@ -237,7 +241,7 @@ class Server:
         self.secret = secret
         self.listener = socket.create_server(("127.0.0.1", port))
         self.port = self.listener.getsockname()[1]
-        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.jobs: queue.Queue[Job] = queue.Queue()
         self.ids = itertools.count(1)
         self.models = ModelCache()
         self.stopping = threading.Event()
@@ -272,9 +276,6 @@ class Server:
     def _work(self) -> None:
         while True:
             job = self.jobs.get()
-            if job is None:
-                self.models.unload()
-                continue
             self.running = job
             try:
                 self._run(job)

@@ -116,6 +116,17 @@ class BackendProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def exited(self, grace: float) -> bool:
+        """Whether the process has ended, giving it ``grace`` seconds: a dying backend's socket
+        closes a moment before its exit status can be read."""
+        if self.proc is None:
+            return True
+        try:
+            self.proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
+
     def exit_description(self) -> str:
         return f"the backend process exited{self._exit_note()}. {self.diagnosis()}"
 

@@ -4,6 +4,7 @@ background mode, where no timer ever fires; both drive the same TextureSession."
 from __future__ import annotations
 
 import threading
+from typing import Callable
 
 import bpy
 
@@ -61,9 +62,14 @@ class KILN_OT_texture_selected(bpy.types.Operator):
         session = self._session(context)
         if session is None:
             return {"CANCELLED"}
+        shown = -1
         try:
             while not session.finished:
                 session.pump(timeout=0.1)
+                fraction, text = session.progress()
+                if int(fraction * 10) != shown:  # a console line per tenth, for batch logs
+                    shown = int(fraction * 10)
+                    print(f"Kiln {fraction:.0%} · {text}", flush=True)
         except KeyboardInterrupt:
             session.cancel()
             while not session.finished:
@@ -124,12 +130,11 @@ class KILN_OT_cancel(bpy.types.Operator):
         return {"FINISHED"}
 
 
-def _in_background(work, done_message: str) -> None:
-    """Run backend start/stop work off the main thread; print the outcome to the console."""
+def _in_background(work: Callable[[], str]) -> None:
+    """Run backend control work off the main thread; its outcome goes to the console."""
     def run() -> None:
         try:
-            work()
-            print(f"Kiln: {done_message}")
+            print(f"Kiln: {work()}")
         except (BackendError, OSError, protocol.ProtocolError) as exc:
             print(f"Kiln: {exc}")
     threading.Thread(target=run, name="kiln-backend-control", daemon=True).start()
@@ -143,7 +148,7 @@ class KILN_OT_start_backend(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         python, offline = preferences(context).python_path, not getattr(bpy.app, "online_access", True)
-        _in_background(lambda: sessions.MANAGER.ensure(python, offline), "backend started")
+        _in_background(lambda: f"backend running on port {sessions.MANAGER.ensure(python, offline).port}")
         return {"FINISHED"}
 
 
@@ -158,7 +163,25 @@ class KILN_OT_stop_backend(bpy.types.Operator):
         return not _running()
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        _in_background(sessions.MANAGER.stop, "backend stopped")
+        def stop() -> str:
+            sessions.MANAGER.stop()
+            return "backend stopped"
+        _in_background(stop)
+        return {"FINISHED"}
+
+
+class KILN_OT_unload_models(bpy.types.Operator):
+    """Free the GPU memory the backend's cached models hold (they reload on the next job)"""
+
+    bl_idname = "kiln.unload_models"
+    bl_label = "Unload Models"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return not _running()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        _in_background(sessions.MANAGER.unload_models)
         return {"FINISHED"}
 
 
@@ -178,4 +201,4 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
 
 
 CLASSES = (KILN_OT_texture_selected, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
-           KILN_OT_copy_diagnostics)
+           KILN_OT_unload_models, KILN_OT_copy_diagnostics)

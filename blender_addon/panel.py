@@ -48,7 +48,9 @@ class KILN_PT_main(bpy.types.Panel):
         row = box.row(align=True)
         row.operator("kiln.start_backend", text="Start")
         row.operator("kiln.stop_backend", text="Stop")
-        box.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+        row = box.row(align=True)
+        row.operator("kiln.unload_models", icon="TRASH")
+        row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
 
 
 CLASSES = (KILN_PT_main,)

@@ -78,6 +78,9 @@ def mesh_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
 def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
     """A new UV map from the backend's unwrap; the object's existing maps are left untouched."""
     mesh = obj.data
+    if loop_uvs.shape[0] != len(mesh.loops):
+        raise SceneError(f"{obj.name!r} was edited while Kiln worked ({len(mesh.loops)} face corners now, "
+                         f"{loop_uvs.shape[0]} when the job started): run it again")
     layer = mesh.uv_layers.new(name=UV_MAP_NAME)
     if layer is None:
         raise SceneError(f"{obj.name!r} already has 8 UV maps, Blender's limit: delete one and retry")

@@ -50,6 +50,24 @@ class BackendManager:
                 self.process.stop()
                 self.process = None
 
+    def unload_models(self, timeout: float = 30.0) -> str:
+        """Ask the running backend to drop its cached models (frees VRAM); blocking, use a thread."""
+        process = self.process
+        if process is None or not process.alive():
+            return "the backend is not running: no models are loaded"
+        inbox: queue.Queue[Any] = queue.Queue()
+        client = Client(process.port, process.secret, inbox)
+        try:
+            client.send(protocol.UNLOAD)
+            while True:
+                reply = inbox.get(timeout=timeout)
+                if isinstance(reply, protocol.Message) and reply.type == protocol.LOG:
+                    return str(reply.get("text"))
+                if isinstance(reply, Disconnected):
+                    return f"the backend went away: {reply.reason}"
+        finally:
+            client.close()
+
     def status(self) -> str:
         process = self.process
         if process is None:
@@ -192,7 +210,16 @@ class TextureSession:
             if isinstance(item, protocol.Message) and item.type == protocol.TEXTURE \
                     and not item.get("final") and newest.get(item.get("job")) != i:
                 continue
-            self._apply(item)
+            try:
+                self._apply(item)
+            except (SceneError, RuntimeError, ValueError, KeyError) as exc:
+                # The scene changed under the job (mesh edited, object renamed): stop cleanly
+                # rather than leave a modal operator half-alive.
+                self.failure = f"could not apply the backend's result: {exc}"
+                self.cancel()
+                self._end_unfinished("failed", "scene changed during the job")
+                self.close()
+                return
 
     def _target(self, msg: protocol.Message) -> Target | None:
         job, tag = msg.get("job"), msg.get("tag")
@@ -215,7 +242,7 @@ class TextureSession:
         if isinstance(item, Disconnected):
             if not item.expected and not self.finished:
                 process = MANAGER.process
-                why = process.exit_description() if process and not process.alive() else item.reason
+                why = process.exit_description() if process and process.exited(grace=0.5) else item.reason
                 self.failure = f"lost the backend mid-job: {why}"
                 self._end_unfinished("failed", "backend lost")
             return
@@ -246,6 +273,9 @@ class TextureSession:
             self._apply_texture(target, msg)
         elif msg.type == protocol.ERROR:
             target.status, target.error = "failed", str(msg.get("message"))
+            if msg.get("code") == protocol.E_WEIGHTS_OFFLINE and self.job_fields["offline"]:
+                target.error += (" Blender's online access is off, so Kiln does not download: turn on "
+                                 "Preferences > System > Network > Allow Online Access to fetch the model.")
             self._finish(target)
         elif msg.type == protocol.DONE:
             target.status = str(msg.get("status"))

@@ -199,7 +199,7 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("million faces", "Decimate"),
     ("empty prompt", "prompt is empty"),
     ("unknown model", "unknown model"),
-    ("weights offline", "it is offline"),
+    ("weights offline", "Allow Online Access"),
     ("backend missing", "does not exist"),
     ("backend without dependencies", "lacks Kiln's dependencies"),
 ])
@@ -268,3 +268,29 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert (tmp_path / "kiln_textures" / "Cube_seed0.png").is_file()
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
+
+
+def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, scene) -> None:
+    bpy.ops.wm.read_homefile(use_empty=True)  # never saved: no folder to write next to
+    bpy.context.scene.kiln.prompt, bpy.context.scene.kiln.model = "a crate", "tiny"
+    bpy.context.scene.kiln.texture_size, bpy.context.scene.kiln.steps = 512, 1
+    obj = add_cube()
+    select(obj)
+    bpy.ops.kiln.texture_selected()
+    image = bpy.data.images["Kiln Cube"]
+    assert image.packed_file is not None and image.packed_file.size > 1000
+    assert "tiny" in kiln.session.MANAGER.unload_models()
+    assert "none loaded" in kiln.session.MANAGER.unload_models()
+
+
+def test_mesh_edited_during_the_job_fails_cleanly(kiln, scene) -> None:
+    obj = add_cube(uvs=False)
+    session = run_session(kiln, [obj], steps=50)
+    bpy.ops.object.mode_set(mode="EDIT")
+    bpy.ops.mesh.select_all(action="SELECT")
+    bpy.ops.mesh.subdivide()
+    bpy.ops.object.mode_set(mode="OBJECT")
+    pump_until(session, lambda: session.finished)
+    assert "was edited while Kiln worked" in session.failure
+    assert [uv.name for uv in obj.data.uv_layers] == []
+    assert obj.material_slots[0].material.name == "Artist Cube"

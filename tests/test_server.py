@@ -168,3 +168,13 @@ def test_backend_refuses_to_serve_without_a_secret() -> None:
                           env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=60)
     assert proc.returncode == 2
     assert b"secret" in proc.stderr
+
+
+def test_unload_frees_the_cached_model(server: BackendServer) -> None:
+    sock = server.connect()
+    submit(sock, steps=1)
+    assert read_until(sock, protocol.DONE, protocol.ERROR)[-1].type == protocol.DONE
+    protocol.send(sock, protocol.UNLOAD)
+    assert "unloaded models: tiny" in read_until(sock, protocol.LOG)[-1].get("text")
+    protocol.send(sock, protocol.UNLOAD)
+    assert "none loaded" in read_until(sock, protocol.LOG)[-1].get("text")
