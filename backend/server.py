@@ -320,8 +320,8 @@ def describe_failure(exc: BaseException) -> dict[str, str]:
 
 def _exit_with_parent() -> None:
     """Block on stdin; EOF means the process that spawned us is gone."""
-    try:
-        while sys.stdin.buffer.read(1 << 16):
+    try:  # the raw fd, not sys.stdin: a thread blocked in a buffered read aborts interpreter exit
+        while os.read(sys.stdin.fileno(), 1 << 16):
             pass
     finally:
         log.info("parent closed stdin; exiting")

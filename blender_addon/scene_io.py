@@ -150,6 +150,10 @@ def finish_texture(live: LiveTexture, seed: int) -> str:
     folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
     path = folder / f"{stem}_seed{seed}.png"
+    counter = 1
+    while path.exists():  # an earlier result may still be in use (kept material, undo history)
+        path = folder / f"{stem}_seed{seed}_{counter:03d}.png"
+        counter += 1
     image.filepath_raw = str(path)
     image.file_format = "PNG"
     image.save()

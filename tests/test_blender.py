@@ -113,6 +113,11 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
     artist = bpy.data.materials["Artist Cube"]
     assert artist.use_fake_user and list(obj["kiln_previous_materials"]) == ["Artist Cube"]
 
+    select(obj)
+    bpy.ops.kiln.texture_selected()  # again, same seed: the first result's file must survive
+    second = Path(bpy.path.abspath(obj.material_slots[0].material.node_tree.nodes["Image Texture"].image.filepath))
+    assert second != saved and second.is_file() and saved.is_file()
+
     bpy.ops.ed.undo()
     obj = bpy.data.objects["Cube"]
     assert obj.material_slots[0].material.name == "Artist Cube"

@@ -178,3 +178,10 @@ def test_unload_frees_the_cached_model(server: BackendServer) -> None:
     assert "unloaded models: tiny" in read_until(sock, protocol.LOG)[-1].get("text")
     protocol.send(sock, protocol.UNLOAD)
     assert "none loaded" in read_until(sock, protocol.LOG)[-1].get("text")
+
+
+def test_shutdown_message_stops_the_backend() -> None:
+    srv = BackendServer()
+    sock = srv.connect()
+    protocol.send(sock, protocol.SHUTDOWN)
+    assert srv.proc.wait(timeout=10) == 0
