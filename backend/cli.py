@@ -14,8 +14,9 @@ from pathlib import Path
 
 import numpy as np
 
+from . import protocol
 from .events import TextureEvents
-from .jobs import MAX_TEXTURE, MIN_TEXTURE, JobError, ModelCache, TextureRequest, run_texture_job
+from .jobs import JobError, ModelCache, TextureRequest, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
 from .presets import PRESETS
 from .prior import ModelError
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
                      help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
                           "or a .safetensors file")
     tex.add_argument("--seed", type=int, default=0)
-    tex.add_argument("--size", type=int, default=1024, help=f"texture size, {MIN_TEXTURE}-{MAX_TEXTURE}")
+    tex.add_argument("--size", type=int, default=1024,
+                     help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
     tex.add_argument("--steps", type=int, default=None, help="SIR iterations (default: the preset's)")
     tex.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
     tex.add_argument("--preset", choices=sorted(PRESETS), default=None)

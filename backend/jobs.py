@@ -13,8 +13,6 @@ from .mesh import Mesh, MeshError, unwrap
 from .presets import default_preset, resolve
 from .prior import LatentDiffusionPrior, load_prior
 
-MIN_TEXTURE, MAX_TEXTURE = 512, 4096
-
 
 class JobError(Exception):
     """A job that cannot run as asked; ``code`` is a protocol error code."""
@@ -46,8 +44,9 @@ class TextureRequest:
         if not isinstance(prompt, str) or not prompt.strip():
             raise bad("the prompt is empty: type what the texture should show, e.g. 'weathered bronze'")
         size = f.get("texture_size", 1024)
-        if not isinstance(size, int) or not MIN_TEXTURE <= size <= MAX_TEXTURE:
-            raise bad(f"texture size {size!r} is out of range: choose {MIN_TEXTURE} to {MAX_TEXTURE} pixels")
+        if not isinstance(size, int) or not protocol.MIN_TEXTURE_SIZE <= size <= protocol.MAX_TEXTURE_SIZE:
+            raise bad(f"texture size {size!r} is out of range: choose {protocol.MIN_TEXTURE_SIZE} to "
+                      f"{protocol.MAX_TEXTURE_SIZE} pixels")
         steps = f.get("steps")
         if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 500):
             raise bad(f"steps {steps!r} is out of range: choose 1 to 500")

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-#: Above this many triangles texturing is refused with a suggestion; unwrapping and rasterising
-#: costs grow with it and a texture cannot hold more detail than ~1 texel per triangle anyway.
-MAX_TRIANGLES = 1_000_000
+from .protocol import MAX_TRIANGLES
 
 
 class MeshError(ValueError):

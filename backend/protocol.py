@@ -32,6 +32,11 @@ MAX_HEADER_BYTES = 1 << 20
 #: Big enough for a 4096² RGBA8 texture (64 MiB) or a 1M-triangle mesh with per-corner UVs.
 MAX_PAYLOAD_BYTES = 256 << 20
 
+# Limits both sides enforce: Blender checks them before sending anything, the backend again.
+MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
+#: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).
+MAX_TRIANGLES = 1_000_000
+
 # Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
 # Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, LOG, ERROR, DONE, PONG.
 HELLO = "hello"

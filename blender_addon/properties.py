@@ -5,6 +5,8 @@ from __future__ import annotations
 import bpy
 from bpy.props import FloatProperty, IntProperty, StringProperty
 
+from .backend import protocol
+
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
@@ -34,7 +36,8 @@ class KilnSettings(bpy.types.PropertyGroup):
         description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "
                     "random-weight model that checks the pipeline offline; its output is not art)")
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
-    texture_size: IntProperty(name="Texture Size", default=1024, min=512, max=4096, step=512, subtype="PIXEL")
+    texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
+                              max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")
     steps: IntProperty(name="Steps", default=12, min=1, max=200,
                        description="SIR iterations: each denoises the views and refits the texture")
     guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0,

@@ -17,7 +17,6 @@ import numpy as np
 from .backend import protocol
 
 UV_MAP_NAME = "KilnUV"
-MAX_TRIANGLES = 1_000_000  # the backend enforces the same limit; checking here saves the transfer
 
 
 class SceneError(Exception):
@@ -36,8 +35,8 @@ def check_object(obj: Any) -> None:
     if len(mesh.polygons) == 0:
         raise SceneError(f"{obj.name!r} has no faces: Kiln textures surfaces. Add faces or deselect it")
     tris = len(mesh.loop_triangles)
-    if tris > MAX_TRIANGLES:
-        raise SceneError(f"{obj.name!r} has {tris:,} triangles, over Kiln's limit of {MAX_TRIANGLES:,}: "
+    if tris > protocol.MAX_TRIANGLES:
+        raise SceneError(f"{obj.name!r} has {tris:,} triangles, over Kiln's limit of {protocol.MAX_TRIANGLES:,}: "
                          "reduce it first (Decimate modifier, then Apply)")
 
 

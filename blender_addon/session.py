@@ -10,7 +10,6 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,8 +20,6 @@ from .backend import protocol
 from .backend_process import BackendError, BackendProcess, find_python
 from .client import Client, Disconnected
 from .scene_io import LiveTexture, SceneError, add_uv_map, finish_texture, mesh_arrays, start_live_texture
-
-MIN_TEXTURE, MAX_TEXTURE = 512, 4096
 
 
 class BackendManager:
@@ -65,6 +62,8 @@ class BackendManager:
                     return str(reply.get("text"))
                 if isinstance(reply, Disconnected):
                     return f"the backend went away: {reply.reason}"
+        except queue.Empty:
+            return f"the backend did not answer within {timeout:.0f} s; Stop Backend frees its memory for sure"
         finally:
             client.close()
 
@@ -115,9 +114,9 @@ def read_settings(settings: Any) -> dict[str, Any]:
     prompt = settings.prompt.strip()
     if not prompt:
         raise SceneError("the prompt is empty: type what the texture should show in the Kiln panel")
-    if not MIN_TEXTURE <= settings.texture_size <= MAX_TEXTURE:
-        raise SceneError(f"texture size {settings.texture_size} is out of range: choose {MIN_TEXTURE} to "
-                         f"{MAX_TEXTURE} pixels")
+    if not protocol.MIN_TEXTURE_SIZE <= settings.texture_size <= protocol.MAX_TEXTURE_SIZE:
+        raise SceneError(f"texture size {settings.texture_size} is out of range: choose "
+                         f"{protocol.MIN_TEXTURE_SIZE} to {protocol.MAX_TEXTURE_SIZE} pixels")
     if not settings.model.strip():
         raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
     return {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
@@ -138,7 +137,6 @@ class TextureSession:
         self.cancel_requested = False
         self.failure = ""
         self.notes: list[str] = []
-        self.started = time.monotonic()
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -183,7 +181,8 @@ class TextureSession:
         return done / total, f"{active.name}: {active.phase} {active.done}/{active.total}{eta}"
 
     def summary(self) -> str:
-        parts = [f"{t.name}: {t.status}" + (f" ({t.error})" if t.error else "") for t in self.targets]
+        parts = [f"{t.name}: {t.status}" + (f" ({t.error})" if t.error else "")
+                 + (f", texture {t.saved_to}" if t.saved_to else "") for t in self.targets]
         text = "; ".join(parts)
         return f"{self.failure} — {text}" if self.failure else text
 

@@ -15,9 +15,10 @@ from conftest import ROOT
 from backend import protocol
 from backend.events import TextureEvents
 from backend.jobs import ModelCache, TextureRequest, run_texture_job
-from backend.mesh import MAX_TRIANGLES, Mesh, MeshError, load_mesh_file, unwrap
+from backend.mesh import Mesh, MeshError, load_mesh_file, unwrap
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
+from backend.protocol import MAX_TRIANGLES
 from backend.sir import t2_schedule
 
 VASE = ROOT / "examples" / "vase.obj"
