@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from .events import Cancelled
+
 #: ε-prediction at (x_t, t); the caller folds in prompts, guidance and per-view conditioning.
 EpsFn = Callable[[torch.Tensor, int], torch.Tensor]
 
@@ -78,7 +80,7 @@ def sample(schedule: NoiseSchedule, eps_fn: EpsFn, x_t: torch.Tensor, t_start: i
     x = x_t
     for i, t in enumerate(grid):
         if cancelled():
-            raise InterruptedError
+            raise Cancelled()
         t_prev = grid[i + 1] if i + 1 < len(grid) else t_end
         x = ddim_step(schedule, x, eps_fn(x, t), t, t_prev, eta, generator)
     return x
@@ -94,7 +96,7 @@ def invert(schedule: NoiseSchedule, eps_fn: EpsFn, x_t: torch.Tensor, t_start: i
     x = x_t
     for t, t_next in zip(grid[:-1], grid[1:], strict=True):
         if cancelled():
-            raise InterruptedError
+            raise Cancelled()
         eps = eps_fn(x, t)
         a_next, s_next = schedule.coefficients(t_next)
         x = a_next * schedule.predict_x0(x, eps, t) + s_next * eps

@@ -9,6 +9,10 @@ import numpy as np
 import torch
 
 
+class Cancelled(Exception):
+    """Raised inside a job when ``TextureEvents.cancelled`` turns True."""
+
+
 class TextureEvents:
     def progress(self, done: int, total: int, phase: str) -> None:
         """``done`` of ``total`` texture updates; ``phase`` is a short human-readable stage."""

@@ -11,7 +11,7 @@ from . import protocol
 from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
 from .presets import default_preset, resolve
-from .prior import LatentDiffusionPrior, load_prior
+from .prior import Prior, load_prior
 
 
 class JobError(Exception):
@@ -76,9 +76,9 @@ class TextureRequest:
 class ModelCache:
     """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
 
-    priors: dict[str, LatentDiffusionPrior] = field(default_factory=dict)
+    priors: dict[str, Prior] = field(default_factory=dict)
 
-    def get(self, model: str, offline: bool) -> LatentDiffusionPrior:
+    def get(self, model: str, offline: bool) -> Prior:
         if model not in self.priors:
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.priors[model] = load_prior(model, offline=offline)

@@ -14,11 +14,11 @@ from typing import Any
 class SIRConfig:
     views: int = 8                  # K cameras per iteration, azimuths evenly spaced
     elevations: tuple[float, ...] = (20.0, -10.0, 45.0)  # cycled over the K views
-    resolution: int = 512           # render size in pixels (the prior's native size)
     iterations: int = 12            # SIR iterations after the initial sample-from-noise pass
-    ddim_steps: int = 10            # DDIM grid over [0, T]; an iteration walks the part below t2
+    ddim_steps: int = 10            # DDIM grid over [0, T); an iteration walks the part below t2
     t_start: float = 0.6            # t2 / T at the first iteration, annealed linearly ...
     t_end: float = 0.18             # ... to this at the last
+    t1_ratio: float = 0.6           # hybrid forward process: noise to t1 = ratio·t2, DDIM-invert to t2
     eta: float = 0.0                # DDIM noise
     guidance: float = 7.5           # classifier-free guidance scale
     recon_steps: int = 15           # N texture updates per iteration, target frozen
@@ -36,11 +36,11 @@ class SIRConfig:
 
 PRESETS: dict[str, SIRConfig] = {
     # MicroDreamer's mesh-texture refinement settings scaled to texturing from blank: 8 views,
-    # 10-step DDIM, annealed t2, 15 updates per iteration.
+    # 10-step DDIM, annealed t2, hybrid forward process, 15 updates per iteration. Views render at
+    # the prior's own resolution.
     "quality": SIRConfig(),
     # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
-    "pipeline-check": SIRConfig(views=4, resolution=64, iterations=6, recon_steps=10, init_recon_steps=20,
-                                stream_every=5),
+    "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
 }
 
 

@@ -1,8 +1,12 @@
-"""The 2D diffusion prior: Stable Diffusion through diffusers, or the built-in tiny model.
+"""Priors: the one interface every method uses, and Stable Diffusion / the tiny model behind it.
 
-Methods talk to a prior only through ``LatentDiffusionPrior``: prompt embeddings, VAE encode and
-decode, and one guided noise prediction per call with the CFG pair batched into a single UNet
-pass. Loading accepts a Hugging Face id, a local diffusers folder or a single ``.safetensors``
+A method never sees a UNet. It asks a ``Prior`` for ε-predictions of noisy images at a timestep,
+unconditional and conditional as a pair (CFG, SDS and SSD each combine them their own way), given
+prompt embeddings and per-view conditioning (cameras, and depth/normals for priors that use them).
+Anything that implements ``Prior`` — the exact prior, or one written outside the project — plugs
+into every method unchanged.
+
+Loading accepts a Hugging Face id, a local diffusers folder or a single ``.safetensors``
 checkpoint, and turns the many ways that fails into one message that says what to do.
 """
 
@@ -12,11 +16,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
 from . import protocol
+from .cameras import Cameras
+from .diffusion import NoiseSchedule
 
 TINY = "tiny"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -31,21 +37,57 @@ class ModelError(Exception):
 
 
 @dataclass
+class Views:
+    """Per-view conditioning for a batch of K images; a prior uses what it needs."""
+
+    cameras: Cameras
+    depth: torch.Tensor | None = None     # (K, 1, H, W), top row first, 0 where empty
+    normals: torch.Tensor | None = None   # (K, 3, H, W)
+
+
+class Prior(Protocol):
+    name: str
+    device: torch.device
+    schedule: NoiseSchedule
+    resolution: int          # the image size (pixels) the prior works at
+    pipeline_check: bool     # True: results check the pipeline and are not art
+
+    def encode_prompt(self, prompt: str, negative: str) -> Any:
+        """Whatever ``predict_eps`` needs to know the prompt and the negative prompt by."""
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(K, 3, H, W) images in [0, 1] → the space the diffusion runs in; differentiable."""
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """The inverse of ``encode``, to images in [0, 1]."""
+
+    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: Any, views: Views | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ε_uncond, ε_cond) for noisy x_t at timestep t."""
+
+
+@dataclass
 class LatentDiffusionPrior:
+    """Stable Diffusion (and the tiny model): a UNet in the latent space of a VAE."""
+
     name: str
     unet: Any
     vae: Any
     text_encoder: Any
     tokenizer: Any
-    scheduler: Any
+    prediction_type: str
+    schedule: NoiseSchedule
     device: torch.device
     dtype: torch.dtype
-    #: True for the random-weight tiny model: results check the pipeline and are not art.
     pipeline_check: bool = False
 
     @property
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def resolution(self) -> int:
+        return int(self.unet.config.sample_size) * self.latent_factor
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str, negative: str) -> torch.Tensor:
@@ -54,33 +96,35 @@ class LatentDiffusionPrior:
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
-    @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         latents = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist.mean
-        return latents * self.vae.config.scaling_factor
+        return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        images = self.vae.decode(latents.to(self.dtype) / self.vae.config.scaling_factor).sample
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        images = self.vae.decode(x.to(self.dtype) / self.vae.config.scaling_factor).sample
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def guided_output(self, latents: torch.Tensor, t: torch.Tensor | int, embeds: torch.Tensor,
-                      guidance: float) -> torch.Tensor:
-        """The model output (ε or v, as the scheduler expects) with classifier-free guidance."""
-        k = latents.shape[0]
-        both = torch.cat([latents, latents]).to(self.dtype)
-        cond = torch.cat([embeds[0:1].expand(k, -1, -1), embeds[1:2].expand(k, -1, -1)])
-        out = self.unet(both, t, encoder_hidden_states=cond).sample.float()
-        uncond, text = out.chunk(2)
-        return uncond + guidance * (text - uncond)
+    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One UNet call for the CFG pair (batch 2K); v-prediction models are converted to ε."""
+        k = x_t.shape[0]
+        both = torch.cat([x_t, x_t]).to(self.dtype)
+        embeds = torch.cat([prompt[0:1].expand(k, -1, -1), prompt[1:2].expand(k, -1, -1)])
+        out = self.unet(both, t, encoder_hidden_states=embeds).sample.float()
+        if self.prediction_type == "v_prediction":
+            a, s = self.schedule.coefficients(t)
+            out = a * out + s * torch.cat([x_t, x_t]).float()
+        uncond, cond = out.chunk(2)
+        return uncond, cond
 
 
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_prior(model: str, device: torch.device | None = None, offline: bool = False) -> LatentDiffusionPrior:
+def load_prior(model: str, device: torch.device | None = None, offline: bool = False) -> Prior:
     device = device or default_device()
     if model == TINY:
         from .tiny_model import build_tiny_prior
@@ -134,9 +178,8 @@ def _explain(exc: Exception, label: str, offline: bool) -> ModelError:
 
 
 def _from_pipeline(name: str, pipe: Any, device: torch.device, dtype: torch.dtype) -> LatentDiffusionPrior:
-    from diffusers import DDIMScheduler
-
     pipe.to(device)
-    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    return LatentDiffusionPrior(name, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(),
-                                pipe.tokenizer, scheduler, device, dtype)
+    config = pipe.scheduler.config
+    return LatentDiffusionPrior(name, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), pipe.tokenizer,
+                                config.get("prediction_type", "epsilon"),
+                                NoiseSchedule(pipe.scheduler.alphas_cumprod.double().cpu()), device, dtype)

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from . import protocol
-from .events import TextureEvents
+from .events import Cancelled, TextureEvents
 from .jobs import JobError, ModelCache, TextureRequest, mesh_from_message, run_texture_job
 from .mesh import MeshError
 
@@ -289,12 +289,11 @@ class Server:
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled", "seconds": 0.0})
             return
         from .prior import ModelError
-        from .sir import JobCancelled
         try:
             run_texture_job(job.request, job.mesh, JobEvents(job), self.models)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
-        except JobCancelled:
+        except Cancelled:
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled",
                                     "seconds": round(time.monotonic() - started, 3)})
         except (JobError, ModelError) as exc:

@@ -13,17 +13,14 @@ import time
 import numpy as np
 import torch
 
+from . import diffusion
 from .cameras import orbit, ring
-from .events import TextureEvents
+from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .presets import SIRConfig
-from .prior import LatentDiffusionPrior
+from .prior import Prior, Views
 from .raster import rasterize
 from .texture import PyramidTexture, image_mask, pad_islands, render, to_rgba8, uv_coverage
-
-
-class JobCancelled(Exception):
-    pass
 
 
 def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
@@ -35,7 +32,7 @@ def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
 
 
 class SIRTexturer:
-    def __init__(self, mesh: Mesh, prior: LatentDiffusionPrior, cfg: SIRConfig, texture_size: int,
+    def __init__(self, mesh: Mesh, prior: Prior, cfg: SIRConfig, texture_size: int,
                  prompt: str, negative: str, seed: int, events: TextureEvents) -> None:
         if mesh.corner_uvs is None:
             raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
@@ -48,8 +45,7 @@ class SIRTexturer:
         self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
         self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
         self.texture = PyramidTexture(texture_size, self.device)
-        self.scheduler = prior.scheduler
-        self.scheduler.set_timesteps(cfg.ddim_steps, device=self.device)
+        self.schedule = prior.schedule
         self.done = 0
         self.total = cfg.total_work()
         self.last_sent = 0.0
@@ -57,7 +53,7 @@ class SIRTexturer:
     def run(self) -> torch.Tensor:
         """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
         cfg = self.cfg
-        T = self.scheduler.config.num_train_timesteps
+        T = self.schedule.num_train_timesteps
         self._iteration(float(T), cfg.init_recon_steps)  # views sampled from pure noise
         for t2 in t2_schedule(cfg, T):
             self._iteration(t2, cfg.recon_steps)
@@ -68,37 +64,48 @@ class SIRTexturer:
 
     def _check_cancel(self) -> None:
         if self.events.cancelled():
-            raise JobCancelled()
+            raise Cancelled()
 
     def _iteration(self, t2: float, steps: int) -> None:
         cfg = self.cfg
         az, el = ring(cfg.views, float(self.rng.uniform(0, 360)), cfg.elevations)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
         clip = torch.cat([self.positions, torch.ones_like(self.positions[:, :1])], 1) @ cams.mvp.transpose(1, 2)
-        raster = rasterize(clip, self.triangles, cfg.resolution, cfg.resolution)
+        size = self.prior.resolution
+        raster = rasterize(clip, self.triangles, size, size)
         mask = image_mask(raster).float()
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
             views = render(self.texture, self.corner_uvs, raster, cfg.background)
-            target = self._denoise(views, t2)
+            target = self._denoise(views, t2, Views(cams))
         self._reconstruct(raster, target, mask, steps)
 
-    def _denoise(self, views: torch.Tensor, t2: float) -> torch.Tensor:
-        """Noise the views to t2 and walk the DDIM grid back to 0, conditioned on the prompt."""
-        prior, sched = self.prior, self.scheduler
-        grid = sched.timesteps[sched.timesteps <= t2]
-        if grid.numel() == 0:  # t2 below the finest grid step: still denoise once
-            grid = sched.timesteps[-1:]
-        latents = prior.encode(views)
-        noise = torch.randn(latents.shape, generator=self.generator, device=self.device, dtype=latents.dtype)
-        if t2 >= sched.config.num_train_timesteps:
-            x = noise * sched.init_noise_sigma
+    def _denoise(self, views: torch.Tensor, t2: float, conditioning: Views) -> torch.Tensor:
+        """The hybrid forward process — noise to t1, DDIM inversion (unconditional) from t1 to t2 —
+        then DDIM sampling with CFG back to clean images. t1 = t2 means noise only; from pure
+        noise (t2 ≥ T) the current views play no part."""
+        prior, schedule, cfg = self.prior, self.schedule, self.cfg
+        steps = cfg.ddim_steps
+
+        def eps_uncond(x: torch.Tensor, t: int) -> torch.Tensor:
+            return prior.predict_eps(x, t, self.embeds, conditioning)[0]
+
+        def eps_cfg(x: torch.Tensor, t: int) -> torch.Tensor:
+            uncond, cond = prior.predict_eps(x, t, self.embeds, conditioning)
+            return uncond + cfg.guidance * (cond - uncond)
+
+        x0 = prior.encode(views)
+        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
+        if t2 >= schedule.num_train_timesteps:
+            start, x = schedule.grid(steps)[-1], noise
         else:
-            x = sched.add_noise(latents, noise, grid[0:1])
-        for t in grid:
-            self._check_cancel()
-            out = prior.guided_output(x, t, self.embeds, self.cfg.guidance)
-            x = sched.step(out, t, x, eta=self.cfg.eta, generator=self.generator).prev_sample
+            start = schedule.snap(t2, steps)
+            t1 = min(schedule.snap(cfg.t1_ratio * t2, steps), start)
+            x = schedule.add_noise(x0, noise, t1)
+            if t1 < start:
+                x = diffusion.invert(schedule, eps_uncond, x, t1, start, steps, cancelled=self.events.cancelled)
+        x = diffusion.sample(schedule, eps_cfg, x, start, steps, eta=cfg.eta, generator=self.generator,
+                             cancelled=self.events.cancelled)
         return prior.decode(x)
 
     def _reconstruct(self, raster, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:

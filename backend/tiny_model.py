@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .diffusion import NoiseSchedule
 from .prior import TINY, LatentDiffusionPrior
 
 _SEED = 20261121
@@ -41,7 +42,7 @@ def _tokenizer(folder: Path):
 
 
 def build_tiny_prior(device: torch.device) -> LatentDiffusionPrior:
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
     generator_state = torch.random.get_rng_state()
@@ -62,8 +63,6 @@ def build_tiny_prior(device: torch.device) -> LatentDiffusionPrior:
         torch.random.set_rng_state(generator_state)
     with tempfile.TemporaryDirectory(prefix="kiln-tiny-tokenizer-") as folder:
         tokenizer = _tokenizer(Path(folder))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    modules = [m.to(device).eval() for m in (unet, vae, text_encoder)]
-    return LatentDiffusionPrior(TINY, *modules[:2], modules[2], tokenizer, scheduler, device,
-                                torch.float32, pipeline_check=True)
+    unet, vae, text_encoder = (m.to(device).eval() for m in (unet, vae, text_encoder))
+    return LatentDiffusionPrior(TINY, unet, vae, text_encoder, tokenizer, "epsilon",
+                                NoiseSchedule.stable_diffusion(), device, torch.float32, pipeline_check=True)

@@ -115,16 +115,19 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
     """Save the tiny model as a diffusers folder (what a user downloads) and load it back."""
-    from diffusers import StableDiffusionPipeline
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     tiny = load_prior("tiny", torch.device("cpu"))
     StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-                            scheduler=tiny.scheduler, safety_checker=None, feature_extractor=None,
+                            scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+                            safety_checker=None, feature_extractor=None,
                             requires_safety_checker=False).save_pretrained(tmp_path / "model")
     loaded = load_prior(str(tmp_path / "model"), torch.device("cpu"))
     assert not loaded.pipeline_check
     embeds = loaded.encode_prompt("a vase", "")
     assert torch.allclose(embeds, tiny.encode_prompt("a vase", ""))
+    assert torch.allclose(loaded.schedule.alphas_cumprod, tiny.schedule.alphas_cumprod)
+    assert loaded.resolution == tiny.resolution == 64
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
