@@ -38,6 +38,12 @@ def rasterize(clip: torch.Tensor, triangles: torch.Tensor, height: int, width: i
         return _stack([_rasterize_torch(c, triangles, height, width) for c in clip])
 
 
+def rasterize_views(positions: torch.Tensor, triangles: torch.Tensor, mvp: torch.Tensor, size: int) -> Raster:
+    """Project (V, 3) world positions with (K, 4, 4) camera matrices and rasterise K square views."""
+    homogeneous = torch.cat([positions, torch.ones_like(positions[:, :1])], 1)
+    return rasterize(homogeneous @ mvp.transpose(1, 2), triangles, size, size)
+
+
 def _stack(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Raster:
     return Raster(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
 

@@ -19,7 +19,7 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .presets import SIRConfig
 from .prior import Prior, Views
-from .raster import rasterize
+from .raster import rasterize_views
 from .texture import PyramidTexture, image_mask, pad_islands, render, to_rgba8, uv_coverage
 
 
@@ -70,13 +70,11 @@ class SIRTexturer:
         cfg = self.cfg
         az, el = ring(cfg.views, float(self.rng.uniform(0, 360)), cfg.elevations)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
-        clip = torch.cat([self.positions, torch.ones_like(self.positions[:, :1])], 1) @ cams.mvp.transpose(1, 2)
-        size = self.prior.resolution
-        raster = rasterize(clip, self.triangles, size, size)
+        raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
         mask = image_mask(raster).float()
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
-            views = render(self.texture, self.corner_uvs, raster, cfg.background)
+            views = render(self.texture.sample, self.corner_uvs, raster, cfg.background)
             target = self._denoise(views, t2, Views(cams))
         self._reconstruct(raster, target, mask, steps)
 
@@ -114,7 +112,7 @@ class SIRTexturer:
         denom = mask.sum().clamp_min(1) * 3
         for _ in range(steps):
             self._check_cancel()
-            pred = render(self.texture, self.corner_uvs, raster, cfg.background)
+            pred = render(self.texture.sample, self.corner_uvs, raster, cfg.background)
             diff = (pred - target) * mask
             loss = (diff.abs().sum() if cfg.loss == "l1" else diff.square().sum()) / denom
             optimiser.zero_grad(set_to_none=True)

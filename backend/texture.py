@@ -10,6 +10,8 @@ Texture rows run bottom-up (row 0 is v = 0), as in Blender's image pixels.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -48,14 +50,22 @@ class PyramidTexture(torch.nn.Module):
         return torch.sigmoid(logits)[0]
 
 
-def render(texture: PyramidTexture, corner_uvs: torch.Tensor, raster: Raster,
+def sample_image(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear colours of a fixed (3, H, W) texture (rows bottom-up) at UVs (N, 2) → (N, 3)."""
+    grid = (uv * 2 - 1).view(1, 1, -1, 2)
+    out = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(3, -1).t()
+
+
+def render(sampler: Callable[[torch.Tensor], torch.Tensor], corner_uvs: torch.Tensor, raster: Raster,
            background: float) -> torch.Tensor:
-    """Render the views in ``raster`` as (K, 3, H, W) images, top row first, on a flat background."""
+    """Render the views in ``raster`` as (K, 3, H, W) images, top row first, on a flat background;
+    ``sampler`` maps UVs (N, 2) to colours (N, 3): ``PyramidTexture.sample``, or a fixed image's."""
     mask = raster.mask
     uv = interpolate(corner_uvs, raster)[mask]
     k, h, w = mask.shape
     image = torch.full((k, h, w, 3), background, device=uv.device, dtype=torch.float32)
-    image = image.masked_scatter(mask[..., None].expand(-1, -1, -1, 3), texture.sample(uv))
+    image = image.masked_scatter(mask[..., None].expand(-1, -1, -1, 3), sampler(uv))
     return image.permute(0, 3, 1, 2).flip(2)
 
 

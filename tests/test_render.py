@@ -103,7 +103,7 @@ def test_pyramid_texture_fits_a_target_view_and_fills_unseen_texels() -> None:
     mask = raster.mask[:, None].flip(2).float()
     losses = []
     for _ in range(60):
-        loss = (((render(texture, corner_uvs, raster, 1.0) - target) * mask) ** 2).mean()
+        loss = (((render(texture.sample, corner_uvs, raster, 1.0) - target) * mask) ** 2).mean()
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()

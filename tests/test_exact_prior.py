@@ -1,0 +1,96 @@
+"""The exact prior against brute force, and SIR textured against it (a measurable end-to-end run)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from backend.cameras import orbit
+from backend.events import TextureEvents
+from backend.exact_prior import ExactPrior, Reference
+from backend.mesh import Mesh, unwrap
+from backend.presets import SIRConfig
+from backend.prior import Views
+from backend.raster import rasterize_views
+from backend.sir import SIRTexturer
+from backend.texture import render, sample_image
+
+
+def box_mesh() -> Mesh:
+    import trimesh
+
+    box = trimesh.creation.box(extents=(1.0, 0.8, 0.6)).subdivide()
+    mesh = Mesh(np.asarray(box.vertices, np.float32), np.asarray(box.faces, np.int64), None, up_axis="y")
+    unwrap(mesh)
+    return mesh
+
+
+def pattern(size: int, phase: float) -> torch.Tensor:
+    """A smooth colourful texture (rows bottom-up) with detail a 64² view can resolve."""
+    v, u = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
+    return torch.stack([0.5 + 0.4 * torch.sin(6 * u + phase), 0.5 + 0.4 * torch.cos(5 * v - phase),
+                        0.5 + 0.4 * torch.sin(4 * (u + v))])
+
+
+def test_denoiser_matches_brute_force_softmax() -> None:
+    mesh = box_mesh()
+    refs = [Reference("a", mesh, pattern(32, 0.0)), Reference("a", mesh, pattern(32, 1.5)),
+            Reference("b", mesh, pattern(32, 3.0))]
+    prior = ExactPrior(refs, resolution=16)
+    views = Views(orbit(mesh.positions, [0.0, 90.0], [10.0, 30.0], "y"))
+    renders = prior.renders(views).double()
+    gen = torch.Generator().manual_seed(0)
+    x_t = torch.randn(2, 3, 16, 16, generator=gen, dtype=torch.float64)
+    for t in (50, 400, 900):
+        a, s = prior.schedule.coefficients(t)
+        uncond, cond = prior.predict_eps(x_t.float(), t, prior.encode_prompt("a", ""), views)
+        for k in range(2):
+            for chosen, eps in ((range(3), uncond), ((0, 1), cond)):
+                logits = [-float(((x_t[k] - a * renders[j, k]) ** 2).sum()) / (2 * s * s) for j in chosen]
+                top = max(logits)
+                w = [math.exp(lg - top) for lg in logits]
+                x0 = sum(wi * renders[j, k] for wi, j in zip(w, chosen, strict=True)) / sum(w)
+                expected = (x_t[k] - a * x0) / s
+                assert torch.allclose(eps[k].double(), expected, atol=1e-4), (t, k)
+
+
+def test_denoiser_at_low_noise_returns_the_nearest_reference() -> None:
+    mesh = box_mesh()
+    refs = [Reference("a", mesh, pattern(32, 0.0)), Reference("a", mesh, pattern(32, 2.0))]
+    prior = ExactPrior(refs, resolution=16)
+    views = Views(orbit(mesh.positions, [30.0], [20.0], "y"))
+    renders = prior.renders(views)
+    chosen = prior.encode_prompt("a", "")
+    a, _ = prior.schedule.coefficients(10)
+    near = prior.denoise(a * renders[1] + 0.01 * torch.randn_like(renders[1]), 10, chosen, renders)
+    assert torch.allclose(near, renders[1], atol=1e-4)
+    with pytest.raises(ValueError, match="knows no prompt"):
+        prior.encode_prompt("c", "")
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(10 * torch.log10(1 / (a - b).square().mean()))
+
+
+def test_sir_against_the_exact_prior_reaches_the_reference() -> None:
+    """SIR with K=4 views and the hybrid forward process, texturing a box toward one reference:
+    PSNR on held-out cameras rises from the blank texture's to well above it."""
+    torch.manual_seed(0)
+    mesh = box_mesh()
+    reference = pattern(128, 0.7)
+    prior = ExactPrior([Reference("a box", mesh, reference)], resolution=64)
+    held_out = orbit(mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
+    raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), held_out.mvp, 64)
+    uvs = torch.as_tensor(mesh.corner_uvs)
+    truth = render(lambda uv: sample_image(reference, uv), uvs, raster, 1.0)
+    cfg = SIRConfig(views=4, iterations=8, ddim_steps=10, guidance=1.0, recon_steps=15, init_recon_steps=30,
+                    lr=0.05, pad_texels=2)
+    texturer = SIRTexturer(mesh, prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
+    before = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    texturer.run()
+    after = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    print(f"SIR vs exact prior: held-out PSNR {before:.1f} dB → {after:.1f} dB")
+    assert after > before + 8 and after > 25, (before, after)
