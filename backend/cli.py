@@ -18,7 +18,7 @@ from . import protocol
 from .events import TextureEvents
 from .jobs import JobError, ModelCache, TextureRequest, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
-from .presets import PRESETS
+from .presets import METHODS, PRESETS
 from .prior import ModelError
 
 
@@ -68,7 +68,8 @@ def texture_command(args: argparse.Namespace) -> int:
     try:
         request = TextureRequest.from_fields({
             "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model, "seed": args.seed,
-            "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "preset": args.preset,
+            "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "method": args.method,
+            "preset": args.preset,
             "offline": args.offline})
         mesh, _ = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
@@ -104,9 +105,12 @@ def main(argv: list[str] | None = None) -> int:
     tex.add_argument("--seed", type=int, default=0)
     tex.add_argument("--size", type=int, default=1024,
                      help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
-    tex.add_argument("--steps", type=int, default=None, help="SIR iterations (default: the preset's)")
+    tex.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
     tex.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
-    tex.add_argument("--preset", choices=sorted(PRESETS), default=None)
+    tex.add_argument("--method", choices=METHODS, default="sir",
+                     help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
+    tex.add_argument("--preset", choices=sorted({p for presets in PRESETS.values() for p in presets}), default=None,
+                     help="default: pipeline-check for the tiny model, quality otherwise")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
     tex.add_argument("--offline", action="store_true", help="never contact the model hub")
     tex.add_argument("--out", required=True, help="output folder")

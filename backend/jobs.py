@@ -10,7 +10,7 @@ import numpy as np
 from . import protocol
 from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
-from .presets import default_preset, resolve
+from .presets import METHODS, default_preset, resolve
 from .prior import Prior, load_prior
 
 
@@ -31,6 +31,7 @@ class TextureRequest:
     texture_size: int = 1024
     steps: int | None = None        # SIR iterations; None keeps the preset's
     guidance: float | None = None   # None keeps the preset's
+    method: str = "sir"
     preset: str | None = None
     offline: bool = False
 
@@ -56,17 +57,20 @@ class TextureRequest:
         seed = f.get("seed", 0)
         if not isinstance(seed, int) or seed < 0:
             raise bad(f"seed {seed!r} must be a whole number ≥ 0")
+        method = f.get("method") or "sir"
+        if method not in METHODS:
+            raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         model = f.get("model") or "tiny"
         if not isinstance(model, str):
             raise bad("model must be a name, folder or file path")
         return cls(prompt=prompt.strip(), negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
-                   guidance=None if guidance is None else float(guidance),
+                   guidance=None if guidance is None else float(guidance), method=method,
                    preset=f.get("preset"), offline=bool(f.get("offline", False)))
 
     def config(self):
         try:
-            return resolve(self.preset or default_preset(self.model),
+            return resolve(self.method, self.preset or default_preset(self.model),
                            {"iterations": self.steps, "guidance": self.guidance})
         except ValueError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
@@ -121,7 +125,8 @@ def mesh_from_message(msg: protocol.Message) -> Mesh:
 
 
 def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache):
-    """Validate, unwrap if needed, load the prior, run SIR; returns the final (3, S, S) texture."""
+    """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S) texture."""
+    from .distill import DistillTexturer
     from .sir import SIRTexturer
 
     cfg = request.config()
@@ -135,6 +140,7 @@ def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, 
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                    "this texture tests the pipeline and is not art")
-    texturer = SIRTexturer(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
-                           request.seed, events)
+    method = SIRTexturer if request.method == "sir" else DistillTexturer
+    texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
+                      request.seed, events)
     return texturer.run()

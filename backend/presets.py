@@ -1,7 +1,7 @@
-"""Every schedule and hyperparameter of SIR texturing, in one place, as named presets.
+"""Every schedule and hyperparameter of the texturing methods, in one place, as named presets.
 
-Callers pick a preset by name and override single fields (the panel's Steps and Guidance map to
-``iterations`` and ``guidance``); nothing else in the project hard-codes a schedule.
+Callers pick a method and a preset by name and override single fields (the panel's Steps and
+Guidance map to ``iterations`` and ``guidance``); nothing else in the project hard-codes a schedule.
 """
 
 from __future__ import annotations
@@ -34,13 +34,48 @@ class SIRConfig:
         return self.init_recon_steps + self.iterations * self.recon_steps
 
 
-PRESETS: dict[str, SIRConfig] = {
-    # MicroDreamer's mesh-texture refinement settings scaled to texturing from blank: 8 views,
-    # 10-step DDIM, annealed t2, hybrid forward process, 15 updates per iteration. Views render at
-    # the prior's own resolution.
-    "quality": SIRConfig(),
-    # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
-    "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
+@dataclass(frozen=True)
+class DistillConfig:
+    """SDS and SSD: one noisy render per view per step, no denoising chain; thousands of NFEs."""
+
+    estimator: str = "sds"          # "sds" or "ssd"
+    views: int = 4                  # views per step, azimuths evenly spaced from a random offset
+    elevations: tuple[float, ...] = (20.0, -10.0, 45.0)
+    iterations: int = 500           # optimisation steps (each costs one CFG pair per view)
+    t_min: float = 0.02             # t ~ U[t_min, t_max]·T ...
+    t_max: float = 0.98
+    anneal: bool = False            # ... or annealed linearly from t_max to t_min
+    guidance: float = 100.0         # SDS needs a large CFG scale; SSD works at 7.5
+    weighting: str = "sds"          # w(t): "sds" (1 − ᾱ), "uniform", "snr_sqrt"
+    tau: int = 200                  # SSD's switch between its two branches
+    lr: float = 0.02                # Adam on the texture pyramid's logits
+    background: float = 1.0
+    pad_texels: int = 8
+    stream_every: int = 10
+
+    def total_work(self) -> int:
+        return self.iterations
+
+
+METHODS = ("sir", "sds", "ssd")
+
+PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
+    "sir": {
+        # MicroDreamer's mesh-texture refinement settings scaled to texturing from blank: 8 views,
+        # 10-step DDIM, annealed t2, hybrid forward process, 15 updates per iteration. Views render
+        # at the prior's own resolution.
+        "quality": SIRConfig(),
+        # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
+        "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
+    },
+    "sds": {
+        "quality": DistillConfig(estimator="sds", guidance=100.0, iterations=1000),
+        "pipeline-check": DistillConfig(estimator="sds", guidance=100.0, iterations=20, views=2, stream_every=5),
+    },
+    "ssd": {
+        "quality": DistillConfig(estimator="ssd", guidance=7.5, iterations=1000),
+        "pipeline-check": DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2, stream_every=5),
+    },
 }
 
 
@@ -48,12 +83,15 @@ def default_preset(model: str) -> str:
     return "pipeline-check" if model == "tiny" else "quality"
 
 
-def resolve(preset: str, overrides: dict[str, Any]) -> SIRConfig:
-    """A preset with overrides applied; unknown names fail loudly rather than being ignored."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(SIRConfig)}
+def resolve(method: str, preset: str, overrides: dict[str, Any]) -> SIRConfig | DistillConfig:
+    """A method's preset with overrides applied; unknown names fail loudly rather than being ignored."""
+    if method not in PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if preset not in PRESETS[method]:
+        raise ValueError(f"unknown preset {preset!r} for {method}; choose one of {sorted(PRESETS[method])}")
+    base = PRESETS[method][preset]
+    known = {f.name for f in fields(base)}
     unknown = set(overrides) - known
     if unknown:
-        raise ValueError(f"unknown SIR setting(s) {sorted(unknown)}; known: {sorted(known)}")
-    return replace(PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None})
+        raise ValueError(f"unknown {method} setting(s) {sorted(unknown)}; known: {sorted(known)}")
+    return replace(base, **{k: v for k, v in overrides.items() if v is not None})

@@ -8,19 +8,13 @@ texture updates: that is where SIR's speed over SDS comes from.
 
 from __future__ import annotations
 
-import time
-
-import numpy as np
 import torch
 
 from . import diffusion
-from .cameras import orbit, ring
-from .events import Cancelled, TextureEvents
-from .mesh import Mesh
 from .presets import SIRConfig
-from .prior import Prior, Views
-from .raster import rasterize_views
-from .texture import PyramidTexture, image_mask, pad_islands, render, to_rgba8, uv_coverage
+from .prior import Views
+from .texture import image_mask
+from .texturing import MeshTexturer
 
 
 def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
@@ -31,51 +25,21 @@ def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
             for i in range(cfg.iterations)]
 
 
-class SIRTexturer:
-    def __init__(self, mesh: Mesh, prior: Prior, cfg: SIRConfig, texture_size: int,
-                 prompt: str, negative: str, seed: int, events: TextureEvents) -> None:
-        if mesh.corner_uvs is None:
-            raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
-        self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events
-        self.device = prior.device
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
-        self.rng = np.random.default_rng(seed)
-        self.embeds = prior.encode_prompt(prompt, negative)
-        self.positions = torch.as_tensor(mesh.positions, device=self.device)
-        self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
-        self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
-        self.texture = PyramidTexture(texture_size, self.device)
-        self.schedule = prior.schedule
-        self.done = 0
-        self.total = cfg.total_work()
-        self.last_sent = 0.0
+class SIRTexturer(MeshTexturer):
+    cfg: SIRConfig
 
-    def run(self) -> torch.Tensor:
-        """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
-        cfg = self.cfg
+    def optimise(self) -> None:
         T = self.schedule.num_train_timesteps
-        self._iteration(float(T), cfg.init_recon_steps)  # views sampled from pure noise
-        for t2 in t2_schedule(cfg, T):
-            self._iteration(t2, cfg.recon_steps)
-        final = pad_islands(self.texture.compose(), uv_coverage(self.corner_uvs, self.texture.size),
-                            cfg.pad_texels)
-        self.events.texture(to_rgba8(final), final=True)
-        return final
-
-    def _check_cancel(self) -> None:
-        if self.events.cancelled():
-            raise Cancelled()
+        self._iteration(float(T), self.cfg.init_recon_steps)  # views sampled from pure noise
+        for t2 in t2_schedule(self.cfg, T):
+            self._iteration(t2, self.cfg.recon_steps)
 
     def _iteration(self, t2: float, steps: int) -> None:
-        cfg = self.cfg
-        az, el = ring(cfg.views, float(self.rng.uniform(0, 360)), cfg.elevations)
-        cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
-        raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
+        cams, raster = self.cameras(self.cfg.views)
         mask = image_mask(raster).float()
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
-            views = render(self.texture.sample, self.corner_uvs, raster, cfg.background)
-            target = self._denoise(views, t2, Views(cams))
+            target = self._denoise(self.render(raster), t2, Views(cams))
         self._reconstruct(raster, target, mask, steps)
 
     def _denoise(self, views: torch.Tensor, t2: float, conditioning: Views) -> torch.Tensor:
@@ -107,27 +71,14 @@ class SIRTexturer:
         return prior.decode(x)
 
     def _reconstruct(self, raster, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
-        cfg = self.cfg
-        optimiser = torch.optim.Adam(self.texture.parameters(), lr=cfg.lr)
+        optimiser = torch.optim.Adam(self.texture.parameters(), lr=self.cfg.lr)
         denom = mask.sum().clamp_min(1) * 3
         for _ in range(steps):
-            self._check_cancel()
-            pred = render(self.texture.sample, self.corner_uvs, raster, cfg.background)
-            diff = (pred - target) * mask
-            loss = (diff.abs().sum() if cfg.loss == "l1" else diff.square().sum()) / denom
+            self.check_cancel()
+            diff = (self.render(raster) - target) * mask
+            loss = (diff.abs().sum() if self.cfg.loss == "l1" else diff.square().sum()) / denom
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
-            self.done += 1
-            if self.done % cfg.stream_every == 0:
-                self._stream()
+            self.step_done()
         self.events.progress(self.done, self.total, "reconstructing texture")
-
-    def _stream(self) -> None:
-        """Send the texture now and then; at most four times a second, so big textures never
-        make streaming the bottleneck."""
-        now = time.monotonic()
-        if now - self.last_sent < 0.25:
-            return
-        self.last_sent = now
-        self.events.texture(to_rgba8(self.texture.compose()), final=False)

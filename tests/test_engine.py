@@ -72,10 +72,13 @@ def test_unwrap_gives_per_loop_uvs_that_reproduce_the_corners() -> None:
 
 
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
-    cfg = resolve("quality", {"iterations": 3, "guidance": None})
-    assert cfg.iterations == 3 and cfg.guidance == PRESETS["quality"].guidance
-    with pytest.raises(ValueError, match="unknown SIR setting"):
-        resolve("quality", {"iteration": 3})
+    cfg = resolve("sir", "quality", {"iterations": 3, "guidance": None})
+    assert cfg.iterations == 3 and cfg.guidance == PRESETS["sir"]["quality"].guidance
+    with pytest.raises(ValueError, match="unknown sir setting"):
+        resolve("sir", "quality", {"iteration": 3})
+    with pytest.raises(ValueError, match="unknown method"):
+        resolve("dreamfusion", "quality", {})
+    assert resolve("ssd", "quality", {}).guidance == 7.5 and resolve("sds", "quality", {}).guidance == 100.0
     schedule = t2_schedule(cfg, 1000)
     assert schedule[0] == pytest.approx(cfg.t_start * 1000) and schedule[-1] == pytest.approx(cfg.t_end * 1000)
     assert schedule == sorted(schedule, reverse=True)

@@ -1,0 +1,73 @@
+"""What every texturing method shares: the mesh on the device, the texture, camera rings,
+rendering, streaming, cancelling and the padded final texture. Methods add only their loop."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from .cameras import Cameras, orbit, ring
+from .events import Cancelled, TextureEvents
+from .mesh import Mesh
+from .prior import Prior
+from .raster import Raster, rasterize_views
+from .texture import PyramidTexture, pad_islands, render, to_rgba8, uv_coverage
+
+
+class MeshTexturer:
+    def __init__(self, mesh: Mesh, prior: Prior, cfg: Any, texture_size: int, prompt: str, negative: str,
+                 seed: int, events: TextureEvents) -> None:
+        if mesh.corner_uvs is None:
+            raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
+        self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events
+        self.device = prior.device
+        self.schedule = prior.schedule
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.rng = np.random.default_rng(seed)
+        self.embeds = prior.encode_prompt(prompt, negative)
+        self.positions = torch.as_tensor(mesh.positions, device=self.device)
+        self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
+        self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
+        self.texture = PyramidTexture(texture_size, self.device)
+        self.done = 0
+        self.total = cfg.total_work()
+        self.last_sent = 0.0
+
+    def run(self) -> torch.Tensor:
+        """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
+        self.optimise()
+        final = pad_islands(self.texture.compose(), uv_coverage(self.corner_uvs, self.texture.size),
+                            self.cfg.pad_texels)
+        self.events.texture(to_rgba8(final), final=True)
+        return final
+
+    def optimise(self) -> None:
+        raise NotImplementedError
+
+    def check_cancel(self) -> None:
+        if self.events.cancelled():
+            raise Cancelled()
+
+    def cameras(self, count: int) -> tuple[Cameras, Raster]:
+        """``count`` cameras evenly spaced in azimuth from a random offset, and their raster."""
+        az, el = ring(count, float(self.rng.uniform(0, 360)), self.cfg.elevations)
+        cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
+        return cams, rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
+
+    def render(self, raster: Raster) -> torch.Tensor:
+        return render(self.texture.sample, self.corner_uvs, raster, self.cfg.background)
+
+    def step_done(self) -> None:
+        """Count one texture update; stream the texture now and then, at most four times a
+        second, so big textures never make streaming the bottleneck."""
+        self.done += 1
+        if self.done % self.cfg.stream_every:
+            return
+        now = time.monotonic()
+        if now - self.last_sent < 0.25:
+            return
+        self.last_sent = now
+        self.events.texture(to_rgba8(self.texture.compose()), final=False)
