@@ -23,6 +23,7 @@ class KILN_PT_main(bpy.types.Panel):
         col.prop(settings, "prompt")
         col.prop(settings, "negative_prompt")
         col.prop(settings, "model")
+        col.prop(settings, "method", expand=True)
         if settings.model.strip() == "tiny":
             col.label(text="Tiny model: a pipeline check, not art", icon="INFO")
         row = col.row(align=True)

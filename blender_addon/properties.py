@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import FloatProperty, IntProperty, StringProperty
+from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from .backend import protocol
 
@@ -38,10 +38,15 @@ class KilnSettings(bpy.types.PropertyGroup):
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")
-    steps: IntProperty(name="Steps", default=12, min=1, max=200,
-                       description="SIR iterations: each denoises the views and refits the texture")
-    guidance: FloatProperty(name="Guidance", default=7.5, min=0.0, max=100.0,
-                            description="Classifier-free guidance: higher follows the prompt more closely")
+    method: EnumProperty(name="Method", default="sir", items=[
+        ("sir", "SIR", "Few-step iterative reconstruction (MicroDreamer): fast, the default"),
+        ("sds", "SDS", "Score distillation (DreamFusion): thousands of steps, needs high guidance"),
+        ("ssd", "SSD", "Stable score distillation: like SDS, but works at low guidance")])
+    steps: IntProperty(name="Steps", default=0, min=0, max=5000,
+                       description="Iterations of the method; 0 uses the method's preset")
+    guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=200.0,
+                            description="Classifier-free guidance; 0 uses the method's preset "
+                                        "(SIR and SSD 7.5, SDS 100)")
 
 
 CLASSES = (KilnPreferences, KilnSettings)

@@ -120,8 +120,8 @@ def read_settings(settings: Any) -> dict[str, Any]:
     if not settings.model.strip():
         raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
     return {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
-            "seed": int(settings.seed), "texture_size": int(settings.texture_size), "steps": int(settings.steps),
-            "guidance": float(settings.guidance)}
+            "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
+            "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
 
 
 class TextureSession:

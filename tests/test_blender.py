@@ -130,6 +130,7 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
     other = add_cube("Other")
     other.location.x = 3
     select(plain, other)
+    scene.method, scene.steps = "sds", 4  # every method runs from the operator
     bpy.ops.kiln.texture_selected()
     assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished", "finished"]
     assert [uv.name for uv in plain.data.uv_layers] == ["KilnUV"]
@@ -271,6 +272,9 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "textured Cube" in ok.stdout
     assert (tmp_path / "kiln_textures" / "Cube_seed0.png").is_file()
+    ssd = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "3",
+                    "--method", "ssd")
+    assert ssd.returncode == 0, ssd.stderr[-2000:]
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
 
