@@ -66,11 +66,14 @@ class ExactPrior:
         since a method asks for the same cameras at every timestep."""
         key = views.cameras.mvp.detach().cpu().numpy().tobytes()
         if key not in self._renders:
-            out = []
+            out, rasters = [], {}
             for ref in self.references:
-                positions = torch.as_tensor(ref.mesh.positions, device=self.device)
-                raster = rasterize_views(positions, torch.as_tensor(ref.mesh.triangles, device=self.device),
-                                         views.cameras.mvp.to(self.device), self.resolution)
+                if id(ref.mesh) not in rasters:  # texture variants share their mesh's raster
+                    positions = torch.as_tensor(ref.mesh.positions, device=self.device)
+                    rasters[id(ref.mesh)] = rasterize_views(
+                        positions, torch.as_tensor(ref.mesh.triangles, device=self.device),
+                        views.cameras.mvp.to(self.device), self.resolution)
+                raster = rasters[id(ref.mesh)]
                 uvs = torch.as_tensor(ref.mesh.corner_uvs, device=self.device)
                 texture = ref.texture.to(self.device)
                 out.append(self.encode(render(lambda uv, tex=texture: sample_image(tex, uv), uvs, raster,
