@@ -63,18 +63,39 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     return {"texture": str(png), "mesh": str(glb)}
 
 
+def refine_texture(args: argparse.Namespace, loaded: object):
+    """The texture to refine: --init-texture, else the mesh file's own base colour image."""
+    import torch
+    from PIL import Image
+
+    if args.init_texture:
+        try:
+            image = Image.open(args.init_texture)
+        except OSError as exc:
+            raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
+    else:
+        image = getattr(getattr(getattr(loaded, "visual", None), "material", None), "image", None)
+        if image is None:
+            image = getattr(getattr(getattr(loaded, "visual", None), "material", None), "baseColorTexture", None)
+        if image is None:
+            raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
+    rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # PNG rows top-down → bottom-up
+    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
 def texture_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         request = TextureRequest.from_fields({
             "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model, "seed": args.seed,
             "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "method": args.method,
-            "preset": args.preset,
+            "preset": args.preset, "strength": args.strength,
             "offline": args.offline})
-        mesh, _ = load_mesh_file(Path(args.mesh))
+        mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
+        init = refine_texture(args, loaded) if args.refine else None
         events = ConsoleEvents()
-        run_texture_job(request, mesh, events, ModelCache())
+        run_texture_job(request, mesh, events, ModelCache(), init)
         events.bar.close()
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
@@ -111,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                      help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
     tex.add_argument("--preset", choices=sorted({p for presets in PRESETS.values() for p in presets}), default=None,
                      help="default: pipeline-check for the tiny model, quality otherwise")
+    tex.add_argument("--refine", action="store_true",
+                     help="start from the mesh's existing texture (or --init-texture) instead of blank")
+    tex.add_argument("--init-texture", default=None, help="PNG/JPEG to refine, mapped through the mesh's UVs")
+    tex.add_argument("--strength", type=float, default=0.5,
+                     help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
     tex.add_argument("--offline", action="store_true", help="never contact the model hub")
     tex.add_argument("--out", required=True, help="output folder")

@@ -20,7 +20,8 @@ class DistillTexturer(MeshTexturer):
 
     def timestep(self, i: int) -> int:
         cfg, T = self.cfg, self.schedule.num_train_timesteps
-        lo, hi = cfg.t_min * T, cfg.t_max * T
+        lo = cfg.t_min * T
+        hi = max(lo, cfg.t_max * T * self.strength)  # refine mode: less noise, smaller changes
         if cfg.anneal:
             frac = i / max(cfg.iterations - 1, 1)
             return int(round(hi + (lo - hi) * frac))

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import protocol
 from .events import TextureEvents
@@ -34,6 +35,7 @@ class TextureRequest:
     method: str = "sir"
     preset: str | None = None
     offline: bool = False
+    strength: float = 0.5           # refine mode only: how far the result may move from the texture
 
     @classmethod
     def from_fields(cls, f: dict[str, Any]) -> "TextureRequest":
@@ -57,6 +59,9 @@ class TextureRequest:
         seed = f.get("seed", 0)
         if not isinstance(seed, int) or seed < 0:
             raise bad(f"seed {seed!r} must be a whole number ≥ 0")
+        strength = f.get("strength", 0.5)
+        if not isinstance(strength, (int, float)) or not 0.05 <= strength <= 1.0:
+            raise bad(f"strength {strength!r} is out of range: choose 0.05 (keep nearly all) to 1 (repaint)")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -65,12 +70,12 @@ class TextureRequest:
             raise bad("model must be a name, folder or file path")
         return cls(prompt=prompt.strip(), negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
-                   guidance=None if guidance is None else float(guidance), method=method,
+                   guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    preset=f.get("preset"), offline=bool(f.get("offline", False)))
 
-    def config(self):
+    def config(self, refine: bool = False):
         try:
-            return resolve(self.method, self.preset or default_preset(self.model),
+            return resolve(self.method, self.preset or default_preset(self.method, self.model, refine),
                            {"iterations": self.steps, "guidance": self.guidance})
         except ValueError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
@@ -124,13 +129,30 @@ def mesh_from_message(msg: protocol.Message) -> Mesh:
                 up_axis=str(msg.get("up_axis", "z")), name=str(msg.get("object", "mesh")))
 
 
-def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache):
-    """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S) texture."""
+def texture_from_message(msg: protocol.Message) -> torch.Tensor | None:
+    """The existing texture a refine job starts from: (H, W, 4) RGBA8 rows bottom-up on the wire,
+    (3, H, W) floats in [0, 1] here."""
+    blob = msg.arrays.get("init_texture")
+    if blob is None:
+        return None
+    if blob.dtype != "|u1" or len(blob.shape) != 3 or blob.shape[2] != 4 or min(blob.shape[:2]) < 1:
+        raise JobError(protocol.E_BAD_REQUEST, f"init_texture must be (H, W, 4) uint8, got {blob.shape} {blob.dtype}")
+    rgba = np.frombuffer(blob.data, np.uint8).reshape(blob.shape)
+    return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
+
+
+def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
+                    init_texture: torch.Tensor | None = None):
+    """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S)
+    texture. With ``init_texture`` the method refines it instead of starting blank."""
     from .distill import DistillTexturer
     from .sir import SIRTexturer
 
-    cfg = request.config()
+    cfg = request.config(refine=init_texture is not None)
     mesh.validate()
+    if init_texture is not None and mesh.corner_uvs is None:
+        raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
+                       "through: refining needs the UVs the texture was painted on")
     if mesh.corner_uvs is None:
         events.progress(0, cfg.total_work(), "unwrapping UVs (xatlas)")
         loop_uvs = unwrap(mesh)
@@ -142,5 +164,5 @@ def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, 
                    "this texture tests the pipeline and is not art")
     method = SIRTexturer if request.method == "sir" else DistillTexturer
     texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
-                      request.seed, events)
+                      request.seed, events, init_texture=init_texture, strength=request.strength)
     return texturer.run()

@@ -29,9 +29,10 @@ class SIRConfig:
     pad_texels: int = 8             # UV-island padding of the final texture
     stream_every: int = 5           # send a texture update every this many texture updates
 
-    def total_work(self) -> int:
-        """Progress units: one per texture update, so the bar moves evenly."""
-        return self.init_recon_steps + self.iterations * self.recon_steps
+    def total_work(self, refine: bool = False) -> int:
+        """Progress units: one per texture update, so the bar moves evenly. Refining an existing
+        texture skips the pass that samples views from pure noise."""
+        return (0 if refine else self.init_recon_steps) + self.iterations * self.recon_steps
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class DistillConfig:
     pad_texels: int = 8
     stream_every: int = 10
 
-    def total_work(self) -> int:
+    def total_work(self, refine: bool = False) -> int:
         return self.iterations
 
 
@@ -67,6 +68,9 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
         "quality": SIRConfig(),
         # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
         "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
+        # MicroDreamer's short refinement of an existing texture: noise only (no inversion) to
+        # t ≈ 0.36·T·strength — 180 at the default strength 0.5 — 10 DDIM steps at η 0, 3×15 updates.
+        "refine": SIRConfig(iterations=3, t_start=0.36, t_end=0.36, t1_ratio=1.0, recon_steps=15, lr=0.05),
     },
     "sds": {
         "quality": DistillConfig(estimator="sds", guidance=100.0, iterations=1000),
@@ -79,8 +83,11 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
 }
 
 
-def default_preset(model: str) -> str:
-    return "pipeline-check" if model == "tiny" else "quality"
+def default_preset(method: str, model: str, refine: bool = False) -> str:
+    """The tiny model gets toy sizes; refining with SIR gets MicroDreamer's short refinement."""
+    if model == "tiny":
+        return "pipeline-check"
+    return "refine" if refine and "refine" in PRESETS[method] else "quality"
 
 
 def resolve(method: str, preset: str, overrides: dict[str, Any]) -> SIRConfig | DistillConfig:

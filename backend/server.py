@@ -26,7 +26,7 @@ import numpy as np
 
 from . import protocol
 from .events import Cancelled, TextureEvents
-from .jobs import JobError, ModelCache, TextureRequest, mesh_from_message, run_texture_job
+from .jobs import JobError, ModelCache, TextureRequest, mesh_from_message, run_texture_job, texture_from_message
 from .mesh import MeshError
 
 log = logging.getLogger("kiln.server")
@@ -105,6 +105,7 @@ class Job:
     conn: "Connection"
     request: TextureRequest
     mesh: Any
+    init_texture: Any
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -225,11 +226,12 @@ class Connection:
         try:
             request = TextureRequest.from_fields(msg.fields)
             mesh = mesh_from_message(msg)
+            init_texture = texture_from_message(msg)
         except (JobError, MeshError) as exc:
             self.outbox.put(protocol.ERROR, {"job": job_id, "tag": msg.get("tag"),
                                              "code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
             return
-        job = Job(job_id, self, request, mesh)
+        job = Job(job_id, self, request, mesh, init_texture)
         self.jobs[job_id] = job
         ahead = self.server.jobs.qsize() + int(self.server.running is not None)
         self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"), "queue_position": ahead})
@@ -290,7 +292,7 @@ class Server:
             return
         from .prior import ModelError
         try:
-            run_texture_job(job.request, job.mesh, JobEvents(job), self.models)
+            run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
         except Cancelled:

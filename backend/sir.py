@@ -30,9 +30,10 @@ class SIRTexturer(MeshTexturer):
 
     def optimise(self) -> None:
         T = self.schedule.num_train_timesteps
-        self._iteration(float(T), self.cfg.init_recon_steps)  # views sampled from pure noise
+        if not self.refine:
+            self._iteration(float(T), self.cfg.init_recon_steps)  # views sampled from pure noise
         for t2 in t2_schedule(self.cfg, T):
-            self._iteration(t2, self.cfg.recon_steps)
+            self._iteration(t2 * self.strength, self.cfg.recon_steps)
 
     def _iteration(self, t2: float, steps: int) -> None:
         cams, raster = self.cameras(self.cfg.views)

@@ -33,7 +33,9 @@ class PyramidTexture(torch.nn.Module):
             [torch.nn.Parameter(torch.zeros(1, 3, s, s, device=device)) for s in sizes])
         if init is not None:  # start from an existing texture (refine mode): all detail in level 0
             with torch.no_grad():
-                self.levels[0].copy_(torch.logit(init.clamp(1e-3, 1 - 1e-3)).to(device)[None])
+                resized = F.interpolate(init[None].float().to(device), size=(size, size), mode="bilinear",
+                                        antialias=True, align_corners=False)
+                self.levels[0].copy_(torch.logit(resized.clamp(1e-3, 1 - 1e-3)))
 
     def sample(self, uv: torch.Tensor) -> torch.Tensor:
         """Colours at UVs of shape (N, 2) → (N, 3), differentiable in every level."""

@@ -19,7 +19,11 @@ from .texture import PyramidTexture, pad_islands, render, to_rgba8, uv_coverage
 
 class MeshTexturer:
     def __init__(self, mesh: Mesh, prior: Prior, cfg: Any, texture_size: int, prompt: str, negative: str,
-                 seed: int, events: TextureEvents) -> None:
+                 seed: int, events: TextureEvents, init_texture: torch.Tensor | None = None,
+                 strength: float = 1.0) -> None:
+        """``init_texture`` (3, H, W) in [0, 1], rows bottom-up, turns on refine mode: the method
+        starts from it, and ``strength`` in (0, 1] scales how much noise it may add (how far
+        the result may move from it)."""
         if mesh.corner_uvs is None:
             raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
         self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events
@@ -31,9 +35,11 @@ class MeshTexturer:
         self.positions = torch.as_tensor(mesh.positions, device=self.device)
         self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
         self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
-        self.texture = PyramidTexture(texture_size, self.device)
+        self.texture = PyramidTexture(texture_size, self.device, init=init_texture)
+        self.refine = init_texture is not None
+        self.strength = strength if self.refine else 1.0
         self.done = 0
-        self.total = cfg.total_work()
+        self.total = cfg.total_work(self.refine)
         self.last_sent = 0.0
 
     def run(self) -> torch.Tensor:

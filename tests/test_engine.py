@@ -161,3 +161,18 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = run_cli("texture", str(VASE), "--prompt", "x", "--size", "100", "--out", str(tmp_path))
     assert result.returncode == 2 and "out of range" in result.stderr
+
+
+def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
+    first = run_cli("texture", str(VASE), "--prompt", "a vase", "--size", "512", "--steps", "1", "--out",
+                    str(tmp_path / "a"))
+    assert first.returncode == 0, first.stderr
+    glb = tmp_path / "a" / "vase.glb"
+    again = run_cli("texture", str(glb), "--prompt", "a vase", "--size", "512", "--steps", "1", "--refine",
+                    "--strength", "0.2", "--out", str(tmp_path / "b"))
+    assert again.returncode == 0, again.stderr
+    assert (tmp_path / "b" / "vase_texture.png").is_file()
+    none = run_cli("texture", str(VASE), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "c"))
+    assert none.returncode == 2 and "no texture to refine" in none.stderr
+    bad = run_cli("texture", str(glb), "--prompt", "a vase", "--refine", "--strength", "3", "--out", str(tmp_path))
+    assert bad.returncode == 2 and "strength 3.0 is out of range" in bad.stderr

@@ -119,3 +119,29 @@ def test_score_distillation_against_the_exact_prior_raises_psnr(estimator: str, 
     after = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
     print(f"{estimator} vs exact prior: held-out PSNR {before:.1f} dB → {after:.1f} dB")
     assert after > before + 3, (before, after)
+
+
+@pytest.mark.parametrize("method", ["sir", "sds"])
+def test_refine_starts_from_the_given_texture_and_keeps_a_good_one(method: str) -> None:
+    from backend.distill import DistillTexturer
+    from backend.presets import PRESETS, DistillConfig
+
+    mesh = box_mesh()
+    reference = pattern(128, 0.7)
+    prior = ExactPrior([Reference("a box", mesh, reference), Reference("a crate", mesh, pattern(128, 2.5))],
+                       resolution=64)
+    held_out = orbit(mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
+    raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), held_out.mvp, 64)
+    uvs = torch.as_tensor(mesh.corner_uvs)
+    truth = render(lambda uv: sample_image(reference, uv), uvs, raster, 1.0)
+    if method == "sir":
+        cls, cfg = SIRTexturer, PRESETS["sir"]["refine"]
+    else:
+        cls, cfg = DistillTexturer, DistillConfig(estimator="sds", guidance=7.5, iterations=40, lr=0.01)
+    texturer = cls(mesh, prior, cfg, 128, "a box", "", seed=0, events=TextureEvents(), init_texture=reference,
+                   strength=0.3)
+    assert texturer.total == cfg.total_work(refine=True)
+    start = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    texturer.run()
+    end = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    assert start > 40 and end > 30, (start, end)
