@@ -24,6 +24,11 @@ class KILN_PT_main(bpy.types.Panel):
         col.prop(settings, "negative_prompt")
         col.prop(settings, "model")
         col.prop(settings, "method", expand=True)
+        row = col.row(align=True)
+        row.prop(settings, "refine")
+        sub = row.row(align=True)
+        sub.active = settings.refine
+        sub.prop(settings, "strength", slider=True)
         if settings.model.strip() == "tiny":
             col.label(text="Tiny model: a pipeline check, not art", icon="INFO")
         row = col.row(align=True)

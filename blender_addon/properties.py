@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from .backend import protocol
 
@@ -42,6 +42,11 @@ class KilnSettings(bpy.types.PropertyGroup):
         ("sir", "SIR", "Few-step iterative reconstruction (MicroDreamer): fast, the default"),
         ("sds", "SDS", "Score distillation (DreamFusion): thousands of steps, needs high guidance"),
         ("ssd", "SSD", "Stable score distillation: like SDS, but works at low guidance")])
+    refine: BoolProperty(name="Refine Existing Texture", default=False,
+                         description="Start from the image on the material's Base Color instead of blank; "
+                                     "the original material is kept")
+    strength: FloatProperty(name="Strength", default=0.5, min=0.05, max=1.0,
+                            description="How far the result may move from the existing texture")
     steps: IntProperty(name="Steps", default=0, min=0, max=5000,
                        description="Iterations of the method; 0 uses the method's preset")
     guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=200.0,

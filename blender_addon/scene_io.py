@@ -40,9 +40,45 @@ def check_object(obj: Any) -> None:
                          "reduce it first (Decimate modifier, then Apply)")
 
 
-def mesh_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+def existing_texture(obj: Any) -> tuple[Any, str] | None:
+    """The image feeding the Base Color of the object's first material that has one, and the UV
+    map it is read through (its UV Map node's, else the mesh's render UV map)."""
+    for slot in obj.material_slots:
+        mat = slot.material
+        if mat is None or mat.node_tree is None:
+            continue
+        for node in mat.node_tree.nodes:
+            if node.type != "BSDF_PRINCIPLED" or not node.inputs["Base Color"].links:
+                continue
+            source = node.inputs["Base Color"].links[0].from_node
+            if source.type != "TEX_IMAGE" or source.image is None or 0 in tuple(source.image.size):
+                continue  # no image, or one whose file is missing
+            vector = source.inputs["Vector"].links
+            if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
+                uv_map = vector[0].from_node.uv_map
+            else:
+                uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
+            if uv_map in obj.data.uv_layers:
+                return source.image, uv_map
+    return None
+
+
+def image_rgba8(image: Any) -> np.ndarray:
+    """An image's pixels as (H, W, 4) uint8, rows bottom-up, display-referred (sRGB): float
+    images hold linear values and get the sRGB transfer curve first."""
+    w, h = image.size
+    px = np.empty(w * h * 4, np.float32)
+    image.pixels.foreach_get(px)
+    px = px.reshape(h, w, 4)
+    if image.is_float:
+        rgb = np.clip(px[..., :3], 0, 1)
+        px[..., :3] = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * rgb ** (1 / 2.4) - 0.055)
+    return (np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object: world-space positions, loop triangles, their
-    loops, and the active UV map's per-loop UVs if it has one."""
+    loops, and the per-loop UVs of ``uv_map`` (default: the active UV map) if it has one."""
     check_object(obj)
     mesh = obj.data
     co = np.empty(len(mesh.vertices) * 3, np.float32)
@@ -64,7 +100,7 @@ def mesh_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
         "triangles": protocol.array("<i4", (tri_count, 3), tris.astype("<i4")),
         "tri_loops": protocol.array("<i4", (tri_count, 3), loops.astype("<i4")),
     }
-    uv_layer = mesh.uv_layers.active
+    uv_layer = mesh.uv_layers[uv_map] if uv_map else mesh.uv_layers.active
     if uv_layer is not None:
         uv = np.empty(len(mesh.loops) * 2, "<f4")
         uv_layer.data.foreach_get("uv", uv)

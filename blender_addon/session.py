@@ -19,7 +19,16 @@ import numpy as np
 from .backend import protocol
 from .backend_process import BackendError, BackendProcess, find_python
 from .client import Client, Disconnected
-from .scene_io import LiveTexture, SceneError, add_uv_map, finish_texture, mesh_arrays, start_live_texture
+from .scene_io import (
+    LiveTexture,
+    SceneError,
+    add_uv_map,
+    existing_texture,
+    finish_texture,
+    image_rgba8,
+    mesh_arrays,
+    start_live_texture,
+)
 
 
 class BackendManager:
@@ -119,9 +128,27 @@ def read_settings(settings: Any) -> dict[str, Any]:
                          f"{protocol.MIN_TEXTURE_SIZE} to {protocol.MAX_TEXTURE_SIZE} pixels")
     if not settings.model.strip():
         raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
-    return {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
-            "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
-            "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
+    fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
+              "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
+              "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
+    if settings.refine:
+        fields["strength"] = float(settings.strength)
+    return fields
+
+
+def target_for(obj: Any, refine: bool) -> Target:
+    """What to send for one object; in refine mode its current texture and that texture's UVs."""
+    if not refine:
+        return Target(obj.name, *mesh_arrays(obj))
+    found = existing_texture(obj)
+    if found is None:
+        raise SceneError(f"{obj.name!r} has no image texture feeding its material's Base Color, so there is "
+                         "nothing to refine: untick Refine Existing Texture, or connect an image")
+    image, uv_map = found
+    fields, arrays = mesh_arrays(obj, uv_map)
+    rgba = image_rgba8(image)
+    arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
+    return Target(obj.name, fields, arrays)
 
 
 class TextureSession:
@@ -131,7 +158,7 @@ class TextureSession:
         self.job_fields = dict(job_fields)
         self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
         self.python_preference = python_preference
-        self.targets = [Target(obj.name, *mesh_arrays(obj)) for obj in objects]
+        self.targets = [target_for(obj, "strength" in job_fields) for obj in objects]
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.client: Client | None = None
         self.cancel_requested = False

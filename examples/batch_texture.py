@@ -18,6 +18,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
     parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
+    parser.add_argument("--strength", type=float, default=0.5, help="refine only: 0.05 keeps, 1 repaints")
     parser.add_argument("--size", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
@@ -47,7 +49,7 @@ def main() -> int:
         bpy.context.preferences.addons[package].preferences.python_path = args.backend_python
     settings = bpy.context.scene.kiln
     settings.prompt, settings.negative_prompt, settings.seed = args.prompt, args.negative, args.seed
-    settings.method = args.method
+    settings.method, settings.refine, settings.strength = args.method, args.refine, args.strength
     if args.size < 512 or args.size > 4096:
         print(f"batch_texture.py: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
         return 1

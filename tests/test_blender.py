@@ -303,3 +303,43 @@ def test_mesh_edited_during_the_job_fails_cleanly(kiln, scene) -> None:
     assert "was edited while Kiln worked" in session.failure
     assert [uv.name for uv in obj.data.uv_layers] == []
     assert obj.material_slots[0].material.name == "Artist Cube"
+
+
+def link_artist_image(obj) -> np.ndarray:
+    """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
+    mat = obj.material_slots[0].material
+    nodes = mat.node_tree.nodes
+    tex = next(n for n in nodes if n.type == "TEX_IMAGE")
+    bsdf = next(n for n in nodes if n.type == "BSDF_PRINCIPLED")
+    mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    px = np.linspace(0, 1, 8 * 8 * 4, dtype=np.float32)
+    px[3::4] = 1.0
+    tex.image.pixels.foreach_set(px)
+    return px
+
+
+def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> None:
+    obj = add_cube()
+    obj.data.uv_layers.new(name="Second")  # the image is read through the render UV map, not this one
+    obj.data.uv_layers.active = obj.data.uv_layers["Second"]
+    px = link_artist_image(obj)
+    scene.refine, scene.strength = True, 0.2
+    session = run_session(kiln, [obj], steps=1)
+    sent = session.targets[0].arrays["init_texture"]
+    assert sent.shape == (8, 8, 4)
+    assert np.array_equal(np.frombuffer(sent.data, np.uint8), (px * 255 + 0.5).astype(np.uint8))
+    assert session.targets[0].fields["uv_map"] == "UVMap" and session.job_fields["strength"] == pytest.approx(0.2)
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
+    uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
+    assert uv_node.uv_map == "UVMap"
+    assert bpy.data.materials["Artist Cube"].use_fake_user  # the original stays
+
+
+def test_refine_without_a_texture_says_so(kiln, scene) -> None:
+    obj = add_cube()  # its image is not wired into Base Color
+    select(obj)
+    scene.refine = True
+    with pytest.raises(RuntimeError, match="nothing to refine"):
+        bpy.ops.kiln.texture_selected()
+    assert obj.material_slots[0].material.name == "Artist Cube"
