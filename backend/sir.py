@@ -30,13 +30,13 @@ class SIRTexturer(MeshTexturer):
 
     def optimise(self) -> None:
         T = self.schedule.num_train_timesteps
-        if not self.refine:
-            self._iteration(float(T), self.cfg.init_recon_steps)  # views sampled from pure noise
+        if not self.refine:  # views sampled from pure noise
+            self._iteration(float(T), self.cfg.init_recon_steps, self.cfg.init_views or self.cfg.views)
         for t2 in t2_schedule(self.cfg, T):
-            self._iteration(t2 * self.strength, self.cfg.recon_steps)
+            self._iteration(t2 * self.strength, self.cfg.recon_steps, self.cfg.views)
 
-    def _iteration(self, t2: float, steps: int) -> None:
-        cams, raster = self.cameras(self.cfg.views)
+    def _iteration(self, t2: float, steps: int, views: int) -> None:
+        cams, raster = self.cameras(views)
         mask = image_mask(raster).float()
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():

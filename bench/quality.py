@@ -39,7 +39,7 @@ from backend.distill import DistillTexturer  # noqa: E402
 from backend.events import TextureEvents  # noqa: E402
 from backend.exact_prior import ExactPrior, Reference  # noqa: E402
 from backend.mesh import Mesh, load_mesh_file, unwrap  # noqa: E402
-from backend.presets import DistillConfig, SIRConfig  # noqa: E402
+from backend.presets import PRESETS, DistillConfig, SIRConfig  # noqa: E402
 from backend.raster import Raster, interpolate, rasterize_views  # noqa: E402
 from backend.sir import SIRTexturer  # noqa: E402
 from backend.texture import render, sample_image, uv_coverage  # noqa: E402
@@ -245,13 +245,14 @@ class Run:
     views: torch.Tensor | None = None
 
 
-def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eval_every: int) -> Run:
-    torch.manual_seed(0)
+def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eval_every: int,
+        seed: int = 0) -> Run:
+    torch.manual_seed(seed)
     prior = CountingPrior(case.prior)
     scorer = Scorer(case)
     recorder = Recorder(scorer, prior, eval_every)
     cls = SIRTexturer if isinstance(cfg, SIRConfig) else DistillTexturer
-    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=0, events=recorder)
+    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder)
     rasters: list[Raster] = []
     original = texturer.cameras
 
@@ -311,10 +312,11 @@ def main() -> None:
     budget = 400 if args.quick else args.budget
     views = 4
     distill_steps = budget // (2 * views)
-    sir = SIRConfig(views=views, iterations=8, ddim_steps=10, guidance=7.5, recon_steps=15, init_recon_steps=30,
-                    lr=0.05, pad_texels=4, stream_every=5)
-    sds = DistillConfig(estimator="sds", guidance=100.0, iterations=distill_steps, views=views, lr=0.03,
-                        pad_texels=4, stream_every=5)
+    # The shipped presets, scaled to the exact prior's 64² views: fewer views and iterations.
+    sir = replace(PRESETS["sir"]["quality"], views=views, iterations=8, init_recon_steps=30, pad_texels=4,
+                  stream_every=5)
+    sds = replace(PRESETS["sds"]["quality"], iterations=distill_steps, views=views, lr=0.03, pad_texels=4,
+                  stream_every=5)
     unimodal = {"crate": Case("crate", box_with_own_uvs(), [pattern(0.7, 0.1)])}
     if not args.quick:
         unimodal["vase"] = Case("vase", vase(), [pattern(1.3, 0.3)])
@@ -326,7 +328,8 @@ def main() -> None:
         plan += [(case, "SIR", sir), (case, "SDS cfg100", sds)]
     plan += [(multimodal, "SIR", sir), (multimodal, "SDS cfg100", sds),
              (multimodal, "SDS cfg7.5", replace(sds, guidance=7.5)),
-             (multimodal, "SSD cfg7.5", replace(sds, estimator="ssd", guidance=7.5))]
+             (multimodal, "SSD cfg7.5", replace(PRESETS["ssd"]["quality"], iterations=distill_steps, views=views,
+                                                lr=0.03, pad_texels=4, stream_every=5))]
     runs = []
     for case, label, cfg in plan:
         started = time.perf_counter()
