@@ -89,7 +89,7 @@ def texture_command(args: argparse.Namespace) -> int:
         request = TextureRequest.from_fields({
             "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model, "seed": args.seed,
             "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "method": args.method,
-            "preset": args.preset, "strength": args.strength,
+            "preset": args.preset, "strength": args.strength, "controlnet": args.controlnet,
             "offline": args.offline})
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
@@ -123,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     tex.add_argument("--model", default="tiny",
                      help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
                           "or a .safetensors file")
+    tex.add_argument("--controlnet", default=None,
+                     help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")
     tex.add_argument("--seed", type=int, default=0)
     tex.add_argument("--size", type=int, default=1024,
                      help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")

@@ -11,7 +11,6 @@ import torch
 
 from . import estimators
 from .presets import DistillConfig
-from .prior import Views
 from .texturing import MeshTexturer
 
 
@@ -33,13 +32,13 @@ class DistillTexturer(MeshTexturer):
         optimiser = torch.optim.Adam(self.texture.parameters(), lr=cfg.lr)
         for i in range(cfg.iterations):
             self.check_cancel()
-            cams, raster = self.cameras(cfg.views)
+            conditioning, raster = self.cameras(cfg.views)
             x = self.prior.encode(self.render(raster))
             t = self.timestep(i)
             noise = torch.randn(x.shape, generator=self.generator, device=self.device, dtype=x.dtype)
             with torch.no_grad():
                 x_t = self.schedule.add_noise(x.detach(), noise, t)
-                uncond, cond = self.prior.predict_eps(x_t, t, self.embeds, Views(cams))
+                uncond, cond = self.prior.predict_eps(x_t, t, self.embeds, conditioning)
                 if cfg.estimator == "ssd":
                     residual = estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
                 else:

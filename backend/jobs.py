@@ -36,6 +36,7 @@ class TextureRequest:
     preset: str | None = None
     offline: bool = False
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
+    controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
 
     @classmethod
     def from_fields(cls, f: dict[str, Any]) -> "TextureRequest":
@@ -71,6 +72,7 @@ class TextureRequest:
         return cls(prompt=prompt.strip(), negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
+                   controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
                    preset=f.get("preset"), offline=bool(f.get("offline", False)))
 
     def config(self, refine: bool = False):
@@ -85,16 +87,17 @@ class TextureRequest:
 class ModelCache:
     """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
 
-    priors: dict[str, Prior] = field(default_factory=dict)
+    priors: dict[tuple[str, str | None], Prior] = field(default_factory=dict)
 
-    def get(self, model: str, offline: bool) -> Prior:
-        if model not in self.priors:
+    def get(self, model: str, offline: bool, controlnet: str | None = None) -> Prior:
+        key = (model, controlnet)
+        if key not in self.priors:
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
-            self.priors[model] = load_prior(model, offline=offline)
-        return self.priors[model]
+            self.priors[key] = load_prior(model, offline=offline, controlnet=controlnet)
+        return self.priors[key]
 
     def unload(self) -> list[str]:
-        names = list(self.priors)
+        names = [model + (f" + {controlnet}" if controlnet else "") for model, controlnet in self.priors]
         self.priors.clear()
         import torch
         if torch.cuda.is_available():
@@ -158,7 +161,7 @@ def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, 
         loop_uvs = unwrap(mesh)
         events.uvs(loop_uvs, mesh.corner_uvs)
     events.progress(0, cfg.total_work(), f"loading model {request.model}")
-    prior = models.get(request.model, request.offline)
+    prior = models.get(request.model, request.offline, request.controlnet)
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                    "this texture tests the pipeline and is not art")

@@ -80,6 +80,13 @@ class LatentDiffusionPrior:
     device: torch.device
     dtype: torch.dtype
     pipeline_check: bool = False
+    controlnet: Any = None          # a depth ControlNet, if the user chose one
+    conditioning_scale: float = 1.0
+
+    @property
+    def wants_depth(self) -> bool:
+        """A depth ControlNet, or SD 2's depth-to-image UNet (latents + a depth channel)."""
+        return self.controlnet is not None or self.unet.config.in_channels == 5
 
     @property
     def latent_factor(self) -> int:
@@ -112,7 +119,21 @@ class LatentDiffusionPrior:
         k = x_t.shape[0]
         both = torch.cat([x_t, x_t]).to(self.dtype)
         embeds = torch.cat([prompt[0:1].expand(k, -1, -1), prompt[1:2].expand(k, -1, -1)])
-        out = self.unet(both, t, encoder_hidden_states=embeds).sample.float()
+        unet_input, extra = both, {}
+        if self.wants_depth:
+            if views is None or views.depth is None:
+                raise ValueError(f"{self.name} is depth-conditioned: the method must render depth maps")
+            depth = torch.cat([views.depth, views.depth]).to(self.device, self.dtype)
+            if self.unet.config.in_channels == 5:  # SD 2 depth: depth in [-1, 1] at latent size
+                small = torch.nn.functional.interpolate(depth, size=x_t.shape[-2:], mode="bicubic",
+                                                        align_corners=False)
+                unet_input = torch.cat([both, small * 2 - 1], 1)
+            if self.controlnet is not None:
+                down, mid = self.controlnet(both, t, encoder_hidden_states=embeds,
+                                            controlnet_cond=depth.expand(-1, 3, -1, -1),
+                                            conditioning_scale=self.conditioning_scale, return_dict=False)
+                extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        out = self.unet(unet_input, t, encoder_hidden_states=embeds, **extra).sample.float()
         if self.prediction_type == "v_prediction":
             a, s = self.schedule.coefficients(t)
             out = a * out + s * torch.cat([x_t, x_t]).float()
@@ -124,13 +145,45 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_prior(model: str, device: torch.device | None = None, offline: bool = False) -> Prior:
+def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
+               controlnet: str | None = None) -> Prior:
+    """``model``: 'tiny', a Hugging Face id, a diffusers folder or a single checkpoint file;
+    ``controlnet``: optionally a depth ControlNet given the same ways."""
     device = device or default_device()
+    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if model == TINY:
         from .tiny_model import build_tiny_prior
-        return build_tiny_prior(device)
+        prior = build_tiny_prior(device)
+    else:
+        prior = _load_stable_diffusion(model, device, offline)
+    if controlnet:
+        prior.controlnet = _load_controlnet(controlnet, device, prior.dtype, offline)
+    return prior
+
+
+def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offline: bool) -> Any:
+    from diffusers import ControlNetModel
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
+        elif path.is_dir() or _HF_ID.match(source):
+            net = ControlNetModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=dtype,
+                                                  local_files_only=offline or path.is_dir())
+        else:
+            raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                             f"unknown ControlNet {source!r}: give a Hugging Face id such as "
+                             "'lllyasviel/sd-controlnet-depth', a diffusers folder, or a .safetensors file")
+    except ModelError:
+        raise
+    except Exception as exc:  # hub, filesystem and config errors all end here
+        raise _explain(exc, f"ControlNet {source!r}", offline) from None
+    return net.to(device).eval()
+
+
+def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> LatentDiffusionPrior:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     path = Path(model).expanduser()
     if path.is_dir():
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")

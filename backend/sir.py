@@ -36,11 +36,11 @@ class SIRTexturer(MeshTexturer):
             self._iteration(t2 * self.strength, self.cfg.recon_steps, self.cfg.views)
 
     def _iteration(self, t2: float, steps: int, views: int) -> None:
-        cams, raster = self.cameras(views)
+        conditioning, raster = self.cameras(views)
         mask = image_mask(raster).float()
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
-            target = self._denoise(self.render(raster), t2, Views(cams))
+            target = self._denoise(self.render(raster), t2, conditioning)
         self._reconstruct(raster, target, mask, steps)
 
     def _denoise(self, views: torch.Tensor, t2: float, conditioning: Views) -> torch.Tensor:

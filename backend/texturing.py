@@ -12,9 +12,27 @@ import torch
 from .cameras import Cameras, orbit, ring
 from .events import Cancelled, TextureEvents
 from .mesh import Mesh
-from .prior import Prior
-from .raster import Raster, rasterize_views
+from .prior import Prior, Views
+from .raster import Raster, interpolate, rasterize_views
 from .texture import PyramidTexture, pad_islands, render, to_rgba8, uv_coverage
+
+
+def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
+    """Per-view depth as depth ControlNets and SD 2's depth model expect it: normalised inverse
+    depth, near = 1, far = 0.1, background 0; (K, 1, H, W), top row first."""
+    homogeneous = torch.cat([positions, torch.ones_like(positions[:, :1])], 1)
+    view_depth = (homogeneous @ cams.mvp.transpose(1, 2))[..., 3]          # clip w = distance along the view
+    maps = []
+    for k in range(len(cams)):
+        one = Raster(raster.tri_id[k:k + 1], raster.bary[k:k + 1])
+        z = interpolate(view_depth[k][triangles][..., None], one)[0, ..., 0]
+        inv = torch.where(one.mask[0], 1 / z.clamp_min(1e-6), torch.zeros_like(z))
+        covered = inv[one.mask[0]]
+        if covered.numel():
+            lo, hi = covered.min(), covered.max()
+            inv = torch.where(one.mask[0], 0.1 + 0.9 * (inv - lo) / (hi - lo).clamp_min(1e-8), inv)
+        maps.append(inv)
+    return torch.stack(maps)[:, None].flip(2)
 
 
 class MeshTexturer:
@@ -57,11 +75,15 @@ class MeshTexturer:
         if self.events.cancelled():
             raise Cancelled()
 
-    def cameras(self, count: int) -> tuple[Cameras, Raster]:
-        """``count`` cameras evenly spaced in azimuth from a random offset, and their raster."""
+    def cameras(self, count: int) -> tuple[Views, Raster]:
+        """``count`` cameras evenly spaced in azimuth from a random offset, their raster, and — for
+        priors that condition on it — each view's depth map."""
         az, el = ring(count, float(self.rng.uniform(0, 360)), self.cfg.elevations)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
-        return cams, rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
+        raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
+        depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
+            else None
+        return Views(cams, depth=depth), raster
 
     def render(self, raster: Raster) -> torch.Tensor:
         return render(self.texture.sample, self.corner_uvs, raster, self.cfg.background)

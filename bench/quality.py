@@ -257,9 +257,9 @@ def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eva
     original = texturer.cameras
 
     def recording_cameras(count: int):
-        cams, raster = original(count)
+        views, raster = original(count)
         rasters.append(raster)
-        return cams, raster
+        return views, raster
     texturer.cameras = recording_cameras
     recorder.texturer = texturer
     recorder.progress(0, 1, "start")

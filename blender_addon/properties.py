@@ -38,6 +38,10 @@ class KilnSettings(bpy.types.PropertyGroup):
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")
+    controlnet: StringProperty(
+        name="Depth ControlNet", default="",
+        description="Optional: a depth ControlNet (Hugging Face id such as lllyasviel/sd-controlnet-depth, a "
+                    "folder or a .safetensors file) so the generated views follow the mesh's shape")
     method: EnumProperty(name="Method", default="sir", items=[
         ("sir", "SIR", "Few-step iterative reconstruction (MicroDreamer): fast, the default"),
         ("sds", "SDS", "Score distillation (DreamFusion): thousands of steps, needs high guidance"),

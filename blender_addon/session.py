@@ -131,6 +131,8 @@ def read_settings(settings: Any) -> dict[str, Any]:
     fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
               "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
               "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
+    if settings.controlnet.strip():
+        fields["controlnet"] = settings.controlnet.strip()
     if settings.refine:
         fields["strength"] = float(settings.strength)
     return fields

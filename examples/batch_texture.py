@@ -16,6 +16,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--prompt", required=True)
     parser.add_argument("--negative", default="")
     parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
+    parser.add_argument("--controlnet", default="", help="a depth ControlNet: HF id, folder or .safetensors")
     parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
@@ -50,6 +51,7 @@ def main() -> int:
     settings = bpy.context.scene.kiln
     settings.prompt, settings.negative_prompt, settings.seed = args.prompt, args.negative, args.seed
     settings.method, settings.refine, settings.strength = args.method, args.refine, args.strength
+    settings.controlnet = args.controlnet
     if args.size < 512 or args.size > 4096:
         print(f"batch_texture.py: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
         return 1
