@@ -18,7 +18,7 @@ import torch
 
 from .diffusion import NoiseSchedule
 from .mesh import Mesh
-from .prior import Views
+from .prior import BOTH, COND, UNCOND, Views
 from .raster import rasterize_views
 from .texture import render, sample_image
 
@@ -89,13 +89,15 @@ class ExactPrior:
         weights = torch.softmax(-dist / (2 * s * s), dim=0)
         return (weights[..., None, None, None] * refs).sum(0)
 
-    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None,
+                    branches: str = BOTH) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         if views is None:
             raise ValueError("the exact prior is camera-conditioned: it needs the views")
         renders = self.renders(views)
         a, s = self.schedule.coefficients(t)
-        everyone = torch.ones_like(prompt)
-        uncond = (x_t - a * self.denoise(x_t, t, everyone, renders)) / s
-        cond = (x_t - a * self.denoise(x_t, t, prompt, renders)) / s
+        uncond = cond = None
+        if branches in (UNCOND, BOTH):
+            uncond = (x_t - a * self.denoise(x_t, t, torch.ones_like(prompt), renders)) / s
+        if branches in (COND, BOTH):
+            cond = (x_t - a * self.denoise(x_t, t, prompt, renders)) / s
         return uncond, cond

@@ -77,6 +77,9 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
         "quality": SIRConfig(),
         # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
         "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
+        # Few-step distilled models (SD-Turbo and the like): 4 DDIM steps on a trailing grid, no CFG
+        # (one UNet branch per step), fewer updates.
+        "turbo": SIRConfig(ddim_steps=4, guidance=1.0, iterations=6, recon_steps=12, init_recon_steps=30),
         # MicroDreamer's short refinement of an existing texture: noise only (no inversion) to
         # t ≈ 0.36·T·strength — 180 at the default strength 0.5 — 10 DDIM steps at η 0, 3×15 updates.
         "refine": SIRConfig(iterations=3, t_start=0.36, t_end=0.36, t1_ratio=1.0, recon_steps=15, lr=0.05),

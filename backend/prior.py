@@ -25,6 +25,7 @@ from .cameras import Cameras
 from .diffusion import NoiseSchedule
 
 TINY = "tiny"
+UNCOND, COND, BOTH = "uncond", "cond", "both"
 _HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -61,9 +62,11 @@ class Prior(Protocol):
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of ``encode``, to images in [0, 1]."""
 
-    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: Any, views: Views | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(ε_uncond, ε_cond) for noisy x_t at timestep t."""
+    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: Any, views: Views | None, branches: str = "both"
+                    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(ε_uncond, ε_cond) for noisy x_t at timestep t; ``branches`` 'uncond' or 'cond' computes
+        only that one (DDIM inversion needs no prompt, guidance-free models no negative) and
+        returns None for the other."""
 
 
 @dataclass
@@ -113,32 +116,34 @@ class LatentDiffusionPrior:
         return ((images.float() + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None
-                    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One UNet call for the CFG pair (batch 2K); v-prediction models are converted to ε."""
+    def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None,
+                    branches: str = BOTH) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """One UNet call for the branches asked for (the CFG pair as one batch of 2K);
+        v-prediction models are converted to ε."""
         k = x_t.shape[0]
-        both = torch.cat([x_t, x_t]).to(self.dtype)
-        embeds = torch.cat([prompt[0:1].expand(k, -1, -1), prompt[1:2].expand(k, -1, -1)])
-        unet_input, extra = both, {}
+        rows = [i for i, name in enumerate((UNCOND, COND)) if branches in (name, BOTH)]
+        x = torch.cat([x_t] * len(rows)).to(self.dtype)
+        embeds = torch.cat([prompt[i:i + 1].expand(k, -1, -1) for i in rows])
+        unet_input, extra = x, {}
         if self.wants_depth:
             if views is None or views.depth is None:
                 raise ValueError(f"{self.name} is depth-conditioned: the method must render depth maps")
-            depth = torch.cat([views.depth, views.depth]).to(self.device, self.dtype)
+            depth = torch.cat([views.depth] * len(rows)).to(self.device, self.dtype)
             if self.unet.config.in_channels == 5:  # SD 2 depth: depth in [-1, 1] at latent size
                 small = torch.nn.functional.interpolate(depth, size=x_t.shape[-2:], mode="bicubic",
                                                         align_corners=False)
-                unet_input = torch.cat([both, small * 2 - 1], 1)
+                unet_input = torch.cat([x, small * 2 - 1], 1)
             if self.controlnet is not None:
-                down, mid = self.controlnet(both, t, encoder_hidden_states=embeds,
+                down, mid = self.controlnet(x, t, encoder_hidden_states=embeds,
                                             controlnet_cond=depth.expand(-1, 3, -1, -1),
                                             conditioning_scale=self.conditioning_scale, return_dict=False)
                 extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
         out = self.unet(unet_input, t, encoder_hidden_states=embeds, **extra).sample.float()
         if self.prediction_type == "v_prediction":
             a, s = self.schedule.coefficients(t)
-            out = a * out + s * torch.cat([x_t, x_t]).float()
-        uncond, cond = out.chunk(2)
-        return uncond, cond
+            out = a * out + s * x.float()
+        parts = dict(zip(rows, out.chunk(len(rows)), strict=True))
+        return parts.get(0), parts.get(1)
 
 
 def default_device() -> torch.device:

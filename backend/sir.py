@@ -12,7 +12,7 @@ import torch
 
 from . import diffusion
 from .presets import SIRConfig
-from .prior import Views
+from .prior import COND, UNCOND, Views
 from .texture import image_mask
 from .texturing import MeshTexturer
 
@@ -51,9 +51,11 @@ class SIRTexturer(MeshTexturer):
         steps = cfg.ddim_steps
 
         def eps_uncond(x: torch.Tensor, t: int) -> torch.Tensor:
-            return prior.predict_eps(x, t, self.embeds, conditioning)[0]
+            return prior.predict_eps(x, t, self.embeds, conditioning, UNCOND)[0]
 
         def eps_cfg(x: torch.Tensor, t: int) -> torch.Tensor:
+            if cfg.guidance == 1.0:  # guidance-free (few-step distilled models): one branch is enough
+                return prior.predict_eps(x, t, self.embeds, conditioning, COND)[1]
             uncond, cond = prior.predict_eps(x, t, self.embeds, conditioning)
             return uncond + cfg.guidance * (cond - uncond)
 

@@ -128,10 +128,10 @@ class CountingPrior:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def predict_eps(self, x_t, t, prompt, views):
+    def predict_eps(self, x_t, t, prompt, views, branches="both"):
         self.calls += 1
-        self.images += 2 * x_t.shape[0]
-        return self.inner.predict_eps(x_t, t, prompt, views)
+        self.images += (2 if branches == "both" else 1) * x_t.shape[0]
+        return self.inner.predict_eps(x_t, t, prompt, views, branches)
 
 
 def gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:

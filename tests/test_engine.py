@@ -176,3 +176,30 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert none.returncode == 2 and "no texture to refine" in none.stderr
     bad = run_cli("texture", str(glb), "--prompt", "a vase", "--refine", "--strength", "3", "--out", str(tmp_path))
     assert bad.returncode == 2 and "strength 3.0 is out of range" in bad.stderr
+
+
+def test_single_branch_predictions_match_the_batched_pair() -> None:
+    """Inversion asks only for ε_uncond, guidance-free models only for ε_cond: each must equal
+    its half of the batched CFG pair."""
+    from backend.cameras import orbit
+    from backend.prior import Views
+
+    prior = load_prior("tiny", torch.device("cpu"))
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = prior.encode_prompt("a vase", "blurry")
+    views = Views(orbit(np.array([[-1, -1, -1], [1, 1, 1]], np.float32), [0.0, 120.0, 240.0], [0.0] * 3, "y"))
+    uncond, cond = prior.predict_eps(x, 400, embeds, views)
+    only_uncond = prior.predict_eps(x, 400, embeds, views, "uncond")
+    only_cond = prior.predict_eps(x, 400, embeds, views, "cond")
+    assert only_uncond[1] is None and only_cond[0] is None
+    assert torch.allclose(only_uncond[0], uncond, atol=1e-5) and torch.allclose(only_cond[1], cond, atol=1e-5)
+
+
+def test_turbo_preset_runs_guidance_free() -> None:
+    request = TextureRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
+                                          "preset": "turbo", "steps": 1})
+    cfg = request.config()
+    assert cfg.guidance == 1.0 and cfg.ddim_steps == 4
+    rec = Recorder()
+    run_texture_job(request, grid_mesh(), rec, ModelCache())
+    assert rec.textures[-1][1]
