@@ -78,3 +78,12 @@ def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[
     az = [(offset_deg + 360.0 * k / count) % 360.0 for k in range(count)]
     el = [elevations[k % len(elevations)] for k in range(count)]
     return az, el
+
+
+def view_suffix(azimuth: float, elevation: float) -> str:
+    """DreamFusion's view-dependent prompt: overhead above 60° elevation, else front within 45° of
+    azimuth 0, back beyond 135°, side between."""
+    if elevation > 60:
+        return "overhead view"
+    a = abs((azimuth + 180) % 360 - 180)
+    return "front view" if a < 45 else "back view" if a > 135 else "side view"

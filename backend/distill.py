@@ -38,7 +38,7 @@ class DistillTexturer(MeshTexturer):
             noise = torch.randn(x.shape, generator=self.generator, device=self.device, dtype=x.dtype)
             with torch.no_grad():
                 x_t = self.schedule.add_noise(x.detach(), noise, t)
-                uncond, cond = self.prior.predict_eps(x_t, t, self.embeds, conditioning)
+                uncond, cond = self.prior.predict_eps(x_t, t, self.prompt_for(conditioning), conditioning)
                 if cfg.estimator == "ssd":
                     residual = estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
                 else:

@@ -32,6 +32,8 @@ class Reference:
 
 class ExactPrior:
     pipeline_check = False
+    wants_view_prompts = False  # camera-conditioned already
+
 
     def __init__(self, references: list[Reference], resolution: int = 64, background: float = 1.0,
                  schedule: NoiseSchedule | None = None, device: str | torch.device = "cpu",
@@ -54,6 +56,9 @@ class ExactPrior:
         if not bool(chosen.any()):
             raise ValueError(f"the exact prior knows no prompt {prompt!r}; it knows {self.prompts}")
         return chosen
+
+    def stack_prompts(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        return prompts[0]
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2 - 1

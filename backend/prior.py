@@ -52,9 +52,15 @@ class Prior(Protocol):
     schedule: NoiseSchedule
     resolution: int          # the image size (pixels) the prior works at
     pipeline_check: bool     # True: results check the pipeline and are not art
+    #: True for text-to-image priors that know nothing of cameras: methods then add
+    #: view-dependent suffixes ("front view", ...) to the prompt of each view.
+    wants_view_prompts: bool
 
     def encode_prompt(self, prompt: str, negative: str) -> Any:
         """Whatever ``predict_eps`` needs to know the prompt and the negative prompt by."""
+
+    def stack_prompts(self, prompts: list[Any]) -> Any:
+        """One prompt object for a batch of views from one ``encode_prompt`` result per view."""
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(K, 3, H, W) images in [0, 1] → the space the diffusion runs in; differentiable."""
@@ -85,6 +91,7 @@ class LatentDiffusionPrior:
     pipeline_check: bool = False
     controlnet: Any = None          # a depth ControlNet, if the user chose one
     conditioning_scale: float = 1.0
+    wants_view_prompts: bool = True
 
     @property
     def wants_depth(self) -> bool:
@@ -106,6 +113,10 @@ class LatentDiffusionPrior:
                                 max_length=self.tokenizer.model_max_length, return_tensors="pt")
         return self.text_encoder(tokens.input_ids.to(self.device))[0].to(self.dtype)
 
+    def stack_prompts(self, prompts: list[torch.Tensor]) -> torch.Tensor:
+        """(2, K, L, D): negative and prompt embeddings per view."""
+        return torch.stack(prompts, 1)
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         latents = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist.mean
         return latents.float() * self.vae.config.scaling_factor
@@ -123,7 +134,8 @@ class LatentDiffusionPrior:
         k = x_t.shape[0]
         rows = [i for i, name in enumerate((UNCOND, COND)) if branches in (name, BOTH)]
         x = torch.cat([x_t] * len(rows)).to(self.dtype)
-        embeds = torch.cat([prompt[i:i + 1].expand(k, -1, -1) for i in rows])
+        per_view = prompt.dim() == 4  # stacked view-dependent prompts
+        embeds = torch.cat([prompt[i] if per_view else prompt[i:i + 1].expand(k, -1, -1) for i in rows])
         unet_input, extra = x, {}
         if self.wants_depth:
             if views is None or views.depth is None:

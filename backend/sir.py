@@ -49,14 +49,15 @@ class SIRTexturer(MeshTexturer):
         noise (t2 ≥ T) the current views play no part."""
         prior, schedule, cfg = self.prior, self.schedule, self.cfg
         steps = cfg.ddim_steps
+        prompt = self.prompt_for(conditioning)
 
         def eps_uncond(x: torch.Tensor, t: int) -> torch.Tensor:
-            return prior.predict_eps(x, t, self.embeds, conditioning, UNCOND)[0]
+            return prior.predict_eps(x, t, prompt, conditioning, UNCOND)[0]
 
         def eps_cfg(x: torch.Tensor, t: int) -> torch.Tensor:
             if cfg.guidance == 1.0:  # guidance-free (few-step distilled models): one branch is enough
-                return prior.predict_eps(x, t, self.embeds, conditioning, COND)[1]
-            uncond, cond = prior.predict_eps(x, t, self.embeds, conditioning)
+                return prior.predict_eps(x, t, prompt, conditioning, COND)[1]
+            uncond, cond = prior.predict_eps(x, t, prompt, conditioning)
             return uncond + cfg.guidance * (cond - uncond)
 
         x0 = prior.encode(views)
