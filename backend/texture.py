@@ -84,6 +84,31 @@ def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:
     return rasterize(clip[None], tris, size, size).mask[0]
 
 
+def inpaint(image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Pull-push fill: every texel not ``known`` gets the colour of the known texels around it,
+    averaged over ever coarser neighbourhoods until some are found. (3, H, W) → (3, H, W)."""
+    colour = image[None] * known[None, None]
+    weight = known[None, None].to(image.dtype)
+    pyramid = [(colour, weight)]
+    while min(colour.shape[-2:]) > 1:
+        colour, weight = F.avg_pool2d(colour, 2, ceil_mode=True), F.avg_pool2d(weight, 2, ceil_mode=True)
+        pyramid.append((colour, weight))
+    filled = pyramid[-1][0] / pyramid[-1][1].clamp_min(1e-8)
+    for colour, weight in reversed(pyramid[:-1]):
+        up = F.interpolate(filled, size=colour.shape[-2:], mode="bilinear", align_corners=False)
+        filled = torch.where(weight > 0, colour / weight.clamp_min(1e-8), up)
+    return torch.where(known[None], image, filled[0])
+
+
+def seen_texels(corner_uvs: torch.Tensor, raster: Raster, size: int) -> torch.Tensor:
+    """Which cells of a size² grid over UV space the covered pixels of ``raster`` land in."""
+    uv = interpolate(corner_uvs, raster)[raster.mask]
+    idx = (uv.clamp(0, 1 - 1e-6) * size).long()
+    seen = torch.zeros(size, size, dtype=torch.bool, device=uv.device)
+    seen[idx[:, 1], idx[:, 0]] = True
+    return seen
+
+
 def pad_islands(image: torch.Tensor, inside: torch.Tensor, texels: int) -> torch.Tensor:
     """Grow each UV island's border colours ``texels`` texels outward, so bilinear lookups and
     mipmaps near seams read island colours instead of bleeding in whatever lies between islands."""

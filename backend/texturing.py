@@ -8,13 +8,14 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from .cameras import Cameras, orbit, ring, view_suffix
 from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .prior import Prior, Views
 from .raster import Raster, interpolate, rasterize_views
-from .texture import PyramidTexture, pad_islands, render, to_rgba8, uv_coverage
+from .texture import PyramidTexture, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
 
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
 
@@ -60,6 +61,10 @@ class MeshTexturer:
         self.texture = PyramidTexture(texture_size, self.device, init=init_texture)
         self.refine = init_texture is not None
         self.strength = strength if self.refine else 1.0
+        # Texels the method's views have covered, on a grid no finer than a view's pixels (finer
+        # would leave gaps between pixel centres).
+        grid = min(texture_size, prior.resolution)
+        self.seen = torch.zeros(grid, grid, dtype=torch.bool, device=self.device)
         self.done = 0
         self.total = cfg.total_work(self.refine)
         self.last_sent = 0.0
@@ -67,8 +72,13 @@ class MeshTexturer:
     def run(self) -> torch.Tensor:
         """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
         self.optimise()
-        final = pad_islands(self.texture.compose(), uv_coverage(self.corner_uvs, self.texture.size),
-                            self.cfg.pad_texels)
+        islands = uv_coverage(self.corner_uvs, self.texture.size)
+        final = self.texture.compose()
+        if not self.refine:  # a refined texture already has colour where no view looked
+            seen = F.interpolate(self.seen[None, None].float(), size=final.shape[-2:], mode="nearest")[0, 0] > 0
+            if bool((seen & islands).any()):
+                final = inpaint(final, seen & islands)
+        final = pad_islands(final, islands, self.cfg.pad_texels)
         self.events.texture(to_rgba8(final), final=True)
         return final
 
@@ -85,6 +95,7 @@ class MeshTexturer:
         az, el = ring(count, float(self.rng.uniform(0, 360)), self.cfg.elevations)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
+        self.seen |= seen_texels(self.corner_uvs, raster, self.seen.shape[0])
         depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
             else None
         return Views(cams, depth=depth), raster

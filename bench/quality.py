@@ -40,7 +40,7 @@ from backend.events import TextureEvents  # noqa: E402
 from backend.exact_prior import ExactPrior, Reference  # noqa: E402
 from backend.mesh import Mesh, load_mesh_file, unwrap  # noqa: E402
 from backend.presets import PRESETS, DistillConfig, SIRConfig  # noqa: E402
-from backend.raster import Raster, interpolate, rasterize_views  # noqa: E402
+from backend.raster import rasterize_views  # noqa: E402
 from backend.sir import SIRTexturer  # noqa: E402
 from backend.texture import render, sample_image, uv_coverage  # noqa: E402
 
@@ -224,15 +224,10 @@ class Recorder(TextureEvents):
         self.paused += time.perf_counter() - pause  # scoring is not the method's time
 
 
-def covered_fraction(mesh: Mesh, rasters: list[Raster], size: int) -> float:
-    uvs = torch.as_tensor(mesh.corner_uvs)
-    islands = uv_coverage(uvs, size)
-    seen = torch.zeros(size, size, dtype=torch.bool)
-    for raster in rasters:
-        uv = interpolate(uvs, raster)[raster.mask]
-        idx = (uv.clamp(0, 1 - 1e-6) * size).long()
-        seen[idx[:, 1], idx[:, 0]] = True
-    return float((seen & islands).sum() / islands.sum().clamp_min(1))
+def covered_fraction(texturer: Any) -> float:
+    """Island texels the method's views saw, on its own seen-texel grid."""
+    islands = uv_coverage(texturer.corner_uvs, texturer.seen.shape[0])
+    return float((texturer.seen & islands).sum() / islands.sum().clamp_min(1))
 
 
 @dataclass
@@ -253,14 +248,6 @@ def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eva
     recorder = Recorder(scorer, prior, eval_every)
     cls = SIRTexturer if isinstance(cfg, SIRConfig) else DistillTexturer
     texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder)
-    rasters: list[Raster] = []
-    original = texturer.cameras
-
-    def recording_cameras(count: int):
-        views, raster = original(count)
-        rasters.append(raster)
-        return views, raster
-    texturer.cameras = recording_cameras
     recorder.texturer = texturer
     recorder.progress(0, 1, "start")
     final = texturer.run()
@@ -274,7 +261,7 @@ def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eva
     result.final = {"case": case.name, "method": label, "images_denoised": images, "unet_calls": calls,
                     "seconds": round(seconds, 2), "psnr": round(p, 2), "ssim": round(s, 4),
                     "best_psnr": round(max(c[3] for c in recorder.curve), 2),
-                    "coverage": round(covered_fraction(case.mesh, rasters, TEXTURE), 3),
+                    "coverage": round(covered_fraction(texturer), 3),
                     "seam_error": round(seam_error(case.mesh, final), 4),
                     "saturation": round(saturation(views, scorer.mask), 3),
                     "reference_saturation": round(np.mean([saturation(t, scorer.mask) for t in scorer.truths]), 3)}

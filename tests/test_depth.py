@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from backend.cameras import orbit
 from backend.events import TextureEvents
@@ -14,7 +15,6 @@ from backend.mesh import load_mesh_file
 from backend.prior import LatentDiffusionPrior, Views, load_prior
 from backend.raster import rasterize_views
 from backend.texturing import depth_maps
-from conftest import ROOT
 
 
 def test_depth_maps_put_near_surfaces_bright_and_background_at_zero() -> None:

@@ -129,3 +129,16 @@ def test_nvdiffrast_and_the_torch_rasteriser_agree() -> None:
     assert same.float().mean() > 0.995  # edge pixels may go to either neighbour
     both = same & cpu.mask
     assert torch.allclose(cpu.bary[both], gpu.bary.cpu()[both], atol=1e-3)
+
+
+def test_inpainting_fills_unseen_texels_from_seen_ones_only() -> None:
+    from backend.texture import inpaint
+
+    image = torch.zeros(3, 32, 32)
+    image[0, :, :12] = 1.0                        # seen: red on the left
+    image[2, :, 12:] = 1.0                        # unseen garbage (blue) on the right
+    known = torch.zeros(32, 32, dtype=torch.bool)
+    known[:, :12] = True
+    out = inpaint(image, known)
+    assert torch.equal(out[:, :, :12], image[:, :, :12])
+    assert torch.allclose(out[:, :, 12:], torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 32, 20))
