@@ -18,6 +18,7 @@ class Cameras:
     mvp: torch.Tensor          # (K, 4, 4) float32
     azimuths: list[float]      # degrees
     elevations: list[float]    # degrees
+    eyes: torch.Tensor         # (K, 3) camera positions in world space
 
     def __len__(self) -> int:
         return self.mvp.shape[0]
@@ -64,13 +65,15 @@ def orbit(positions: np.ndarray, azimuths: list[float], elevations: list[float],
         front, side = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
     else:
         front, side = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
-    mats = []
+    mats, eyes = [], []
     for az, el in zip(azimuths, elevations, strict=True):
         a, e = math.radians(az), math.radians(el)
         direction = math.cos(e) * (math.cos(a) * front + math.sin(a) * side) + math.sin(e) * up
-        mats.append(proj @ look_at(center + distance * direction, center, up))
+        eyes.append(center + distance * direction)
+        mats.append(proj @ look_at(eyes[-1], center, up))
     mvp = torch.tensor(np.stack(mats), dtype=torch.float32, device=device)
-    return Cameras(mvp, list(azimuths), list(elevations))
+    return Cameras(mvp, list(azimuths), list(elevations), torch.tensor(np.stack(eyes), dtype=torch.float32,
+                                                                          device=device))
 
 
 def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[list[float], list[float]]:

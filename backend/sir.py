@@ -14,7 +14,7 @@ from . import diffusion
 from .presets import SIRConfig
 from .prior import COND, UNCOND, Views
 from .texture import image_mask
-from .texturing import MeshTexturer
+from .texturing import MeshTexturer, facing_weights
 
 
 def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
@@ -38,6 +38,9 @@ class SIRTexturer(MeshTexturer):
     def _iteration(self, t2: float, steps: int, views: int) -> None:
         conditioning, raster = self.cameras(views)
         mask = image_mask(raster).float()
+        if self.cfg.normal_weighting > 0:
+            mask = mask * facing_weights(self.positions, self.triangles, conditioning.cameras,
+                                         raster) ** self.cfg.normal_weighting
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
             target = self._denoise(self.render(raster), t2, conditioning)

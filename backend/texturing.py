@@ -38,6 +38,19 @@ def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, 
     return torch.stack(maps)[:, None].flip(2)
 
 
+def facing_weights(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
+    """|cos| of the angle between each pixel's surface and its view ray, (K, 1, H, W), top row
+    first, 0 where empty: grazing pixels stretch one pixel over many texels and would smear them."""
+    corners = positions[triangles]                                         # (T, 3, 3)
+    normals = torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1)
+    normals = normals / normals.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    points = interpolate(corners, raster)                                  # (K, H, W, 3)
+    rays = cams.eyes[:, None, None, :] - points
+    rays = rays / rays.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = (normals[raster.tri_id.clamp_min(0)] * rays).sum(-1).abs() * raster.mask
+    return cos[:, None].flip(2)
+
+
 class MeshTexturer:
     def __init__(self, mesh: Mesh, prior: Prior, cfg: Any, texture_size: int, prompt: str, negative: str,
                  seed: int, events: TextureEvents, init_texture: torch.Tensor | None = None,

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from backend.cameras import look_at, orbit, perspective
-from backend.raster import interpolate, rasterize
+from backend.raster import interpolate, rasterize, rasterize_views
 from backend.texture import PyramidTexture, pad_islands, render, uv_coverage
 
 
@@ -142,3 +142,20 @@ def test_inpainting_fills_unseen_texels_from_seen_ones_only() -> None:
     out = inpaint(image, known)
     assert torch.equal(out[:, :, :12], image[:, :, :12])
     assert torch.allclose(out[:, :, 12:], torch.tensor([1.0, 0.0, 0.0])[:, None, None].expand(3, 32, 20))
+
+
+def test_facing_weights_are_the_cosine_to_the_view_ray() -> None:
+    from backend.texturing import facing_weights
+
+    angle = math.radians(60)
+    quad = torch.tensor([[-1, -1, 0], [1, -1, 0], [1, 1, 0], [-1, 1, 0]], dtype=torch.float32)
+    rot = torch.tensor([[math.cos(angle), 0, math.sin(angle)], [0, 1, 0], [-math.sin(angle), 0, math.cos(angle)]],
+                       dtype=torch.float32)
+    for tilt, expected in ((torch.eye(3), 1.0), (rot, 0.5)):
+        positions = quad @ tilt.T
+        tris = torch.tensor([[0, 1, 2], [0, 2, 3]])
+        cams = orbit(np.array([[-1, -1, -1], [1, 1, 1]], np.float32), [0.0], [0.0], "y")
+        raster = rasterize_views(positions, tris, cams.mvp, 64)
+        weights = facing_weights(positions, tris, cams, raster)
+        assert weights[0, 0, 32, 32].item() == pytest.approx(expected, abs=0.02)
+        assert weights[0, 0][~raster.mask[0].flip(0)].abs().max() == 0
