@@ -34,7 +34,10 @@ class SIRConfig:
     init_views: int = 1
     lr: float = 0.05                # Adam on the texture pyramid's logits
     loss: str = "l2"                # "l2" or "l1" in pixel space
-    normal_weighting: float = 0.0   # weight pixels by |cos(normal, view ray)|^this; 0 turns it off
+    # Weight pixels by |cos(normal, view ray)|^this (0: off). Measured (bench, 3 meshes, 2 seeds):
+    # 1.0 gives +0.16 / +0.13 / -0.06 dB on crate / vase / table against 0; small here because the
+    # exact prior's views agree, larger where a prior blurs grazing views.
+    normal_weighting: float = 1.0
     background: float = 1.0         # grey level behind the mesh in the views the prior sees
     pad_texels: int = 8             # UV-island padding of the final texture
     stream_every: int = 5           # send a texture update every this many texture updates
