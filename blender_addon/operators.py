@@ -152,15 +152,22 @@ class KILN_OT_start_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class KILN_OT_stop_backend(bpy.types.Operator):
+class _WhenIdle:
+    """For operators that would pull the backend out from under a running job."""
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+            return False
+        return True
+
+
+class KILN_OT_stop_backend(_WhenIdle, bpy.types.Operator):
     """Stop the Kiln backend and free the memory its models hold"""
 
     bl_idname = "kiln.stop_backend"
     bl_label = "Stop Backend"
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        return not _running()
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         def stop() -> str:
@@ -170,15 +177,11 @@ class KILN_OT_stop_backend(bpy.types.Operator):
         return {"FINISHED"}
 
 
-class KILN_OT_unload_models(bpy.types.Operator):
+class KILN_OT_unload_models(_WhenIdle, bpy.types.Operator):
     """Free the GPU memory the backend's cached models hold (they reload on the next job)"""
 
     bl_idname = "kiln.unload_models"
     bl_label = "Unload Models"
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        return not _running()
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         _in_background(sessions.MANAGER.unload_models)

@@ -75,23 +75,39 @@ def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(10 * torch.log10(1 / (a - b).square().mean()))
 
 
+class BoxScene:
+    """A box, its reference texture for 'a box', and held-out cameras to score a texture on. With
+    ``second_prompt`` the unconditional mixture also holds 'a crate': without it ε_cond = ε_uncond,
+    h = 0, and SSD (scaled to ‖ω·h‖) has nothing to follow."""
+
+    def __init__(self, second_prompt: bool) -> None:
+        torch.manual_seed(0)
+        self.mesh = box_mesh()
+        self.reference = pattern(128, 0.7)
+        refs = [Reference("a box", self.mesh, self.reference)]
+        if second_prompt:
+            refs.append(Reference("a crate", self.mesh, pattern(128, 2.5)))
+        self.prior = ExactPrior(refs, resolution=64)
+        held_out = orbit(self.mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
+        self.raster = rasterize_views(torch.as_tensor(self.mesh.positions), torch.as_tensor(self.mesh.triangles),
+                                      held_out.mvp, 64)
+        self.uvs = torch.as_tensor(self.mesh.corner_uvs)
+        self.truth = render(lambda uv: sample_image(self.reference, uv), self.uvs, self.raster, 1.0)
+
+    def psnr(self, texturer) -> float:
+        return psnr(render(texturer.texture.sample, self.uvs, self.raster, 1.0), self.truth)
+
+
 def test_sir_against_the_exact_prior_reaches_the_reference() -> None:
     """SIR with K=4 views and the hybrid forward process, texturing a box toward one reference:
     PSNR on held-out cameras rises from the blank texture's to well above it."""
-    torch.manual_seed(0)
-    mesh = box_mesh()
-    reference = pattern(128, 0.7)
-    prior = ExactPrior([Reference("a box", mesh, reference)], resolution=64)
-    held_out = orbit(mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
-    raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), held_out.mvp, 64)
-    uvs = torch.as_tensor(mesh.corner_uvs)
-    truth = render(lambda uv: sample_image(reference, uv), uvs, raster, 1.0)
+    scene = BoxScene(second_prompt=False)
     cfg = SIRConfig(views=4, iterations=8, ddim_steps=10, guidance=1.0, recon_steps=15, init_recon_steps=30,
                     lr=0.05, pad_texels=2)
-    texturer = SIRTexturer(mesh, prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
-    before = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    texturer = SIRTexturer(scene.mesh, scene.prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
+    before = scene.psnr(texturer)
     texturer.run()
-    after = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    after = scene.psnr(texturer)
     print(f"SIR vs exact prior: held-out PSNR {before:.1f} dB → {after:.1f} dB")
     assert after > before + 8 and after > 25, (before, after)
 
@@ -101,22 +117,12 @@ def test_score_distillation_against_the_exact_prior_raises_psnr(estimator: str, 
     from backend.distill import DistillTexturer
     from backend.presets import DistillConfig
 
-    torch.manual_seed(0)
-    mesh = box_mesh()
-    reference = pattern(128, 0.7)
-    # A second prompt makes the unconditional mixture differ from the conditional one: without
-    # it ε_cond = ε_uncond, h = 0, and SSD (scaled to ‖ω·h‖) has nothing to follow.
-    prior = ExactPrior([Reference("a box", mesh, reference), Reference("a crate", mesh, pattern(128, 2.5))],
-                       resolution=64)
-    held_out = orbit(mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
-    raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), held_out.mvp, 64)
-    uvs = torch.as_tensor(mesh.corner_uvs)
-    truth = render(lambda uv: sample_image(reference, uv), uvs, raster, 1.0)
+    scene = BoxScene(second_prompt=True)
     cfg = DistillConfig(estimator=estimator, guidance=guidance, iterations=150, views=4, lr=0.03, pad_texels=2)
-    texturer = DistillTexturer(mesh, prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
-    before = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    texturer = DistillTexturer(scene.mesh, scene.prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
+    before = scene.psnr(texturer)
     texturer.run()
-    after = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    after = scene.psnr(texturer)
     print(f"{estimator} vs exact prior: held-out PSNR {before:.1f} dB → {after:.1f} dB")
     assert after > before + 3, (before, after)
 
@@ -126,22 +132,15 @@ def test_refine_starts_from_the_given_texture_and_keeps_a_good_one(method: str) 
     from backend.distill import DistillTexturer
     from backend.presets import PRESETS, DistillConfig
 
-    mesh = box_mesh()
-    reference = pattern(128, 0.7)
-    prior = ExactPrior([Reference("a box", mesh, reference), Reference("a crate", mesh, pattern(128, 2.5))],
-                       resolution=64)
-    held_out = orbit(mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
-    raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), held_out.mvp, 64)
-    uvs = torch.as_tensor(mesh.corner_uvs)
-    truth = render(lambda uv: sample_image(reference, uv), uvs, raster, 1.0)
+    scene = BoxScene(second_prompt=True)
     if method == "sir":
         cls, cfg = SIRTexturer, PRESETS["sir"]["refine"]
     else:
         cls, cfg = DistillTexturer, DistillConfig(estimator="sds", guidance=7.5, iterations=40, lr=0.01)
-    texturer = cls(mesh, prior, cfg, 128, "a box", "", seed=0, events=TextureEvents(), init_texture=reference,
-                   strength=0.3)
+    texturer = cls(scene.mesh, scene.prior, cfg, 128, "a box", "", seed=0, events=TextureEvents(),
+                   init_texture=scene.reference, strength=0.3)
     assert texturer.total == cfg.total_work(refine=True)
-    start = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    start = scene.psnr(texturer)
     texturer.run()
-    end = psnr(render(texturer.texture.sample, uvs, raster, 1.0), truth)
+    end = scene.psnr(texturer)
     assert start > 40 and end > 30, (start, end)
