@@ -1,0 +1,231 @@
+"""Where a texturing job's time goes, per stage, for each method's preset.
+
+    .venv/bin/python bench/speed.py --cpu-small          # here: tiny model, 5k faces, 512²/1024²
+    python bench/speed.py                                # on a GPU: SD 1.5/2.1 architectures at full size
+
+Compute time does not depend on the values of the weights, so on a GPU the priors are Stable
+Diffusion 1.5's and 2.1's published architectures with random weights (nothing downloaded), in
+fp16. Stages are timed by wrapping the functions that implement them (no instrumentation in the
+product code); on CUDA every stage boundary synchronises so the times are the GPU's.
+
+Per run: wall time per stage (UV unwrapping, prompt encoding, rendering, UNet, VAE,
+reconstruction, in-painting/padding, conversion for transfer; "other" is chiefly SDS/SSD's backward
+pass and Adam step), UNet calls and images denoised,
+the share of time inside the UNet, peak VRAM (CUDA). Also the rasterisers alone. Prints a table,
+writes bench/results/speed.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from backend import jobs, sir, texturing  # noqa: E402
+from backend.cameras import orbit  # noqa: E402
+from backend.events import TextureEvents  # noqa: E402
+from backend.jobs import ModelCache, TextureRequest  # noqa: E402
+from backend.mesh import Mesh  # noqa: E402
+from backend.prior import LatentDiffusionPrior, load_prior  # noqa: E402
+
+# Stable Diffusion UNet architectures from their published configs (weights do not change speed).
+SD_UNETS = {
+    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+    "sd21": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
+                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
+                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
+}
+SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
+              layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
+              up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+SD_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+               num_attention_heads=12, max_position_embeddings=77)
+
+
+def full_size_prior(name: str, device: torch.device) -> LatentDiffusionPrior:
+    """SD 1.5 / 2.1 at full size, random weights, fp16, with the tiny model's tokenizer (token
+    ids do not change the text encoder's cost)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    unet_config = SD_UNETS[name]
+    text = dict(SD_TEXT, hidden_size=unet_config["cross_attention_dim"],
+                num_attention_heads=unet_config["cross_attention_dim"] // 64)
+    unet = UNet2DConditionModel(**unet_config).to(device, torch.float16).eval()
+    vae = AutoencoderKL(**SD_VAE).to(device, torch.float16).eval()
+    encoder = CLIPTextModel(CLIPTextConfig(**text)).to(device, torch.float16).eval()
+    return LatentDiffusionPrior(name, unet, vae, encoder, tiny.tokenizer, "epsilon", tiny.schedule, device,
+                                torch.float16)
+
+
+class StageClock:
+    """Accumulates wall time per stage; synchronises CUDA at each boundary so GPU work is counted
+    where it happens."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.stack: list[str] = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        self._sync()
+        start = time.perf_counter()
+        self.stack.append(name)
+        try:
+            yield
+        finally:
+            self._sync()
+            self.stack.pop()
+            elapsed = time.perf_counter() - start
+            self.seconds[name] += elapsed
+            if self.stack:  # nested: report time in the inner stage only
+                self.seconds[self.stack[-1]] -= elapsed
+
+    def wrap(self, owner: Any, attribute: str, name: str) -> Callable[[], None]:
+        original = getattr(owner, attribute)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            with self.stage(name):
+                return original(*args, **kwargs)
+        setattr(owner, attribute, timed)
+        return lambda: setattr(owner, attribute, original)
+
+
+def sphere_mesh(faces: int) -> Mesh:
+    import trimesh
+
+    sub = max(1, int(round(np.log(faces / 20) / np.log(4))))
+    m = trimesh.creation.icosphere(subdivisions=sub)
+    return Mesh(np.asarray(m.vertices, np.float32), np.asarray(m.faces, np.int64), None, up_axis="y",
+                name=f"sphere{len(m.faces)}")
+
+
+def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device: torch.device) -> dict[str, Any]:
+    clock = StageClock(device)
+    counts = {"unet_calls": 0, "images": 0}
+    restore: list[Callable[[], None]] = []
+    original_eps = prior.predict_eps
+
+    def counted_eps(x_t, t, prompt, views, branches="both"):
+        counts["unet_calls"] += 1
+        counts["images"] += x_t.shape[0] * (2 if branches == "both" else 1)
+        with clock.stage("UNet"):
+            return original_eps(x_t, t, prompt, views, branches)
+    prior.predict_eps = counted_eps
+    restore.append(lambda: setattr(prior, "predict_eps", original_eps))
+    restore += [clock.wrap(prior, "encode_prompt", "prompt encoding"), clock.wrap(prior, "encode", "VAE"),
+                clock.wrap(prior, "decode", "VAE"),
+                clock.wrap(jobs, "unwrap", "UV unwrap"), clock.wrap(texturing, "rasterize_views", "rendering"),
+                clock.wrap(texturing, "depth_maps", "rendering"),
+                clock.wrap(texturing.MeshTexturer, "render", "rendering"),
+                clock.wrap(sir.SIRTexturer, "_reconstruct", "reconstruction"),
+                clock.wrap(texturing, "inpaint", "in-painting + padding"),
+                clock.wrap(texturing, "pad_islands", "in-painting + padding"),
+                clock.wrap(texturing, "uv_coverage", "in-painting + padding"),
+                clock.wrap(texturing, "to_rgba8", "conversion for transfer")]
+    models = ModelCache()
+    models.priors[("bench", None)] = prior
+    models.get = lambda *_args, **_kw: prior
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    request = TextureRequest.from_fields({"prompt": "a weathered bronze statue", "model": "bench",
+                                          "method": method, "preset": preset, "texture_size": size})
+    mesh = sphere_mesh(faces)
+    start = time.perf_counter()
+    try:
+        with clock.stage("other"):
+            jobs.run_texture_job(request, mesh, TextureEvents(), models)
+    finally:
+        for undo in restore:
+            undo()
+    total = time.perf_counter() - start
+    stages = {k: round(v, 3) for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
+    return {"method": method, "preset": preset, "faces": mesh.triangle_count, "texture": size,
+            "seconds": round(total, 3), "unet_calls": counts["unet_calls"], "images_denoised": counts["images"],
+            "unet_share": round(clock.seconds["UNet"] / total, 3), "stages": stages,
+            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
+
+
+def rasteriser_times(device: torch.device, faces_list: list[int], size: int) -> list[dict[str, Any]]:
+    out = []
+    for faces in faces_list:
+        mesh = sphere_mesh(faces)
+        cams = orbit(mesh.positions, [0.0, 90.0, 180.0, 270.0], [20.0, -10.0, 45.0, 0.0], "y", device=device)
+        positions, tris = torch.as_tensor(mesh.positions, device=device), torch.as_tensor(mesh.triangles, device=device)
+        backends = ["torch"] + (["nvdiffrast"] if device.type == "cuda" else [])
+        for backend in backends:
+            from backend.raster import rasterize
+            clip = torch.cat([positions, torch.ones_like(positions[:, :1])], 1) @ cams.mvp.transpose(1, 2)
+            rasterize(clip, tris, size, size, backend=backend)  # warm-up / JIT
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(3):
+                rasterize(clip, tris, size, size, backend=backend)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append({"rasteriser": backend, "faces": mesh.triangle_count, "views": 4, "size": size,
+                        "ms": round((time.perf_counter() - start) / 3 * 1000, 1)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--cpu-small", action="store_true", help="tiny model, small meshes and textures, CPU")
+    parser.add_argument("--model", choices=sorted(SD_UNETS), default="sd15", help="GPU runs: which architecture")
+    args = parser.parse_args()
+    device = torch.device("cpu" if args.cpu_small or not torch.cuda.is_available() else "cuda")
+    if args.cpu_small:
+        prior, faces_list, sizes, presets = load_prior("tiny", device), [5_000], [512, 1024], "pipeline-check"
+    else:
+        prior, faces_list, sizes, presets = full_size_prior(args.model, device), [5_000, 50_000, 500_000], \
+            [1024, 2048, 4096], None
+    rows = []
+    for method in ("sir", "sds", "ssd"):
+        for preset in ([presets] if presets else (["quality", "turbo"] if method == "sir" else ["quality"])):
+            for faces in faces_list:
+                for size in sizes:
+                    row = run_job(prior, method, preset, faces, size, device)
+                    rows.append(row)
+                    print(f"{method:<4} {preset:<15} {row['faces']:>7} faces {size:>5}²  {row['seconds']:7.2f} s  "
+                          f"UNet {row['unet_share']:.0%}  {row['unet_calls']:>4} calls  "
+                          f"{row['images_denoised']:>5} images  VRAM {row['peak_vram_gib']}  "
+                          + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items() if v >= 0.005), flush=True)
+    rasters = rasteriser_times(device, faces_list, 512)
+    print("\nrasteriser alone (4 views):")
+    for r in rasters:
+        print(f"  {r['rasteriser']:<10} {r['faces']:>7} faces {r['size']}²  {r['ms']:8.1f} ms")
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
+    (out / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
+                                                "model": "tiny" if args.cpu_small else args.model,
+                                                "jobs": rows, "rasterisers": rasters}, indent=2))
+    print(f"\nwrote {out / 'speed.json'} ({device_name})")
+
+
+if __name__ == "__main__":
+    main()
