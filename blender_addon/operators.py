@@ -51,7 +51,8 @@ class KILN_OT_texture_selected(bpy.types.Operator):
         try:
             fields = sessions.read_settings(context.scene.kiln)
             objects = sorted(context.selected_objects, key=lambda o: o.name)
-            ACTIVE = sessions.TextureSession(objects, fields, preferences(context).python_path)
+            ACTIVE = sessions.TextureSession(objects, fields, preferences(context).python_path,
+                                             refine=context.scene.kiln.refine)
         except SceneError as exc:
             self.report({"ERROR"}, str(exc))
             return None

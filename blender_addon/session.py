@@ -133,7 +133,7 @@ def read_settings(settings: Any) -> dict[str, Any]:
               "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
     if settings.controlnet.strip():
         fields["controlnet"] = settings.controlnet.strip()
-    if settings.refine:
+    if settings.refine:  # the backend refines when the job carries a texture; strength says how far
         fields["strength"] = float(settings.strength)
     return fields
 
@@ -154,13 +154,14 @@ def target_for(obj: Any, refine: bool) -> Target:
 
 
 class TextureSession:
-    def __init__(self, objects: list[Any], job_fields: dict[str, Any], python_preference: str) -> None:
+    def __init__(self, objects: list[Any], job_fields: dict[str, Any], python_preference: str,
+                 refine: bool = False) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
         self.job_fields = dict(job_fields)
         self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
         self.python_preference = python_preference
-        self.targets = [target_for(obj, "strength" in job_fields) for obj in objects]
+        self.targets = [target_for(obj, refine) for obj in objects]
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.client: Client | None = None
         self.cancel_requested = False

@@ -146,7 +146,7 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
 def run_session(kiln, objects, steps: int):
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = steps
-    session = kiln.session.TextureSession(list(objects), fields, BACKEND_PYTHON)
+    session = kiln.session.TextureSession(list(objects), fields, BACKEND_PYTHON, refine=bpy.context.scene.kiln.refine)
     session.start()
     return session
 
