@@ -1,0 +1,39 @@
+"""The benchmark scripts still run and write sane results (their figures are judged in notes, not
+here: these check that the scripts work, not how fast anything is)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_quality_bench_quick_run_writes_its_table() -> None:
+    result = run_bench("bench/quality.py", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Targets (this run):" in result.stdout
+    rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "quality_summary.csv")))
+    assert {r["method"] for r in rows} == {"SIR", "SDS cfg100", "SDS cfg7.5", "SSD cfg7.5"}
+    sir = next(r for r in rows if r["case"] == "crate" and r["method"] == "SIR")
+    assert float(sir["psnr"]) > 25 and 0 < float(sir["coverage"]) <= 1
+    assert (ROOT / "bench" / "results" / "quality.png").stat().st_size > 10_000
+
+
+def test_speed_bench_cpu_small_reports_every_stage() -> None:
+    result = run_bench("bench/speed.py", "--cpu-small")
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((ROOT / "bench" / "results" / "speed.json").read_text())
+    assert {job["method"] for job in report["jobs"]} == {"sir", "sds", "ssd"}
+    for job in report["jobs"]:
+        assert job["unet_calls"] > 0 and 0 < job["unet_share"] < 1
+        assert {"UNet", "VAE", "rendering", "in-painting + padding"} <= set(job["stages"])
+    assert report["rasterisers"][0]["ms"] > 0
