@@ -185,3 +185,30 @@ def test_shutdown_message_stops_the_backend() -> None:
     sock = srv.connect()
     protocol.send(sock, protocol.SHUTDOWN)
     assert srv.proc.wait(timeout=10) == 0
+
+
+def test_outbox_drops_stale_previews_instead_of_blocking_the_job() -> None:
+    """A client that stops reading must not stall the job: putting frames never blocks, a newer
+    preview replaces an unsent older one, and ordered messages keep their order around them."""
+    from backend.server import Outbox
+
+    job_side, client_side = socket.socketpair()
+    job_side.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    outbox = Outbox(job_side)
+    big = np.zeros((256, 256, 4), np.uint8)
+    started = time.monotonic()
+    for i in range(50):  # far more than the socket buffer holds while nobody reads
+        big[0, 0, 0] = i
+        outbox.put(protocol.TEXTURE, {"job": 1, "i": i, "final": False},
+                   {"rgba": protocol.array("|u1", big.shape, big.copy())}, replace_key=(1, "texture"))
+        outbox.put(protocol.PROGRESS, {"job": 1, "done": i})
+    outbox.put(protocol.DONE, {"job": 1, "status": "finished"})
+    assert time.monotonic() - started < 1.0  # the job never waited on the socket
+    assert outbox.dropped > 40
+    client_side.settimeout(10)
+    received = read_until(client_side, protocol.DONE)
+    progress = [m.get("done") for m in received if m.type == protocol.PROGRESS]
+    previews = [m.get("i") for m in received if m.type == protocol.TEXTURE]
+    assert progress == list(range(50))                  # ordered messages all arrive, in order
+    assert previews == sorted(previews) and previews[-1] == 49 and len(previews) < 10
+    outbox.close()
