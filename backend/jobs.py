@@ -99,7 +99,6 @@ class ModelCache:
     def unload(self) -> list[str]:
         names = [model + (f" + {controlnet}" if controlnet else "") for model, controlnet in self.priors]
         self.priors.clear()
-        import torch
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return names
@@ -151,16 +150,18 @@ def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, 
     from .distill import DistillTexturer
     from .sir import SIRTexturer
 
-    cfg = request.config(refine=init_texture is not None)
+    refine = init_texture is not None
+    cfg = request.config(refine=refine)
+    total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
     mesh.validate()
-    if init_texture is not None and mesh.corner_uvs is None:
+    if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")
     if mesh.corner_uvs is None:
-        events.progress(0, cfg.total_work(), "unwrapping UVs (xatlas)")
+        events.progress(0, total, "unwrapping UVs (xatlas)")
         loop_uvs = unwrap(mesh)
         events.uvs(loop_uvs, mesh.corner_uvs)
-    events.progress(0, cfg.total_work(), f"loading model {request.model}")
+    events.progress(0, total, f"loading model {request.model}")
     prior = models.get(request.model, request.offline, request.controlnet)
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "

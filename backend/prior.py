@@ -2,7 +2,7 @@
 
 A method never sees a UNet. It asks a ``Prior`` for ε-predictions of noisy images at a timestep,
 unconditional and conditional as a pair (CFG, SDS and SSD each combine them their own way), given
-prompt embeddings and per-view conditioning (cameras, and depth/normals for priors that use them).
+prompt embeddings and per-view conditioning (cameras, and depth maps for priors that use them).
 Anything that implements ``Prior`` — the exact prior, or one written outside the project — plugs
 into every method unchanged.
 
@@ -43,7 +43,6 @@ class Views:
 
     cameras: Cameras
     depth: torch.Tensor | None = None     # (K, 1, H, W), top row first, 0 where empty
-    normals: torch.Tensor | None = None   # (K, 3, H, W)
 
 
 class Prior(Protocol):

@@ -39,10 +39,7 @@ class PyramidTexture(torch.nn.Module):
 
     def sample(self, uv: torch.Tensor) -> torch.Tensor:
         """Colours at UVs of shape (N, 2) → (N, 3), differentiable in every level."""
-        grid = (uv * 2 - 1).view(1, 1, -1, 2)
-        logits = sum(F.grid_sample(level, grid, mode="bilinear", padding_mode="border",
-                                   align_corners=False) for level in self.levels)
-        return torch.sigmoid(logits).view(3, -1).t()
+        return torch.sigmoid(sum(_bilinear(level, uv) for level in self.levels))
 
     @torch.no_grad()
     def compose(self) -> torch.Tensor:
@@ -52,11 +49,16 @@ class PyramidTexture(torch.nn.Module):
         return torch.sigmoid(logits)[0]
 
 
+def _bilinear(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
+    """Bilinear lookup of a (1, 3, H, W) image (rows bottom-up: v = 0 is row 0) at UVs (N, 2) → (N, 3)."""
+    grid = (uv * 2 - 1).view(1, 1, -1, 2)
+    out = F.grid_sample(image, grid, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.view(3, -1).t()
+
+
 def sample_image(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Bilinear colours of a fixed (3, H, W) texture (rows bottom-up) at UVs (N, 2) → (N, 3)."""
-    grid = (uv * 2 - 1).view(1, 1, -1, 2)
-    out = F.grid_sample(image[None].float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
-    return out.view(3, -1).t()
+    return _bilinear(image[None].float(), uv)
 
 
 def render(sampler: Callable[[torch.Tensor], torch.Tensor], corner_uvs: torch.Tensor, raster: Raster,
@@ -71,9 +73,15 @@ def render(sampler: Callable[[torch.Tensor], torch.Tensor], corner_uvs: torch.Te
     return image.permute(0, 3, 1, 2).flip(2)
 
 
+def image_rows(per_view: torch.Tensor) -> torch.Tensor:
+    """A per-pixel map in raster orientation (K, H, W), row 0 at the bottom, as an image batch
+    (K, 1, H, W) with the top row first, the orientation priors and rendered views use."""
+    return per_view[:, None].flip(2)
+
+
 def image_mask(raster: Raster) -> torch.Tensor:
     """The coverage mask in image orientation (top row first), (K, 1, H, W)."""
-    return raster.mask[:, None].flip(2)
+    return image_rows(raster.mask)
 
 
 def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:

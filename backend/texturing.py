@@ -15,7 +15,7 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .prior import Prior, Views
 from .raster import Raster, interpolate, rasterize_views
-from .texture import PyramidTexture, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
+from .texture import PyramidTexture, image_rows, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
 
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
 
@@ -35,7 +35,7 @@ def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, 
             lo, hi = covered.min(), covered.max()
             inv = torch.where(one.mask[0], 0.1 + 0.9 * (inv - lo) / (hi - lo).clamp_min(1e-8), inv)
         maps.append(inv)
-    return torch.stack(maps)[:, None].flip(2)
+    return image_rows(torch.stack(maps))
 
 
 def facing_weights(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
@@ -48,7 +48,7 @@ def facing_weights(positions: torch.Tensor, triangles: torch.Tensor, cams: Camer
     rays = cams.eyes[:, None, None, :] - points
     rays = rays / rays.norm(dim=-1, keepdim=True).clamp_min(1e-12)
     cos = (normals[raster.tri_id.clamp_min(0)] * rays).sum(-1).abs() * raster.mask
-    return cos[:, None].flip(2)
+    return image_rows(cos)
 
 
 class MeshTexturer:

@@ -42,7 +42,7 @@ from backend.mesh import Mesh, load_mesh_file, unwrap  # noqa: E402
 from backend.presets import PRESETS, DistillConfig, SIRConfig  # noqa: E402
 from backend.raster import rasterize_views  # noqa: E402
 from backend.sir import SIRTexturer  # noqa: E402
-from backend.texture import render, sample_image, uv_coverage  # noqa: E402
+from backend.texture import image_mask, render, sample_image, uv_coverage  # noqa: E402
 
 RESOLUTION = 64
 TEXTURE = 256
@@ -169,7 +169,7 @@ class Scorer:
         self.raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), cams.mvp,
                                       RESOLUTION)
         self.uvs = torch.as_tensor(mesh.corner_uvs)
-        self.mask = self.raster.mask[:, None].flip(2).float()
+        self.mask = image_mask(self.raster).float()
         self.truths = [render(lambda uv, t=t: sample_image(t, uv), self.uvs, self.raster, 1.0)
                        for t in case.variants]
 
