@@ -19,6 +19,19 @@ class Cameras:
     azimuths: list[float]      # degrees
     elevations: list[float]    # degrees
     eyes: torch.Tensor         # (K, 3) camera positions in world space
+    view: torch.Tensor         # (K, 4, 4) world → camera, OpenGL convention (looks down −z, y up)
+    fov_y_deg: float
+
+    def intrinsics(self, size: int) -> torch.Tensor:
+        """(K, 3, 3) pinhole matrices for square ``size`` images, pixel centres at +0.5 (gsplat's)."""
+        f = size / 2 / math.tan(math.radians(self.fov_y_deg) / 2)
+        k = torch.tensor([[f, 0, size / 2], [0, f, size / 2], [0, 0, 1]], dtype=torch.float32, device=self.mvp.device)
+        return k.expand(len(self), 3, 3)
+
+    def view_opencv(self) -> torch.Tensor:
+        """World → camera with OpenCV's axes (looks down +z, y down), as gsplat expects."""
+        flip = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0], device=self.view.device))
+        return flip @ self.view
 
     def __len__(self) -> int:
         return self.mvp.shape[0]
@@ -50,30 +63,40 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
 
 def orbit(positions: np.ndarray, azimuths: list[float], elevations: list[float], up_axis: str,
           fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu") -> Cameras:
-    """Cameras on a sphere around the mesh's bounding box, each framing the whole mesh.
+    """Cameras on a sphere around the mesh's bounding box, each framing the whole mesh."""
+    lo, hi = positions.min(axis=0).astype(np.float64), positions.max(axis=0).astype(np.float64)
+    return orbit_sphere((lo + hi) / 2, max(float(np.linalg.norm(hi - lo)) / 2, 1e-6), azimuths, elevations,
+                        up_axis, fov_y_deg, margin, device)
 
-    Azimuth 0 looks at the mesh's front (from -Y towards +Y for Z-up, from +Z for Y-up), so
+
+def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], elevations: list[float], up_axis: str,
+                 fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu") -> Cameras:
+    """Cameras looking at ``center``, each framing the sphere of ``radius`` around it.
+
+    Azimuth 0 looks at the front (from -Y towards +Y for Z-up, from +Z for Y-up), so
     view-dependent prompts ("front view") mean the same thing as Blender's Front view.
     """
     up = UP_AXES[up_axis]
-    lo, hi = positions.min(axis=0).astype(np.float64), positions.max(axis=0).astype(np.float64)
-    center = (lo + hi) / 2
-    radius = max(float(np.linalg.norm(hi - lo)) / 2, 1e-6)
+    center = np.asarray(center, np.float64)
     distance = radius * margin / math.sin(math.radians(fov_y_deg) / 2)
     proj = perspective(fov_y_deg, max(distance - radius * 1.5, distance * 0.01), distance + radius * 1.5)
     if up_axis == "z":
         front, side = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
     else:
         front, side = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
-    mats, eyes = [], []
+    views, eyes = [], []
     for az, el in zip(azimuths, elevations, strict=True):
         a, e = math.radians(az), math.radians(el)
         direction = math.cos(e) * (math.cos(a) * front + math.sin(a) * side) + math.sin(e) * up
         eyes.append(center + distance * direction)
-        mats.append(proj @ look_at(eyes[-1], center, up))
-    mvp = torch.tensor(np.stack(mats), dtype=torch.float32, device=device)
-    return Cameras(mvp, list(azimuths), list(elevations), torch.tensor(np.stack(eyes), dtype=torch.float32,
-                                                                          device=device))
+        views.append(look_at(eyes[-1], center, up))
+
+    def tensor(a: np.ndarray) -> torch.Tensor:
+        return torch.tensor(a, dtype=torch.float32, device=device)
+
+    view = np.stack(views)
+    return Cameras(tensor(proj @ view), list(azimuths), list(elevations), tensor(np.stack(eyes)), tensor(view),
+                   fov_y_deg)
 
 
 def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[list[float], list[float]]:

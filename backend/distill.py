@@ -7,25 +7,45 @@ the usual stop-gradient target ``x − w(t)·residual``.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from . import estimators
 from .presets import DistillConfig
+from .prior import Prior, Views
 from .texturing import MeshTexturer
+
+
+def timestep(cfg: DistillConfig, i: int, num_train_timesteps: int, generator: torch.Generator,
+             strength: float = 1.0) -> int:
+    """t for step i: uniform in [t_min, t_max·strength]·T, or annealed linearly from high to low.
+    Refine mode's strength < 1 means less noise, smaller changes."""
+    lo = cfg.t_min * num_train_timesteps
+    hi = max(lo, cfg.t_max * num_train_timesteps * strength)
+    if cfg.anneal:
+        return int(round(hi + (lo - hi) * i / max(cfg.iterations - 1, 1)))
+    return int(torch.randint(int(lo), int(hi) + 1, (1,), generator=generator, device=generator.device).item())
+
+
+def distill_loss(prior: Prior, cfg: DistillConfig, x: torch.Tensor, t: int, prompt: Any, conditioning: Views,
+                 generator: torch.Generator) -> torch.Tensor:
+    """The SDS / SSD surrogate loss for encoded renders ``x`` (with grad): its gradient is
+    w(t)·residual, the usual stop-gradient target trick. Shared by every representation."""
+    noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        x_t = prior.schedule.add_noise(x.detach(), noise, t)
+        uncond, cond = prior.predict_eps(x_t, t, prompt, conditioning)
+        if cfg.estimator == "ssd":
+            residual = estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
+        else:
+            residual = estimators.sds_residual(uncond, cond, noise, cfg.guidance)
+        target = x.detach() - estimators.weight(prior.schedule.alpha_bar(t), cfg.weighting) * residual
+    return 0.5 * (x - target).square().sum() / x.shape[0]
 
 
 class DistillTexturer(MeshTexturer):
     cfg: DistillConfig
-
-    def timestep(self, i: int) -> int:
-        cfg, T = self.cfg, self.schedule.num_train_timesteps
-        lo = cfg.t_min * T
-        hi = max(lo, cfg.t_max * T * self.strength)  # refine mode: less noise, smaller changes
-        if cfg.anneal:
-            frac = i / max(cfg.iterations - 1, 1)
-            return int(round(hi + (lo - hi) * frac))
-        return int(torch.randint(int(lo), int(hi) + 1, (1,), generator=self.generator,
-                                 device=self.device).item())
 
     def optimise(self) -> None:
         cfg = self.cfg
@@ -33,18 +53,9 @@ class DistillTexturer(MeshTexturer):
         for i in range(cfg.iterations):
             self.check_cancel()
             conditioning, raster = self.cameras(cfg.views)
-            x = self.prior.encode(self.render(raster))
-            t = self.timestep(i)
-            noise = torch.randn(x.shape, generator=self.generator, device=self.device, dtype=x.dtype)
-            with torch.no_grad():
-                x_t = self.schedule.add_noise(x.detach(), noise, t)
-                uncond, cond = self.prior.predict_eps(x_t, t, self.prompt_for(conditioning), conditioning)
-                if cfg.estimator == "ssd":
-                    residual = estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
-                else:
-                    residual = estimators.sds_residual(uncond, cond, noise, cfg.guidance)
-                target = x.detach() - estimators.weight(self.schedule.alpha_bar(t), cfg.weighting) * residual
-            loss = 0.5 * (x - target).square().sum() / x.shape[0]
+            t = timestep(cfg, i, self.schedule.num_train_timesteps, self.generator, self.strength)
+            loss = distill_loss(self.prior, cfg, self.prior.encode(self.render(raster)), t,
+                                self.prompts.for_views(conditioning.cameras), conditioning, self.generator)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import torch
 
 from . import protocol
-from .cameras import Cameras
+from .cameras import Cameras, view_suffix
 from .diffusion import NoiseSchedule
 
 TINY = "tiny"
@@ -72,6 +72,27 @@ class Prior(Protocol):
         """(ε_uncond, ε_cond) for noisy x_t at timestep t; ``branches`` 'uncond' or 'cond' computes
         only that one (DDIM inversion needs no prompt, guidance-free models no negative) and
         returns None for the other."""
+
+
+VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
+
+
+class Prompts:
+    """A prompt encoded once per job, with DreamFusion's view-dependent variants for priors that
+    want them; every method asks it for the prompt of a batch of views."""
+
+    def __init__(self, prior: Prior, prompt: str, negative: str) -> None:
+        self.prior = prior
+        self.plain = prior.encode_prompt(prompt, negative)
+        self.per_view = {suffix: prior.encode_prompt(f"{prompt}, {suffix}", negative)
+                         for suffix in VIEW_SUFFIXES} if getattr(prior, "wants_view_prompts", False) else {}
+
+    def for_views(self, cams: Cameras) -> Any:
+        """Per view with a view-dependent suffix for text-only priors, else the plain prompt."""
+        if not self.per_view:
+            return self.plain
+        return self.prior.stack_prompts([self.per_view[view_suffix(a, e)]
+                                         for a, e in zip(cams.azimuths, cams.elevations, strict=True)])
 
 
 @dataclass

@@ -8,11 +8,13 @@ texture updates: that is where SIR's speed over SDS comes from.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 
 from . import diffusion
 from .presets import SIRConfig
-from .prior import COND, UNCOND, Views
+from .prior import COND, UNCOND, Prior, Views
 from .texture import image_mask
 from .texturing import MeshTexturer, facing_weights
 
@@ -23,6 +25,36 @@ def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
         return [cfg.t_start * num_train_timesteps]
     return [num_train_timesteps * (cfg.t_start + (cfg.t_end - cfg.t_start) * i / (cfg.iterations - 1))
             for i in range(cfg.iterations)]
+
+
+def denoise(prior: Prior, cfg: SIRConfig, images: torch.Tensor, t2: float, conditioning: Views, prompt: Any,
+            generator: torch.Generator, cancelled: Callable[[], bool]) -> torch.Tensor:
+    """SIR's targets: the hybrid forward process — noise to t1, DDIM inversion (unconditional)
+    from t1 to t2 — then DDIM sampling with CFG back to clean images. t1 = t2 means noise only;
+    from pure noise (t2 ≥ T) the current images play no part. Shared by every representation."""
+    schedule, steps = prior.schedule, cfg.ddim_steps
+
+    def eps_uncond(x: torch.Tensor, t: int) -> torch.Tensor:
+        return prior.predict_eps(x, t, prompt, conditioning, UNCOND)[0]
+
+    def eps_cfg(x: torch.Tensor, t: int) -> torch.Tensor:
+        if cfg.guidance == 1.0:  # guidance-free (few-step distilled models): one branch is enough
+            return prior.predict_eps(x, t, prompt, conditioning, COND)[1]
+        uncond, cond = prior.predict_eps(x, t, prompt, conditioning)
+        return uncond + cfg.guidance * (cond - uncond)
+
+    x0 = prior.encode(images)
+    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    if t2 >= schedule.num_train_timesteps:
+        start, x = schedule.grid(steps)[-1], noise
+    else:
+        start = schedule.snap(t2, steps)
+        t1 = min(schedule.snap(cfg.t1_ratio * t2, steps), start)
+        x = schedule.add_noise(x0, noise, t1)
+        if t1 < start:
+            x = diffusion.invert(schedule, eps_uncond, x, t1, start, steps, cancelled=cancelled)
+    x = diffusion.sample(schedule, eps_cfg, x, start, steps, eta=cfg.eta, generator=generator, cancelled=cancelled)
+    return prior.decode(x)
 
 
 class SIRTexturer(MeshTexturer):
@@ -43,39 +75,9 @@ class SIRTexturer(MeshTexturer):
                                          raster) ** self.cfg.normal_weighting
         self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
-            target = self._denoise(self.render(raster), t2, conditioning)
+            target = denoise(self.prior, self.cfg, self.render(raster), t2, conditioning,
+                             self.prompts.for_views(conditioning.cameras), self.generator, self.events.cancelled)
         self._reconstruct(raster, target, mask, steps)
-
-    def _denoise(self, views: torch.Tensor, t2: float, conditioning: Views) -> torch.Tensor:
-        """The hybrid forward process — noise to t1, DDIM inversion (unconditional) from t1 to t2 —
-        then DDIM sampling with CFG back to clean images. t1 = t2 means noise only; from pure
-        noise (t2 ≥ T) the current views play no part."""
-        prior, schedule, cfg = self.prior, self.schedule, self.cfg
-        steps = cfg.ddim_steps
-        prompt = self.prompt_for(conditioning)
-
-        def eps_uncond(x: torch.Tensor, t: int) -> torch.Tensor:
-            return prior.predict_eps(x, t, prompt, conditioning, UNCOND)[0]
-
-        def eps_cfg(x: torch.Tensor, t: int) -> torch.Tensor:
-            if cfg.guidance == 1.0:  # guidance-free (few-step distilled models): one branch is enough
-                return prior.predict_eps(x, t, prompt, conditioning, COND)[1]
-            uncond, cond = prior.predict_eps(x, t, prompt, conditioning)
-            return uncond + cfg.guidance * (cond - uncond)
-
-        x0 = prior.encode(views)
-        noise = torch.randn(x0.shape, generator=self.generator, device=self.device, dtype=x0.dtype)
-        if t2 >= schedule.num_train_timesteps:
-            start, x = schedule.grid(steps)[-1], noise
-        else:
-            start = schedule.snap(t2, steps)
-            t1 = min(schedule.snap(cfg.t1_ratio * t2, steps), start)
-            x = schedule.add_noise(x0, noise, t1)
-            if t1 < start:
-                x = diffusion.invert(schedule, eps_uncond, x, t1, start, steps, cancelled=self.events.cancelled)
-        x = diffusion.sample(schedule, eps_cfg, x, start, steps, eta=cfg.eta, generator=self.generator,
-                             cancelled=self.events.cancelled)
-        return prior.decode(x)
 
     def _reconstruct(self, raster, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
         optimiser = torch.optim.Adam(self.texture.parameters(), lr=self.cfg.lr)

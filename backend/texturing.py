@@ -10,15 +10,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cameras import Cameras, orbit, ring, view_suffix
+from .cameras import Cameras, orbit, ring
 from .events import Cancelled, TextureEvents
 from .mesh import Mesh
-from .prior import Prior, Views
+from .prior import Prior, Prompts, Views
 from .raster import Raster, interpolate, rasterize_views
 from .texture import PyramidTexture, image_rows, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
-
-VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
-
 
 def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
     """Per-view depth as depth ControlNets and SD 2's depth model expect it: normalised inverse
@@ -65,9 +62,7 @@ class MeshTexturer:
         self.schedule = prior.schedule
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
-        self.embeds = prior.encode_prompt(prompt, negative)
-        self.view_embeds = {suffix: prior.encode_prompt(f"{prompt}, {suffix}", negative)
-                            for suffix in VIEW_SUFFIXES} if getattr(prior, "wants_view_prompts", False) else {}
+        self.prompts = Prompts(prior, prompt, negative)
         self.positions = torch.as_tensor(mesh.positions, device=self.device)
         self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
         self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
@@ -112,15 +107,6 @@ class MeshTexturer:
         depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
             else None
         return Views(cams, depth=depth), raster
-
-    def prompt_for(self, views: Views) -> Any:
-        """The prompt for a batch of views: per view with a view-dependent suffix for text-only
-        priors, else the plain prompt."""
-        if not self.view_embeds:
-            return self.embeds
-        cams = views.cameras
-        return self.prior.stack_prompts([self.view_embeds[view_suffix(a, e)]
-                                         for a, e in zip(cams.azimuths, cams.elevations, strict=True)])
 
     def render(self, raster: Raster) -> torch.Tensor:
         return render(self.texture.sample, self.corner_uvs, raster, self.cfg.background)

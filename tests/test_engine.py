@@ -207,17 +207,14 @@ def test_turbo_preset_runs_guidance_free() -> None:
 
 def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() -> None:
     from backend.cameras import orbit, view_suffix
-    from backend.prior import Views
-    from backend.texturing import MeshTexturer
+    from backend.prior import Prompts, Views
 
     assert [view_suffix(a, e) for a, e in [(10, 0), (-30, 20), (90, 0), (200, 10), (300, 0), (0, 70)]] == \
         ["front view", "front view", "side view", "back view", "side view", "overhead view"]
     prior = load_prior("tiny", torch.device("cpu"))
     mesh = grid_mesh()
-    unwrap(mesh)
-    texturer = MeshTexturer(mesh, prior, PRESETS["sir"]["pipeline-check"], 512, "a vase", "", 0, TextureEvents())
     views = Views(orbit(mesh.positions, [0.0, 180.0], [0.0, 0.0], "y"))
-    stacked = texturer.prompt_for(views)
+    stacked = Prompts(prior, "a vase", "").for_views(views.cameras)
     assert stacked.shape[:2] == (2, 2)
     assert torch.equal(stacked[1, 0], prior.encode_prompt("a vase, front view", "")[1])
     assert torch.equal(stacked[1, 1], prior.encode_prompt("a vase, back view", "")[1])
