@@ -1,7 +1,8 @@
-"""``python -m backend``: the server Blender spawns, and a headless texturing CLI for pipelines.
+"""``python -m backend``: the server Blender spawns, and headless texturing and generation for pipelines.
 
-The CLI runs the very job the server runs (``jobs.run_texture_job``) and exits non-zero with the
-reason on stderr when anything fails, so batch scripts can trust its exit code.
+The CLI runs the very jobs the server runs (``jobs.run_texture_job``, ``jobs.run_generate_job``)
+and exits non-zero with the reason on stderr when anything fails, so batch scripts can trust its
+exit code.
 """
 
 from __future__ import annotations
@@ -10,15 +11,16 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import protocol
 from .events import TextureEvents
-from .jobs import JobError, ModelCache, TextureRequest, run_texture_job
+from .jobs import JobError, JobRequest, ModelCache, run_generate_job, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
-from .presets import METHODS, PRESETS
+from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 
 
@@ -83,14 +85,30 @@ def refine_texture(args: argparse.Namespace, loaded: object):
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
+def request_from(args: argparse.Namespace, task: str) -> JobRequest:
+    return JobRequest.from_fields({
+        "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
+        "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
+        "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
+        "controlnet": getattr(args, "controlnet", None), "offline": args.offline})
+
+
+def finish(request: JobRequest, out: Path, started: float, files: dict[str, str], **extra: object) -> int:
+    """result.json, the pipeline-check notice where it applies, and the summary on stdout."""
+    summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
+               "method": request.method, "pipeline_check": request.model == "tiny", **extra, **files}
+    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    if request.model == "tiny":
+        print(f"PIPELINE CHECK: made with the built-in tiny random-weight model. The {request.task} result is "
+              "noise by design; it proves the pipeline runs end to end. Use --model with real weights for art.")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def texture_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
-        request = TextureRequest.from_fields({
-            "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model, "seed": args.seed,
-            "texture_size": args.size, "steps": args.steps, "guidance": args.guidance, "method": args.method,
-            "preset": args.preset, "strength": args.strength, "controlnet": args.controlnet,
-            "offline": args.offline})
+        request = request_from(args, protocol.TASK_TEXTURE)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
         init = refine_texture(args, loaded) if args.refine else None
@@ -100,15 +118,44 @@ def texture_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
+    return finish(request, Path(args.out), started, write_result(mesh, events.final, Path(args.out)))
+
+
+def generate_command(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
+    try:
+        request = request_from(args, protocol.TASK_GENERATE)
+        events = ConsoleEvents()
+        result = run_generate_job(request, events, ModelCache())
+        events.bar.close()
+    except (JobError, MeshError, ModelError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    # glTF is Y-up; the object was made Z-up (Blender's convention): (x, y, z) → (x, z, −y).
+    mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
     files = write_result(mesh, events.final, Path(args.out))
-    summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
-               "pipeline_check": request.model == "tiny", **files}
-    (Path(args.out) / "result.json").write_text(json.dumps(summary, indent=2))
-    if request.model == "tiny":
-        print("PIPELINE CHECK: made with the built-in tiny random-weight model. The texture is noise by "
-              "design; it proves the pipeline runs end to end. Use --model with real weights for art.")
-    print(json.dumps(summary, indent=2))
-    return 0
+    return finish(request, Path(args.out), started, files, stages_s=result.seconds,
+                  gaussians=len(result.splats["means"]), triangles=mesh.triangle_count)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    """The options texturing and generating share."""
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--model", default="tiny",
+                        help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
+                             "or a .safetensors file")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=1024,
+                        help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
+    parser.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
+    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
+    parser.add_argument("--method", choices=METHODS, default="sir",
+                        help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
+    parser.add_argument("--preset", choices=sorted({p for names in presets.values() for p in names}), default=None,
+                        help="default: pipeline-check for the tiny model, quality otherwise")
+    parser.add_argument("--offline", action="store_true", help="never contact the model hub")
+    parser.add_argument("--out", required=True, help="output folder")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -118,32 +165,19 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on stdout)")
     tex = sub.add_parser("texture", help="texture a mesh file from a prompt, without Blender")
     tex.add_argument("mesh", help="OBJ, GLB, PLY, ... (anything trimesh reads)")
-    tex.add_argument("--prompt", required=True)
-    tex.add_argument("--negative", default="", help="negative prompt")
-    tex.add_argument("--model", default="tiny",
-                     help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
-                          "or a .safetensors file")
+    add_job_arguments(tex, PRESETS)
     tex.add_argument("--controlnet", default=None,
                      help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")
-    tex.add_argument("--seed", type=int, default=0)
-    tex.add_argument("--size", type=int, default=1024,
-                     help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
-    tex.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
-    tex.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
-    tex.add_argument("--method", choices=METHODS, default="sir",
-                     help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
-    tex.add_argument("--preset", choices=sorted({p for presets in PRESETS.values() for p in presets}), default=None,
-                     help="default: pipeline-check for the tiny model, quality otherwise")
     tex.add_argument("--refine", action="store_true",
                      help="start from the mesh's existing texture (or --init-texture) instead of blank")
     tex.add_argument("--init-texture", default=None, help="PNG/JPEG to refine, mapped through the mesh's UVs")
     tex.add_argument("--strength", type=float, default=0.5,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
-    tex.add_argument("--offline", action="store_true", help="never contact the model hub")
-    tex.add_argument("--out", required=True, help="output folder")
+    gen = sub.add_parser("generate", help="generate a textured object from a prompt (GLB + PNG), without Blender")
+    add_job_arguments(gen, GENERATE_PRESETS)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from .server import serve as run_server
         return run_server(args.port)
-    return texture_command(args)
+    return generate_command(args) if args.command == "generate" else texture_command(args)

@@ -1,12 +1,17 @@
-"""What a texturing job reports while it works; the server and the CLI each implement it.
+"""What a job (texturing or generating) reports while it works; the server and the CLI each implement it.
 
 The defaults do nothing, so a front end overrides only what it shows.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .mesh import Mesh
 
 
 class Cancelled(Exception):
@@ -22,6 +27,12 @@ class TextureEvents:
 
     def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None:
         """New UVs from unwrapping: per Blender loop (None for meshes without loops) and per corner."""
+
+    def points(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
+        """A generation preview: (N, 3) float32 centres, (N, 3) uint8 colours, (N,) float32 radii."""
+
+    def generated(self, mesh: Mesh) -> None:
+        """A generated object's final geometry with its UVs; its textures follow as ``texture`` events."""
 
     def log(self, text: str) -> None:
         """A message the user should see."""

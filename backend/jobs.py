@@ -1,8 +1,10 @@
-"""A texture job: its validated request, and the one function the server and the CLI both run."""
+"""Jobs: a validated request, and the functions the server and the CLI both run (texturing a
+mesh, generating an object)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -11,7 +13,7 @@ import torch
 from . import protocol
 from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
-from .presets import METHODS, default_preset, resolve
+from .presets import METHODS, DistillConfig, GenerateConfig, SIRConfig, default_preset, resolve, resolve_generate
 from .prior import Prior, load_prior
 
 
@@ -24,8 +26,9 @@ class JobError(Exception):
 
 
 @dataclass(frozen=True)
-class TextureRequest:
+class JobRequest:
     prompt: str
+    task: str = protocol.TASK_TEXTURE
     negative_prompt: str = ""
     model: str = "tiny"
     seed: int = 0
@@ -39,7 +42,7 @@ class TextureRequest:
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
 
     @classmethod
-    def from_fields(cls, f: dict[str, Any]) -> "TextureRequest":
+    def from_fields(cls, f: dict[str, Any]) -> "JobRequest":
         """Validate a request from the wire or the CLI; each problem gets its own message."""
         def bad(msg: str) -> JobError:
             return JobError(protocol.E_BAD_REQUEST, msg)
@@ -63,24 +66,38 @@ class TextureRequest:
         strength = f.get("strength", 0.5)
         if not isinstance(strength, (int, float)) or not 0.05 <= strength <= 1.0:
             raise bad(f"strength {strength!r} is out of range: choose 0.05 (keep nearly all) to 1 (repaint)")
+        task = f.get("task") or protocol.TASK_TEXTURE
+        if task not in (protocol.TASK_TEXTURE, protocol.TASK_GENERATE):
+            raise bad(f"unknown task {task!r}: {protocol.TASK_TEXTURE!r} or {protocol.TASK_GENERATE!r}")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
         model = f.get("model") or "tiny"
         if not isinstance(model, str):
             raise bad("model must be a name, folder or file path")
-        return cls(prompt=prompt.strip(), negative_prompt=str(f.get("negative_prompt") or ""), model=model,
+        return cls(prompt=prompt.strip(), task=task, negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
                    preset=f.get("preset"), offline=bool(f.get("offline", False)))
 
-    def config(self, refine: bool = False):
+    def config(self, refine: bool = False) -> SIRConfig | DistillConfig:
         try:
             return resolve(self.method, self.preset or default_preset(self.method, self.model, refine),
-                           {"iterations": self.steps, "guidance": self.guidance})
+                           self._overrides())
         except ValueError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+
+    def generate_config(self) -> GenerateConfig:
+        try:
+            cfg = resolve_generate(self.method, self.preset or default_preset(self.method, self.model),
+                                   self._overrides())
+        except ValueError as exc:
+            raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+        return replace(cfg, mesh=replace(cfg.mesh, texture_size=self.texture_size))
+
+    def _overrides(self) -> dict[str, Any]:
+        return {"iterations": self.steps, "guidance": self.guidance}
 
 
 @dataclass
@@ -143,7 +160,7 @@ def texture_from_message(msg: protocol.Message) -> torch.Tensor | None:
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
 
 
-def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
+def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
                     init_texture: torch.Tensor | None = None):
     """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S)
     texture. With ``init_texture`` the method refines it instead of starting blank."""
@@ -170,3 +187,29 @@ def run_texture_job(request: TextureRequest, mesh: Mesh, events: TextureEvents, 
     texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
                       request.seed, events, init_texture=init_texture, strength=request.strength)
     return texturer.run()
+
+
+def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache):
+    """Load the prior and generate a new object; returns ``generate.Generated``."""
+    from .generate import generate_object
+
+    cfg = request.generate_config()
+    if request.controlnet:
+        raise JobError(protocol.E_BAD_REQUEST, "generating takes no depth ControlNet: there is no mesh to take "
+                       "depth from yet. Clear the ControlNet field, or texture the generated object afterwards")
+    events.progress(0, cfg.total_work(), f"loading model {request.model}")
+    prior = models.get(request.model, request.offline)
+    if getattr(prior, "wants_depth", False):
+        raise JobError(protocol.E_BAD_REQUEST, f"{request.model} is a depth-conditioned model and needs a mesh: "
+                       "generate with a text-to-image model (e.g. SD 1.5 / 2.1 / SD-Turbo)")
+    if prior.pipeline_check:
+        events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
+                   "this object tests the pipeline and is not art")
+    return generate_object(prior, cfg, request.prompt, request.negative_prompt, request.seed, events,
+                           name=object_name(request.prompt))
+
+
+def object_name(prompt: str) -> str:
+    """A short object name from the prompt's first words ("a red chair, ornate" → "red_chair")."""
+    words = [w for w in re.findall(r"[A-Za-z0-9]+", prompt.split(",")[0].lower()) if w not in ("a", "an", "the")]
+    return "_".join(words[:3]) or "kiln_object"

@@ -99,6 +99,96 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
 }
 
 
+@dataclass(frozen=True)
+class SplatConfig:
+    """The 3D Gaussians of a generated object. The object lives in the unit ball at the origin
+    (Z up), which every camera frames. Learning rates are DreamGaussian's per parameter (the
+    schedule's ``lr`` is a texture's and plays no part here)."""
+
+    count: int = 4096               # Gaussians at the start, in a ball of ``radius``
+    radius: float = 0.5
+    lr_means: float = 1e-3
+    lr_scales: float = 5e-3
+    lr_quats: float = 5e-3
+    lr_opacities: float = 5e-2
+    lr_colors: float = 1e-2
+    # Densify and prune (gsplat's DefaultStrategy) every this many updates until ``densify_until``:
+    # MicroDreamer's "every 50 updates during the initial 200".
+    densify_every: int = 50
+    densify_until: int = 200
+    grow_grad2d: float = 2e-4       # 3DGS's threshold on the mean screen-space gradient (NDC units)
+    max_count: int = 100_000        # stop growing past this, so memory stays bounded
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    """Gaussians → textured mesh: DreamGaussian's extraction, then SIR's texture refinement."""
+
+    grid: int = 128                 # density grid per axis over the unit cube [-1, 1]³
+    density_threshold: float = 1.0  # marching-cubes level (DreamGaussian's)
+    face_budget: int = 50_000       # decimate to at most this many triangles
+    min_component: float = 0.05     # drop floaters with fewer faces than this share of the largest part
+    texture_size: int = 1024
+    bake_views: int = 8             # views per bake round, rendered from the Gaussians
+    bake_rounds: int = 4
+    bake_steps: int = 25            # texture updates per bake round
+    refine_preset: str = "refine"   # SIR preset for the final texture refinement ("" skips it)
+    refine_strength: float = 0.5
+
+
+@dataclass(frozen=True)
+class GenerateConfig:
+    method: str
+    schedule: SIRConfig | DistillConfig
+    splats: SplatConfig = SplatConfig()
+    mesh: MeshConfig = MeshConfig()
+
+    def total_work(self) -> int:
+        """Progress units: Gaussian updates, then bake updates, then the refinement's."""
+        refine = PRESETS["sir"][self.mesh.refine_preset].total_work(True) if self.mesh.refine_preset else 0
+        return self.schedule.total_work() + self.mesh.bake_rounds * self.mesh.bake_steps + refine
+
+
+_TINY_SPLATS = SplatConfig(count=1500, densify_every=10, densify_until=30)
+_TINY_MESH = MeshConfig(grid=48, face_budget=4000, texture_size=512, bake_views=4, bake_rounds=2, bake_steps=10,
+                        density_threshold=0.5)
+
+GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
+    "sir": {
+        # MicroDreamer on 3DGS with a text-to-image prior: K = 4 views, 10-step DDIM, t2 annealed
+        # 0.8T → 0.3T over 30 iterations, 15 updates each; the first pass from pure noise uses all
+        # K views, since one view says nothing about the shape behind it.
+        "quality": GenerateConfig("sir", SIRConfig(views=4, iterations=30, ddim_steps=10, t_start=0.8, t_end=0.3,
+                                                   recon_steps=15, init_recon_steps=50, init_views=0)),
+        "pipeline-check": GenerateConfig("sir", SIRConfig(views=2, iterations=3, ddim_steps=4, t_start=0.8,
+                                                          t_end=0.4, recon_steps=5, init_recon_steps=10,
+                                                          init_views=0, stream_every=5),
+                                         _TINY_SPLATS, _TINY_MESH),
+    },
+    "sds": {
+        "quality": GenerateConfig("sds", DistillConfig(estimator="sds", guidance=100.0, iterations=500)),
+        "pipeline-check": GenerateConfig("sds", DistillConfig(estimator="sds", iterations=20, views=2,
+                                                              stream_every=5), _TINY_SPLATS, _TINY_MESH),
+    },
+    "ssd": {
+        "quality": GenerateConfig("ssd", DistillConfig(estimator="ssd", guidance=7.5, iterations=500)),
+        "pipeline-check": GenerateConfig("ssd", DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2,
+                                                              stream_every=5), _TINY_SPLATS, _TINY_MESH),
+    },
+}
+
+
+def resolve_generate(method: str, preset: str, overrides: dict[str, Any]) -> GenerateConfig:
+    """A generation preset with its schedule's fields overridden (``iterations``, ``guidance``)."""
+    if method not in GENERATE_PRESETS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    if preset not in GENERATE_PRESETS[method]:
+        raise ValueError(f"unknown preset {preset!r} for generating with {method}; "
+                         f"choose one of {sorted(GENERATE_PRESETS[method])}")
+    base = GENERATE_PRESETS[method][preset]
+    return replace(base, schedule=_override(base.schedule, method, overrides))
+
+
 def default_preset(method: str, model: str, refine: bool = False) -> str:
     """The tiny model gets toy sizes; refining with SIR gets MicroDreamer's short refinement."""
     if model == "tiny":
@@ -112,7 +202,10 @@ def resolve(method: str, preset: str, overrides: dict[str, Any]) -> SIRConfig | 
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
     if preset not in PRESETS[method]:
         raise ValueError(f"unknown preset {preset!r} for {method}; choose one of {sorted(PRESETS[method])}")
-    base = PRESETS[method][preset]
+    return _override(PRESETS[method][preset], method, overrides)
+
+
+def _override(base: SIRConfig | DistillConfig, method: str, overrides: dict[str, Any]) -> SIRConfig | DistillConfig:
     known = {f.name for f in fields(base)}
     unknown = set(overrides) - known
     if unknown:

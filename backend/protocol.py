@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
 MAGIC = b"KLN1"
 PREFIX = struct.Struct("!4sIQ")
 MAX_HEADER_BYTES = 1 << 20
@@ -38,7 +38,9 @@ MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
 MAX_TRIANGLES = 1_000_000
 
 # Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
-# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, LOG, ERROR, DONE, PONG.
+# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, LOG, ERROR, DONE, PONG.
+# MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian centres, colours,
+# radii); OBJECT a generated object's geometry (positions, triangles, corner UVs), before its textures.
 HELLO = "hello"
 AUTH = "auth"
 WELCOME = "welcome"
@@ -47,6 +49,8 @@ ACCEPTED = "accepted"
 PROGRESS = "progress"
 TEXTURE = "texture"
 MESH = "mesh"
+POINTS = "points"
+OBJECT = "object"
 LOG = "log"
 ERROR = "error"
 DONE = "done"
@@ -57,9 +61,12 @@ PING = "ping"
 PONG = "pong"
 
 MESSAGE_TYPES = frozenset(
-    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, LOG, ERROR, DONE, CANCEL,
+    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, LOG, ERROR, DONE, CANCEL,
      UNLOAD, SHUTDOWN, PING, PONG}
 )
+
+# What a SUBMIT asks for (its "task" field): texture the mesh it carries, or generate a new object.
+TASK_TEXTURE, TASK_GENERATE = "texture", "generate"
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

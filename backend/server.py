@@ -26,7 +26,8 @@ import numpy as np
 
 from . import protocol
 from .events import Cancelled, TextureEvents
-from .jobs import JobError, ModelCache, TextureRequest, mesh_from_message, run_texture_job, texture_from_message
+from .jobs import (JobError, JobRequest, ModelCache, mesh_from_message, run_generate_job, run_texture_job,
+                   texture_from_message)
 from .mesh import MeshError
 
 log = logging.getLogger("kiln.server")
@@ -103,7 +104,7 @@ class Outbox:
 class Job:
     id: int
     conn: "Connection"
-    request: TextureRequest
+    request: JobRequest
     mesh: Any
     init_texture: Any
     cancel: threading.Event = field(default_factory=threading.Event)
@@ -137,6 +138,21 @@ class JobEvents(TextureEvents):
             return
         self._send(protocol.MESH, {"uv_map": "KilnUV"},
                    {"loop_uvs": protocol.array("<f4", loop_uvs.shape, np.ascontiguousarray(loop_uvs, "<f4"))})
+
+    def points(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
+        n = len(positions)
+        self._send(protocol.POINTS, {"count": n},
+                   {"positions": protocol.array("<f4", (n, 3), np.ascontiguousarray(positions, "<f4")),
+                    "colors": protocol.array("|u1", (n, 3), np.ascontiguousarray(colors, np.uint8)),
+                    "sizes": protocol.array("<f4", (n,), np.ascontiguousarray(sizes, "<f4"))},
+                   replace_key=(self.job.id, "points"))
+
+    def generated(self, mesh) -> None:
+        corner_uvs = np.ascontiguousarray(mesh.corner_uvs.reshape(-1, 2), "<f4")
+        self._send(protocol.OBJECT, {"name": mesh.name, "up_axis": mesh.up_axis},
+                   {"positions": protocol.array("<f4", mesh.positions.shape, np.ascontiguousarray(mesh.positions, "<f4")),
+                    "triangles": protocol.array("<i4", mesh.triangles.shape, np.ascontiguousarray(mesh.triangles, "<i4")),
+                    "corner_uvs": protocol.array("<f4", corner_uvs.shape, corner_uvs)})
 
     def log(self, text: str) -> None:
         self._send(protocol.LOG, {"level": "info", "text": text})
@@ -224,9 +240,10 @@ class Connection:
     def _submit(self, msg: protocol.Message) -> None:
         job_id = next(self.server.ids)
         try:
-            request = TextureRequest.from_fields(msg.fields)
-            mesh = mesh_from_message(msg)
-            init_texture = texture_from_message(msg)
+            request = JobRequest.from_fields(msg.fields)
+            generating = request.task == protocol.TASK_GENERATE
+            mesh = None if generating else mesh_from_message(msg)
+            init_texture = None if generating else texture_from_message(msg)
         except (JobError, MeshError) as exc:
             self.outbox.put(protocol.ERROR, {"job": job_id, "tag": msg.get("tag"),
                                              "code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
@@ -292,7 +309,10 @@ class Server:
             return
         from .prior import ModelError
         try:
-            run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture)
+            if job.request.task == protocol.TASK_GENERATE:
+                run_generate_job(job.request, JobEvents(job), self.models)
+            else:
+                run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
         except Cancelled:

@@ -73,11 +73,15 @@ class SIRTexturer(MeshTexturer):
         if self.cfg.normal_weighting > 0:
             mask = mask * facing_weights(self.positions, self.triangles, conditioning.cameras,
                                          raster) ** self.cfg.normal_weighting
-        self.events.progress(self.done, self.total, "denoising views")
         with torch.no_grad():
-            target = denoise(self.prior, self.cfg, self.render(raster), t2, conditioning,
-                             self.prompts.for_views(conditioning.cameras), self.generator, self.events.cancelled)
+            target = self.targets(raster, conditioning, t2)
         self._reconstruct(raster, target, mask, steps)
+
+    def targets(self, raster, conditioning: Views, t2: float) -> torch.Tensor:
+        """The images the texture is fitted to for a while: the current views, denoised."""
+        self.events.progress(self.done, self.total, "denoising views")
+        return denoise(self.prior, self.cfg, self.render(raster), t2, conditioning,
+                       self.prompts.for_views(conditioning.cameras), self.generator, self.events.cancelled)
 
     def _reconstruct(self, raster, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
         optimiser = torch.optim.Adam(self.texture.parameters(), lr=self.cfg.lr)

@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from backend import jobs, sir, texturing  # noqa: E402
 from backend.cameras import orbit  # noqa: E402
 from backend.events import TextureEvents  # noqa: E402
-from backend.jobs import ModelCache, TextureRequest  # noqa: E402
+from backend.jobs import ModelCache, JobRequest  # noqa: E402
 from backend.mesh import Mesh  # noqa: E402
 from backend.prior import LatentDiffusionPrior, load_prior  # noqa: E402
 
@@ -151,7 +151,7 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
     models.get = lambda *_args, **_kw: prior
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    request = TextureRequest.from_fields({"prompt": "a weathered bronze statue", "model": "bench",
+    request = JobRequest.from_fields({"prompt": "a weathered bronze statue", "model": "bench",
                                           "method": method, "preset": preset, "texture_size": size})
     mesh = sphere_mesh(faces)
     start = time.perf_counter()

@@ -1,5 +1,6 @@
-"""Operators. "Texture Selected" is modal in the UI (timer-driven, Esc cancels) and blocking in
-background mode, where no timer ever fires; both drive the same TextureSession."""
+"""Operators. "Texture Selected" and "Generate Object" are modal in the UI (timer-driven, Esc
+cancels) and blocking in background mode, where no timer ever fires; both paths drive the same
+session object."""
 
 from __future__ import annotations
 
@@ -29,30 +30,16 @@ def _redraw(context: bpy.types.Context) -> None:
                 area.tag_redraw()
 
 
-class KILN_OT_texture_selected(bpy.types.Operator):
-    """Texture the selected meshes from the prompt, live, with the Kiln backend"""
+class _SessionOperator:
+    """Runs one session: blocking in ``execute`` (background mode, scripts), modal from the UI."""
 
-    bl_idname = "kiln.texture_selected"
-    bl_label = "Texture Selected"
-    bl_options = {"REGISTER", "UNDO"}
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        if _running():
-            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
-            return False
-        if not any(o.type == "MESH" for o in context.selected_objects):
-            cls.poll_message_set("Select one or more mesh objects")
-            return False
-        return True
+    def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
+        raise NotImplementedError
 
     def _session(self, context: bpy.types.Context) -> sessions.TextureSession | None:
         global ACTIVE
         try:
-            fields = sessions.read_settings(context.scene.kiln)
-            objects = sorted(context.selected_objects, key=lambda o: o.name)
-            ACTIVE = sessions.TextureSession(objects, fields, preferences(context).python_path,
-                                             refine=context.scene.kiln.refine)
+            ACTIVE = self._make_session(context)
         except SceneError as exc:
             self.report({"ERROR"}, str(exc))
             return None
@@ -109,11 +96,55 @@ class KILN_OT_texture_selected(bpy.types.Operator):
             self.report({"INFO"}, f"Kiln: {session.summary()}")
             return {"FINISHED"}
         if session.cancel_requested and not session.failure:
-            self.report({"WARNING"}, f"Kiln cancelled; kept the last texture. {session.summary()}")
+            self.report({"WARNING"}, f"Kiln cancelled; kept the last result. {session.summary()}")
         else:
             self.report({"ERROR"}, f"Kiln: {session.summary()}")
-        # An undo step is owed whenever something in the scene changed (a kept partial texture).
-        return {"FINISHED"} if any(t.live for t in session.targets) else {"CANCELLED"}
+        return {"FINISHED"} if session.changed_scene else {"CANCELLED"}
+
+
+class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
+    """Texture the selected meshes from the prompt, live, with the Kiln backend"""
+
+    bl_idname = "kiln.texture_selected"
+    bl_label = "Texture Selected"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+            return False
+        if not any(o.type == "MESH" for o in context.selected_objects):
+            cls.poll_message_set("Select one or more mesh objects")
+            return False
+        return True
+
+    def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
+        fields = sessions.read_settings(context.scene.kiln)
+        objects = sorted(context.selected_objects, key=lambda o: o.name)
+        return sessions.TextureSession(objects, fields, preferences(context).python_path,
+                                       refine=context.scene.kiln.refine)
+
+
+class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
+    """Generate a new textured object from the prompt at the 3D cursor, with a live preview"""
+
+    bl_idname = "kiln.generate_object"
+    bl_label = "Generate Object"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+            return False
+        return True
+
+    def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
+        if context.mode != "OBJECT":
+            raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene")
+        return sessions.GenerateSession(sessions.read_settings(context.scene.kiln), preferences(context).python_path,
+                                        context.scene.cursor.location)
 
 
 class KILN_OT_cancel(bpy.types.Operator):
@@ -204,5 +235,5 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (KILN_OT_texture_selected, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
+CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
            KILN_OT_unload_models, KILN_OT_copy_diagnostics)

@@ -46,7 +46,9 @@ class KILN_PT_main(bpy.types.Panel):
                 layout.label(text=f"{fraction:.0%} {text}")
             layout.operator("kiln.cancel", icon="CANCEL")
         else:
-            layout.operator("kiln.texture_selected", icon="TEXTURE")
+            row = layout.row(align=True)
+            row.operator("kiln.texture_selected", icon="TEXTURE")
+            row.operator("kiln.generate_object", icon="MESH_MONKEY")
             if operators.ACTIVE is not None:
                 layout.label(text=operators.ACTIVE.summary()[:120],
                              icon="CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")

@@ -29,8 +29,8 @@ class KilnPreferences(bpy.types.AddonPreferences):
 
 
 class KilnSettings(bpy.types.PropertyGroup):
-    prompt: StringProperty(name="Prompt", description="What the texture should show")
-    negative_prompt: StringProperty(name="Negative", description="What the texture should avoid")
+    prompt: StringProperty(name="Prompt", description="What the texture, or the generated object, should show")
+    negative_prompt: StringProperty(name="Negative", description="What the result should avoid")
     model: StringProperty(
         name="Model", default=DEFAULT_MODEL,
         description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "

@@ -194,3 +194,91 @@ def finish_texture(live: LiveTexture, seed: int) -> str:
     image.save()
     image.filepath = bpy.path.relpath(str(path))
     return str(path)
+
+
+# --- generated objects ---------------------------------------------------------------------
+
+#: A unit tetrahedron; each preview point becomes one, scaled by its Gaussian's size.
+_TETRA = np.array([[1, 1, 1], [1, -1, -1], [-1, 1, -1], [-1, -1, 1]], np.float32) / np.sqrt(3)
+_TETRA_FACES = np.array([[0, 1, 2], [0, 3, 1], [0, 2, 3], [1, 3, 2]], np.int32)
+
+
+def _set_geometry(mesh: Any, positions: np.ndarray, triangles: np.ndarray) -> None:
+    """Replace a mesh's geometry with triangles, in bulk (``foreach_set``, no per-element Python)."""
+    mesh.clear_geometry()
+    mesh.vertices.add(len(positions))
+    mesh.loops.add(triangles.size)
+    mesh.polygons.add(len(triangles))
+    mesh.vertices.foreach_set("co", np.ascontiguousarray(positions, np.float32).ravel())
+    mesh.loops.foreach_set("vertex_index", np.ascontiguousarray(triangles, np.int32).ravel())
+    mesh.polygons.foreach_set("loop_start", np.arange(0, triangles.size, 3, dtype=np.int32))
+    mesh.polygons.foreach_set("loop_total", np.full(len(triangles), 3, np.int32))
+    mesh.update()
+
+
+def _srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+@dataclass
+class PointPreview:
+    """The live stand-in of an object being generated: a small tetrahedron per Gaussian, coloured
+    through a colour attribute, at the 3D cursor. Removed when the real object arrives."""
+
+    obj: Any
+
+    def update(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
+        n = len(positions)
+        radius = np.clip(sizes, 0.004, 0.05)[:, None, None]
+        verts = (positions[:, None, :] + _TETRA[None] * radius).reshape(-1, 3)
+        tris = (_TETRA_FACES[None] + 4 * np.arange(n, dtype=np.int32)[:, None, None]).reshape(-1, 3)
+        mesh = self.obj.data
+        _set_geometry(mesh, verts, tris)
+        attr = mesh.color_attributes.get("Col") or mesh.color_attributes.new("Col", "FLOAT_COLOR", "POINT")
+        rgba = np.ones((n, 4, 4), np.float32)
+        rgba[..., :3] = _srgb_to_linear(colors.astype(np.float32) / 255)[:, None, :]
+        attr.data.foreach_set("color", rgba.ravel())
+
+    def remove(self) -> None:
+        mesh = self.obj.data
+        materials = [m for m in mesh.materials if m is not None]
+        bpy.data.objects.remove(self.obj)
+        bpy.data.meshes.remove(mesh)
+        for material in materials:
+            bpy.data.materials.remove(material)
+
+
+def start_preview(name: str, location: Any) -> PointPreview:
+    mesh = bpy.data.meshes.new(f"{name} preview")
+    obj = bpy.data.objects.new(f"{name} preview", mesh)
+    obj.location = location
+    bpy.context.scene.collection.objects.link(obj)
+    material = bpy.data.materials.new(f"{name} preview")
+    if not material.node_tree:
+        material.use_nodes = True
+    nodes = material.node_tree.nodes
+    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None) or nodes.new("ShaderNodeBsdfPrincipled")
+    attribute = nodes.new("ShaderNodeAttribute")
+    attribute.attribute_name = "Col"
+    material.node_tree.links.new(attribute.outputs["Color"], bsdf.inputs["Base Color"])
+    mesh.materials.append(material)
+    return PointPreview(obj)
+
+
+def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner_uvs: np.ndarray,
+                 location: Any) -> Any:
+    """A new mesh object at ``location`` with a ``KilnUV`` map, smooth shaded, linked to the scene
+    and selected; its texture material comes with the job's textures (``start_live_texture``)."""
+    mesh = bpy.data.meshes.new(name)
+    _set_geometry(mesh, positions, triangles)
+    layer = mesh.uv_layers.new(name=UV_MAP_NAME)
+    layer.data.foreach_set("uv", np.ascontiguousarray(corner_uvs, np.float32).ravel())
+    mesh.shade_smooth()
+    obj = bpy.data.objects.new(name, mesh)
+    obj.location = location
+    bpy.context.scene.collection.objects.link(obj)
+    for other in bpy.context.selected_objects:
+        other.select_set(False)
+    obj.select_set(True)
+    bpy.context.view_layer.objects.active = obj
+    return obj

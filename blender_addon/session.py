@@ -1,4 +1,5 @@
-"""One run of "Texture Selected": submits a job per object and applies what comes back.
+"""One run of "Texture Selected" (a job per object) or "Generate Object" (one job): submits the
+jobs and applies what comes back.
 
 ``pump`` runs on the main thread — from the modal operator's timer in the UI, or in a blocking
 loop in background mode, where timers never fire. The slow parts (starting the backend,
@@ -20,14 +21,18 @@ from .backend import protocol
 from .backend_process import BackendError, BackendProcess, find_python
 from .client import Client, Disconnected
 from .scene_io import (
+    UV_MAP_NAME,
     LiveTexture,
+    PointPreview,
     SceneError,
     add_uv_map,
+    build_object,
     existing_texture,
     finish_texture,
     image_rgba8,
     mesh_arrays,
     start_live_texture,
+    start_preview,
 )
 
 
@@ -108,6 +113,8 @@ class Target:
     phase: str = "queued"
     eta: float | None = None
     live: LiveTexture | None = None
+    preview: PointPreview | None = None   # generation only, until the object arrives
+    created: bool = False                 # generation: the object exists in the scene
     status: str = "pending"  # pending → running → finished | cancelled | failed
     error: str = ""
     saved_to: str = ""
@@ -122,7 +129,7 @@ def read_settings(settings: Any) -> dict[str, Any]:
     """The job fields from the scene's Kiln settings, checked before anything starts."""
     prompt = settings.prompt.strip()
     if not prompt:
-        raise SceneError("the prompt is empty: type what the texture should show in the Kiln panel")
+        raise SceneError("the prompt is empty: type what the texture (or new object) should show in the Kiln panel")
     if not protocol.MIN_TEXTURE_SIZE <= settings.texture_size <= protocol.MAX_TEXTURE_SIZE:
         raise SceneError(f"texture size {settings.texture_size} is out of range: choose "
                          f"{protocol.MIN_TEXTURE_SIZE} to {protocol.MAX_TEXTURE_SIZE} pixels")
@@ -158,10 +165,13 @@ class TextureSession:
                  refine: bool = False) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
+        self._setup([target_for(obj, refine) for obj in objects], job_fields, python_preference)
+
+    def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str) -> None:
         self.job_fields = dict(job_fields)
         self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
         self.python_preference = python_preference
-        self.targets = [target_for(obj, refine) for obj in objects]
+        self.targets = targets
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.client: Client | None = None
         self.cancel_requested = False
@@ -217,13 +227,19 @@ class TextureSession:
         return f"{self.failure} — {text}" if self.failure else text
 
     @property
+    def changed_scene(self) -> bool:
+        """Whether the scene holds anything of this session's (a texture, a new object): then an
+        undo step is owed even when the job did not finish."""
+        return any(t.live is not None or t.created for t in self.targets)
+
+    @property
     def succeeded(self) -> bool:
         return not self.failure and all(t.status == "finished" for t in self.targets)
 
     # --- applying messages -----------------------------------------------------------------
     def pump(self, timeout: float = 0.0) -> None:
-        """Apply everything waiting; of several texture frames for one job only the newest is
-        applied (the backend already drops frames for slow clients; this catches the rest)."""
+        """Apply everything waiting; of several preview frames (textures, points) for one job only
+        the newest is applied (the backend already drops frames for slow clients; this catches the rest)."""
         batch: list[Any] = []
         try:
             batch.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
@@ -231,13 +247,16 @@ class TextureSession:
                 batch.append(self.inbox.get_nowait())
         except queue.Empty:
             pass
-        newest: dict[Any, int] = {}
+        def preview_key(item: Any) -> tuple[Any, str] | None:
+            if isinstance(item, protocol.Message) and (
+                    item.type == protocol.POINTS or (item.type == protocol.TEXTURE and not item.get("final"))):
+                return item.get("job"), item.type
+            return None
+
+        newest = {preview_key(item): i for i, item in enumerate(batch)}
         for i, item in enumerate(batch):
-            if isinstance(item, protocol.Message) and item.type == protocol.TEXTURE and not item.get("final"):
-                newest[item.get("job")] = i
-        for i, item in enumerate(batch):
-            if isinstance(item, protocol.Message) and item.type == protocol.TEXTURE \
-                    and not item.get("final") and newest.get(item.get("job")) != i:
+            key = preview_key(item)
+            if key is not None and newest[key] != i:
                 continue
             try:
                 self._apply(item)
@@ -300,6 +319,8 @@ class TextureSession:
                 target.fields["uv_map"] = add_uv_map(obj, np.frombuffer(uv.data, np.float32).reshape(uv.shape))
         elif msg.type == protocol.TEXTURE:
             self._apply_texture(target, msg)
+        elif msg.type in (protocol.POINTS, protocol.OBJECT):
+            self._apply_generated(target, msg)
         elif msg.type == protocol.ERROR:
             target.status, target.error = "failed", str(msg.get("message"))
             if msg.get("code") == protocol.E_WEIGHTS_OFFLINE and self.job_fields["offline"]:
@@ -323,8 +344,14 @@ class TextureSession:
             target.live = start_live_texture(obj, target.fields["uv_map"], (rgba.shape[1], rgba.shape[0]))
         target.live.update(rgba)
 
+    def _apply_generated(self, target: Target, msg: protocol.Message) -> None:
+        raise SceneError(f"the backend sent {msg.type!r} for a texturing job")
+
     def _finish(self, target: Target) -> None:
         """Keep the last good texture of any job that produced one, finished or not."""
+        if target.preview is not None:  # a generation that never reached its object leaves no trace
+            target.preview.remove()
+            target.preview = None
         if target.live is not None:
             target.saved_to = finish_texture(target.live, int(self.job_fields["seed"]))
 
@@ -333,3 +360,43 @@ class TextureSession:
             if not target.ended:
                 target.status, target.error = status, error
                 self._finish(target)
+
+
+def object_name(prompt: str) -> str:
+    """A readable object name from the prompt ("a red chair, ornate" → "Kiln red chair"), made
+    unique the way Blender would."""
+    words = [w for w in prompt.split(",")[0].split() if w.lower() not in ("a", "an", "the")][:3]
+    base = "Kiln " + (" ".join(words) or "object")
+    name, counter = base, 1
+    while name in bpy.data.objects:
+        name = f"{base}.{counter:03d}"
+        counter += 1
+    return name
+
+
+class GenerateSession(TextureSession):
+    """One generation job: a point preview at ``location`` while the Gaussians optimise, then the
+    object with its UV map, then its textures through the texturing path's live material."""
+
+    def __init__(self, job_fields: dict[str, Any], python_preference: str, location: Any) -> None:
+        fields = {k: v for k, v in job_fields.items() if k not in ("controlnet", "strength")}  # texturing only
+        target = Target(object_name(job_fields["prompt"]), {"task": protocol.TASK_GENERATE, "uv_map": UV_MAP_NAME},
+                        {})
+        self._setup([target], fields, python_preference)
+        self.location = tuple(location)
+
+    def _apply_generated(self, target: Target, msg: protocol.Message) -> None:
+        def arr(name: str) -> np.ndarray:
+            blob = msg.arrays[name]
+            return np.frombuffer(blob.data, np.dtype(blob.dtype)).reshape(blob.shape)
+
+        if msg.type == protocol.POINTS:
+            if target.preview is None:
+                target.preview = start_preview(target.name, self.location)
+            target.preview.update(arr("positions"), arr("colors"), arr("sizes"))
+            return
+        obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)
+        target.name, target.created = obj.name, True
+        if target.preview is not None:
+            target.preview.remove()
+            target.preview = None

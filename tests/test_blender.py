@@ -343,3 +343,71 @@ def test_refine_without_a_texture_says_so(kiln, scene) -> None:
     with pytest.raises(RuntimeError, match="nothing to refine"):
         bpy.ops.kiln.texture_selected()
     assert obj.material_slots[0].material.name == "Artist Cube"
+
+
+def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step(kiln, scene) -> None:
+    bpy.context.scene.cursor.location = (2.0, -1.0, 0.5)
+    scene.prompt, scene.steps, scene.controlnet = "a red chair", 1, "ignored/for-generation"
+    before = set(bpy.data.objects.keys())
+    previews = []
+    original = kiln.scene_io.PointPreview.update
+
+    def spy(self, positions, colors, sizes):
+        original(self, positions, colors, sizes)
+        previews.append((self.obj.name, len(self.obj.data.vertices), tuple(self.obj.location)))
+    kiln.scene_io.PointPreview.update = spy
+    try:
+        bpy.ops.ed.undo_push(message="before Kiln")
+        assert bpy.ops.kiln.generate_object("EXEC_DEFAULT", True) == {"FINISHED"}
+    finally:
+        kiln.scene_io.PointPreview.update = original
+    target = kiln.operators.ACTIVE.targets[0]
+    assert target.status == "finished", kiln.operators.ACTIVE.summary()
+    assert previews and previews[0][1] > 0 and previews[0][2] == pytest.approx((2.0, -1.0, 0.5))
+    added = set(bpy.data.objects.keys()) - before
+    assert added == {"Kiln red chair"}, added  # the preview is gone, only the object remains
+    obj = bpy.data.objects["Kiln red chair"]
+    assert tuple(obj.location) == pytest.approx((2.0, -1.0, 0.5)) and obj.select_get()
+    assert len(obj.data.polygons) > 100 and [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
+    assert not any(m.name.endswith("preview") for m in bpy.data.materials)
+    tex = obj.material_slots[0].material.node_tree.nodes["Image Texture"]
+    assert tex.image.size[0] == 512 and pixels(tex.image).reshape(512, 512, 4)[..., :3].std() > 0.01
+    assert Path(bpy.path.abspath(tex.image.filepath)).is_file()
+
+    bpy.ops.ed.undo()
+    assert "Kiln red chair" not in bpy.data.objects
+    assert set(bpy.data.objects.keys()) == before
+
+
+def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) -> None:
+    before = set(bpy.data.objects.keys())
+    fields = kiln.session.read_settings(bpy.context.scene.kiln)
+    fields["steps"] = 200
+    session = kiln.session.GenerateSession(fields, BACKEND_PYTHON, (0.0, 0.0, 0.0))
+    session.start()
+    target = session.targets[0]
+    pump_until(session, lambda: target.preview is not None)
+    assert target.preview.obj.name in bpy.data.objects
+    session.cancel()
+    pump_until(session, lambda: session.finished)
+    assert target.status == "cancelled" and not session.changed_scene
+    assert set(bpy.data.objects.keys()) == before
+    assert not any("preview" in m.name for m in bpy.data.meshes)
+
+
+def test_batch_generate_script(kiln, tmp_path) -> None:
+    blend = tmp_path / "gen.blend"
+    setup = f"import bpy; bpy.ops.wm.read_homefile(use_empty=True); bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
+    subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    example = str(ROOT / "examples" / "batch_generate.py")
+    script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
+              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script, str(blend), "--prompt", "a stool", "--model", "tiny",
+                           "--size", "512", "--steps", "1", "--save", "--backend-python", BACKEND_PYTHON],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "generated Kiln stool" in done.stdout
+    check = subprocess.run([sys.executable, "-c", f"import bpy; bpy.ops.wm.open_mainfile(filepath={str(blend)!r}); "
+                            "print(sorted(o.name for o in bpy.data.objects))"],
+                           capture_output=True, text=True, env=dict(os.environ))
+    assert "['Kiln stool']" in check.stdout

@@ -10,7 +10,7 @@ from conftest import ROOT
 
 from backend.cameras import orbit
 from backend.events import TextureEvents
-from backend.jobs import ModelCache, TextureRequest, run_texture_job
+from backend.jobs import ModelCache, JobRequest, run_texture_job
 from backend.mesh import load_mesh_file
 from backend.prior import LatentDiffusionPrior, Views, load_prior
 from backend.raster import rasterize_views
@@ -70,7 +70,7 @@ def test_controlnet_loads_from_a_folder_and_conditions_on_depth(controlnet_folde
 
 def test_texture_job_with_a_depth_controlnet_runs_end_to_end(controlnet_folder) -> None:
     mesh, _ = load_mesh_file(ROOT / "examples" / "vase.obj")
-    request = TextureRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512, "steps": 1,
+    request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512, "steps": 1,
                                           "controlnet": str(controlnet_folder)})
     final = run_texture_job(request, mesh, TextureEvents(), ModelCache())
     assert final.shape == (3, 512, 512) and float(final.std()) > 0.01

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from backend import protocol
 from backend.events import TextureEvents
-from backend.jobs import ModelCache, TextureRequest, run_texture_job
+from backend.jobs import ModelCache, JobRequest, run_texture_job
 from backend.mesh import Mesh, MeshError, load_mesh_file, unwrap
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
@@ -89,7 +89,7 @@ def test_tiny_job_is_deterministic_for_a_seed_and_changes_with_it() -> None:
 
     def run(seed: int) -> Recorder:
         rec = Recorder()
-        request = TextureRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
+        request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
                                               "steps": 1, "seed": seed})
         run_texture_job(request, grid_mesh(), rec, models)
         return rec
@@ -196,7 +196,7 @@ def test_single_branch_predictions_match_the_batched_pair() -> None:
 
 
 def test_turbo_preset_runs_guidance_free() -> None:
-    request = TextureRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
+    request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
                                           "preset": "turbo", "steps": 1})
     cfg = request.config()
     assert cfg.guidance == 1.0 and cfg.ddim_steps == 4

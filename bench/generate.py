@@ -1,0 +1,231 @@
+"""Object generation against the exact prior: SIR vs SDS, Gaussians → mesh → texture, in one run.
+
+    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick]
+
+The exact prior is built from reference textured meshes, one per prompt (the other prompts make
+the unconditional mixture, so CFG means something). Each method starts from the same ball of
+Gaussians. Measured: PSNR of the Gaussians' renders on held-out cameras against the reference's,
+as a function of NFEs (images denoised; a CFG pair counts 2); and for the final object, Chamfer
+distance and normal consistency of the extracted mesh to the reference, PSNR of the textured
+mesh on held-out cameras, and wall time per stage.
+
+Prints a table and the issue's target (SIR reaches SDS's final Chamfer / PSNR within one fifth of
+SDS's NFEs), writes bench/results/generate_curves.csv, generate_summary.csv and generate.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import CountingPrior, box_with_own_uvs, pattern, psnr, table, vase  # noqa: E402
+
+from backend.cameras import orbit_sphere  # noqa: E402
+from backend.events import TextureEvents  # noqa: E402
+from backend.exact_prior import ExactPrior, Reference  # noqa: E402
+from backend.generate import FRAME_RADIUS, generate_object  # noqa: E402
+from backend.mesh import Mesh  # noqa: E402
+from backend.presets import GENERATE_PRESETS, GenerateConfig  # noqa: E402
+from backend.raster import rasterize_views  # noqa: E402
+from backend.splat import render as render_splats  # noqa: E402
+from backend.texture import render, sample_image  # noqa: E402
+
+RESOLUTION = 64
+HELD_OUT = ([23.0, 83.0, 143.0, 203.0, 263.0, 323.0], [30.0, -15.0, 50.0, 10.0, -35.0, 20.0])
+RESULTS = ROOT / "bench" / "results"
+
+
+def in_frame(mesh: Mesh) -> Mesh:
+    """A Y-up bench mesh turned Z-up, centred, scaled to radius 0.8 in the generation frame."""
+    p = mesh.positions[:, [0, 2, 1]] * np.array([1, -1, 1], np.float32)  # (x, y, z) → (x, −z, y)
+    p = p - (p.min(0) + p.max(0)) / 2
+    p = p * (0.8 / np.linalg.norm(p, axis=1).max())
+    return replace(mesh, positions=p.astype(np.float32), up_axis="z")
+
+
+@dataclass
+class Scene:
+    prompt: str
+    mesh: Mesh
+    texture: torch.Tensor
+
+
+def scenes() -> list[Scene]:
+    return [Scene("a crate", in_frame(box_with_own_uvs()), pattern(0.0, 0.1)),
+            Scene("a vase", in_frame(vase()), pattern(1.3, 0.4)),
+            Scene("a table", in_frame(table()), pattern(2.6, 0.7))]
+
+
+class Scorer:
+    """Reference renders at held-out cameras, and scores for Gaussians and for textured meshes."""
+
+    def __init__(self, scene: Scene, device: str) -> None:
+        self.scene = scene
+        self.cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, *HELD_OUT, "z", device=device)
+        self.reference = self.mesh_views(scene.mesh, scene.texture)
+
+    def mesh_views(self, mesh: Mesh, texture: torch.Tensor) -> torch.Tensor:
+        device = self.cams.mvp.device
+        raster = rasterize_views(torch.as_tensor(mesh.positions, device=device),
+                                 torch.as_tensor(mesh.triangles, device=device), self.cams.mvp, RESOLUTION)
+        uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=device)
+        return render(lambda uv: sample_image(texture.to(device), uv), uvs, raster, 1.0)
+
+    def splats(self, params) -> float:
+        with torch.no_grad():
+            return psnr(render_splats(params, self.cams, RESOLUTION, 1.0).images, self.reference)
+
+    def geometry(self, mesh: Mesh, samples: int = 20_000) -> tuple[float, float]:
+        """Symmetric Chamfer distance (mean of both directions' nearest-point distances, in units of
+        the frame's radius) and normal consistency (mean |cos| between matched surface normals)."""
+        import trimesh
+        from scipy.spatial import cKDTree
+
+        def sample(m: Mesh) -> tuple[np.ndarray, np.ndarray]:
+            tm = trimesh.Trimesh(m.positions, m.triangles, process=False)
+            pts, faces = trimesh.sample.sample_surface(tm, samples, seed=0)
+            return pts, tm.face_normals[faces]
+
+        (a, na), (b, nb) = sample(mesh), sample(self.scene.mesh)
+        dab, iab = cKDTree(b).query(a)
+        dba, iba = cKDTree(a).query(b)
+        chamfer = float(dab.mean() + dba.mean()) / 2
+        normals = float((np.abs((na * nb[iab]).sum(1)).mean() + np.abs((nb * na[iba]).sum(1)).mean()) / 2)
+        return chamfer, normals
+
+
+@dataclass
+class Run:
+    scene: str
+    method: str
+    curve: list[tuple[int, float, float]] = field(default_factory=list)   # (images denoised, seconds, PSNR)
+    final: dict = field(default_factory=dict)
+    views: torch.Tensor | None = None
+
+
+def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, device: str, every: int) -> Run:
+    counting = CountingPrior(prior)
+    scorer = Scorer(scene, device)
+    result = Run(scene.prompt, method)
+    started = time.perf_counter()
+
+    gaussian_images = [0]
+
+    def watch(params, done: int) -> None:
+        gaussian_images[0] = counting.images  # bake and refinement come after the Gaussians
+        if done % every == 0:
+            paused = time.perf_counter()
+            result.curve.append((counting.images, round(paused - started, 2), scorer.splats(params)))
+            started_shift(time.perf_counter() - paused)
+
+    def started_shift(seconds: float) -> None:  # scoring is not the method's time
+        nonlocal started
+        started += seconds
+
+    generated = generate_object(counting, cfg, scene.prompt, "", 0, TextureEvents(), name=scene.prompt, watch=watch)
+    chamfer, normals = scorer.geometry(generated.mesh)
+    views = scorer.mesh_views(generated.mesh, generated.texture)
+    result.views = views
+    result.final = {"scene": scene.prompt, "method": method, "images_denoised_gaussians": gaussian_images[0],
+                    "images_denoised_total": counting.images, "splat_psnr": result.curve[-1][2] if result.curve
+                    else scorer.splats(generated.splats), "chamfer": round(chamfer, 4),
+                    "normal_consistency": round(normals, 4), "mesh_psnr": round(psnr(views, scorer.reference), 2),
+                    "gaussians": len(generated.splats["means"]), "triangles": generated.mesh.triangle_count,
+                    **{f"{k}_s": v for k, v in generated.seconds.items()}}
+    return result
+
+
+def first_reaching(curve: list[tuple[int, float, float]], level: float) -> int | None:
+    return next((images for images, _, value in curve if value >= level), None)
+
+
+def contact_sheet(runs: list[Run], references: dict[str, torch.Tensor], path: Path) -> None:
+    from PIL import Image
+
+    def row(images: torch.Tensor) -> np.ndarray:
+        return np.concatenate([(img.permute(1, 2, 0).clamp(0, 1).cpu().numpy() * 255).astype(np.uint8)
+                               for img in images], 1)
+
+    rows = []
+    for scene, ref in references.items():
+        rows.append(row(ref))
+        rows += [row(r.views) for r in runs if r.scene == scene and r.views is not None]
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--quick", action="store_true", help="one scene, short runs (a smoke test)")
+    args = parser.parse_args()
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    all_scenes = scenes()
+    refs = [Reference(s.prompt, s.mesh, s.texture) for s in all_scenes]
+    prior = ExactPrior(refs, resolution=RESOLUTION, device=args.device)
+    chosen = all_scenes[:1] if args.quick else all_scenes
+    sir = GENERATE_PRESETS["sir"]["quality"]
+    sds = GENERATE_PRESETS["sds"]["quality"]
+    mesh_cfg = replace(sir.mesh, grid=64, texture_size=512, face_budget=20_000)
+    splats = replace(sir.splats, count=3000)
+    configs = {
+        "sir": replace(sir, splats=splats, mesh=mesh_cfg),
+        "sds": replace(sds, splats=splats, mesh=mesh_cfg),
+    }
+    if args.quick:
+        configs = {k: replace(c, schedule=replace(c.schedule, iterations=3 if k == "sir" else 30))
+                   for k, c in configs.items()}
+    runs: list[Run] = []
+    for scene in chosen:
+        for method, cfg in configs.items():
+            every = 10 if method == "sir" else 20
+            r = run(scene, prior, method, cfg, args.device, every)
+            runs.append(r)
+            print(json.dumps(r.final), flush=True)
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with open(RESULTS / "generate_curves.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["scene", "method", "images_denoised", "seconds", "splat_psnr"])
+        for r in runs:
+            writer.writerows([r.scene, r.method, *point] for point in r.curve)
+    cols = list(runs[0].final)
+    with open(RESULTS / "generate_summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(r.final for r in runs)
+    contact_sheet(runs, {s.prompt: Scorer(s, args.device).reference for s in chosen}, RESULTS / "generate.png")
+
+    print(f"\n{'scene':<10} {'method':<5} {'NFE(gs)':>8} {'splat dB':>9} {'mesh dB':>8} {'chamfer':>8} "
+          f"{'normals':>8} {'gaussians':>9} {'tris':>6}  stage seconds")
+    for r in runs:
+        f = r.final
+        stages = " ".join(f"{k[:-2]} {v}" for k, v in f.items() if k.endswith("_s"))
+        print(f"{f['scene']:<10} {f['method']:<5} {f['images_denoised_gaussians']:>8} {f['splat_psnr']:>9.2f} "
+              f"{f['mesh_psnr']:>8.2f} {f['chamfer']:>8.4f} {f['normal_consistency']:>8.3f} {f['gaussians']:>9} "
+              f"{f['triangles']:>6}  {stages}")
+    print("\nTarget: SIR reaches SDS's final Gaussian PSNR within 1/5 of SDS's images denoised")
+    for scene in chosen:
+        by = {r.method: r for r in runs if r.scene == scene.prompt}
+        level = by["sds"].final["splat_psnr"]
+        sds_images = by["sds"].final["images_denoised_gaussians"]
+        hit = first_reaching(by["sir"].curve, level)
+        ratio = "never" if hit is None else f"{sds_images / max(hit, 1):.1f}x fewer"
+        print(f"  {scene.prompt:<10} SDS {level:.2f} dB after {sds_images} images; SIR reaches it after "
+              f"{hit} images ({ratio}); Chamfer SIR {by['sir'].final['chamfer']:.4f} vs SDS "
+              f"{by['sds'].final['chamfer']:.4f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""Generate objects headless: ``blender -b scene.blend --python examples/batch_generate.py -- --prompt ...``
+
+Each prompt becomes a textured object at the 3D cursor (one after another, offset along X). Exits
+0 when every object was generated and 1 otherwise, with the reason on stderr.
+"""
+
+import argparse
+import os
+import sys
+
+import bpy
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from batch_texture import enable_kiln  # noqa: E402
+
+
+def parse() -> argparse.Namespace:
+    argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
+    parser = argparse.ArgumentParser(prog="batch_generate.py")
+    parser.add_argument("--prompt", required=True, action="append", help="repeat for several objects")
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
+    parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=1024, help="texture size")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--spacing", type=float, default=2.5, help="X offset between objects")
+    parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
+    parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
+    return parser.parse_args(argv)
+
+
+def main() -> int:
+    args = parse()
+    package = enable_kiln()
+    if args.backend_python:
+        bpy.context.preferences.addons[package].preferences.python_path = args.backend_python
+    settings = bpy.context.scene.kiln
+    if not 512 <= args.size <= 4096:
+        print(f"batch_generate.py: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
+        return 1
+    settings.negative_prompt, settings.seed, settings.method = args.negative, args.seed, args.method
+    settings.texture_size = args.size
+    if args.model:
+        settings.model = args.model
+    if args.steps is not None:
+        settings.steps = args.steps
+    if args.guidance is not None:
+        settings.guidance = args.guidance
+    made = []
+    for prompt in args.prompt:
+        settings.prompt = prompt
+        try:
+            bpy.ops.kiln.generate_object()
+        except RuntimeError as exc:
+            print(f"batch_generate.py: {prompt!r}: {exc}", file=sys.stderr)
+            return 1
+        made.append(bpy.context.view_layer.objects.active.name)
+        bpy.context.scene.cursor.location.x += args.spacing
+    if args.save and bpy.data.filepath:
+        bpy.ops.wm.save_mainfile()
+    print(f"batch_generate.py: generated {', '.join(made)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

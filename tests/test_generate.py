@@ -1,0 +1,242 @@
+"""Generating objects: Gaussian rendering, marching cubes, the pipeline on the CPU, the server and the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import BackendServer, read_until
+
+from backend import protocol, splat
+from backend.cameras import orbit_sphere
+from backend.events import TextureEvents
+from backend.exact_prior import ExactPrior, Reference
+from backend.generate import FRAME_RADIUS, SplatOptimiser, generate_object
+from backend.meshing import clean, density_grid, surface
+from backend.presets import GENERATE_PRESETS, MeshConfig, SIRConfig
+from backend.prior import Prompts, Views, load_prior
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def one_gaussian(mean, scales, opacity_logit=2.0, color_logit=(3.0, -3.0, -3.0)) -> torch.nn.ParameterDict:
+    return torch.nn.ParameterDict({
+        "means": torch.nn.Parameter(torch.tensor([mean], dtype=torch.float32)),
+        "scales": torch.nn.Parameter(torch.log(torch.tensor([scales], dtype=torch.float32))),
+        "quats": torch.nn.Parameter(torch.tensor([[1.0, 0, 0, 0]])),
+        "opacities": torch.nn.Parameter(torch.tensor([opacity_logit])),
+        "colors": torch.nn.Parameter(torch.tensor([color_logit])),
+    })
+
+
+def test_marching_cubes_recovers_an_analytic_sphere() -> None:
+    r, res = 0.6, 48
+    axis = (np.arange(res) + 0.5) / res * 2 - 1
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    dist = np.sqrt(x ** 2 + y ** 2 + z ** 2)
+    grid = np.exp(-dist ** 2 / (2 * 0.3 ** 2))
+    grid += (np.sqrt((x - 0.85) ** 2 + y ** 2 + z ** 2) < 0.08)  # a floater the clean-up must drop
+    mesh = clean(*surface(grid, math.exp(-r ** 2 / (2 * 0.3 ** 2))), MeshConfig(face_budget=3000), "sphere")
+    radii = np.linalg.norm(mesh.positions, axis=1)
+    assert abs(radii.mean() - r) < 0.01 and radii.std() < 0.01
+    assert mesh.triangle_count <= 3000
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.positions, mesh.triangles)
+    assert tm.is_watertight and len(tm.split()) == 1
+    assert tm.volume == pytest.approx(4 / 3 * math.pi * r ** 3, rel=0.03)  # positive: normals point out
+
+
+def test_empty_density_is_refused_with_a_reason() -> None:
+    with pytest.raises(ValueError, match="faded"):
+        surface(np.zeros((8, 8, 8)), 0.5)
+
+
+def test_density_grid_matches_the_closed_form_of_one_gaussian() -> None:
+    params = one_gaussian([0.2, 0.0, -0.1], [0.1, 0.2, 0.3])
+    grid = density_grid(params, 32)
+    axis = (np.arange(32) + 0.5) / 32 * 2 - 1
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * (((x - 0.2) / 0.1) ** 2 + (y / 0.2) ** 2 + ((z + 0.1) / 0.3) ** 2))
+    assert np.abs(grid - expected).max() < 1e-5
+
+
+def test_torch_splatting_puts_one_gaussian_where_the_camera_projects_it() -> None:
+    """A red Gaussian above the origin, seen from the front: centred horizontally, in the upper
+    half, peak colour = opacity·red over the background, alpha = opacity."""
+    params = one_gaussian([0.0, 0.0, 0.5], [0.15, 0.15, 0.15])
+    cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [0.0], [0.0], "z")
+    with torch.no_grad():
+        out = splat.render(params, cams, 64, background=1.0)
+    img, alpha = out.images[0], out.alphas[0, 0]
+    row, col = divmod(int(alpha.argmax()), 64)
+    clip = cams.mvp[0] @ torch.tensor([0.0, 0.0, 0.5, 1.0])
+    expect_col = (clip[0] / clip[3] + 1) / 2 * 64
+    expect_row = (1 - clip[1] / clip[3]) / 2 * 64
+    assert abs(col + 0.5 - expect_col) <= 1 and abs(row + 0.5 - expect_row) <= 1 and row < 32
+    opacity = 1 / (1 + math.exp(-2.0))
+    assert float(alpha.max()) == pytest.approx(opacity, abs=0.03)
+    assert float(img[0, row, col]) == pytest.approx(1.0, abs=0.05)           # red over white: stays 1
+    green = 1 / (1 + math.exp(3.0))
+    assert float(img[1, row, col]) == pytest.approx(1 - float(alpha[row, col]) * (1 - green), abs=1e-5)
+    assert float(out.alphas[0, 0, 0, 0]) == 0.0 and float(img[:, 0, 0].min()) == 1.0   # background
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's kernels need CUDA")
+def test_gsplat_and_the_torch_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+    params = splat.sphere(500, 0.5, torch.Generator().manual_seed(0), "cuda")
+    cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [0.0, 120.0, 240.0], [20.0, -20.0, 60.0], "z", device="cuda")
+    fast = splat.render(params, cams, 64, 1.0).images
+    monkeypatch.setenv("KILN_SPLAT", "torch")
+    reference = splat.render(params, cams, 64, 1.0).images
+    assert (fast - reference).abs().mean() < 2e-3
+
+
+def crate_prior(resolution: int = 32) -> tuple[ExactPrior, Reference]:
+    import trimesh
+
+    from backend.mesh import Mesh, unwrap
+
+    box = trimesh.creation.box(extents=(1.0, 0.8, 0.6))
+    mesh = Mesh(np.asarray(box.vertices, np.float32) * 0.9, np.asarray(box.faces, np.int64), None, name="crate")
+    unwrap(mesh)
+    v, u = torch.meshgrid(torch.linspace(0, 1, 64), torch.linspace(0, 1, 64), indexing="ij")
+    texture = torch.stack([u, v, 1 - u]).clamp(0, 1)
+    ref = Reference("a crate", mesh, texture)
+    other = Reference("a ball", mesh, torch.full((3, 64, 64), 0.2))
+    return ExactPrior([ref, other], resolution=resolution), ref
+
+
+def test_sir_on_gaussians_moves_renders_toward_the_reference() -> None:
+    """With the exact prior, SIR's targets are the reference's views; 45 updates must raise
+    held-out PSNR clearly above the starting ball's."""
+    prior, ref = crate_prior()
+    cfg = replace(GENERATE_PRESETS["sir"]["pipeline-check"],
+                  schedule=SIRConfig(views=4, iterations=1, ddim_steps=4, t_start=0.5, recon_steps=15,
+                                     init_recon_steps=30, init_views=0))
+    cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [30.0, 150.0, 270.0], [15.0, -10.0, 40.0], "z")
+    target = prior.decode(prior.renders(Views(cams))[0])
+
+    def psnr(params) -> float:
+        with torch.no_grad():
+            mse = (splat.render(params, cams, 32, 1.0).images - target).square().mean()
+        return float(-10 * torch.log10(mse))
+
+    optimiser = SplatOptimiser(prior, cfg, Prompts(prior, "a crate", ""), 0, TextureEvents(), 100)
+    before = psnr(optimiser.params)
+    after = psnr(optimiser.run())
+    assert after > before + 2, (before, after)
+
+
+class Recorder(TextureEvents):
+    def __init__(self) -> None:
+        self.log_: list[str] = []
+        self.order: list[str] = []
+        self.progress_: list[tuple[int, int]] = []
+        self.mesh = None
+
+    def progress(self, done: int, total: int, phase: str) -> None:
+        self.progress_.append((done, total))
+
+    def points(self, positions, colors, sizes) -> None:
+        assert positions.shape == colors.shape and colors.dtype == np.uint8 and sizes.shape == (len(positions),)
+        self.order.append("points")
+
+    def generated(self, mesh) -> None:
+        self.mesh = mesh
+        self.order.append("object")
+
+    def texture(self, rgba, final: bool) -> None:
+        self.order.append("final" if final else "texture")
+        self.final = rgba
+
+    def log(self, text: str) -> None:
+        self.log_.append(text)
+
+
+def test_tiny_generation_runs_end_to_end_on_the_cpu() -> None:
+    prior = load_prior("tiny", torch.device("cpu"))
+    cfg = GENERATE_PRESETS["sir"]["pipeline-check"]
+    rec = Recorder()
+    result = generate_object(prior, cfg, "a red chair", "", 3, rec, name="chair")
+    # Previews first, then the object, then its textures with exactly one final, last.
+    assert rec.order[0] == "points" and rec.order.count("object") == 1
+    assert rec.order.index("object") < rec.order.index("texture") and rec.order[-1] == "final"
+    assert rec.order.count("final") == 1
+    done = [d for d, _ in rec.progress_]
+    assert done == sorted(done) and rec.progress_[-1] == (cfg.total_work(), cfg.total_work())
+    mesh = result.mesh
+    assert mesh.corner_uvs.shape == (mesh.triangle_count, 3, 2) and mesh.up_axis == "z"
+    assert 0 < mesh.triangle_count <= cfg.mesh.face_budget
+    assert np.abs(mesh.positions).max() <= 1.0
+    import trimesh
+
+    tm = trimesh.Trimesh(mesh.positions, mesh.triangles)
+    boundary = np.unique(tm.edges_sorted, axis=0, return_counts=True)[1]
+    assert (boundary == 1).mean() < 0.02  # closed up to decimation's rare slivers
+    assert len(result.splats["means"]) != cfg.splats.count  # densify and prune ran
+    assert result.texture.shape == (3, cfg.mesh.texture_size, cfg.mesh.texture_size)
+    assert set(result.seconds) == {"gaussians", "extract", "unwrap", "bake", "refine"}
+
+
+def test_generation_is_deterministic_for_a_seed() -> None:
+    prior = load_prior("tiny", torch.device("cpu"))
+    cfg = GENERATE_PRESETS["sds"]["pipeline-check"]
+    cfg = replace(cfg, schedule=replace(cfg.schedule, iterations=5))
+    runs = []
+    for _ in range(2):
+        optimiser = SplatOptimiser(prior, cfg, Prompts(prior, "a cup", ""), 7, TextureEvents(), 5)
+        runs.append(optimiser.run()["means"].detach().clone())
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_server_streams_previews_then_the_object_then_its_texture(server: BackendServer) -> None:
+    sock = server.connect()
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_GENERATE, "prompt": "a red chair", "model": "tiny",
+                                          "texture_size": 512, "seed": 1, "steps": 1})
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    types = [m.type for m in msgs]
+    assert protocol.POINTS in types and types.index(protocol.POINTS) < types.index(protocol.OBJECT) \
+        < types.index(protocol.TEXTURE)
+    obj = msgs[types.index(protocol.OBJECT)]
+    tris = np.frombuffer(obj.arrays["triangles"].data, "<i4").reshape(-1, 3)
+    positions = np.frombuffer(obj.arrays["positions"].data, "<f4").reshape(-1, 3)
+    uvs = np.frombuffer(obj.arrays["corner_uvs"].data, "<f4").reshape(-1, 2)
+    assert tris.max() < len(positions) and len(uvs) == 3 * len(tris) and obj.get("up_axis") == "z"
+    textures = [m for m in msgs if m.type == protocol.TEXTURE]
+    assert textures[-1].get("final") and sum(m.get("final") for m in textures) == 1
+
+
+def test_server_refuses_a_controlnet_for_generation(server: BackendServer) -> None:
+    sock = server.connect()
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_GENERATE, "prompt": "a chair", "model": "tiny",
+                                          "controlnet": "some/controlnet"})
+    error = read_until(sock, protocol.ERROR, protocol.DONE)[-1]
+    assert error.type == protocol.ERROR and "no depth ControlNet" in error.get("message")
+
+
+def test_cli_generates_a_y_up_glb_and_fails_loudly(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", "a small stool", "--size", "512",
+                           "--steps", "1", "--seed", "2", "--out", str(out)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "PIPELINE CHECK" in done.stdout
+    summary = json.loads((out / "result.json").read_text())
+    import trimesh
+
+    scene = trimesh.load(summary["mesh"])
+    glb = next(iter(scene.geometry.values())) if hasattr(scene, "geometry") else scene
+    assert len(glb.faces) == summary["triangles"] and glb.visual.uv is not None
+    assert Path(summary["texture"]).is_file() and summary["pipeline_check"]
+    bad = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", " ", "--out", str(out)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "prompt is empty" in bad.stderr
