@@ -26,8 +26,15 @@ import numpy as np
 
 from . import protocol
 from .events import Cancelled, TextureEvents
-from .jobs import (JobError, JobRequest, ModelCache, mesh_from_message, run_generate_job, run_texture_job,
-                   texture_from_message)
+from .jobs import (
+    JobError,
+    JobRequest,
+    ModelCache,
+    mesh_from_message,
+    run_generate_job,
+    run_texture_job,
+    texture_from_message,
+)
 from .mesh import MeshError
 
 log = logging.getLogger("kiln.server")
@@ -148,11 +155,11 @@ class JobEvents(TextureEvents):
                    replace_key=(self.job.id, "points"))
 
     def generated(self, mesh) -> None:
-        corner_uvs = np.ascontiguousarray(mesh.corner_uvs.reshape(-1, 2), "<f4")
+        arrays = {"positions": np.ascontiguousarray(mesh.positions, "<f4"),
+                  "triangles": np.ascontiguousarray(mesh.triangles, "<i4"),
+                  "corner_uvs": np.ascontiguousarray(mesh.corner_uvs.reshape(-1, 2), "<f4")}
         self._send(protocol.OBJECT, {"name": mesh.name, "up_axis": mesh.up_axis},
-                   {"positions": protocol.array("<f4", mesh.positions.shape, np.ascontiguousarray(mesh.positions, "<f4")),
-                    "triangles": protocol.array("<i4", mesh.triangles.shape, np.ascontiguousarray(mesh.triangles, "<i4")),
-                    "corner_uvs": protocol.array("<f4", corner_uvs.shape, corner_uvs)})
+                   {k: protocol.array(a.dtype.str, a.shape, a) for k, a in arrays.items()})
 
     def log(self, text: str) -> None:
         self._send(protocol.LOG, {"level": "info", "text": text})

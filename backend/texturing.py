@@ -17,6 +17,7 @@ from .prior import Prior, Prompts, Views
 from .raster import Raster, interpolate, rasterize_views
 from .texture import PyramidTexture, image_rows, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
 
+
 def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
     """Per-view depth as depth ControlNets and SD 2's depth model expect it: normalised inverse
     depth, near = 1, far = 0.1, background 0; (K, 1, H, W), top row first."""

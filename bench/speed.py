@@ -36,7 +36,7 @@ sys.path.insert(0, str(ROOT))
 from backend import jobs, sir, texturing  # noqa: E402
 from backend.cameras import orbit  # noqa: E402
 from backend.events import TextureEvents  # noqa: E402
-from backend.jobs import ModelCache, JobRequest  # noqa: E402
+from backend.jobs import JobRequest, ModelCache  # noqa: E402
 from backend.mesh import Mesh  # noqa: E402
 from backend.prior import LatentDiffusionPrior, load_prior  # noqa: E402
 

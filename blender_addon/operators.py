@@ -235,5 +235,5 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
-           KILN_OT_unload_models, KILN_OT_copy_diagnostics)
+CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_cancel, KILN_OT_start_backend,
+           KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_copy_diagnostics)

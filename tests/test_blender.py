@@ -397,7 +397,8 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) ->
 
 def test_batch_generate_script(kiln, tmp_path) -> None:
     blend = tmp_path / "gen.blend"
-    setup = f"import bpy; bpy.ops.wm.read_homefile(use_empty=True); bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})"
+    setup = ("import bpy; bpy.ops.wm.read_homefile(use_empty=True); "
+             f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})")
     subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
     example = str(ROOT / "examples" / "batch_generate.py")
     script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "

@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from backend import protocol
 from backend.events import TextureEvents
-from backend.jobs import ModelCache, JobRequest, run_texture_job
+from backend.jobs import JobRequest, ModelCache, run_texture_job
 from backend.mesh import Mesh, MeshError, load_mesh_file, unwrap
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior

@@ -64,7 +64,8 @@ def test_density_grid_matches_the_closed_form_of_one_gaussian() -> None:
     grid = density_grid(params, 32)
     axis = (np.arange(32) + 0.5) / 32 * 2 - 1
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * (((x - 0.2) / 0.1) ** 2 + (y / 0.2) ** 2 + ((z + 0.1) / 0.3) ** 2))
+    q = ((x - 0.2) / 0.1) ** 2 + (y / 0.2) ** 2 + ((z + 0.1) / 0.3) ** 2
+    expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * q)
     assert np.abs(grid - expected).max() < 1e-5
 
 
