@@ -118,7 +118,7 @@ def setup(dev: bool, device: str) -> Path:
 def test() -> int:
     """Every test with bpy 5.0.1, then the Blender tests again under the oldest supported Blender."""
     backend_python = setup(dev=True, device="auto")
-    first = subprocess.run([str(backend_python), "-m", "pytest", "-q", "tests"], cwd=ROOT).returncode
+    first = subprocess.run([str(backend_python), "-m", "pytest", "-q", "--durations=12", "tests"], cwd=ROOT).returncode
     old = _venv(ROOT / ".venv-blender-min")
     subprocess.run([str(old), "-m", "pip", "install", "--disable-pip-version-check", "-q", MIN_BLENDER_BPY,
                     "pytest>=8", "pytest-timeout>=2.3"], check=True)

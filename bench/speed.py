@@ -1,4 +1,4 @@
-"""Where a texturing job's time goes, per stage, for each method's preset.
+"""Where a texturing job's and a generation's time goes, per stage, for each method's preset.
 
     .venv/bin/python bench/speed.py --cpu-small          # here: tiny model, 5k faces, 512²/1024²
     python bench/speed.py                                # on a GPU: SD 1.5/2.1 architectures at full size
@@ -11,8 +11,9 @@ product code); on CUDA every stage boundary synchronises so the times are the GP
 Per run: wall time per stage (UV unwrapping, prompt encoding, rendering, UNet, VAE,
 reconstruction, in-painting/padding, conversion for transfer; "other" is chiefly SDS/SSD's backward
 pass and Adam step), UNet calls and images denoised,
-the share of time inside the UNet, peak VRAM (CUDA). Also the rasterisers alone. Prints a table,
-writes bench/results/speed.json.
+the share of time inside the UNet, peak VRAM (CUDA). Also the rasterisers and the 3D Gaussian
+renderers alone (gsplat against its torch path), and generating an object end to end per method,
+per stage. Prints a table, writes bench/results/speed.json.
 """
 
 from __future__ import annotations
@@ -192,6 +193,66 @@ def rasteriser_times(device: torch.device, faces_list: list[int], size: int) -> 
     return out
 
 
+def generate_times(prior: Any, preset: str, device: torch.device) -> list[dict[str, Any]]:
+    """Generation end to end per method: seconds per stage (Gaussians, extraction, unwrap, bake,
+    refinement), images denoised, peak VRAM."""
+    from backend.generate import generate_object
+    from backend.presets import GENERATE_PRESETS
+
+    rows = []
+    for method in ("sir", "sds"):
+        counts = {"images": 0}
+        original_eps = prior.predict_eps
+
+        def counted_eps(x_t, t, prompt, views, branches="both", _eps=original_eps, counts=counts):
+            counts["images"] += x_t.shape[0] * (2 if branches == "both" else 1)
+            return _eps(x_t, t, prompt, views, branches)
+        prior.predict_eps = counted_eps
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        try:
+            result = generate_object(prior, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0, TextureEvents())
+        finally:
+            prior.predict_eps = original_eps
+        rows.append({"method": method, "preset": preset, "seconds": round(time.perf_counter() - start, 2),
+                     "stages": result.seconds, "images_denoised": counts["images"],
+                     "gaussians": len(result.splats["means"]), "triangles": result.mesh.triangle_count,
+                     "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+                     if device.type == "cuda" else None})
+    return rows
+
+
+def splat_times(device: torch.device, counts: list[int], size: int) -> list[dict[str, Any]]:
+    """3D Gaussian rendering alone, forward and backward, 4 views: gsplat (CUDA) against the torch path."""
+    import os
+
+    from backend import splat
+    from backend.cameras import orbit_sphere
+
+    cams = orbit_sphere(np.zeros(3), 1.0, [0.0, 90.0, 180.0, 270.0], [20.0, -10.0, 45.0, 0.0], "z", device=device)
+    out = []
+    for count in counts:
+        params = splat.sphere(count, 0.5, torch.Generator().manual_seed(0), device)
+        for backend in (["gsplat", "torch"] if device.type == "cuda" else ["torch"]):
+            os.environ["KILN_SPLAT"] = backend
+
+            def once(params: torch.nn.ParameterDict = params) -> None:
+                splat.render(params, cams, size, 1.0).images.sum().backward()
+            once()  # warm-up / JIT
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(3):
+                once()
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            out.append({"renderer": backend, "gaussians": count, "views": 4, "size": size,
+                        "ms_forward_backward": round((time.perf_counter() - start) / 3 * 1000, 1)})
+        os.environ.pop("KILN_SPLAT", None)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-small", action="store_true", help="tiny model, small meshes and textures, CPU")
@@ -218,12 +279,23 @@ def main() -> None:
     print("\nrasteriser alone (4 views):")
     for r in rasters:
         print(f"  {r['rasteriser']:<10} {r['faces']:>7} faces {r['size']}²  {r['ms']:8.1f} ms")
+    splats = splat_times(device, [2_000] if args.cpu_small else [10_000, 100_000], 128 if args.cpu_small else 512)
+    print("\n3D Gaussians alone (4 views, forward + backward):")
+    for r in splats:
+        print(f"  {r['renderer']:<10} {r['gaussians']:>7} Gaussians {r['size']}²  {r['ms_forward_backward']:8.1f} ms")
+    generated = generate_times(prior, presets or "quality", device)
+    print("\ngenerate an object:")
+    for r in generated:
+        print(f"  {r['method']:<4} {r['preset']:<15} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
+              f"{r['gaussians']} Gaussians  {r['triangles']} triangles  VRAM {r['peak_vram_gib']}  "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     (out / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
-                                                "jobs": rows, "rasterisers": rasters}, indent=2))
+                                                "jobs": rows, "rasterisers": rasters, "splats": splats,
+                                                "generate": generated}, indent=2))
     print(f"\nwrote {out / 'speed.json'} ({device_name})")
 
 

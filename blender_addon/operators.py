@@ -30,7 +30,18 @@ def _redraw(context: bpy.types.Context) -> None:
                 area.tag_redraw()
 
 
-class _SessionOperator:
+class _WhenIdle:
+    """For operators that would pull the backend out from under a running job."""
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+            return False
+        return True
+
+
+class _SessionOperator(_WhenIdle):
     """Runs one session: blocking in ``execute`` (background mode, scripts), modal from the UI."""
 
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
@@ -111,8 +122,7 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
 
     @classmethod
     def poll(cls, context: bpy.types.Context) -> bool:
-        if _running():
-            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
+        if not super().poll(context):
             return False
         if not any(o.type == "MESH" for o in context.selected_objects):
             cls.poll_message_set("Select one or more mesh objects")
@@ -132,13 +142,6 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
     bl_idname = "kiln.generate_object"
     bl_label = "Generate Object"
     bl_options = {"REGISTER", "UNDO"}
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        if _running():
-            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
-            return False
-        return True
 
     def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
         if context.mode != "OBJECT":
@@ -182,17 +185,6 @@ class KILN_OT_start_backend(bpy.types.Operator):
         python, offline = preferences(context).python_path, not getattr(bpy.app, "online_access", True)
         _in_background(lambda: f"backend running on port {sessions.MANAGER.ensure(python, offline).port}")
         return {"FINISHED"}
-
-
-class _WhenIdle:
-    """For operators that would pull the backend out from under a running job."""
-
-    @classmethod
-    def poll(cls, context: bpy.types.Context) -> bool:
-        if _running():
-            cls.poll_message_set("A Kiln job is running: wait for it or cancel it")
-            return False
-        return True
 
 
 class KILN_OT_stop_backend(_WhenIdle, bpy.types.Operator):

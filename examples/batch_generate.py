@@ -11,7 +11,7 @@ import sys
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_texture import enable_kiln  # noqa: E402
+from batch_texture import configure  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -33,21 +33,9 @@ def parse() -> argparse.Namespace:
 
 def main() -> int:
     args = parse()
-    package = enable_kiln()
-    if args.backend_python:
-        bpy.context.preferences.addons[package].preferences.python_path = args.backend_python
-    settings = bpy.context.scene.kiln
-    if not 512 <= args.size <= 4096:
-        print(f"batch_generate.py: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
+    settings = configure(args, "batch_generate.py")
+    if settings is None:
         return 1
-    settings.negative_prompt, settings.seed, settings.method = args.negative, args.seed, args.method
-    settings.texture_size = args.size
-    if args.model:
-        settings.model = args.model
-    if args.steps is not None:
-        settings.steps = args.steps
-    if args.guidance is not None:
-        settings.guidance = args.guidance
     made = []
     for prompt in args.prompt:
         settings.prompt = prompt

@@ -43,18 +43,17 @@ def enable_kiln() -> str:
     sys.exit("batch_texture.py: the Kiln extension is not installed; install dist/kiln-*.zip first")
 
 
-def main() -> int:
-    args = parse()
+def configure(args: argparse.Namespace, script: str):
+    """Enable Kiln and put the options both batch scripts share into the scene's Kiln settings;
+    None (after saying why on stderr) when an option is out of range."""
     package = enable_kiln()
     if args.backend_python:
         bpy.context.preferences.addons[package].preferences.python_path = args.backend_python
+    if not 512 <= args.size <= 4096:
+        print(f"{script}: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
+        return None
     settings = bpy.context.scene.kiln
-    settings.prompt, settings.negative_prompt, settings.seed = args.prompt, args.negative, args.seed
-    settings.method, settings.refine, settings.strength = args.method, args.refine, args.strength
-    settings.controlnet = args.controlnet
-    if args.size < 512 or args.size > 4096:
-        print(f"batch_texture.py: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
-        return 1
+    settings.negative_prompt, settings.seed, settings.method = args.negative, args.seed, args.method
     settings.texture_size = args.size
     if args.model:
         settings.model = args.model
@@ -62,6 +61,16 @@ def main() -> int:
         settings.steps = args.steps
     if args.guidance is not None:
         settings.guidance = args.guidance
+    return settings
+
+
+def main() -> int:
+    args = parse()
+    settings = configure(args, "batch_texture.py")
+    if settings is None:
+        return 1
+    settings.prompt, settings.refine, settings.strength = args.prompt, args.refine, args.strength
+    settings.controlnet = args.controlnet
     names = args.objects or [o.name for o in bpy.context.scene.objects if o.type == "MESH"]
     missing = [n for n in names if n not in bpy.context.scene.objects]
     if missing or not names:

@@ -37,3 +37,20 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
         assert job["unet_calls"] > 0 and 0 < job["unet_share"] < 1
         assert {"UNet", "VAE", "rendering", "in-painting + padding"} <= set(job["stages"])
     assert report["rasterisers"][0]["ms"] > 0
+    assert report["splats"][0]["renderer"] == "torch" and report["splats"][0]["ms_forward_backward"] > 0
+    assert {row["method"] for row in report["generate"]} == {"sir", "sds"}
+    for row in report["generate"]:
+        assert set(row["stages"]) == {"gaussians", "extract", "unwrap", "bake", "refine"}
+        assert row["images_denoised"] > 0 and row["triangles"] > 0
+
+
+def test_generate_bench_quick_run_writes_its_table() -> None:
+    result = run_bench("bench/generate.py", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Target: SIR reaches SDS's final Gaussian PSNR" in result.stdout
+    rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_summary.csv")))
+    assert {r["method"] for r in rows} == {"sir", "sds"}
+    sir = next(r for r in rows if r["method"] == "sir")
+    assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
+    curves = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_curves.csv")))
+    assert len(curves) >= 4
