@@ -183,8 +183,10 @@ def main() -> None:
         "sir": replace(sir, splats=splats, mesh=mesh_cfg),
         "sds": replace(sds, splats=splats, mesh=mesh_cfg),
     }
-    if args.quick:
-        configs = {k: replace(c, schedule=replace(c.schedule, iterations=3 if k == "sir" else 30))
+    if args.quick:  # a smoke test of the script: few Gaussians, short schedules, a coarse grid
+        configs = {k: replace(c, schedule=replace(c.schedule, iterations=2 if k == "sir" else 20),
+                              splats=replace(splats, count=1000), mesh=replace(mesh_cfg, grid=40, face_budget=4000,
+                                                                               bake_rounds=1))
                    for k, c in configs.items()}
     runs: list[Run] = []
     for scene in chosen:
