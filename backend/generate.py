@@ -50,7 +50,7 @@ class SplatOptimiser:
         from gsplat import DefaultStrategy
 
         self.prior, self.cfg, self.prompts, self.events, self.total = prior, cfg, prompts, events, total
-        self.watch = watch
+        self.watch, self.seed = watch, seed
         self.schedule = cfg.schedule
         self.generator = torch.Generator(device=prior.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -68,10 +68,15 @@ class SplatOptimiser:
         self.last_sent = 0.0
 
     def run(self) -> torch.nn.ParameterDict:
-        if isinstance(self.schedule, SIRConfig):
-            self._sir(self.schedule)
-        else:
-            self._distill(self.schedule)
+        """Optimise. gsplat's split draws from torch's global generator, so it is seeded here, in a
+        forked state that the caller gets back unchanged."""
+        devices = [self.prior.device] if self.prior.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(self.seed)
+            if isinstance(self.schedule, SIRConfig):
+                self._sir(self.schedule)
+            else:
+                self._distill(self.schedule)
         return self.params
 
     def views(self, count: int) -> Views:
@@ -196,7 +201,10 @@ def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: st
     lap("gaussians")
     done = cfg.schedule.total_work()
     events.progress(done, total, "extracting the mesh (marching cubes)")
-    mesh = meshing.extract(params, cfg.mesh, name)
+    mesh, level = meshing.extract(params, cfg.mesh, name)
+    if level < cfg.mesh.density_threshold:
+        events.log(f"the Gaussians stayed faint (peak density {2 * level:.2g} < {cfg.mesh.density_threshold:g}): "
+                   f"extracted the surface at half the peak instead; more iterations give a firmer shape")
     lap("extract")
     events.progress(done, total, "unwrapping UVs (xatlas)")
     unwrap(mesh)

@@ -55,9 +55,9 @@ def surface(grid: np.ndarray, level: float, bound: float = 1.0) -> tuple[np.ndar
     triangles wound so normals point out of the dense region."""
     from skimage.measure import marching_cubes
 
-    if not float(grid.max()) > level:
+    if not float(grid.max()) > max(level, 1e-6):
         raise MeshError(f"no surface: the densest point ({float(grid.max()):.3g}) is below the extraction level "
-                        f"{level:g}; the Gaussians faded. Try more iterations, another seed or a lower level")
+                        f"{level:g}; the Gaussians faded away. Try another seed or more iterations")
     cell = 2 * bound / grid.shape[0]
     # Pad with empty space so surfaces touching the box still close.
     padded = np.pad(grid, 1, constant_values=0.0)
@@ -82,6 +82,15 @@ def clean(verts: np.ndarray, faces: np.ndarray, cfg: MeshConfig, name: str) -> M
     return Mesh(np.asarray(tm.vertices, np.float32), np.asarray(tm.faces, np.int64), None, up_axis="z", name=name)
 
 
-def extract(params: torch.nn.ParameterDict, cfg: MeshConfig, name: str) -> Mesh:
+def extraction_level(grid: np.ndarray, threshold: float) -> float:
+    """The configured level, or half the peak density where the Gaussians stayed fainter than it:
+    a faint object is still an object, and minutes of optimisation should not end in an error."""
+    peak = float(grid.max())
+    return threshold if peak > threshold else 0.5 * peak
+
+
+def extract(params: torch.nn.ParameterDict, cfg: MeshConfig, name: str) -> tuple[Mesh, float]:
+    """The mesh, and the level it was extracted at."""
     grid = density_grid(params, cfg.grid)
-    return clean(*surface(grid, cfg.density_threshold), cfg, name)
+    level = extraction_level(grid, cfg.density_threshold)
+    return clean(*surface(grid, level), cfg, name), level
