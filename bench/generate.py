@@ -1,6 +1,6 @@
 """Object generation against the exact prior: SIR vs SDS, Gaussians → mesh → texture, in one run.
 
-    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick]
+    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...]
 
 The exact prior is built from reference textured meshes, one per prompt (the other prompts make
 the unconditional mixture, so CFG means something). Each method starts from the same ball of
@@ -169,12 +169,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one scene, short runs (a smoke test)")
+    parser.add_argument("--scenes", nargs="*", default=None, help="prompts to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     all_scenes = scenes()
     refs = [Reference(s.prompt, s.mesh, s.texture) for s in all_scenes]
     prior = ExactPrior(refs, resolution=RESOLUTION, device=args.device)
     chosen = all_scenes[:1] if args.quick else all_scenes
+    if args.scenes:
+        chosen = [s for s in all_scenes if s.prompt in args.scenes]
     sir = GENERATE_PRESETS["sir"]["quality"]
     sds = GENERATE_PRESETS["sds"]["quality"]
     mesh_cfg = replace(sir.mesh, grid=64, texture_size=512, face_budget=20_000)
