@@ -23,7 +23,7 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh, unwrap
 from .presets import PRESETS, DistillConfig, GenerateConfig, SIRConfig
 from .prior import Prior, Prompts, Views
-from .sir import SIRTexturer, denoise, t2_schedule
+from .sir import SIRTexturer, denoise, passes
 
 #: The object lives in the ball of this radius at the origin; every camera frames it.
 FRAME_RADIUS = 1.0
@@ -87,10 +87,7 @@ class SplatOptimiser:
         return splat.render(self.params, views.cameras, self.prior.resolution, self.schedule.background)
 
     def _sir(self, cfg: SIRConfig) -> None:
-        T = self.prior.schedule.num_train_timesteps
-        passes = [(float(T), cfg.init_recon_steps, cfg.init_views or cfg.views)]
-        passes += [(t2, cfg.recon_steps, cfg.views) for t2 in t2_schedule(cfg, T)]
-        for t2, steps, count in passes:
+        for t2, steps, count in passes(cfg, self.prior.schedule.num_train_timesteps):
             views = self.views(count)
             self.events.progress(self.done, self.total, "denoising views")
             with torch.no_grad():

@@ -27,6 +27,15 @@ def t2_schedule(cfg: SIRConfig, num_train_timesteps: int) -> list[float]:
             for i in range(cfg.iterations)]
 
 
+def passes(cfg: SIRConfig, num_train_timesteps: int, from_noise: bool = True, strength: float = 1.0
+           ) -> list[tuple[float, int, int]]:
+    """SIR's whole schedule as (t2, reconstruction steps, views) per pass: first views sampled
+    from pure noise (unless refining an existing result), then the annealed iterations, their t2
+    scaled by the refine strength. Every representation walks this one list."""
+    first = [(float(num_train_timesteps), cfg.init_recon_steps, cfg.init_views or cfg.views)] if from_noise else []
+    return first + [(t2 * strength, cfg.recon_steps, cfg.views) for t2 in t2_schedule(cfg, num_train_timesteps)]
+
+
 def denoise(prior: Prior, cfg: SIRConfig, images: torch.Tensor, t2: float, conditioning: Views, prompt: Any,
             generator: torch.Generator, cancelled: Callable[[], bool]) -> torch.Tensor:
     """SIR's targets: the hybrid forward process — noise to t1, DDIM inversion (unconditional)
@@ -61,11 +70,8 @@ class SIRTexturer(MeshTexturer):
     cfg: SIRConfig
 
     def optimise(self) -> None:
-        T = self.schedule.num_train_timesteps
-        if not self.refine:  # views sampled from pure noise
-            self._iteration(float(T), self.cfg.init_recon_steps, self.cfg.init_views or self.cfg.views)
-        for t2 in t2_schedule(self.cfg, T):
-            self._iteration(t2 * self.strength, self.cfg.recon_steps, self.cfg.views)
+        for t2, steps, views in passes(self.cfg, self.schedule.num_train_timesteps, not self.refine, self.strength):
+            self._iteration(t2, steps, views)
 
     def _iteration(self, t2: float, steps: int, views: int) -> None:
         conditioning, raster = self.cameras(views)

@@ -120,7 +120,8 @@ class Case:
 # --- measurement ---------------------------------------------------------------------------
 
 class CountingPrior:
-    """The prior, counting UNet-equivalent calls and images denoised (a CFG pair counts 2)."""
+    """The prior, counting UNet-equivalent calls and images denoised (a CFG pair counts 2); the
+    generation and speed benchmarks use it too."""
 
     def __init__(self, prior: ExactPrior) -> None:
         self.inner, self.calls, self.images = prior, 0, 0

@@ -33,6 +33,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from quality import CountingPrior  # noqa: E402
 
 from backend import jobs, sir, texturing  # noqa: E402
 from backend.cameras import orbit  # noqa: E402
@@ -201,22 +204,13 @@ def generate_times(prior: Any, preset: str, device: torch.device) -> list[dict[s
 
     rows = []
     for method in ("sir", "sds"):
-        counts = {"images": 0}
-        original_eps = prior.predict_eps
-
-        def counted_eps(x_t, t, prompt, views, branches="both", _eps=original_eps, counts=counts):
-            counts["images"] += x_t.shape[0] * (2 if branches == "both" else 1)
-            return _eps(x_t, t, prompt, views, branches)
-        prior.predict_eps = counted_eps
+        counting = CountingPrior(prior)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        try:
-            result = generate_object(prior, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0, TextureEvents())
-        finally:
-            prior.predict_eps = original_eps
+        result = generate_object(counting, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0, TextureEvents())
         rows.append({"method": method, "preset": preset, "seconds": round(time.perf_counter() - start, 2),
-                     "stages": result.seconds, "images_denoised": counts["images"],
+                     "stages": result.seconds, "images_denoised": counting.images,
                      "gaussians": len(result.splats["means"]), "triangles": result.mesh.triangle_count,
                      "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
                      if device.type == "cuda" else None})
