@@ -349,9 +349,7 @@ class TextureSession:
 
     def _finish(self, target: Target) -> None:
         """Keep the last good texture of any job that produced one, finished or not."""
-        if target.preview is not None:  # a generation that never reached its object leaves no trace
-            target.preview.remove()
-            target.preview = None
+        drop_preview(target)  # a generation that never reached its object leaves no trace
         if target.live is not None:
             target.saved_to = finish_texture(target.live, int(self.job_fields["seed"]))
 
@@ -360,6 +358,12 @@ class TextureSession:
             if not target.ended:
                 target.status, target.error = status, error
                 self._finish(target)
+
+
+def drop_preview(target: Target) -> None:
+    if target.preview is not None:
+        target.preview.remove()
+        target.preview = None
 
 
 def object_name(prompt: str) -> str:
@@ -397,6 +401,4 @@ class GenerateSession(TextureSession):
             return
         obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)
         target.name, target.created = obj.name, True
-        if target.preview is not None:
-            target.preview.remove()
-            target.preview = None
+        drop_preview(target)
