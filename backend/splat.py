@@ -131,6 +131,7 @@ def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: to
             alpha = torch.where((sigma >= 0) & (alpha >= ALPHA_MIN), alpha, torch.zeros_like(alpha))
             before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
             weight = alpha * before * (before * (1 - alpha) > T_MIN)
-            rgb = rgb.index_put((ys, xs), (weight @ colors[hit]).reshape(y1 - y0, x1 - x0, 3))
-            acc = acc.index_put((ys, xs), weight.sum(1).reshape(y1 - y0, x1 - x0, 1))
+            # In-place slice writes: autograd records each tile, and nothing copies the whole image.
+            rgb[y0:y1, x0:x1] = (weight @ colors[hit]).reshape(y1 - y0, x1 - x0, 3)
+            acc[y0:y1, x0:x1] = weight.sum(1).reshape(y1 - y0, x1 - x0, 1)
     return rgb.reshape(-1, 3), acc.reshape(-1, 1)
