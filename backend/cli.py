@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
+from .assets import base_colour_image
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, run_generate_job, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
@@ -32,6 +33,7 @@ class ConsoleEvents(TextureEvents):
 
         self.bar = tqdm(total=1, unit="update", file=sys.stderr, dynamic_ncols=True)
         self.final = None
+        self.reference_used: dict[str, object] | None = None
 
     def progress(self, done: int, total: int, phase: str) -> None:
         self.bar.total = total
@@ -42,6 +44,9 @@ class ConsoleEvents(TextureEvents):
     def texture(self, rgba, final: bool) -> None:
         if final:
             self.final = rgba.numpy()
+
+    def reference(self, file: str, score: float, yaw: float, thumbnails) -> None:
+        self.reference_used = {"file": file, "score": round(score, 4), "yaw": yaw}
 
     def log(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
@@ -76,9 +81,7 @@ def refine_texture(args: argparse.Namespace, loaded: object):
         except OSError as exc:
             raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
     else:
-        image = getattr(getattr(getattr(loaded, "visual", None), "material", None), "image", None)
-        if image is None:
-            image = getattr(getattr(getattr(loaded, "visual", None), "material", None), "baseColorTexture", None)
+        image = base_colour_image(loaded)
         if image is None:
             raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
     rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # PNG rows top-down → bottom-up
@@ -90,7 +93,9 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
-        "controlnet": getattr(args, "controlnet", None), "offline": args.offline})
+        "controlnet": getattr(args, "controlnet", None), "offline": args.offline,
+        "reference": getattr(args, "reference", None), "libraries": getattr(args, "library", None) or [],
+        "clip": getattr(args, "clip", None)})
 
 
 def finish(request: JobRequest, out: Path, started: float, files: dict[str, str], **extra: object) -> int:
@@ -118,7 +123,8 @@ def texture_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
-    return finish(request, Path(args.out), started, write_result(mesh, events.final, Path(args.out)))
+    return finish(request, Path(args.out), started, write_result(mesh, events.final, Path(args.out)),
+                  **({"reference": events.reference_used} if events.reference_used else {}))
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -136,6 +142,36 @@ def generate_command(args: argparse.Namespace) -> int:
     files = write_result(mesh, events.final, Path(args.out))
     return finish(request, Path(args.out), started, files, stages_s=result.seconds,
                   gaussians=len(result.splats["means"]), triangles=mesh.triangle_count)
+
+
+def index_command(args: argparse.Namespace) -> int:
+    """Index each folder; unreadable files are listed with the reason, and only a folder that cannot
+    be indexed at all makes the exit code non-zero."""
+    import torch
+    from tqdm import tqdm
+
+    from .embed import ClipEmbedder, WordLlamaEmbedder
+    from .library import build_index
+
+    try:
+        embedder = WordLlamaEmbedder()
+        clip = ClipEmbedder.load(args.clip, args.offline, torch.device("cpu")) if args.clip else None
+        for folder in args.folders:
+            with tqdm(total=1, unit="asset", file=sys.stderr, dynamic_ncols=True) as bar:
+                def progress(done: int, total: int, what: str, bar=bar) -> None:
+                    bar.total, bar.n = total, done
+                    bar.set_description(what[-40:])
+                    bar.refresh()
+
+                index, report = build_index(Path(folder), embedder, clip, progress)
+            print(f"{index.root}: {len(index)} assets ({len(report.added)} new, {len(report.updated)} changed, "
+                  f"{len(report.removed)} removed, {report.reused} unchanged)")
+            for path, reason in report.skipped.items():
+                print(f"  skipped {path}: {reason}", file=sys.stderr)
+    except (MeshError, ModelError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
 
 
 def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
@@ -174,10 +210,20 @@ def main(argv: list[str] | None = None) -> int:
     tex.add_argument("--strength", type=float, default=0.5,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
+    tex.add_argument("--reference", default=None, help="an asset file (GLB/OBJ/PLY) to warm up toward (ReDream)")
+    tex.add_argument("--library", action="append", default=None,
+                     help="an indexed asset folder to retrieve the reference from by prompt (repeatable)")
+    tex.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank and face by picture")
+    index = sub.add_parser("index", help="index asset folders (captions, thumbnails, embeddings) for retrieval")
+    index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")
+    index.add_argument("--clip", default=None, help="CLIP weights (HF id or folder) for image embeddings")
+    index.add_argument("--offline", action="store_true", help="never contact the model hub")
     gen = sub.add_parser("generate", help="generate a textured object from a prompt (GLB + PNG), without Blender")
     add_job_arguments(gen, GENERATE_PRESETS)
     args = parser.parse_args(argv)
     if args.command == "serve":
         from .server import serve as run_server
         return run_server(args.port)
+    if args.command == "index":
+        return index_command(args)
     return generate_command(args) if args.command == "generate" else texture_command(args)

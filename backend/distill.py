@@ -14,6 +14,7 @@ import torch
 from . import estimators
 from .presets import DistillConfig
 from .prior import Prior, Views
+from .texture import image_mask
 from .texturing import MeshTexturer
 
 
@@ -54,8 +55,15 @@ class DistillTexturer(MeshTexturer):
             self.check_cancel()
             conditioning, raster = self.cameras(cfg.views)
             t = timestep(cfg, i, self.schedule.num_train_timesteps, self.generator, self.strength)
-            loss = distill_loss(self.prior, cfg, self.prior.encode(self.render(raster)), t,
-                                self.prompts.for_views(conditioning.cameras), conditioning, self.generator)
+            images = self.render(raster)
+            x = self.prior.encode(images)
+            loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(conditioning.cameras), conditioning,
+                                self.generator)
+            if self.warming_up():
+                # distill_loss's reduction (½·sum per view), per element of the prior's space, so
+                # one weight means the same for latent and pixel priors.
+                diff = self.reference.difference(images, conditioning.cameras, image_mask(raster).float())
+                loss = loss + cfg.warmup.weight * 0.5 * diff.square().sum() / len(images) * x.numel() / images.numel()
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

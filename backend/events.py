@@ -34,6 +34,10 @@ class TextureEvents:
     def generated(self, mesh: Mesh) -> None:
         """A generated object's final geometry with its UVs; its textures follow as ``texture`` events."""
 
+    def reference(self, file: str, score: float, yaw: float, thumbnails: np.ndarray) -> None:
+        """The asset the job warms up toward: its file, retrieval score (1 for one the user chose),
+        the yaw that faces it forward, and its (V, S, S, 3) uint8 thumbnails."""
+
     def log(self, text: str) -> None:
         """A message the user should see."""
 

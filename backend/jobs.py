@@ -40,6 +40,11 @@ class JobRequest:
     offline: bool = False
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
+    # ReDream: warm up toward ``reference`` (an asset file), or else toward the asset the prompt
+    # retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by picture.
+    reference: str | None = None
+    libraries: tuple[str, ...] = ()
+    clip: str | None = None
 
     @classmethod
     def from_fields(cls, f: dict[str, Any]) -> "JobRequest":
@@ -75,11 +80,16 @@ class JobRequest:
         model = f.get("model") or "tiny"
         if not isinstance(model, str):
             raise bad("model must be a name, folder or file path")
+        libraries = f.get("libraries") or ()
+        if isinstance(libraries, str) or not all(isinstance(x, str) and x for x in libraries):
+            raise bad("libraries must be a list of asset folder paths")
         return cls(prompt=prompt.strip(), task=task, negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
-                   preset=f.get("preset"), offline=bool(f.get("offline", False)))
+                   preset=f.get("preset"), offline=bool(f.get("offline", False)),
+                   reference=str(f["reference"]) if f.get("reference") else None, libraries=tuple(libraries),
+                   clip=str(f["clip"]) if f.get("clip") else None)
 
     def config(self, refine: bool = False) -> SIRConfig | DistillConfig:
         try:
@@ -183,10 +193,56 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                    "this texture tests the pipeline and is not art")
+    reference = find_reference(request, mesh, prior, cfg, events)
     method = SIRTexturer if request.method == "sir" else DistillTexturer
     texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
-                      request.seed, events, init_texture=init_texture, strength=request.strength)
+                      request.seed, events, init_texture=init_texture, strength=request.strength,
+                      reference=reference)
     return texturer.run()
+
+
+def find_reference(request: JobRequest, mesh: Mesh, prior: Prior, cfg: SIRConfig | DistillConfig,
+                   events: TextureEvents):
+    """The request's reference asset, placed on the mesh and faced forward, as ``ReferenceViews``;
+    None when the request names no reference and no library."""
+    from pathlib import Path
+
+    from .assets import load_asset
+    from .embed import ClipEmbedder, WordLlamaEmbedder
+    from .library import LibraryIndex, search, thumbnails
+    from .reference import ReferenceViews, choose_yaw, clip_facing, prior_facing
+
+    if not request.reference and not request.libraries:
+        return None
+    clip = ClipEmbedder.load(request.clip, request.offline, prior.device) if request.clip else None
+    if request.reference:
+        file, score = Path(request.reference).expanduser(), 1.0
+        views = thumbnails(file)
+    else:
+        indexes = []
+        for folder in request.libraries:
+            index = LibraryIndex.load(Path(folder).expanduser().resolve())
+            if index is None:
+                raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} has not been indexed: index it "
+                               "first (Index Library in the panel, or `python -m backend index FOLDER`)")
+            indexes.append(index)
+        try:
+            hits = search(indexes, request.prompt, 1, WordLlamaEmbedder(), clip)
+        except MeshError as exc:
+            raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+        if not hits:
+            raise JobError(protocol.E_BAD_REQUEST, "the asset libraries are empty: add assets and index them again, "
+                           "or turn off Use References")
+        file, score, views = hits[0].file, hits[0].score, hits[0].thumbnails
+    events.progress(0, cfg.total_work(), f"facing reference {file.name}")
+    asset = load_asset(file)
+    score_fn = clip_facing(clip, request.prompt) if clip else prior_facing(prior, request.prompt,
+                                                                            request.negative_prompt, request.seed)
+    yaw = choose_yaw(asset, mesh.positions, mesh.up_axis, score_fn, prior.resolution, cfg.background, prior.device)
+    events.reference(str(file), score, yaw, views)
+    events.log(f"warming up toward {file.name} (score {score:.2f}, turned {yaw:.0f}°)")
+    return ReferenceViews(asset.placed(mesh.positions, mesh.up_axis, yaw), cfg.warmup, prior.resolution,
+                          cfg.background)
 
 
 def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache):

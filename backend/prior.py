@@ -26,7 +26,7 @@ from .diffusion import NoiseSchedule
 
 TINY = "tiny"
 UNCOND, COND, BOTH = "uncond", "cond", "both"
-_HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HF_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 class ModelError(Exception):
@@ -205,7 +205,7 @@ def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offl
     try:
         if path.is_file():
             net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
-        elif path.is_dir() or _HF_ID.match(source):
+        elif path.is_dir() or HF_ID.match(source):
             net = ControlNetModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=dtype,
                                                   local_files_only=offline or path.is_dir())
         else:
@@ -215,7 +215,7 @@ def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offl
     except ModelError:
         raise
     except Exception as exc:  # hub, filesystem and config errors all end here
-        raise _explain(exc, f"ControlNet {source!r}", offline) from None
+        raise explain_load_error(exc, f"ControlNet {source!r}", offline) from None
     return net.to(device).eval()
 
 
@@ -226,7 +226,7 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
         pipe = _from_single_file(path, dtype, offline)
-    elif _HF_ID.match(model) and not path.exists():
+    elif HF_ID.match(model) and not path.exists():
         pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
     else:
         raise ModelError(protocol.E_MODEL_NOT_FOUND,
@@ -242,7 +242,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str)
         return StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=offline,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as exc:  # hub, filesystem and config errors all end here
-        raise _explain(exc, label, offline) from None
+        raise explain_load_error(exc, label, offline) from None
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
@@ -251,10 +251,10 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
     try:
         return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
     except Exception as exc:
-        raise _explain(exc, f"checkpoint {str(path)!r}", offline) from None
+        raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline) from None
 
 
-def _explain(exc: Exception, label: str, offline: bool) -> ModelError:
+def explain_load_error(exc: Exception, label: str, offline: bool) -> ModelError:
     text = f"{type(exc).__name__}: {exc}"
     if offline or "offline" in text.lower() or "connect" in text.lower():
         return ModelError(protocol.E_WEIGHTS_OFFLINE,

@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 
 from . import diffusion
+from .cameras import Cameras
 from .presets import SIRConfig
 from .prior import COND, UNCOND, Prior, Views
 from .texture import image_mask
@@ -81,7 +82,7 @@ class SIRTexturer(MeshTexturer):
                                          raster) ** self.cfg.normal_weighting
         with torch.no_grad():
             target = self.targets(raster, conditioning, t2)
-        self._reconstruct(raster, target, mask, steps)
+        self._reconstruct(raster, conditioning.cameras, target, mask, steps)
 
     def targets(self, raster, conditioning: Views, t2: float) -> torch.Tensor:
         """The images the texture is fitted to for a while: the current views, denoised."""
@@ -89,13 +90,19 @@ class SIRTexturer(MeshTexturer):
         return denoise(self.prior, self.cfg, self.render(raster), t2, conditioning,
                        self.prompts.for_views(conditioning.cameras), self.generator, self.events.cancelled)
 
-    def _reconstruct(self, raster, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
+    def _reconstruct(self, raster, cams: Cameras, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
         optimiser = torch.optim.Adam(self.texture.parameters(), lr=self.cfg.lr)
         denom = mask.sum().clamp_min(1) * 3
+
+        def reduce(diff: torch.Tensor) -> torch.Tensor:
+            return (diff.abs().sum() if self.cfg.loss == "l1" else diff.square().sum()) / denom
+
         for _ in range(steps):
             self.check_cancel()
-            diff = (self.render(raster) - target) * mask
-            loss = (diff.abs().sum() if self.cfg.loss == "l1" else diff.square().sum()) / denom
+            images = self.render(raster)
+            loss = reduce((images - target) * mask)
+            if self.warming_up():
+                loss = loss + self.cfg.warmup.weight * reduce(self.reference.difference(images, cams, mask))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

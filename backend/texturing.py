@@ -4,7 +4,7 @@ rendering, streaming, cancelling and the padded final texture. Methods add only 
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -16,6 +16,9 @@ from .mesh import Mesh
 from .prior import Prior, Prompts, Views
 from .raster import Raster, interpolate, rasterize_views
 from .texture import PyramidTexture, image_rows, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
+
+if TYPE_CHECKING:
+    from .reference import ReferenceViews
 
 
 def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
@@ -52,13 +55,15 @@ def facing_weights(positions: torch.Tensor, triangles: torch.Tensor, cams: Camer
 class MeshTexturer:
     def __init__(self, mesh: Mesh, prior: Prior, cfg: Any, texture_size: int, prompt: str, negative: str,
                  seed: int, events: TextureEvents, init_texture: torch.Tensor | None = None,
-                 strength: float = 1.0) -> None:
+                 strength: float = 1.0, reference: "ReferenceViews | None" = None) -> None:
         """``init_texture`` (3, H, W) in [0, 1], rows bottom-up, turns on refine mode: the method
         starts from it, and ``strength`` in (0, 1] scales how much noise it may add (how far
-        the result may move from it)."""
+        the result may move from it). ``reference``: an asset placed on the mesh whose views the
+        first updates are also pulled toward (ReDream's warm-up; ``cfg.warmup``)."""
         if mesh.corner_uvs is None:
             raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
         self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events
+        self.reference = reference
         self.device = prior.device
         self.schedule = prior.schedule
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
@@ -108,6 +113,9 @@ class MeshTexturer:
         depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
             else None
         return Views(cams, depth=depth), raster
+
+    def warming_up(self) -> bool:
+        return self.reference is not None and self.reference.active(self.done, self.total)
 
     def render(self, raster: Raster) -> torch.Tensor:
         return render(self.texture.sample, self.corner_uvs, raster, self.cfg.background)

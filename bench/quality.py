@@ -41,6 +41,7 @@ from backend.exact_prior import ExactPrior, Reference  # noqa: E402
 from backend.mesh import Mesh, load_mesh_file, unwrap  # noqa: E402
 from backend.presets import PRESETS, DistillConfig, SIRConfig  # noqa: E402
 from backend.raster import rasterize_views  # noqa: E402
+from backend.reference import ReferenceViews  # noqa: E402
 from backend.sir import SIRTexturer  # noqa: E402
 from backend.texture import image_mask, render, sample_image, uv_coverage  # noqa: E402
 
@@ -242,13 +243,13 @@ class Run:
 
 
 def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eval_every: int,
-        seed: int = 0) -> Run:
+        seed: int = 0, reference: ReferenceViews | None = None) -> Run:
     torch.manual_seed(seed)
     prior = CountingPrior(case.prior)
     scorer = Scorer(case)
     recorder = Recorder(scorer, prior, eval_every)
     cls = SIRTexturer if isinstance(cfg, SIRConfig) else DistillTexturer
-    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder)
+    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder, reference=reference)
     recorder.texturer = texturer
     recorder.progress(0, 1, "start")
     final = texturer.run()
@@ -291,11 +292,30 @@ def contact_sheet(runs: list[Run], cases: dict[str, Case], path: Path) -> None:
     sheet.save(path)
 
 
+def ssd_sweep(runs: list[Run], path: Path) -> None:
+    """Why SSD trails here: the exact prior's posterior over 64²·3-dimensional references is one-hot
+    below t ≈ 850 (largest weight > 0.99), so once a view is nearest a target variant, ε_cond = ε_uncond, h = 0 and the
+    mode-seeking branch, rescaled to ‖h‖, vanishes too; the only signal left is h at the largest t,
+    which pushes away from the unconditional mean without bound (saturation)."""
+    rows = [{k: r.final[k] for k in ("method", "images_denoised", "psnr", "best_psnr", "saturation",
+                                     "reference_saturation")} for r in runs]
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    widths = [max(len(k), *(len(str(r[k])) for r in rows)) for k in rows[0]]
+    for row in [dict(zip(rows[0], rows[0], strict=True)), *rows]:
+        print("  ".join(str(v).ljust(w) for v, w in zip(row.values(), widths, strict=True)))
+    print(f"wrote {path}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", type=int, default=2000, help="images denoised for SDS/SSD")
     parser.add_argument("--quick", action="store_true", help="one mesh, small budget: a smoke run")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--ssd-sweep", action="store_true",
+                        help="only the multimodal crate: SSD across τ and w(t) against SDS at CFG 7.5 and 100")
     args = parser.parse_args()
     budget = 400 if args.quick else args.budget
     views = 4
@@ -318,6 +338,10 @@ def main() -> None:
              (multimodal, "SDS cfg7.5", replace(sds, guidance=7.5)),
              (multimodal, "SSD cfg7.5", replace(PRESETS["ssd"]["quality"], iterations=distill_steps, views=views,
                                                 lr=0.03, pad_texels=4, stream_every=5))]
+    if args.ssd_sweep:
+        ssd = plan[-1][2]
+        plan = [(multimodal, f"SSD tau{tau} w={w}", replace(ssd, tau=tau, weighting=w))
+                for tau in (200, 500, 800, 900, 1000) for w in ("sds", "uniform")] + plan[-3:-1]
     runs = []
     for case, label, cfg in plan:
         started = time.perf_counter()
@@ -326,6 +350,9 @@ def main() -> None:
 
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
+    if args.ssd_sweep:
+        ssd_sweep(runs, out / "ssd_sweep.csv")
+        return
     with open(out / "quality_curves.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["case", "method", "images_denoised", "unet_calls", "seconds", "psnr", "ssim"])

@@ -54,3 +54,14 @@ def test_generate_bench_quick_run_writes_its_table() -> None:
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
     curves = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_curves.csv")))
     assert len(curves) >= 4
+
+
+def test_retrieval_bench_quick_run_writes_its_tables() -> None:
+    result = run_bench("bench/retrieval.py", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "'a wooden crate' → wooden_crate.glb" in result.stdout
+    rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "retrieval.csv")))
+    assert {r["reference"] for r in rows} == {"none", "similar (retrieved)", "unrelated"}
+    report = json.loads((ROOT / "bench" / "results" / "retrieval.json").read_text())
+    assert report["indexing"]["assets"] == 50 and report["indexing"]["reused"] == 50
+    assert report["query_scale"]["recall_at_10"] > 0.8

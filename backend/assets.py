@@ -1,0 +1,112 @@
+"""Reference assets: a textured mesh from the artist's library (or their selected object), placed in
+the frame of the mesh being made and rendered from the method's cameras.
+
+ReDream's warm-up compares the method's views with the asset's views from the same cameras, so the
+asset must sit where the result will: same up axis, same bounding-box centre and diagonal (the
+diagonal is what ``cameras.orbit`` frames by), turned about the up axis so its front faces the
+front. Colour comes from the asset's base-colour image through its UVs, else from its vertex
+colours, else from its material's flat colour.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .cameras import Cameras
+from .mesh import Mesh, load_mesh_file
+from .raster import rasterize_views
+from .texture import image_mask, render, sample_image
+
+#: File types the library indexes and the warm-up reads (trimesh's loaders).
+ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
+
+
+@dataclass
+class Asset:
+    mesh: Mesh
+    texture: torch.Tensor | None = None        # (3, H, W) in [0, 1], rows bottom-up, read through UVs
+    corner_colours: np.ndarray | None = None   # (T, 3, 3) in [0, 1] where there is no texture
+
+    def placed(self, positions: np.ndarray, up_axis: str, yaw_deg: float = 0.0) -> "Asset":
+        """This asset converted to ``up_axis``, turned ``yaw_deg`` about it, and fitted to the bounding
+        box of ``positions`` (centre and diagonal)."""
+        p = to_up_axis(self.mesh.positions.astype(np.float64), self.mesh.up_axis, up_axis)
+        p = p @ _yaw(yaw_deg, up_axis).T
+        lo, hi = p.min(0), p.max(0)
+        t_lo, t_hi = positions.min(0).astype(np.float64), positions.max(0).astype(np.float64)
+        scale = np.linalg.norm(t_hi - t_lo) / max(np.linalg.norm(hi - lo), 1e-12)
+        p = (p - (lo + hi) / 2) * scale + (t_lo + t_hi) / 2
+        return replace(self, mesh=replace(self.mesh, positions=p.astype(np.float32), up_axis=up_axis))
+
+    def render(self, cams: Cameras, size: int, background: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """(K, 3, H, W) images, top row first, and their (K, 1, H, W) coverage mask."""
+        device = cams.mvp.device
+        raster = rasterize_views(torch.as_tensor(self.mesh.positions, device=device),
+                                 torch.as_tensor(self.mesh.triangles, device=device), cams.mvp, size)
+        if self.texture is not None:
+            texture = self.texture.to(device)
+            images = render(lambda uv: sample_image(texture, uv),
+                            torch.as_tensor(self.mesh.corner_uvs, device=device), raster, background)
+        else:
+            # The "UVs" interpolated here are the colours themselves; the sampler passes them on.
+            images = render(lambda colour: colour, torch.as_tensor(self.corner_colours, device=device), raster,
+                            background)
+        return images, image_mask(raster).float()
+
+
+def to_up_axis(positions: np.ndarray, source: str, target: str) -> np.ndarray:
+    """Y-up (glTF, OBJ by custom) ↔ Z-up (Blender), as Blender's glTF importer turns them."""
+    if source == target:
+        return positions
+    if source == "y":
+        return positions[:, [0, 2, 1]] * np.array([1, -1, 1])
+    return positions[:, [0, 2, 1]] * np.array([1, 1, -1])
+
+
+def _yaw(deg: float, up_axis: str) -> np.ndarray:
+    c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+    if up_axis == "z":
+        return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+    return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]])
+
+
+def load_asset(path: Path) -> Asset:
+    """Read a library file; MeshError (naming the file and what is wrong) for anything unusable."""
+    mesh, loaded = load_mesh_file(path)
+    mesh.validate()
+    image = base_colour_image(loaded)
+    if image is not None and mesh.corner_uvs is not None:
+        rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # image rows top-down → bottom-up
+        return Asset(mesh, texture=torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+    visual = loaded.visual
+    if getattr(visual, "kind", None) == "vertex":
+        colours = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255
+    else:
+        flat = _flat_colour(visual)
+        colours = np.broadcast_to(flat, (len(mesh.positions), 3))
+    return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]))
+
+
+def base_colour_image(loaded: object):
+    """The PIL image a trimesh mesh's material shows (simple or PBR material), or None."""
+    material = getattr(getattr(loaded, "visual", None), "material", None)
+    for name in ("image", "baseColorTexture"):
+        image = getattr(material, name, None)
+        if image is not None:
+            return image
+    return None
+
+
+def _flat_colour(visual: object) -> np.ndarray:
+    material = getattr(visual, "material", None)
+    for name in ("main_color", "baseColorFactor"):
+        colour = getattr(material, name, None)
+        if colour is not None:
+            return np.asarray(colour, np.float32)[:3] / (255.0 if np.asarray(colour).dtype == np.uint8 else 1.0)
+    return np.full(3, 0.6, np.float32)
+

@@ -1,0 +1,237 @@
+"""The asset library (indexing, incremental updates, search) and ReDream's use of a reference:
+facing, and the warm-up pulling a texture toward the asset's views."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import ROOT
+from test_exact_prior import box_mesh, pattern
+
+from backend import library
+from backend.assets import Asset, load_asset
+from backend.cameras import orbit
+from backend.cli import write_result
+from backend.embed import ClipEmbedder, WordLlamaEmbedder
+from backend.events import TextureEvents
+from backend.exact_prior import ExactPrior, Reference
+from backend.library import ANN_FILE, INDEX_FILE, LibraryIndex, ann_index, build_index, caption_for, search
+from backend.mesh import Mesh, MeshError
+from backend.presets import PRESETS, WarmUp
+from backend.prior import ModelError
+from backend.raster import rasterize_views
+from backend.reference import ReferenceViews, choose_yaw, clip_facing, prior_facing
+from backend.sir import SIRTexturer
+from backend.texture import render
+
+
+@pytest.fixture(scope="module")
+def embedder() -> WordLlamaEmbedder:
+    return WordLlamaEmbedder()
+
+
+def rgba(texture: torch.Tensor) -> np.ndarray:
+    rgb = (texture.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+    return np.concatenate([rgb, np.full(rgb.shape[:2] + (1,), 255, np.uint8)], 2)
+
+
+def save(mesh: Mesh, texture: torch.Tensor, folder: Path, name: str) -> Path:
+    written = write_result(replace(mesh, name=name), rgba(texture), folder)
+    Path(written["texture"]).unlink()
+    return Path(written["mesh"])
+
+
+def small_library(folder: Path) -> Path:
+    import trimesh
+
+    box = box_mesh()
+    save(box, pattern(32, 0.0), folder, "wooden_crate")
+    trimesh.creation.cylinder(0.3, 1.0).export(folder / "metal_barrel.ply")
+    trimesh.creation.icosphere(1, 0.5).export(folder / "glass_ball.obj")
+    (folder / "sub").mkdir()
+    trimesh.creation.box(extents=(1, 0.1, 1)).export(folder / "sub" / "Table_Top-03.ply")
+    return folder
+
+
+def test_captions_come_from_a_sidecar_or_the_file_name(tmp_path: Path) -> None:
+    assert caption_for(tmp_path / "old_barrel-02.glb") == "old barrel"
+    assert caption_for(tmp_path / "RustyLantern.obj") == "rusty lantern"
+    (tmp_path / "x1.ply.txt").write_text("a moss-covered stone well\n")
+    assert caption_for(tmp_path / "x1.ply") == "a moss-covered stone well"
+
+
+def test_index_is_incremental_and_skips_bad_files_with_a_reason(tmp_path: Path, embedder) -> None:
+    lib = small_library(tmp_path)
+    (lib / "broken.glb").write_bytes(b"definitely not glTF")
+    index, report = build_index(lib, embedder)
+    assert sorted(report.added) == ["glass_ball.obj", "metal_barrel.ply", "sub/Table_Top-03.ply", "wooden_crate.glb"]
+    assert list(report.skipped) == ["broken.glb"] and "broken.glb" in report.skipped["broken.glb"]
+    assert index.text.shape == (4, embedder.dim) and index.thumbnails.shape == (4, 4, 64, 64, 3)
+    assert np.allclose(np.linalg.norm(index.text, axis=1), 1, atol=1e-5)
+    # The thumbnails show the asset: the textured crate is not a blank image.
+    crate = index.thumbnails[[e.path for e in index.entries].index("wooden_crate.glb")]
+    assert crate.std() > 20
+
+    # Nothing changed: nothing re-read, the broken file not retried.
+    again, report = build_index(lib, embedder)
+    assert report.reused == 4 and not report.added and not report.updated and list(report.skipped) == ["broken.glb"]
+    assert np.array_equal(again.text, index.text)
+
+    # One file changes, one disappears, the broken one is fixed.
+    import trimesh
+    trimesh.creation.cylinder(0.5, 0.4).export(lib / "metal_barrel.ply")
+    os.utime(lib / "metal_barrel.ply", ns=(1, 1))
+    (lib / "glass_ball.obj").unlink()
+    trimesh.creation.box().export(lib / "broken.glb")
+    third, report = build_index(lib, embedder)
+    assert report.updated == ["metal_barrel.ply"] and report.removed == ["glass_ball.obj"]
+    assert report.added == ["broken.glb"] and not report.skipped and report.reused == 2
+    stored = LibraryIndex.load(lib)
+    assert [e.path for e in stored.entries] == [e.path for e in third.entries]
+    assert (lib / INDEX_FILE).is_file() and not (lib / (INDEX_FILE + ".tmp")).exists()
+
+
+def test_search_finds_the_asset_whose_caption_is_nearest(tmp_path: Path, embedder) -> None:
+    index, _ = build_index(small_library(tmp_path), embedder)
+    for prompt, expected in (("a wooden crate", "wooden_crate.glb"), ("a metal barrel", "metal_barrel.ply"),
+                             ("a table top", "sub/Table_Top-03.ply")):
+        hits = search([index], prompt, 2, embedder)
+        assert hits[0].entry.path == expected, (prompt, [h.entry.path for h in hits])
+        assert hits[0].score > hits[1].score and hits[0].file.is_file()
+
+
+def test_large_libraries_search_through_a_saved_hnsw_graph(tmp_path: Path, embedder, monkeypatch) -> None:
+    lib = small_library(tmp_path)
+    exact = [h.entry.path for h in search([build_index(lib, embedder)[0]], "a metal barrel", 4, embedder)]
+    assert not (lib / ANN_FILE).exists()
+    monkeypatch.setattr(library, "EXACT_LIMIT", 2)
+    (lib / "metal_barrel.ply").touch()  # any change re-writes the index, and with it the graph
+    build_index(lib, embedder)
+    assert (lib / ANN_FILE).is_file()
+    stored = LibraryIndex.load(lib)
+    assert [h.entry.path for h in search([stored], "a metal barrel", 4, embedder)] == exact
+    assert stored._ann is not None  # the search went through the graph
+    monkeypatch.setattr(library, "EXACT_LIMIT", 20_000)
+    (lib / "metal_barrel.ply").touch()
+    build_index(lib, embedder)
+    assert not (lib / ANN_FILE).exists()
+
+
+def test_the_approximate_index_agrees_with_exact_search() -> None:
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((3000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    found = ann_index(vectors).search(vectors[17], 5)
+    assert int(found.keys[0]) == 17 and float(found.distances[0]) < 1e-4
+
+
+def test_a_missing_library_folder_is_a_clear_error(tmp_path: Path, embedder) -> None:
+    with pytest.raises(MeshError, match="is not a folder"):
+        build_index(tmp_path / "nope", embedder)
+
+
+def exact_case() -> tuple[Mesh, ExactPrior, torch.Tensor]:
+    mesh = box_mesh()
+    target = pattern(32, 0.0)
+    return mesh, ExactPrior([Reference("crate", mesh, target), Reference("other", mesh, pattern(32, 2.5))],
+                            resolution=32), target
+
+
+def test_facing_turns_a_turned_asset_back(tmp_path: Path) -> None:
+    mesh, prior, target = exact_case()
+    a = np.radians(90.0)
+    rot = np.array([[np.cos(a), 0, np.sin(a)], [0, 1, 0], [-np.sin(a), 0, np.cos(a)]], np.float32)
+    asset = load_asset(save(replace(mesh, positions=mesh.positions @ rot.T), target, tmp_path, "crate"))
+    yaw = choose_yaw(asset, mesh.positions, "y", prior_facing(prior, "crate", ""), 32, 1.0, torch.device("cpu"))
+    assert yaw == 270.0
+
+
+def test_warm_up_pulls_the_texture_toward_the_reference() -> None:
+    """With a prior that knows only another texture, the warm-up (all updates, heavy weight) still
+    brings the result closer to the reference asset's look than the same run without it."""
+    mesh, _, target = exact_case()
+    prior = ExactPrior([Reference("crate", mesh, pattern(32, 2.5))], resolution=32)
+    reference = Asset(mesh, texture=target)
+    cfg = replace(PRESETS["sir"]["pipeline-check"], iterations=2, recon_steps=8, init_recon_steps=8,
+                  warmup=WarmUp(weight=20.0, fraction=1.0))
+    cams = orbit(mesh.positions, [30.0, 150.0, 270.0], [20.0, -10.0, 40.0], "y")
+    truth, covered = reference.render(cams, 32, 1.0)
+
+    def error(with_reference: bool) -> float:
+        views = ReferenceViews(reference, cfg.warmup, 32, 1.0) if with_reference else None
+        texturer = SIRTexturer(mesh, prior, cfg, 64, "crate", "", seed=0, events=TextureEvents(), reference=views)
+        texturer.run()
+        raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), cams.mvp, 32)
+        with torch.no_grad():
+            images = render(texturer.texture.sample, torch.as_tensor(mesh.corner_uvs), raster, 1.0)
+        return float(((images - truth) * covered).square().mean())
+
+    assert error(True) < 0.5 * error(False)
+
+
+def tiny_clip(folder: Path) -> Path:
+    """A CLIPModel at toy size with random weights and a generated byte-level vocabulary."""
+    from transformers import CLIPConfig, CLIPModel
+
+    from backend.tiny_model import _tokenizer
+
+    torch.manual_seed(0)
+    config = CLIPConfig(text_config={"vocab_size": 1000, "hidden_size": 32, "intermediate_size": 37,
+                                     "num_attention_heads": 4, "num_hidden_layers": 2, "bos_token_id": 512,
+                                     "eos_token_id": 513, "pad_token_id": 513},
+                        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 32,
+                                       "intermediate_size": 37, "num_attention_heads": 4, "num_hidden_layers": 2},
+                        projection_dim=16)
+    CLIPModel(config).save_pretrained(folder)
+    _tokenizer(folder).save_pretrained(folder)
+    return folder
+
+
+def test_clip_reranks_and_faces_when_given(tmp_path: Path, embedder) -> None:
+    clip = ClipEmbedder.load(str(tiny_clip(tmp_path / "clip")), offline=True, device=torch.device("cpu"))
+    assert clip.text(["a crate", "a barrel"]).shape == (2, 16)
+    lib = small_library(tmp_path / "lib")
+    index, _ = build_index(lib, embedder, clip)
+    assert index.images.shape == (4, 16) and index.clip == clip.name
+    # Re-ranking orders the text hits by picture; its scores are CLIP's, not the captions'.
+    hits = search([index], "a wooden crate", 3, embedder, clip)
+    expected = sorted((float(index.images[[e.path for e in index.entries].index(h.entry.path)]
+                             @ clip.text(["a wooden crate"])[0]) for h in hits), reverse=True)
+    assert [round(h.score, 5) for h in hits] == [round(s, 5) for s in expected]
+    # An index made without CLIP is rebuilt when CLIP is given, and vice versa.
+    _, report = build_index(lib, embedder)
+    assert len(report.added) == 4
+    mesh, _, target = exact_case()
+    yaw = choose_yaw(Asset(mesh, texture=target), mesh.positions, "y", clip_facing(clip, "a crate"), 32, 1.0,
+                     torch.device("cpu"))
+    assert yaw in (0.0, 90.0, 180.0, 270.0)
+
+
+def test_clip_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match="unknown CLIP model"):
+        ClipEmbedder.load(str(tmp_path / "missing"), offline=True, device=torch.device("cpu"))
+
+
+def test_cli_indexes_and_textures_with_a_retrieved_reference(tmp_path: Path) -> None:
+    lib = small_library(tmp_path / "lib")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    done = subprocess.run([sys.executable, "-m", "backend", "index", str(lib)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert "4 assets" in done.stdout
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"),
+                           "--prompt", "a wooden crate", "--preset", "pipeline-check", "--size", "512",
+                           "--library", str(lib), "--out", str(out)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((out / "result.json").read_text())
+    assert result["reference"]["file"].endswith("wooden_crate.glb") and result["reference"]["yaw"] in (0, 90, 180, 270)
