@@ -52,8 +52,12 @@ class JobRequest:
         def bad(msg: str) -> JobError:
             return JobError(protocol.E_BAD_REQUEST, msg)
 
-        prompt = f.get("prompt")
-        if not isinstance(prompt, str) or not prompt.strip():
+        task = f.get("task") or protocol.TASK_TEXTURE
+        if task not in (protocol.TASK_TEXTURE, protocol.TASK_GENERATE, protocol.TASK_INDEX):
+            raise bad(f"unknown task {task!r}: {protocol.TASK_TEXTURE!r}, {protocol.TASK_GENERATE!r} or "
+                      f"{protocol.TASK_INDEX!r}")
+        prompt = f.get("prompt") or ""
+        if task != protocol.TASK_INDEX and (not isinstance(prompt, str) or not prompt.strip()):
             raise bad("the prompt is empty: type what the texture should show, e.g. 'weathered bronze'")
         size = f.get("texture_size", 1024)
         if not isinstance(size, int) or not protocol.MIN_TEXTURE_SIZE <= size <= protocol.MAX_TEXTURE_SIZE:
@@ -71,9 +75,6 @@ class JobRequest:
         strength = f.get("strength", 0.5)
         if not isinstance(strength, (int, float)) or not 0.05 <= strength <= 1.0:
             raise bad(f"strength {strength!r} is out of range: choose 0.05 (keep nearly all) to 1 (repaint)")
-        task = f.get("task") or protocol.TASK_TEXTURE
-        if task not in (protocol.TASK_TEXTURE, protocol.TASK_GENERATE):
-            raise bad(f"unknown task {task!r}: {protocol.TASK_TEXTURE!r} or {protocol.TASK_GENERATE!r}")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -83,6 +84,8 @@ class JobRequest:
         libraries = f.get("libraries") or ()
         if isinstance(libraries, str) or not all(isinstance(x, str) and x for x in libraries):
             raise bad("libraries must be a list of asset folder paths")
+        if task == protocol.TASK_INDEX and not libraries:
+            raise bad("no asset library to index: add your asset folders in Preferences > Add-ons > Kiln")
         return cls(prompt=prompt.strip(), task=task, negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
@@ -199,6 +202,37 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
                       request.seed, events, init_texture=init_texture, strength=request.strength,
                       reference=reference)
     return texturer.run()
+
+
+def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
+    """Index each of the request's libraries; returns a line per library for the user. Files that
+    cannot be read are reported (log) and skipped; only an unusable folder fails the job."""
+    from pathlib import Path
+
+    from .embed import ClipEmbedder, WordLlamaEmbedder
+    from .events import Cancelled
+    from .library import build_index
+    from .prior import default_device
+
+    embedder = WordLlamaEmbedder()
+    clip = ClipEmbedder.load(request.clip, request.offline, default_device()) if request.clip else None
+    lines = []
+    for n, folder in enumerate(request.libraries):
+        def progress(done: int, total: int, what: str, n: int = n) -> None:
+            events.progress(done, max(total, 1), f"library {n + 1}/{len(request.libraries)}: {what}")
+
+        try:
+            index, report = build_index(Path(folder), embedder, clip, progress, events.cancelled)
+        except InterruptedError:
+            raise Cancelled() from None
+        except MeshError as exc:
+            raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+        lines.append(f"{index.root.name}: {len(index)} assets ({len(report.added)} new, {len(report.updated)} "
+                     f"changed, {len(report.removed)} removed, {len(report.skipped)} unreadable)")
+        events.log(lines[-1])
+        for path, reason in report.skipped.items():
+            events.log(f"skipped {path}: {reason}")
+    return lines
 
 
 def find_reference(request: JobRequest, mesh: Mesh, prior: Prior, cfg: SIRConfig | DistillConfig,

@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAGIC = b"KLN1"
 PREFIX = struct.Struct("!4sIQ")
 MAX_HEADER_BYTES = 1 << 20
@@ -38,9 +38,10 @@ MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
 MAX_TRIANGLES = 1_000_000
 
 # Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
-# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, LOG, ERROR, DONE, PONG.
-# MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian centres, colours,
-# radii); OBJECT a generated object's geometry (positions, triangles, corner UVs), before its textures.
+# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, LOG, ERROR,
+# DONE, PONG. MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian centres,
+# colours, radii); OBJECT a generated object's geometry (positions, triangles, corner UVs), before its
+# textures; REFERENCE the library asset a job warms up toward (file, score, yaw, thumbnails).
 HELLO = "hello"
 AUTH = "auth"
 WELCOME = "welcome"
@@ -51,6 +52,7 @@ TEXTURE = "texture"
 MESH = "mesh"
 POINTS = "points"
 OBJECT = "object"
+REFERENCE = "reference"
 LOG = "log"
 ERROR = "error"
 DONE = "done"
@@ -61,12 +63,13 @@ PING = "ping"
 PONG = "pong"
 
 MESSAGE_TYPES = frozenset(
-    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, LOG, ERROR, DONE, CANCEL,
-     UNLOAD, SHUTDOWN, PING, PONG}
+    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, LOG, ERROR, DONE,
+     CANCEL, UNLOAD, SHUTDOWN, PING, PONG}
 )
 
-# What a SUBMIT asks for (its "task" field): texture the mesh it carries, or generate a new object.
-TASK_TEXTURE, TASK_GENERATE = "texture", "generate"
+# What a SUBMIT asks for (its "task" field): texture the mesh it carries, generate a new object, or
+# index asset libraries (its "libraries" field) so later jobs can retrieve references from them.
+TASK_TEXTURE, TASK_GENERATE, TASK_INDEX = "texture", "generate", "index"
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

@@ -32,6 +32,7 @@ from .jobs import (
     ModelCache,
     mesh_from_message,
     run_generate_job,
+    run_index_job,
     run_texture_job,
     texture_from_message,
 )
@@ -154,6 +155,10 @@ class JobEvents(TextureEvents):
                     "sizes": protocol.array("<f4", (n,), np.ascontiguousarray(sizes, "<f4"))},
                    replace_key=(self.job.id, "points"))
 
+    def reference(self, file: str, score: float, yaw: float, thumbnails: np.ndarray) -> None:
+        self._send(protocol.REFERENCE, {"file": file, "score": round(score, 4), "yaw": yaw},
+                   {"thumbnails": protocol.array("|u1", thumbnails.shape, np.ascontiguousarray(thumbnails, np.uint8))})
+
     def generated(self, mesh) -> None:
         arrays = {"positions": np.ascontiguousarray(mesh.positions, "<f4"),
                   "triangles": np.ascontiguousarray(mesh.triangles, "<i4"),
@@ -248,9 +253,9 @@ class Connection:
         job_id = next(self.server.ids)
         try:
             request = JobRequest.from_fields(msg.fields)
-            generating = request.task == protocol.TASK_GENERATE
-            mesh = None if generating else mesh_from_message(msg)
-            init_texture = None if generating else texture_from_message(msg)
+            texturing = request.task == protocol.TASK_TEXTURE
+            mesh = mesh_from_message(msg) if texturing else None
+            init_texture = texture_from_message(msg) if texturing else None
         except (JobError, MeshError) as exc:
             self.outbox.put(protocol.ERROR, {"job": job_id, "tag": msg.get("tag"),
                                              "code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
@@ -318,6 +323,8 @@ class Server:
         try:
             if job.request.task == protocol.TASK_GENERATE:
                 run_generate_job(job.request, JobEvents(job), self.models)
+            elif job.request.task == protocol.TASK_INDEX:
+                run_index_job(job.request, JobEvents(job))
             else:
                 run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",

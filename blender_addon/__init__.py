@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, panel, properties, session
+from . import operators, panel, properties, scene_io, session
 
 CLASSES = (*properties.CLASSES, *operators.CLASSES, *panel.CLASSES)
 
@@ -23,6 +23,7 @@ def unregister() -> None:
     if operators.ACTIVE is not None:
         operators.ACTIVE.cancel()
     session.MANAGER.stop()
+    scene_io.ReferenceIcon.free()
     properties.unregister()
     for cls in reversed(CLASSES):
         bpy.utils.unregister_class(cls)

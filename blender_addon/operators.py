@@ -12,7 +12,7 @@ import bpy
 from . import session as sessions
 from .backend import protocol
 from .backend_process import BackendError
-from .properties import preferences
+from .properties import library_fields, preferences
 from .scene_io import SceneError
 
 #: The running texture session, if any; one at a time keeps the undo history simple.
@@ -113,6 +113,12 @@ class _SessionOperator(_WhenIdle):
         return {"FINISHED"} if session.changed_scene else {"CANCELLED"}
 
 
+def job_fields(context: bpy.types.Context) -> dict:
+    settings = context.scene.kiln
+    return {**sessions.read_settings(settings),
+            **sessions.reference_fields(settings.use_references, library_fields(preferences(context)))}
+
+
 class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
     """Texture the selected meshes from the prompt, live, with the Kiln backend"""
 
@@ -130,7 +136,7 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         return True
 
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
-        fields = sessions.read_settings(context.scene.kiln)
+        fields = job_fields(context)
         objects = sorted(context.selected_objects, key=lambda o: o.name)
         return sessions.TextureSession(objects, fields, preferences(context).python_path,
                                        refine=context.scene.kiln.refine)
@@ -146,8 +152,51 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
     def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
         if context.mode != "OBJECT":
             raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene")
-        return sessions.GenerateSession(sessions.read_settings(context.scene.kiln), preferences(context).python_path,
+        return sessions.GenerateSession(job_fields(context), preferences(context).python_path,
                                         context.scene.cursor.location)
+
+
+class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):
+    """Index the asset libraries set in Kiln's preferences (captions, thumbnails, embeddings), so Use
+    References can find assets by prompt. Only new and changed files are read again"""
+
+    bl_idname = "kiln.index_libraries"
+    bl_label = "Index Libraries"
+    bl_options = {"REGISTER"}
+
+    def _make_session(self, context: bpy.types.Context) -> sessions.IndexSession:
+        prefs = preferences(context)
+        return sessions.IndexSession(library_fields(prefs), prefs.python_path)
+
+
+class KILN_OT_add_library(bpy.types.Operator):
+    """Add an asset folder to Kiln's libraries"""
+
+    bl_idname = "kiln.add_library"
+    bl_label = "Add Library"
+    bl_options = {"INTERNAL"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        preferences(context).libraries.add()
+        context.preferences.is_dirty = True
+        return {"FINISHED"}
+
+
+class KILN_OT_remove_library(bpy.types.Operator):
+    """Remove this folder from Kiln's libraries (its files and index stay on disk)"""
+
+    bl_idname = "kiln.remove_library"
+    bl_label = "Remove Library"
+    bl_options = {"INTERNAL"}
+
+    index: bpy.props.IntProperty()
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        libraries = preferences(context).libraries
+        if 0 <= self.index < len(libraries):
+            libraries.remove(self.index)
+            context.preferences.is_dirty = True
+        return {"FINISHED"}
 
 
 class KILN_OT_cancel(bpy.types.Operator):
@@ -227,5 +276,6 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_cancel, KILN_OT_start_backend,
-           KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_copy_diagnostics)
+CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_add_library,
+           KILN_OT_remove_library, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
+           KILN_OT_unload_models, KILN_OT_copy_diagnostics)

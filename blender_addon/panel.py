@@ -38,6 +38,9 @@ class KILN_PT_main(bpy.types.Panel):
         row = col.row(align=True)
         row.prop(settings, "steps")
         row.prop(settings, "guidance")
+        row = col.row(align=True)
+        row.prop(settings, "use_references")
+        row.operator("kiln.index_libraries", text="", icon="FILE_REFRESH")
         if running:
             fraction, text = operators.ACTIVE.progress()
             if hasattr(layout, "progress"):
@@ -52,6 +55,12 @@ class KILN_PT_main(bpy.types.Panel):
             if operators.ACTIVE is not None:
                 layout.label(text=operators.ACTIVE.summary()[:120],
                              icon="CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")
+        for target in operators.ACTIVE.targets if operators.ACTIVE is not None else ():
+            if target.reference:
+                row = layout.row()
+                if target.reference_icon:
+                    row.template_icon(icon_value=target.reference_icon, scale=3.0)
+                row.label(text=f"Reference: {target.reference}", icon="ASSET_MANAGER")
         box = layout.box()
         box.label(text=f"Backend: {session.MANAGER.status()}", icon="CONSOLE")
         row = box.row(align=True)

@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
 
 from .backend import protocol
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+
+
+class KilnLibrary(bpy.types.PropertyGroup):
+    path: StringProperty(name="Folder", subtype="DIR_PATH",
+                         description="A folder of GLB/glTF/OBJ/PLY assets (searched with its sub-folders)")
 
 
 class KilnPreferences(bpy.types.AddonPreferences):
@@ -17,6 +22,11 @@ class KilnPreferences(bpy.types.AddonPreferences):
         name="Backend Python", subtype="FILE_PATH",
         description="Python of the environment made by Kiln's set-up command. Empty: use $KILN_PYTHON, "
                     "else the environment the set-up command recorded in ~/.kiln/backend-python")
+    libraries: CollectionProperty(type=KilnLibrary, name="Asset Libraries")
+    clip_model: StringProperty(
+        name="CLIP", default="",
+        description="Optional CLIP weights (Hugging Face id such as openai/clip-vit-base-patch32, or a folder): "
+                    "libraries are then also searched by what the assets look like. Re-index after changing it")
 
     def draw(self, context: bpy.types.Context) -> None:
         from .backend_process import BackendError, find_python
@@ -26,6 +36,16 @@ class KilnPreferences(bpy.types.AddonPreferences):
             layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
         except BackendError as exc:
             layout.label(text=str(exc)[:120], icon="ERROR")
+        box = layout.box()
+        box.label(text="Asset libraries (references for Use References)", icon="ASSET_MANAGER")
+        for i, library in enumerate(self.libraries):
+            row = box.row(align=True)
+            row.prop(library, "path", text="")
+            row.operator("kiln.remove_library", text="", icon="X").index = i
+        row = box.row(align=True)
+        row.operator("kiln.add_library", icon="ADD")
+        row.operator("kiln.index_libraries", icon="FILE_REFRESH")
+        box.prop(self, "clip_model")
 
 
 class KilnSettings(bpy.types.PropertyGroup):
@@ -53,12 +73,16 @@ class KilnSettings(bpy.types.PropertyGroup):
                             description="How far the result may move from the existing texture")
     steps: IntProperty(name="Steps", default=0, min=0, max=5000,
                        description="Iterations of the method; 0 uses the method's preset")
+    use_references: BoolProperty(
+        name="Use References", default=False,
+        description="Retrieve the asset nearest the prompt from your indexed asset libraries (Preferences > "
+                    "Add-ons > Kiln) and warm the result up toward it")
     guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=200.0,
                             description="Classifier-free guidance; 0 uses the method's preset "
                                         "(SIR and SSD 7.5, SDS 100)")
 
 
-CLASSES = (KilnPreferences, KilnSettings)
+CLASSES = (KilnLibrary, KilnPreferences, KilnSettings)
 
 
 def register() -> None:
@@ -71,3 +95,9 @@ def unregister() -> None:
 
 def preferences(context: bpy.types.Context) -> KilnPreferences:
     return context.preferences.addons[__package__].preferences
+
+
+def library_fields(prefs: KilnPreferences) -> dict[str, object]:
+    """The job fields that point the backend at the artist's asset libraries."""
+    folders = [bpy.path.abspath(lib.path) for lib in prefs.libraries if lib.path.strip()]
+    return {"libraries": folders, **({"clip": prefs.clip_model.strip()} if prefs.clip_model.strip() else {})}

@@ -282,3 +282,34 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
     obj.select_set(True)
     bpy.context.view_layer.objects.active = obj
     return obj
+
+
+class ReferenceIcon:
+    """The front thumbnail of the asset a job warms up toward, as an icon for the panel. It lives in
+    a preview collection, outside the .blend: shown, never saved, nothing to undo."""
+
+    _previews: Any = None
+
+    @classmethod
+    def show(cls, thumbnail: np.ndarray) -> int:
+        """(S, S, 3) uint8, top row first → the icon id (0 in background mode, where nothing draws)."""
+        if bpy.app.background:
+            return 0
+        from bpy.utils import previews
+
+        if cls._previews is None:
+            cls._previews = previews.new()
+        preview = cls._previews.get("reference") or cls._previews.new("reference")
+        h, w, _ = thumbnail.shape
+        rgba = np.concatenate([thumbnail, np.full((h, w, 1), 255, np.uint8)], 2)[::-1]  # Blender: bottom row first
+        preview.image_size = (w, h)
+        preview.image_pixels_float.foreach_set((rgba.astype(np.float32) / 255).ravel())
+        return preview.icon_id
+
+    @classmethod
+    def free(cls) -> None:
+        if cls._previews is not None:
+            from bpy.utils import previews
+
+            previews.remove(cls._previews)
+            cls._previews = None

@@ -12,6 +12,7 @@ import atexit
 import queue
 import threading
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import bpy
@@ -24,6 +25,7 @@ from .scene_io import (
     UV_MAP_NAME,
     LiveTexture,
     PointPreview,
+    ReferenceIcon,
     SceneError,
     add_uv_map,
     build_object,
@@ -118,6 +120,8 @@ class Target:
     status: str = "pending"  # pending → running → finished | cancelled | failed
     error: str = ""
     saved_to: str = ""
+    reference: str = ""                   # the library asset the job warms up toward
+    reference_icon: int = 0
     progress_log: list[int] = field(default_factory=list)
 
     @property
@@ -143,6 +147,16 @@ def read_settings(settings: Any) -> dict[str, Any]:
     if settings.refine:  # the backend refines when the job carries a texture; strength says how far
         fields["strength"] = float(settings.strength)
     return fields
+
+
+def reference_fields(use: bool, library: dict[str, Any]) -> dict[str, Any]:
+    """The fields that make a job retrieve a reference from the artist's libraries, if asked to."""
+    if not use:
+        return {}
+    if not library["libraries"]:
+        raise SceneError("Use References is on but no asset library is set: add your asset folders in "
+                         "Preferences > Add-ons > Kiln and press Index Libraries, or untick Use References")
+    return library
 
 
 def target_for(obj: Any, refine: bool) -> Target:
@@ -222,6 +236,7 @@ class TextureSession:
 
     def summary(self) -> str:
         parts = [f"{t.name}: {t.status}" + (f" ({t.error})" if t.error else "")
+                 + (f", reference {t.reference}" if t.reference else "")
                  + (f", texture {t.saved_to}" if t.saved_to else "") for t in self.targets]
         text = "; ".join(parts)
         return f"{self.failure} — {text}" if self.failure else text
@@ -321,6 +336,12 @@ class TextureSession:
             self._apply_texture(target, msg)
         elif msg.type in (protocol.POINTS, protocol.OBJECT):
             self._apply_generated(target, msg)
+        elif msg.type == protocol.REFERENCE:
+            target.reference = (f"{Path(str(msg.get('file'))).name} (score {float(msg.get('score')):.2f}, "
+                                f"turned {float(msg.get('yaw')):.0f}°)")
+            thumbs = msg.arrays["thumbnails"]
+            target.reference_icon = ReferenceIcon.show(
+                np.frombuffer(thumbs.data, np.uint8).reshape(thumbs.shape)[0])
         elif msg.type == protocol.ERROR:
             target.status, target.error = "failed", str(msg.get("message"))
             if msg.get("code") == protocol.E_WEIGHTS_OFFLINE and self.job_fields["offline"]:
@@ -376,6 +397,16 @@ def object_name(prompt: str) -> str:
         name = f"{base}.{counter:03d}"
         counter += 1
     return name
+
+
+class IndexSession(TextureSession):
+    """Indexing the artist's asset libraries in the backend: progress in the panel, the outcome
+    in the report; the scene is not touched."""
+
+    def __init__(self, library: dict[str, Any], python_preference: str) -> None:
+        if not library["libraries"]:
+            raise SceneError("no asset library to index: add your asset folders in Preferences > Add-ons > Kiln")
+        self._setup([Target("Asset libraries", {"task": protocol.TASK_INDEX}, {})], library, python_preference)
 
 
 class GenerateSession(TextureSession):

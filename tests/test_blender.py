@@ -412,3 +412,41 @@ def test_batch_generate_script(kiln, tmp_path) -> None:
                             "print(sorted(o.name for o in bpy.data.objects))"],
                            capture_output=True, text=True, env=dict(os.environ))
     assert "['Kiln stool']" in check.stdout
+
+
+def write_cube_obj(path: Path, extents: tuple[float, float, float]) -> None:
+    """A box as OBJ text: the 4.2 test environment has no mesh library, and none is needed."""
+    half = (-0.5, 0.5)
+    corners = [(x * extents[0], y * extents[1], z * extents[2]) for x in half for y in half for z in half]
+    quads = [(1, 2, 4, 3), (5, 7, 8, 6), (1, 5, 6, 2), (3, 4, 8, 7), (1, 3, 7, 5), (2, 6, 8, 4)]
+    lines = [f"v {x} {y} {z}" for x, y, z in corners] + [f"f {a} {b} {c} {d}" for a, b, c, d in quads]
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_index_libraries_then_texture_with_a_retrieved_reference(kiln, scene, tmp_path) -> None:
+    library = tmp_path / "assets"
+    library.mkdir()
+    write_cube_obj(library / "wooden_crate.obj", (1.0, 0.7, 0.5))
+    write_cube_obj(library / "metal_barrel.obj", (0.4, 0.4, 1.0))
+    (library / "broken_lamp.obj").write_text("f 1 2 3\n")
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    prefs.libraries.clear()
+    scene.use_references = True
+    obj = add_cube()
+    select(obj)
+    with pytest.raises(RuntimeError, match="no asset library is set"):
+        bpy.ops.kiln.texture_selected()
+    assert obj.material_slots[0].material.name == "Artist Cube"
+
+    assert bpy.ops.kiln.add_library() == {"FINISHED"}
+    prefs.libraries[0].path = str(library)
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
+    notes = " ".join(kiln.operators.ACTIVE.notes)
+    assert "2 assets (2 new" in notes and "skipped broken_lamp.obj" in notes, notes
+
+    select(obj)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    target = kiln.operators.ACTIVE.targets[0]
+    assert target.status == "finished" and target.reference.startswith("wooden_crate.obj (score"), target.reference
+    assert "reference wooden_crate.obj" in kiln.operators.ACTIVE.summary()
+    assert bpy.ops.kiln.remove_library(index=0) == {"FINISHED"} and len(prefs.libraries) == 0

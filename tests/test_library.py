@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from test_exact_prior import box_mesh, pattern
 
-from backend import library
+from backend import library, protocol
 from backend.assets import Asset, load_asset
 from backend.cameras import orbit
 from backend.cli import write_result
@@ -235,3 +235,30 @@ def test_cli_indexes_and_textures_with_a_retrieved_reference(tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr
     result = json.loads((out / "result.json").read_text())
     assert result["reference"]["file"].endswith("wooden_crate.glb") and result["reference"]["yaw"] in (0, 90, 180, 270)
+
+
+def test_server_indexes_a_library_and_reports_the_reference_a_job_uses(server, tmp_path: Path) -> None:
+    from conftest import read_until, submit
+
+    lib = small_library(tmp_path)
+    (lib / "broken.glb").write_bytes(b"nope")
+    sock = server.connect()
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": [str(lib)]})
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    logs = [m.get("text") for m in msgs if m.type == protocol.LOG]
+    assert any("4 assets (4 new" in text and "1 unreadable" in text for text in logs), logs
+    assert any(text.startswith("skipped broken.glb") for text in logs)
+
+    submit(sock, prompt="a metal barrel", libraries=[str(lib)])
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    reference = next(m for m in msgs if m.type == protocol.REFERENCE)
+    assert reference.get("file").endswith("metal_barrel.ply") and reference.arrays["thumbnails"].shape == (4, 64, 64, 3)
+
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": []})
+    error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
+    assert error.type == protocol.ERROR and "no asset library" in error.get("message")
+    submit(sock, libraries=[str(tmp_path / "unindexed")])
+    error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
+    assert error.type == protocol.ERROR and "has not been indexed" in error.get("message")
