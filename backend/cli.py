@@ -48,6 +48,10 @@ class ConsoleEvents(TextureEvents):
     def reference(self, file: str, score: float, yaw: float, thumbnails) -> None:
         self.reference_used = {"file": file, "score": round(score, 4), "yaw": yaw}
 
+    def used(self) -> dict[str, object]:
+        """What result.json records about the job's inputs beyond the request."""
+        return {"reference": self.reference_used} if self.reference_used else {}
+
     def log(self, text: str) -> None:
         self.bar.write(text, file=sys.stderr)
 
@@ -94,8 +98,7 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
         "controlnet": getattr(args, "controlnet", None), "offline": args.offline,
-        "reference": getattr(args, "reference", None), "libraries": getattr(args, "library", None) or [],
-        "clip": getattr(args, "clip", None)})
+        "reference": args.reference, "libraries": args.library or [], "clip": args.clip})
 
 
 def finish(request: JobRequest, out: Path, started: float, files: dict[str, str], **extra: object) -> int:
@@ -124,7 +127,7 @@ def texture_command(args: argparse.Namespace) -> int:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
     return finish(request, Path(args.out), started, write_result(mesh, events.final, Path(args.out)),
-                  **({"reference": events.reference_used} if events.reference_used else {}))
+                  **events.used())
 
 
 def generate_command(args: argparse.Namespace) -> int:
@@ -141,7 +144,7 @@ def generate_command(args: argparse.Namespace) -> int:
     mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
     files = write_result(mesh, events.final, Path(args.out))
     return finish(request, Path(args.out), started, files, stages_s=result.seconds,
-                  gaussians=len(result.splats["means"]), triangles=mesh.triangle_count)
+                  gaussians=len(result.splats["means"]), triangles=mesh.triangle_count, **events.used())
 
 
 def index_command(args: argparse.Namespace) -> int:
@@ -191,6 +194,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
     parser.add_argument("--preset", choices=sorted({p for names in presets.values() for p in names}), default=None,
                         help="default: pipeline-check for the tiny model, quality otherwise")
     parser.add_argument("--offline", action="store_true", help="never contact the model hub")
+    parser.add_argument("--reference", default=None, help="an asset file (GLB/OBJ/PLY) to warm up toward (ReDream)")
+    parser.add_argument("--library", action="append", default=None,
+                        help="an indexed asset folder to retrieve the reference from by prompt (repeatable)")
+    parser.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank and face by picture")
     parser.add_argument("--out", required=True, help="output folder")
 
 
@@ -210,10 +217,6 @@ def main(argv: list[str] | None = None) -> int:
     tex.add_argument("--strength", type=float, default=0.5,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
-    tex.add_argument("--reference", default=None, help="an asset file (GLB/OBJ/PLY) to warm up toward (ReDream)")
-    tex.add_argument("--library", action="append", default=None,
-                     help="an indexed asset folder to retrieve the reference from by prompt (repeatable)")
-    tex.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank and face by picture")
     index = sub.add_parser("index", help="index asset folders (captions, thumbnails, embeddings) for retrieval")
     index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")
     index.add_argument("--clip", default=None, help="CLIP weights (HF id or folder) for image embeddings")

@@ -14,6 +14,7 @@ import torch
 from . import estimators
 from .presets import DistillConfig
 from .prior import Prior, Views
+from .reference import distill_warmup
 from .texture import image_mask
 from .texturing import MeshTexturer
 
@@ -60,10 +61,8 @@ class DistillTexturer(MeshTexturer):
             loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(conditioning.cameras), conditioning,
                                 self.generator)
             if self.warming_up():
-                # distill_loss's reduction (½·sum per view), per element of the prior's space, so
-                # one weight means the same for latent and pixel priors.
                 diff = self.reference.difference(images, conditioning.cameras, image_mask(raster).float())
-                loss = loss + cfg.warmup.weight * 0.5 * diff.square().sum() / len(images) * x.numel() / images.numel()
+                loss = loss + distill_warmup(diff, x, cfg.warmup.weight)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()

@@ -23,6 +23,7 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh, unwrap
 from .presets import PRESETS, DistillConfig, GenerateConfig, SIRConfig
 from .prior import Prior, Prompts, Views
+from .reference import ReferenceViews, distill_warmup
 from .sir import SIRTexturer, denoise, passes
 
 #: The object lives in the ball of this radius at the origin; every camera frames it.
@@ -46,11 +47,11 @@ class SplatOptimiser:
     distillation loops that update them."""
 
     def __init__(self, prior: Prior, cfg: GenerateConfig, prompts: Prompts, seed: int, events: TextureEvents,
-                 total: int, watch: Watch | None = None) -> None:
+                 total: int, watch: Watch | None = None, reference: ReferenceViews | None = None) -> None:
         from gsplat import DefaultStrategy
 
         self.prior, self.cfg, self.prompts, self.events, self.total = prior, cfg, prompts, events, total
-        self.watch, self.seed = watch, seed
+        self.watch, self.seed, self.reference = watch, seed, reference
         self.schedule = cfg.schedule
         self.generator = torch.Generator(device=prior.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
@@ -95,8 +96,18 @@ class SplatOptimiser:
                                  self.prompts.for_views(views.cameras), self.generator, self.events.cancelled)
             for _ in range(steps):
                 out = self.render(views)
-                diff = out.images - target
-                self._update(diff.abs().mean() if cfg.loss == "l1" else diff.square().mean(), out, "reconstructing")
+                loss = self._reduce(out.images - target)
+                if self._warming_up():
+                    loss = loss + cfg.warmup.weight * self._reduce(self.reference.difference(out.images, views.cameras,
+                                                                                             None))
+                self._update(loss, out, "reconstructing")
+
+    def _reduce(self, diff: torch.Tensor) -> torch.Tensor:
+        return diff.abs().mean() if self.schedule.loss == "l1" else diff.square().mean()
+
+    def _warming_up(self) -> bool:
+        """ReDream's warm-up toward the reference's views, early on: the shape starts from the asset's."""
+        return self.reference is not None and self.reference.active(self.done, self.schedule.total_work())
 
     def _distill(self, cfg: DistillConfig) -> None:
         T = self.prior.schedule.num_train_timesteps
@@ -104,8 +115,11 @@ class SplatOptimiser:
             views = self.views(cfg.views)
             out = self.render(views)
             t = timestep(cfg, i, T, self.generator)
-            loss = distill_loss(self.prior, cfg, self.prior.encode(out.images), t,
-                                self.prompts.for_views(views.cameras), views, self.generator)
+            x = self.prior.encode(out.images)
+            loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(views.cameras), views, self.generator)
+            if self._warming_up():
+                loss = loss + distill_warmup(self.reference.difference(out.images, views.cameras, None), x,
+                                             cfg.warmup.weight)
             self._update(loss, out, f"{cfg.estimator.upper()} t={t}")
 
     def _update(self, loss: torch.Tensor, out: splat.Splats, phase: str) -> None:
@@ -179,9 +193,11 @@ class StageEvents(TextureEvents):
 
 
 def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: str, seed: int,
-                    events: TextureEvents, name: str = "kiln_object", watch: Watch | None = None) -> Generated:
+                    events: TextureEvents, name: str = "kiln_object", watch: Watch | None = None,
+                    reference: ReferenceViews | None = None) -> Generated:
     """The whole pipeline; deterministic for a seed on a given device. ``watch`` sees the
-    Gaussians after every update (the benchmark scores them there)."""
+    Gaussians after every update (the benchmark scores them there); ``reference``, an asset
+    placed in the object's frame (``reference.frame_box``), warms the Gaussians up."""
     seconds: dict[str, float] = {}
     total = cfg.total_work()
     clock = time.perf_counter()
@@ -193,7 +209,7 @@ def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: st
         clock = now
 
     prompts = Prompts(prior, prompt, negative)
-    optimiser = SplatOptimiser(prior, cfg, prompts, seed, events, total, watch)
+    optimiser = SplatOptimiser(prior, cfg, prompts, seed, events, total, watch, reference)
     params = optimiser.run()
     lap("gaussians")
     done = cfg.schedule.total_work()

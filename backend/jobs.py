@@ -196,7 +196,7 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                    "this texture tests the pipeline and is not art")
-    reference = find_reference(request, mesh, prior, cfg, events)
+    reference = find_reference(request, mesh.positions, mesh.up_axis, prior, cfg, total, events)
     method = SIRTexturer if request.method == "sir" else DistillTexturer
     texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
                       request.seed, events, init_texture=init_texture, strength=request.strength,
@@ -235,10 +235,11 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
     return lines
 
 
-def find_reference(request: JobRequest, mesh: Mesh, prior: Prior, cfg: SIRConfig | DistillConfig,
-                   events: TextureEvents):
-    """The request's reference asset, placed on the mesh and faced forward, as ``ReferenceViews``;
-    None when the request names no reference and no library."""
+def find_reference(request: JobRequest, positions: np.ndarray, up_axis: str, prior: Prior,
+                   cfg: SIRConfig | DistillConfig, total: int, events: TextureEvents):
+    """The request's reference asset, fitted to the bounding box of ``positions`` (the mesh being
+    textured, or a generated object's frame) and faced forward, as ``ReferenceViews``; None when
+    the request names no reference and no library."""
     from pathlib import Path
 
     from .assets import load_asset
@@ -268,15 +269,18 @@ def find_reference(request: JobRequest, mesh: Mesh, prior: Prior, cfg: SIRConfig
             raise JobError(protocol.E_BAD_REQUEST, "the asset libraries are empty: add assets and index them again, "
                            "or turn off Use References")
         file, score, views = hits[0].file, hits[0].score, hits[0].thumbnails
-    events.progress(0, cfg.total_work(), f"facing reference {file.name}")
+    events.progress(0, total, f"facing reference {file.name}")
     asset = load_asset(file)
     score_fn = clip_facing(clip, request.prompt) if clip else prior_facing(prior, request.prompt,
                                                                             request.negative_prompt, request.seed)
-    yaw = choose_yaw(asset, mesh.positions, mesh.up_axis, score_fn, prior.resolution, cfg.background, prior.device)
+    yaw = choose_yaw(asset, positions, up_axis, score_fn, prior.resolution, cfg.background, prior.device)
     events.reference(str(file), score, yaw, views)
     events.log(f"warming up toward {file.name} (score {score:.2f}, turned {yaw:.0f}°)")
-    return ReferenceViews(asset.placed(mesh.positions, mesh.up_axis, yaw), cfg.warmup, prior.resolution,
-                          cfg.background)
+    return ReferenceViews(asset.placed(positions, up_axis, yaw), cfg.warmup, prior.resolution, cfg.background)
+
+
+#: A generated object's reference fills this fraction of the frame's radius (the Gaussians start in half).
+REFERENCE_RADIUS = 0.8
 
 
 def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache):
@@ -295,8 +299,13 @@ def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCa
     if prior.pipeline_check:
         events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                    "this object tests the pipeline and is not art")
+    from .generate import FRAME_RADIUS
+    from .reference import frame_box
+
+    reference = find_reference(request, frame_box(REFERENCE_RADIUS * FRAME_RADIUS), "z", prior, cfg.schedule,
+                               cfg.total_work(), events)
     return generate_object(prior, cfg, request.prompt, request.negative_prompt, request.seed, events,
-                           name=object_name(request.prompt))
+                           name=object_name(request.prompt), reference=reference)
 
 
 def object_name(prompt: str) -> str:

@@ -8,6 +8,7 @@ same camera, weighted by ``WarmUp.weight`` during the first ``WarmUp.fraction`` 
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import numpy as np
@@ -40,16 +41,31 @@ class ReferenceViews:
     def active(self, done: int, total: int) -> bool:
         return self.cfg.weight > 0 and done < self.cfg.fraction * total
 
-    def difference(self, images: torch.Tensor, cams: Cameras, mask: torch.Tensor) -> torch.Tensor:
-        """(render − asset render) where both cover the pixel, 0 elsewhere: the method reduces it
-        the way it reduces its own loss and scales that by ``cfg.weight``."""
+    def difference(self, images: torch.Tensor, cams: Cameras, mask: torch.Tensor | None) -> torch.Tensor:
+        """render − asset render where ``mask`` and the asset both cover the pixel (a fixed mesh's
+        texture), or everywhere, background included, when ``mask`` is None (a generated shape,
+        free to take the asset's silhouette). The method reduces it the way it reduces its own
+        loss and scales that by ``cfg.weight``."""
         key = cams.mvp.detach().cpu().numpy().tobytes()
         if key != self._key:
             with torch.no_grad():
                 self._views = self.asset.render(cams, self.resolution, self.background)
             self._key = key
         target, covered = self._views
-        return (images - target) * (mask * covered)
+        return images - target if mask is None else (images - target) * (mask * covered)
+
+
+def distill_warmup(diff: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
+    """The warm-up in SDS/SSD's units: distill_loss's ½·sum per view, per element of the prior's
+    space ``x`` (latents or pixels), so one weight means the same for latent and pixel priors."""
+    return weight * 0.5 * diff.square().sum() / len(diff) * x.numel() / diff.numel()
+
+
+def frame_box(radius: float) -> np.ndarray:
+    """Corners of the cube whose bounding sphere has ``radius``: what a generated object's
+    reference is fitted to (``Asset.placed``), proportions kept."""
+    a = radius / math.sqrt(3.0)
+    return np.array([[-a, -a, -a], [a, a, a]], np.float32)
 
 
 def choose_yaw(asset: Asset, positions: np.ndarray, up_axis: str, score: FacingScore, resolution: int,
