@@ -97,7 +97,7 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
-        "controlnet": getattr(args, "controlnet", None), "offline": args.offline,
+        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "offline": args.offline,
         "reference": args.reference, "libraries": args.library or [], "clip": args.clip})
 
 
@@ -191,8 +191,12 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
     parser.add_argument("--method", choices=METHODS, default="sir",
                         help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
+    parser.add_argument("--lora", default=None,
+                        help="a LoRA (HF id, folder or .safetensors) fused into the model; an LCM-LoRA such as "
+                             "latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model")
     parser.add_argument("--preset", choices=sorted({p for names in presets.values() for p in names}), default=None,
-                        help="default: pipeline-check for the tiny model, quality otherwise")
+                        help="default: pipeline-check for the tiny model, lcm/turbo for few-step models "
+                             "(LCM, LCM-LoRA, SD-Turbo), quality otherwise")
     parser.add_argument("--offline", action="store_true", help="never contact the model hub")
     parser.add_argument("--reference", default=None, help="an asset file (GLB/OBJ/PLY) to warm up toward (ReDream)")
     parser.add_argument("--library", action="append", default=None,

@@ -13,7 +13,16 @@ import torch
 from . import protocol
 from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
-from .presets import METHODS, DistillConfig, GenerateConfig, SIRConfig, default_preset, resolve, resolve_generate
+from .presets import (
+    GENERATE_PRESETS,
+    METHODS,
+    DistillConfig,
+    GenerateConfig,
+    SIRConfig,
+    default_preset,
+    resolve,
+    resolve_generate,
+)
 from .prior import Prior, load_prior
 
 
@@ -40,6 +49,7 @@ class JobRequest:
     offline: bool = False
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
+    lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
     # ReDream: warm up toward ``reference`` (an asset file), or else toward the asset the prompt
     # retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by picture.
     reference: str | None = None
@@ -90,21 +100,25 @@ class JobRequest:
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
+                   lora=str(f["lora"]) if f.get("lora") else None,
                    preset=f.get("preset"), offline=bool(f.get("offline", False)),
                    reference=str(f["reference"]) if f.get("reference") else None, libraries=tuple(libraries),
                    clip=str(f["clip"]) if f.get("clip") else None)
 
-    def config(self, refine: bool = False) -> SIRConfig | DistillConfig:
+    def config(self, refine: bool = False, few_step: str | None = None) -> SIRConfig | DistillConfig:
+        """The method's schedule: the named preset, else the default for this model (``few_step``:
+        the loaded prior's kind), with the request's overrides."""
         try:
-            return resolve(self.method, self.preset or default_preset(self.method, self.model, refine),
+            return resolve(self.method, self.preset or default_preset(self.method, self.model, refine, few_step),
                            self._overrides())
         except ValueError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
 
-    def generate_config(self) -> GenerateConfig:
+    def generate_config(self, few_step: str | None = None) -> GenerateConfig:
         try:
-            cfg = resolve_generate(self.method, self.preset or default_preset(self.method, self.model),
-                                   self._overrides())
+            preset = self.preset or default_preset(self.method, self.model, few_step=few_step,
+                                                   table=GENERATE_PRESETS)
+            cfg = resolve_generate(self.method, preset, self._overrides())
         except ValueError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
         return replace(cfg, mesh=replace(cfg.mesh, texture_size=self.texture_size))
@@ -117,17 +131,28 @@ class JobRequest:
 class ModelCache:
     """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
 
-    priors: dict[tuple[str, str | None], Prior] = field(default_factory=dict)
+    priors: dict[tuple[str, str | None, str | None], Prior] = field(default_factory=dict)
 
-    def get(self, model: str, offline: bool, controlnet: str | None = None) -> Prior:
-        key = (model, controlnet)
+    def get(self, request: JobRequest, events: TextureEvents) -> Prior:
+        """The request's model (with its ControlNet and LoRA), loaded once."""
+        key = (request.model, request.controlnet, request.lora)
         if key not in self.priors:
+            events.progress(0, 1, f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
-            self.priors[key] = load_prior(model, offline=offline, controlnet=controlnet)
-        return self.priors[key]
+            self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
+                                          lora=request.lora)
+        prior = self.priors[key]
+        if prior.pipeline_check:
+            events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
+                       f"this {'object' if request.task == protocol.TASK_GENERATE else 'texture'} tests the "
+                       "pipeline and is not art")
+        if getattr(prior, "few_step", None) and not request.preset:
+            events.log(f"{request.model} is a few-step ({prior.few_step}) model: using its "
+                       f"'{prior.few_step}' schedule where {request.method.upper()} has one")
+        return prior
 
     def unload(self) -> list[str]:
-        names = [model + (f" + {controlnet}" if controlnet else "") for model, controlnet in self.priors]
+        names = [model + "".join(f" + {extra}" for extra in extras if extra) for model, *extras in self.priors]
         self.priors.clear()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -181,21 +206,18 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     from .sir import SIRTexturer
 
     refine = init_texture is not None
-    cfg = request.config(refine=refine)
-    total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
+    request.config(refine=refine)  # a bad preset or override fails before anything is loaded
     mesh.validate()
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")
+    prior = models.get(request, events)
+    cfg = request.config(refine, getattr(prior, "few_step", None))
+    total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
     if mesh.corner_uvs is None:
         events.progress(0, total, "unwrapping UVs (xatlas)")
         loop_uvs = unwrap(mesh)
         events.uvs(loop_uvs, mesh.corner_uvs)
-    events.progress(0, total, f"loading model {request.model}")
-    prior = models.get(request.model, request.offline, request.controlnet)
-    if prior.pipeline_check:
-        events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
-                   "this texture tests the pipeline and is not art")
     reference = find_reference(request, mesh.positions, mesh.up_axis, prior, cfg, total, events)
     method = SIRTexturer if request.method == "sir" else DistillTexturer
     texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
@@ -285,23 +307,18 @@ REFERENCE_RADIUS = 0.8
 
 def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache):
     """Load the prior and generate a new object; returns ``generate.Generated``."""
-    from .generate import generate_object
+    from .generate import FRAME_RADIUS, generate_object
+    from .reference import frame_box
 
-    cfg = request.generate_config()
+    request.generate_config()  # a bad preset or override fails before anything is loaded
     if request.controlnet:
         raise JobError(protocol.E_BAD_REQUEST, "generating takes no depth ControlNet: there is no mesh to take "
                        "depth from yet. Clear the ControlNet field, or texture the generated object afterwards")
-    events.progress(0, cfg.total_work(), f"loading model {request.model}")
-    prior = models.get(request.model, request.offline)
+    prior = models.get(request, events)
     if getattr(prior, "wants_depth", False):
         raise JobError(protocol.E_BAD_REQUEST, f"{request.model} is a depth-conditioned model and needs a mesh: "
                        "generate with a text-to-image model (e.g. SD 1.5 / 2.1 / SD-Turbo)")
-    if prior.pipeline_check:
-        events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
-                   "this object tests the pipeline and is not art")
-    from .generate import FRAME_RADIUS
-    from .reference import frame_box
-
+    cfg = request.generate_config(getattr(prior, "few_step", None))
     reference = find_reference(request, frame_box(REFERENCE_RADIUS * FRAME_RADIUS), "z", prior, cfg.schedule,
                                cfg.total_work(), events)
     return generate_object(prior, cfg, request.prompt, request.negative_prompt, request.seed, events,

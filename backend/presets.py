@@ -35,6 +35,7 @@ class SIRConfig:
     t_end: float = 0.18             # ... to this at the last
     t1_ratio: float = 0.6           # hybrid forward process: noise to t1 = ratio·t2, DDIM-invert to t2
     eta: float = 0.0                # DDIM noise
+    sampler: str = "ddim"           # "ddim", or "lcm" for latent-consistency models (fresh noise each step)
     guidance: float = 7.5           # classifier-free guidance scale
     recon_steps: int = 15           # N texture updates per iteration, target frozen
     init_recon_steps: int = 40      # texture updates after the initial pass from pure noise
@@ -100,6 +101,11 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
         # Few-step distilled models (SD-Turbo and the like): 4 DDIM steps on a trailing grid, no CFG
         # (one UNet branch per step), fewer updates.
         "turbo": SIRConfig(ddim_steps=4, guidance=1.0, iterations=6, recon_steps=12, init_recon_steps=30),
+        # Latent-consistency models (an LCM checkpoint, or SD with an LCM-LoRA): the turbo schedule
+        # sampled the way LCMs are distilled to be, re-noising each clean estimate afresh. Their
+        # guidance is embedded in the model (or absent with an LCM-LoRA), so no CFG pair.
+        "lcm": SIRConfig(ddim_steps=4, guidance=1.0, sampler="lcm", iterations=6, recon_steps=12,
+                         init_recon_steps=30),
         # MicroDreamer's short refinement of an existing texture: noise only (no inversion) to
         # t ≈ 0.36·T·strength — 180 at the default strength 0.5 — 10 DDIM steps at η 0, 3×15 updates.
         "refine": SIRConfig(iterations=3, t_start=0.36, t_end=0.36, t1_ratio=1.0, recon_steps=15, lr=0.05),
@@ -180,6 +186,12 @@ GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
                                                           t_end=0.4, recon_steps=5, init_recon_steps=10,
                                                           init_views=0, stream_every=5),
                                          _TINY_SPLATS, _TINY_MESH),
+        # Few-step models: their texturing schedule's 4-step, guidance-free denoising (LCM sampling
+        # for LCMs) with generation's views, annealing, first pass and iterations.
+        **{name: GenerateConfig("sir", SIRConfig(views=4, iterations=30, ddim_steps=4, guidance=1.0,
+                                                 sampler=PRESETS["sir"][name].sampler, t_start=0.8, t_end=0.3,
+                                                 recon_steps=15, init_recon_steps=50, init_views=0))
+           for name in ("turbo", "lcm")},
     },
     "sds": {
         "quality": GenerateConfig("sds", DistillConfig(estimator="sds", guidance=100.0, iterations=500)),
@@ -205,11 +217,15 @@ def resolve_generate(method: str, preset: str, overrides: dict[str, Any]) -> Gen
     return replace(base, schedule=_override(base.schedule, method, overrides))
 
 
-def default_preset(method: str, model: str, refine: bool = False) -> str:
-    """The tiny model gets toy sizes; refining with SIR gets MicroDreamer's short refinement."""
+def default_preset(method: str, model: str, refine: bool = False, few_step: str | None = None,
+                   table: dict[str, dict[str, Any]] = PRESETS) -> str:
+    """The tiny model gets toy sizes; refining with SIR gets MicroDreamer's short refinement; a
+    few-step model (``few_step``: 'lcm' or 'turbo') gets its own schedule where the method has one."""
     if model == "tiny":
         return "pipeline-check"
-    return "refine" if refine and "refine" in PRESETS[method] else "quality"
+    if refine and "refine" in table[method]:
+        return "refine"
+    return few_step if few_step in table[method] else "quality"
 
 
 def resolve(method: str, preset: str, overrides: dict[str, Any]) -> SIRConfig | DistillConfig:

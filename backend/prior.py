@@ -112,6 +112,10 @@ class LatentDiffusionPrior:
     controlnet: Any = None          # a depth ControlNet, if the user chose one
     conditioning_scale: float = 1.0
     wants_view_prompts: bool = True
+    few_step: str | None = None     # "lcm" or "turbo": a distilled few-step model with its own SIR preset
+    #: LCM-distilled UNets (``time_cond_proj_dim`` set) take the guidance scale as an embedding
+    #: rather than as a CFG pair; this is the scale they get (diffusers' LCM pipeline default).
+    embedded_guidance: float = 8.5
 
     @property
     def wants_depth(self) -> bool:
@@ -170,6 +174,13 @@ class LatentDiffusionPrior:
                                             controlnet_cond=depth.expand(-1, 3, -1, -1),
                                             conditioning_scale=self.conditioning_scale, return_dict=False)
                 extra = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+        cond_dim = getattr(self.unet.config, "time_cond_proj_dim", None)
+        if cond_dim:
+            from diffusers.models.embeddings import get_timestep_embedding
+
+            w = torch.full((len(x),), (self.embedded_guidance - 1) * 1000.0, device=self.device)
+            extra["timestep_cond"] = get_timestep_embedding(w, cond_dim, flip_sin_to_cos=False,
+                                                            downscale_freq_shift=1).to(self.dtype)
         out = self.unet(unet_input, t, encoder_hidden_states=embeds, **extra).sample.float()
         if self.prediction_type == "v_prediction":
             a, s = self.schedule.coefficients(t)
@@ -183,9 +194,10 @@ def default_device() -> torch.device:
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
-               controlnet: str | None = None) -> Prior:
+               controlnet: str | None = None, lora: str | None = None) -> Prior:
     """``model``: 'tiny', a Hugging Face id, a diffusers folder or a single checkpoint file;
-    ``controlnet``: optionally a depth ControlNet given the same ways."""
+    ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
+    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if model == TINY:
@@ -195,7 +207,42 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
         prior = _load_stable_diffusion(model, device, offline)
     if controlnet:
         prior.controlnet = _load_controlnet(controlnet, device, prior.dtype, offline)
+    if lora:
+        _fuse_lora(prior, lora, offline)
+    prior.few_step = prior.few_step or few_step_kind(model, lora)
     return prior
+
+
+def few_step_kind(model: str, lora: str | None = None) -> str | None:
+    """'lcm' or 'turbo' when the model (or its LoRA) is a few-step distillation, by the names
+    they are published under (latent-consistency/lcm-lora-sdv1-5, SimianLuo/LCM_Dreamshaper_v7,
+    stabilityai/sd-turbo); checkpoints that ship an LCMScheduler are recognised on loading."""
+    names = f"{model} {lora or ''}".lower()
+    if "lcm" in names:
+        return "lcm"
+    return "turbo" if "turbo" in names else None
+
+
+def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
+    """Load a LoRA through diffusers' pipeline loader (Kohya or diffusers format, id, folder or
+    file) and fuse it into the UNet and text encoder, so inference costs nothing extra."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    path = Path(source).expanduser()
+    if not (path.exists() or HF_ID.match(source)):
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"unknown LoRA {source!r}: give a Hugging Face id such as "
+                         "'latent-consistency/lcm-lora-sdv1-5', a folder, or a .safetensors file")
+    pipe = StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
+                                   unet=prior.unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    try:
+        pipe.load_lora_weights(str(path) if path.exists() else source,
+                               local_files_only=offline or path.exists())
+        pipe.fuse_lora()
+        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+    except Exception as exc:  # hub, filesystem, format and shape errors all end here
+        raise explain_load_error(exc, f"LoRA {source!r}", offline) from None
 
 
 def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offline: bool) -> Any:
@@ -272,4 +319,5 @@ def _from_pipeline(name: str, pipe: Any, device: torch.device, dtype: torch.dtyp
     config = pipe.scheduler.config
     return LatentDiffusionPrior(name, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), pipe.tokenizer,
                                 config.get("prediction_type", "epsilon"),
-                                NoiseSchedule(pipe.scheduler.alphas_cumprod.double().cpu()), device, dtype)
+                                NoiseSchedule(pipe.scheduler.alphas_cumprod.double().cpu()), device, dtype,
+                                few_step="lcm" if type(pipe.scheduler).__name__ == "LCMScheduler" else None)

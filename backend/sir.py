@@ -63,7 +63,8 @@ def denoise(prior: Prior, cfg: SIRConfig, images: torch.Tensor, t2: float, condi
         x = schedule.add_noise(x0, noise, t1)
         if t1 < start:
             x = diffusion.invert(schedule, eps_uncond, x, t1, start, steps, cancelled=cancelled)
-    x = diffusion.sample(schedule, eps_cfg, x, start, steps, eta=cfg.eta, generator=generator, cancelled=cancelled)
+    x = diffusion.sample(schedule, eps_cfg, x, start, steps, eta=cfg.eta, generator=generator, cancelled=cancelled,
+                         sampler=cfg.sampler)
     return prior.decode(x)
 
 

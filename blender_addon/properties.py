@@ -55,6 +55,10 @@ class KilnSettings(bpy.types.PropertyGroup):
         name="Model", default=DEFAULT_MODEL,
         description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "
                     "random-weight model that checks the pipeline offline; its output is not art)")
+    lora: StringProperty(
+        name="LoRA", default="",
+        description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
+                    "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")

@@ -11,23 +11,15 @@ import sys
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_texture import configure  # noqa: E402
+from batch_texture import add_shared_options, configure  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
     argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
     parser = argparse.ArgumentParser(prog="batch_generate.py")
     parser.add_argument("--prompt", required=True, action="append", help="repeat for several objects")
-    parser.add_argument("--negative", default="")
-    parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
-    parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--size", type=int, default=1024, help="texture size")
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
+    add_shared_options(parser)
     parser.add_argument("--spacing", type=float, default=2.5, help="X offset between objects")
-    parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
-    parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
     return parser.parse_args(argv)
 
 

@@ -10,23 +10,29 @@ import sys
 import bpy
 
 
+def add_shared_options(parser: argparse.ArgumentParser) -> None:
+    """The options both batch scripts take; ``configure`` puts them into the scene's settings."""
+    parser.add_argument("--negative", default="")
+    parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
+    parser.add_argument("--lora", default="", help="a LoRA fused into the model, e.g. an LCM-LoRA for 4-step SD")
+    parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--size", type=int, default=1024, help="texture size")
+    parser.add_argument("--steps", type=int, default=None)
+    parser.add_argument("--guidance", type=float, default=None)
+    parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
+    parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
+
+
 def parse() -> argparse.Namespace:
     argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
     parser = argparse.ArgumentParser(prog="batch_texture.py")
     parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default="")
-    parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
+    add_shared_options(parser)
     parser.add_argument("--controlnet", default="", help="a depth ControlNet: HF id, folder or .safetensors")
-    parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
     parser.add_argument("--strength", type=float, default=0.5, help="refine only: 0.05 keeps, 1 repaints")
-    parser.add_argument("--size", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=None)
-    parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--objects", nargs="*", help="object names (default: every mesh in the scene)")
-    parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
-    parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
     return parser.parse_args(argv)
 
 
@@ -54,7 +60,7 @@ def configure(args: argparse.Namespace, script: str):
         return None
     settings = bpy.context.scene.kiln
     settings.negative_prompt, settings.seed, settings.method = args.negative, args.seed, args.method
-    settings.texture_size = args.size
+    settings.texture_size, settings.lora = args.size, args.lora
     if args.model:
         settings.model = args.model
     if args.steps is not None:

@@ -205,6 +205,7 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("million faces", "Decimate"),
     ("empty prompt", "prompt is empty"),
     ("unknown model", "unknown model"),
+    ("unknown lora", "unknown LoRA"),
     ("weights offline", "Allow Online Access"),
     ("backend missing", "does not exist"),
     ("backend without dependencies", "lacks Kiln's dependencies"),
@@ -232,6 +233,8 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
         scene.prompt = "   "
     elif case == "unknown model":
         scene.model = "definitely not a model"
+    elif case == "unknown lora":
+        scene.lora = "no such lora"
     elif case == "weights offline":
         scene.model = "kiln-tests/not-downloaded"
     elif case == "backend missing":

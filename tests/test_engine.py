@@ -118,13 +118,11 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
     """Save the tiny model as a diffusers folder (what a user downloads) and load it back."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import DDIMScheduler
 
     tiny = load_prior("tiny", torch.device("cpu"))
-    StableDiffusionPipeline(vae=tiny.vae, text_encoder=tiny.text_encoder, tokenizer=tiny.tokenizer, unet=tiny.unet,
-                            scheduler=DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(tmp_path / "model")
+    save_pipeline(tiny, tmp_path / "model", DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                          beta_schedule="scaled_linear"))
     loaded = load_prior(str(tmp_path / "model"), torch.device("cpu"))
     assert not loaded.pipeline_check
     embeds = loaded.encode_prompt("a vase", "")
@@ -203,6 +201,84 @@ def test_turbo_preset_runs_guidance_free() -> None:
     rec = Recorder()
     run_texture_job(request, grid_mesh(), rec, ModelCache())
     assert rec.textures[-1][1]
+
+
+def save_pipeline(prior, folder, scheduler, unet=None) -> None:
+    """A prior's parts as the diffusers folder a user would download."""
+    from diffusers import StableDiffusionPipeline
+
+    StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
+                            unet=unet or prior.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(folder)
+
+
+class Logged(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lines: list[str] = []
+
+    def log(self, text):
+        self.lines.append(text)
+
+
+def test_an_lcm_checkpoint_gets_the_lcm_schedule_and_its_guidance_embedding(tmp_path) -> None:
+    """A latent-consistency checkpoint (LCMScheduler, a UNet that takes the guidance scale as an
+    embedding) is recognised on loading: the guidance embedding reaches the UNet, and a job that
+    names no preset samples with LCM's 4-step schedule, guidance-free."""
+    from diffusers import LCMScheduler, UNet2DConditionModel
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    torch.manual_seed(0)
+    config = {k: v for k, v in tiny.unet.config.items() if k != "_use_default_values"}
+    unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 32})
+    save_pipeline(tiny, tmp_path / "lcm-model", LCMScheduler(beta_start=0.00085, beta_end=0.012,
+                                                              beta_schedule="scaled_linear"), unet)
+    prior = load_prior(str(tmp_path / "lcm-model"), torch.device("cpu"))
+    assert prior.few_step == "lcm"
+    x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = prior.encode_prompt("a vase", "")
+    first = prior.predict_eps(x, 500, embeds, None, "cond")[1]
+    prior.embedded_guidance = 2.0
+    assert (prior.predict_eps(x, 500, embeds, None, "cond")[1] - first).abs().max() > 1e-4
+
+    request = JobRequest.from_fields({"prompt": "a vase", "model": str(tmp_path / "lcm-model"), "texture_size": 512,
+                                      "steps": 1})
+    cfg = request.config(few_step=prior.few_step)
+    assert (cfg.sampler, cfg.ddim_steps, cfg.guidance) == ("lcm", 4, 1.0)
+    rec = Logged()
+    run_texture_job(request, grid_mesh(), rec, ModelCache())
+    assert rec.textures[-1][1] and any("'lcm' schedule" in line for line in rec.lines)
+
+
+def test_a_lora_is_fused_into_the_model_through_diffusers_loader(tmp_path) -> None:
+    """A LoRA file (made here with peft, saved the way diffusers' training scripts save one) loads
+    onto the model: the fused UNet predicts what the UNet with the adapter attached predicted, and
+    a LoRA named like an LCM-LoRA selects the LCM schedule."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig, get_peft_model_state_dict
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    embeds = tiny.encode_prompt("a vase", "")
+    base = tiny.predict_eps(x, 400, embeds, None)[1]
+    tiny.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    torch.manual_seed(0)
+    for name, param in tiny.unet.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    adapted = tiny.predict_eps(x, 400, embeds, None)[1]
+    StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(tiny.unet)),
+        weight_name="lcm-lora-tiny.safetensors")
+
+    fused = load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "lcm-lora-tiny.safetensors"))
+    out = fused.predict_eps(x, 400, embeds, None)[1]
+    assert (adapted - base).abs().max() > 1e-3
+    assert torch.allclose(out, adapted, atol=1e-4)
+    assert fused.few_step == "lcm" and not any("lora" in n for n, _ in fused.unet.named_parameters())
+    with pytest.raises(ModelError, match="unknown LoRA"):
+        load_prior("tiny", torch.device("cpu"), lora="no such lora")
 
 
 def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() -> None:

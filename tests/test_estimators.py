@@ -89,3 +89,35 @@ def test_ddim_sampling_reaches_the_data_distribution(eta: float) -> None:
     _, fine = sample_std(500, eta)
     assert mean == pytest.approx(2.0, abs=0.02)
     assert abs(fine - 0.5) < 0.02 and abs(fine - 0.5) < abs(coarse - 0.5)
+
+
+@pytest.mark.parametrize("sampler", ["lcm", "ddim"])
+def test_lcm_sampling_renoises_each_clean_estimate_afresh(sampler: str) -> None:
+    """On point-mass data (exact ε) both samplers land on the point, but LCM's multistep sampler
+    noises each clean estimate to the next grid time with new noise, where DDIM carries the same
+    noise direction down the grid."""
+    schedule = diffusion.NoiseSchedule.stable_diffusion()
+    c = torch.full((20000,), 0.7, dtype=torch.float64)
+    seen: list[tuple[torch.Tensor, int]] = []
+
+    def eps(x: torch.Tensor, t: int) -> torch.Tensor:
+        seen.append((x.clone(), t))
+        a, s = schedule.coefficients(t)
+        return (x - a * c) / s
+
+    gen = torch.Generator().manual_seed(0)
+    start = schedule.grid(4)[-1]
+    x_t = schedule.add_noise(c, torch.randn(c.shape, generator=gen, dtype=torch.float64), start)
+    out = diffusion.sample(schedule, eps, x_t, start, 4, generator=gen, sampler=sampler)
+    assert torch.allclose(out, c)
+    assert [t for _, t in seen] == schedule.grid(4)[::-1]
+    noises = [(x - schedule.coefficients(t)[0] * c) / schedule.coefficients(t)[1] for x, t in seen]
+    assert all(abs(float(z.std()) - 1) < 0.02 for z in noises)
+    corr = [float(torch.corrcoef(torch.stack([a, b]))[0, 1]) for a, b in zip(noises, noises[1:])]
+    assert all(abs(r) < 0.03 for r in corr) if sampler == "lcm" else all(r > 0.999 for r in corr)
+
+
+def test_unknown_sampler_is_refused() -> None:
+    schedule = diffusion.NoiseSchedule.stable_diffusion()
+    with pytest.raises(ValueError, match="unknown sampler 'euler'"):
+        diffusion.sample(schedule, lambda x, t: x, torch.zeros(2), 999, 4, sampler="euler")
