@@ -59,6 +59,25 @@ class Asset:
         return images, image_mask(raster).float()
 
 
+    def surface_samples(self, count: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """``count`` points spread over the surface by area, (N, 3), the colours the asset shows
+        there, (N, 3) in [0, 1], and the surface's area: what a generation starts its Gaussians from."""
+        corners = torch.as_tensor(self.mesh.positions, dtype=torch.float32)[torch.as_tensor(self.mesh.triangles)]
+        area = torch.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0], dim=1).norm(dim=1)
+        tri = torch.multinomial(area / area.sum(), count, replacement=True, generator=generator)
+        u, v = torch.rand(count, generator=generator), torch.rand(count, generator=generator)
+        outside = u + v > 1  # fold the unit square onto the triangle
+        u, v = torch.where(outside, 1 - u, u), torch.where(outside, 1 - v, v)
+        bary = torch.stack([1 - u - v, u, v], 1)[:, :, None]
+        points = (bary * corners[tri]).sum(1)
+        if self.texture is not None:
+            uvs = (bary * torch.as_tensor(self.mesh.corner_uvs, dtype=torch.float32)[tri]).sum(1)
+            colours = sample_image(self.texture, uvs)
+        else:
+            colours = (bary * torch.as_tensor(self.corner_colours, dtype=torch.float32)[tri]).sum(1)
+        return points, colours, float(area.sum()) / 2
+
+
 def to_up_axis(positions: np.ndarray, source: str, target: str) -> np.ndarray:
     """Y-up (glTF, OBJ by custom) ↔ Z-up (Blender), as Blender's glTF importer turns them."""
     if source == target:

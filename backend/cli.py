@@ -98,7 +98,8 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
         "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "offline": args.offline,
-        "reference": args.reference, "libraries": args.library or [], "clip": args.clip})
+        "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
+        "adapt_prior": args.adapt, "delta_denoising": args.delta_denoising})
 
 
 def finish(request: JobRequest, out: Path, started: float, files: dict[str, str], **extra: object) -> int:
@@ -177,6 +178,26 @@ def index_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def search_command(args: argparse.Namespace) -> int:
+    """The assets nearest the prompt in indexed libraries, as JSON: what --reference can name."""
+    import torch
+
+    from .embed import ClipEmbedder
+    from .retrieve import search_libraries
+
+    try:
+        request = JobRequest.from_fields({"task": protocol.TASK_SEARCH, "prompt": args.prompt,
+                                          "libraries": args.library})
+        clip = ClipEmbedder.load(args.clip, args.offline, torch.device("cpu")) if args.clip else None
+        hits = search_libraries(request, args.count, clip)
+    except (JobError, MeshError, ModelError) as exc:
+        print(f"kiln: error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps([{"file": str(h.file), "caption": h.entry.caption, "score": round(h.score, 4)} for h in hits],
+                     indent=2))
+    return 0
+
+
 def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """The options texturing and generating share."""
     parser.add_argument("--prompt", required=True)
@@ -198,10 +219,16 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
                         help="default: pipeline-check for the tiny model, lcm/turbo for few-step models "
                              "(LCM, LCM-LoRA, SD-Turbo), quality otherwise")
     parser.add_argument("--offline", action="store_true", help="never contact the model hub")
-    parser.add_argument("--reference", default=None, help="an asset file (GLB/OBJ/PLY) to warm up toward (ReDream)")
+    parser.add_argument("--reference", action="append", default=None,
+                        help="an asset file (GLB/OBJ/PLY) to use as a reference (ReDream); repeatable, the first "
+                             "is warmed up toward")
     parser.add_argument("--library", action="append", default=None,
-                        help="an indexed asset folder to retrieve the reference from by prompt (repeatable)")
+                        help="an indexed asset folder to retrieve references from by prompt (repeatable)")
     parser.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank and face by picture")
+    parser.add_argument("--adapt", action="store_true",
+                        help="adapt the model to the references first: a LoRA on their views (cached)")
+    parser.add_argument("--delta-denoising", action="store_true",
+                        help="SDS/SSD: subtract the model's residual on the reference's views every few steps")
     parser.add_argument("--out", required=True, help="output folder")
 
 
@@ -225,6 +252,12 @@ def main(argv: list[str] | None = None) -> int:
     index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")
     index.add_argument("--clip", default=None, help="CLIP weights (HF id or folder) for image embeddings")
     index.add_argument("--offline", action="store_true", help="never contact the model hub")
+    find = sub.add_parser("search", help="the assets nearest a prompt in indexed libraries (JSON)")
+    find.add_argument("--prompt", required=True)
+    find.add_argument("--library", action="append", required=True, help="an indexed asset folder (repeatable)")
+    find.add_argument("--count", type=int, default=6)
+    find.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank by picture")
+    find.add_argument("--offline", action="store_true", help="never contact the model hub")
     gen = sub.add_parser("generate", help="generate a textured object from a prompt (GLB + PNG), without Blender")
     add_job_arguments(gen, GENERATE_PRESETS)
     args = parser.parse_args(argv)
@@ -233,4 +266,6 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(args.port)
     if args.command == "index":
         return index_command(args)
+    if args.command == "search":
+        return search_command(args)
     return generate_command(args) if args.command == "generate" else texture_command(args)

@@ -12,9 +12,10 @@ from typing import Any
 import torch
 
 from . import estimators
+from .cameras import Cameras
 from .presets import DistillConfig
 from .prior import Prior, Views
-from .reference import distill_warmup
+from .reference import ReferenceViews, distill_warmup
 from .texture import image_mask
 from .texturing import MeshTexturer
 
@@ -31,23 +32,46 @@ def timestep(cfg: DistillConfig, i: int, num_train_timesteps: int, generator: to
 
 
 def distill_loss(prior: Prior, cfg: DistillConfig, x: torch.Tensor, t: int, prompt: Any, conditioning: Views,
-                 generator: torch.Generator) -> torch.Tensor:
+                 generator: torch.Generator, delta_x: torch.Tensor | None = None) -> torch.Tensor:
     """The SDS / SSD surrogate loss for encoded renders ``x`` (with grad): its gradient is
-    w(t)·residual, the usual stop-gradient target trick. Shared by every representation."""
+    w(t)·residual, the usual stop-gradient target trick. Shared by every representation.
+    ``delta_x``, the encoded reference views from the same cameras, makes it ReDream's delta
+    denoising: the residual there, at the same t and noise, is subtracted."""
     noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
     with torch.no_grad():
-        x_t = prior.schedule.add_noise(x.detach(), noise, t)
-        uncond, cond = prior.predict_eps(x_t, t, prompt, conditioning)
-        if cfg.estimator == "ssd":
-            residual = estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
-        else:
-            residual = estimators.sds_residual(uncond, cond, noise, cfg.guidance)
+        residual = _residual(prior, cfg, x.detach(), t, noise, prompt, conditioning)
+        if delta_x is not None:
+            residual = residual - cfg.delta.weight * _residual(prior, cfg, delta_x, t, noise, prompt, conditioning)
         target = x.detach() - estimators.weight(prior.schedule.alpha_bar(t), cfg.weighting) * residual
     return 0.5 * (x - target).square().sum() / x.shape[0]
 
 
+def _residual(prior: Prior, cfg: DistillConfig, x0: torch.Tensor, t: int, noise: torch.Tensor, prompt: Any,
+              conditioning: Views) -> torch.Tensor:
+    x_t = prior.schedule.add_noise(x0, noise, t)
+    uncond, cond = prior.predict_eps(x_t, t, prompt, conditioning)
+    if cfg.estimator == "ssd":
+        return estimators.ssd_residual(uncond, cond, noise, t, cfg.tau, cfg.guidance)
+    return estimators.sds_residual(uncond, cond, noise, cfg.guidance)
+
+
+def delta_views(prior: Prior, reference: ReferenceViews | None, cfg: DistillConfig, step: int, cams: Cameras
+                ) -> torch.Tensor | None:
+    """The encoded reference views delta denoising compares against, on its steps; else None."""
+    if reference is None or step % cfg.delta.every:
+        return None
+    with torch.no_grad():
+        return prior.encode(reference.views(cams)[0])
+
+
 class DistillTexturer(MeshTexturer):
+    """``delta_denoising`` (with a reference) turns on ReDream's delta denoising."""
+
     cfg: DistillConfig
+
+    def __init__(self, *args: Any, delta_denoising: bool = False, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.delta_reference = self.reference if delta_denoising else None
 
     def optimise(self) -> None:
         cfg = self.cfg
@@ -59,7 +83,8 @@ class DistillTexturer(MeshTexturer):
             images = self.render(raster)
             x = self.prior.encode(images)
             loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(conditioning.cameras), conditioning,
-                                self.generator)
+                                self.generator, delta_views(self.prior, self.delta_reference, cfg, i,
+                                                            conditioning.cameras))
             if self.warming_up():
                 diff = self.reference.difference(images, conditioning.cameras, image_mask(raster).float())
                 loss = loss + distill_warmup(diff, x, cfg.warmup.weight)

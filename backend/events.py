@@ -38,6 +38,10 @@ class TextureEvents:
         """The asset the job warms up toward: its file, retrieval score (1 for one the user chose),
         the yaw that faces it forward, and its (V, S, S, 3) uint8 thumbnails."""
 
+    def hits(self, hits: list[dict[str, object]], thumbnails: np.ndarray) -> None:
+        """A library search's nearest assets, best first ("file", "caption", "score" each) and their
+        (K, V, S, S, 3) uint8 thumbnails, for the artist to pick references from."""
+
     def log(self, text: str) -> None:
         """A message the user should see."""
 

@@ -18,7 +18,7 @@ import torch
 
 from . import meshing, splat
 from .cameras import orbit_sphere, ring
-from .distill import distill_loss, timestep
+from .distill import delta_views, distill_loss, timestep
 from .events import Cancelled, TextureEvents
 from .mesh import Mesh, unwrap
 from .presets import PRESETS, DistillConfig, GenerateConfig, SIRConfig
@@ -47,16 +47,25 @@ class SplatOptimiser:
     distillation loops that update them."""
 
     def __init__(self, prior: Prior, cfg: GenerateConfig, prompts: Prompts, seed: int, events: TextureEvents,
-                 total: int, watch: Watch | None = None, reference: ReferenceViews | None = None) -> None:
+                 total: int, watch: Watch | None = None, reference: ReferenceViews | None = None,
+                 delta_denoising: bool = False) -> None:
+        """``reference``: an asset placed in the object's frame; the Gaussians start on its
+        surface and warm up toward its views (ReDream), and with ``delta_denoising`` SDS/SSD
+        subtract the prior's residual on its views."""
         from gsplat import DefaultStrategy
 
         self.prior, self.cfg, self.prompts, self.events, self.total = prior, cfg, prompts, events, total
         self.watch, self.seed, self.reference = watch, seed, reference
+        self.delta_reference = reference if delta_denoising else None
         self.schedule = cfg.schedule
         self.generator = torch.Generator(device=prior.device).manual_seed(seed)
         self.rng = np.random.default_rng(seed)
         s = cfg.splats
-        self.params = splat.sphere(s.count, s.radius, torch.Generator().manual_seed(seed), prior.device)
+        if reference is None:
+            self.params = splat.sphere(s.count, s.radius, torch.Generator().manual_seed(seed), prior.device)
+        else:
+            self.params = splat.surface(*reference.asset.surface_samples(s.count, torch.Generator().manual_seed(seed)),
+                                        prior.device)
         rates = {"means": s.lr_means, "scales": s.lr_scales, "quats": s.lr_quats, "opacities": s.lr_opacities,
                  "colors": s.lr_colors}
         self.optimizers = {k: torch.optim.Adam([self.params[k]], lr=lr, eps=1e-15) for k, lr in rates.items()}
@@ -116,7 +125,8 @@ class SplatOptimiser:
             out = self.render(views)
             t = timestep(cfg, i, T, self.generator)
             x = self.prior.encode(out.images)
-            loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(views.cameras), views, self.generator)
+            loss = distill_loss(self.prior, cfg, x, t, self.prompts.for_views(views.cameras), views, self.generator,
+                                delta_views(self.prior, self.delta_reference, cfg, i, views.cameras))
             if self._warming_up():
                 loss = loss + distill_warmup(self.reference.difference(out.images, views.cameras, None), x,
                                              cfg.warmup.weight)
@@ -194,10 +204,11 @@ class StageEvents(TextureEvents):
 
 def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: str, seed: int,
                     events: TextureEvents, name: str = "kiln_object", watch: Watch | None = None,
-                    reference: ReferenceViews | None = None) -> Generated:
+                    reference: ReferenceViews | None = None, delta_denoising: bool = False) -> Generated:
     """The whole pipeline; deterministic for a seed on a given device. ``watch`` sees the
     Gaussians after every update (the benchmark scores them there); ``reference``, an asset
-    placed in the object's frame (``reference.frame_box``), warms the Gaussians up."""
+    placed in the object's frame (``reference.frame_box``), is where the Gaussians start and
+    what they warm up toward (see ``SplatOptimiser``)."""
     seconds: dict[str, float] = {}
     total = cfg.total_work()
     clock = time.perf_counter()
@@ -209,7 +220,7 @@ def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: st
         clock = now
 
     prompts = Prompts(prior, prompt, negative)
-    optimiser = SplatOptimiser(prior, cfg, prompts, seed, events, total, watch, reference)
+    optimiser = SplatOptimiser(prior, cfg, prompts, seed, events, total, watch, reference, delta_denoising)
     params = optimiser.run()
     lap("gaussians")
     done = cfg.schedule.total_work()

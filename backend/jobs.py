@@ -3,14 +3,17 @@ mesh, generating an object)."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
 from . import protocol
+from .assets import Asset
 from .events import TextureEvents
 from .mesh import Mesh, MeshError, unwrap
 from .presets import (
@@ -50,11 +53,16 @@ class JobRequest:
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
     lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
-    # ReDream: warm up toward ``reference`` (an asset file), or else toward the asset the prompt
-    # retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by picture.
-    reference: str | None = None
+    # ReDream: use the artist's ``references`` (asset files, primary first), or else the assets the
+    # prompt retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by
+    # picture. The primary reference warms the result up; ``adapt_prior`` also trains a LoRA of the
+    # prior on views of every reference; ``delta_denoising`` subtracts the prior's residual on the
+    # primary reference's views (SDS/SSD).
+    references: tuple[str, ...] = ()
     libraries: tuple[str, ...] = ()
     clip: str | None = None
+    adapt_prior: bool = False
+    delta_denoising: bool = False
 
     @classmethod
     def from_fields(cls, f: dict[str, Any]) -> "JobRequest":
@@ -63,9 +71,9 @@ class JobRequest:
             return JobError(protocol.E_BAD_REQUEST, msg)
 
         task = f.get("task") or protocol.TASK_TEXTURE
-        if task not in (protocol.TASK_TEXTURE, protocol.TASK_GENERATE, protocol.TASK_INDEX):
-            raise bad(f"unknown task {task!r}: {protocol.TASK_TEXTURE!r}, {protocol.TASK_GENERATE!r} or "
-                      f"{protocol.TASK_INDEX!r}")
+        tasks = (protocol.TASK_TEXTURE, protocol.TASK_GENERATE, protocol.TASK_INDEX, protocol.TASK_SEARCH)
+        if task not in tasks:
+            raise bad(f"unknown task {task!r}: one of {', '.join(map(repr, tasks))}")
         prompt = f.get("prompt") or ""
         if task != protocol.TASK_INDEX and (not isinstance(prompt, str) or not prompt.strip()):
             raise bad("the prompt is empty: type what the texture should show, e.g. 'weathered bronze'")
@@ -91,19 +99,21 @@ class JobRequest:
         model = f.get("model") or "tiny"
         if not isinstance(model, str):
             raise bad("model must be a name, folder or file path")
-        libraries = f.get("libraries") or ()
-        if isinstance(libraries, str) or not all(isinstance(x, str) and x for x in libraries):
-            raise bad("libraries must be a list of asset folder paths")
-        if task == protocol.TASK_INDEX and not libraries:
-            raise bad("no asset library to index: add your asset folders in Preferences > Add-ons > Kiln")
+        libraries, references = f.get("libraries") or (), f.get("references") or ()
+        for name, value in (("libraries", libraries), ("references", references)):
+            if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
+                raise bad(f"{name} must be a list of paths")
+        if task in (protocol.TASK_INDEX, protocol.TASK_SEARCH) and not libraries:
+            raise bad("no asset library to search: add your asset folders in Preferences > Add-ons > Kiln")
         return cls(prompt=prompt.strip(), task=task, negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
                    lora=str(f["lora"]) if f.get("lora") else None,
                    preset=f.get("preset"), offline=bool(f.get("offline", False)),
-                   reference=str(f["reference"]) if f.get("reference") else None, libraries=tuple(libraries),
-                   clip=str(f["clip"]) if f.get("clip") else None)
+                   references=tuple(references), libraries=tuple(libraries),
+                   clip=str(f["clip"]) if f.get("clip") else None, adapt_prior=bool(f.get("adapt_prior", False)),
+                   delta_denoising=bool(f.get("delta_denoising", False)))
 
     def config(self, refine: bool = False, few_step: str | None = None) -> SIRConfig | DistillConfig:
         """The method's schedule: the named preset, else the default for this model (``few_step``:
@@ -159,12 +169,13 @@ class ModelCache:
         return names
 
 
-def mesh_from_message(msg: protocol.Message) -> Mesh:
-    """Build the job's mesh from a SUBMIT message's arrays, rejecting malformed input clearly."""
-    a = msg.arrays
+def mesh_from_message(msg: protocol.Message, prefix: str = "") -> Mesh:
+    """Build the job's mesh (or, with ``protocol.REFERENCE_PREFIX``, the artist's reference object)
+    from a SUBMIT message's arrays and fields, rejecting malformed input clearly."""
+    a = {name[len(prefix):]: blob for name, blob in msg.arrays.items() if name.startswith(prefix)}
     for name in ("positions", "triangles"):
         if name not in a:
-            raise MeshError(f"the job carries no {name!r} array")
+            raise MeshError(f"the job carries no {prefix + name!r} array")
 
     def arr(name: str, dtype: Any, width: tuple[int, ...]) -> np.ndarray:
         blob = a[name]
@@ -172,7 +183,8 @@ def mesh_from_message(msg: protocol.Message) -> Mesh:
         try:
             return out.reshape(-1, *width).astype(dtype, copy=False)
         except ValueError:
-            raise MeshError(f"array {name!r} of shape {blob.shape} is not (N, {', '.join(map(str, width))})") from None
+            raise MeshError(f"array {prefix + name!r} of shape {blob.shape} is not "
+                            f"(N, {', '.join(map(str, width))})") from None
 
     tri_loops = arr("tri_loops", np.int64, (3,)) if "tri_loops" in a else None
     corner_uvs = None
@@ -182,31 +194,33 @@ def mesh_from_message(msg: protocol.Message) -> Mesh:
             raise MeshError("loop indices out of range of the UV array")
         corner_uvs = loop_uvs[tri_loops]
     return Mesh(positions=arr("positions", np.float32, (3,)), triangles=arr("triangles", np.int64, (3,)),
-                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=int(msg.get("loop_count", 0)),
-                up_axis=str(msg.get("up_axis", "z")), name=str(msg.get("object", "mesh")))
+                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=int(msg.get(prefix + "loop_count", 0)),
+                up_axis=str(msg.get(prefix + "up_axis", "z")), name=str(msg.get(prefix + "object", "mesh")))
 
 
-def texture_from_message(msg: protocol.Message) -> torch.Tensor | None:
-    """The existing texture a refine job starts from: (H, W, 4) RGBA8 rows bottom-up on the wire,
-    (3, H, W) floats in [0, 1] here."""
-    blob = msg.arrays.get("init_texture")
+def texture_from_message(msg: protocol.Message, name: str = "init_texture") -> torch.Tensor | None:
+    """The existing texture a refine job starts from (or the reference object's, by ``name``):
+    (H, W, 4) RGBA8 rows bottom-up on the wire, (3, H, W) floats in [0, 1] here."""
+    blob = msg.arrays.get(name)
     if blob is None:
         return None
     if blob.dtype != "|u1" or len(blob.shape) != 3 or blob.shape[2] != 4 or min(blob.shape[:2]) < 1:
-        raise JobError(protocol.E_BAD_REQUEST, f"init_texture must be (H, W, 4) uint8, got {blob.shape} {blob.dtype}")
+        raise JobError(protocol.E_BAD_REQUEST, f"{name} must be (H, W, 4) uint8, got {blob.shape} {blob.dtype}")
     rgba = np.frombuffer(blob.data, np.uint8).reshape(blob.shape)
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
 
 
 def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
-                    init_texture: torch.Tensor | None = None):
+                    init_texture: torch.Tensor | None = None, own_reference: tuple[Asset, str] | None = None):
     """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S)
-    texture. With ``init_texture`` the method refines it instead of starting blank."""
+    texture. With ``init_texture`` the method refines it instead of starting blank;
+    ``own_reference`` is the artist's reference object (asset and name), if they chose one."""
     from .distill import DistillTexturer
     from .sir import SIRTexturer
 
     refine = init_texture is not None
     request.config(refine=refine)  # a bad preset or override fails before anything is loaded
+    check_reference_options(request, own_reference is not None)
     mesh.validate()
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
@@ -218,19 +232,43 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
         events.progress(0, total, "unwrapping UVs (xatlas)")
         loop_uvs = unwrap(mesh)
         events.uvs(loop_uvs, mesh.corner_uvs)
-    reference = find_reference(request, mesh.positions, mesh.up_axis, prior, cfg, total, events)
-    method = SIRTexturer if request.method == "sir" else DistillTexturer
-    texturer = method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
+    reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,
+                                       events)
+    extra = {"delta_denoising": request.delta_denoising} if request.method != "sir" else {}
+    with adaptation(request, prior, chosen, cfg, events, total):
+        method = SIRTexturer if request.method == "sir" else DistillTexturer
+        return method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
                       request.seed, events, init_texture=init_texture, strength=request.strength,
-                      reference=reference)
-    return texturer.run()
+                      reference=reference, **extra).run()
+
+
+def check_reference_options(request: JobRequest, own_reference: bool) -> None:
+    """ReDream's options need a reference, and delta denoising a distillation method: say so
+    before anything loads, rather than silently doing less."""
+    has_reference = own_reference or bool(request.references or request.libraries)
+    for asked, what in ((request.adapt_prior, "Adapt Model"), (request.delta_denoising, "Delta Denoising")):
+        if asked and not has_reference:
+            raise JobError(protocol.E_BAD_REQUEST, f"{what} learns from references, and this job has none: turn on "
+                           "Use References (libraries, picked assets or a reference object), or turn it off")
+    if request.delta_denoising and request.method == "sir":
+        raise JobError(protocol.E_BAD_REQUEST, "Delta Denoising corrects score distillation's gradient, which SIR "
+                       "does not use: choose SDS or SSD, or turn Delta Denoising off")
+
+
+def adaptation(request: JobRequest, prior: Prior, chosen: list, cfg: SIRConfig | DistillConfig,
+               events: TextureEvents, total: int):
+    """The prior adapted to the references for the job (``adapt.adapted``), if the request asks."""
+    if not request.adapt_prior:
+        return contextlib.nullcontext()
+    from .adapt import adapted
+
+    identity = " + ".join(x for x in (request.model, request.lora) if x)
+    return adapted(prior, identity, chosen, cfg.adapt, cfg.background, request.seed, events, total)
 
 
 def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
     """Index each of the request's libraries; returns a line per library for the user. Files that
     cannot be read are reported (log) and skipped; only an unusable folder fails the job."""
-    from pathlib import Path
-
     from .embed import ClipEmbedder, WordLlamaEmbedder
     from .events import Cancelled
     from .library import build_index
@@ -257,60 +295,71 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
     return lines
 
 
-def find_reference(request: JobRequest, positions: np.ndarray, up_axis: str, prior: Prior,
-                   cfg: SIRConfig | DistillConfig, total: int, events: TextureEvents):
-    """The request's reference asset, fitted to the bounding box of ``positions`` (the mesh being
-    textured, or a generated object's frame) and faced forward, as ``ReferenceViews``; None when
-    the request names no reference and no library."""
-    from pathlib import Path
+def run_search_job(request: JobRequest, events: TextureEvents) -> int:
+    """The assets nearest the prompt in the request's libraries, sent as one HITS message for the
+    artist to pick from; returns how many."""
+    from .embed import ClipEmbedder
+    from .prior import default_device
+    from .retrieve import search_libraries
 
-    from .assets import load_asset
-    from .embed import ClipEmbedder, WordLlamaEmbedder
-    from .library import LibraryIndex, search, thumbnails
+    events.progress(0, 1, "searching the asset libraries")
+    clip = ClipEmbedder.load(request.clip, request.offline, default_device()) if request.clip else None
+    try:
+        hits = search_libraries(request, SEARCH_HITS, clip)
+    except MeshError as exc:
+        raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+    events.hits([{"file": str(h.file), "caption": h.entry.caption, "score": round(h.score, 4)} for h in hits],
+                np.stack([h.thumbnails for h in hits]))
+    events.progress(1, 1, f"found {len(hits)} assets")
+    return len(hits)
+
+
+#: How many hits a search shows the artist to pick from.
+SEARCH_HITS = 6
+
+
+def references_for(request: JobRequest, own: tuple[Asset, str] | None, positions: np.ndarray, up_axis: str,
+                   prior: Prior, cfg: SIRConfig | DistillConfig, total: int, events: TextureEvents):
+    """The job's references (``retrieve.choose``), and the primary one's views as the warm-up
+    target, fitted to the bounding box of ``positions`` (the mesh being textured, or a generated
+    object's frame) and faced forward: (None, []) when the job uses none."""
+    from .embed import ClipEmbedder
     from .reference import ReferenceViews, choose_yaw, clip_facing, prior_facing
+    from .retrieve import choose
 
-    if not request.reference and not request.libraries:
-        return None
+    if own is None and not request.references and not request.libraries:
+        return None, []
     clip = ClipEmbedder.load(request.clip, request.offline, prior.device) if request.clip else None
-    if request.reference:
-        file, score = Path(request.reference).expanduser(), 1.0
-        views = thumbnails(file)
-    else:
-        indexes = []
-        for folder in request.libraries:
-            index = LibraryIndex.load(Path(folder).expanduser().resolve())
-            if index is None:
-                raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} has not been indexed: index it "
-                               "first (Index Library in the panel, or `python -m backend index FOLDER`)")
-            indexes.append(index)
-        try:
-            hits = search(indexes, request.prompt, 1, WordLlamaEmbedder(), clip)
-        except MeshError as exc:
-            raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
-        if not hits:
-            raise JobError(protocol.E_BAD_REQUEST, "the asset libraries are empty: add assets and index them again, "
-                           "or turn off Use References")
-        file, score, views = hits[0].file, hits[0].score, hits[0].thumbnails
-    events.progress(0, total, f"facing reference {file.name}")
-    asset = load_asset(file)
+    events.progress(0, total, "finding references")
+    try:
+        chosen = choose(request, own, cfg.adapt.assets, clip)
+    except MeshError as exc:
+        raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+    primary = chosen[0]
+    name = Path(primary.label).name
+    events.progress(0, total, f"facing reference {name}")
     score_fn = clip_facing(clip, request.prompt) if clip else prior_facing(prior, request.prompt,
                                                                             request.negative_prompt, request.seed)
-    yaw = choose_yaw(asset, positions, up_axis, score_fn, prior.resolution, cfg.background, prior.device)
-    events.reference(str(file), score, yaw, views)
-    events.log(f"warming up toward {file.name} (score {score:.2f}, turned {yaw:.0f}°)")
-    return ReferenceViews(asset.placed(positions, up_axis, yaw), cfg.warmup, prior.resolution, cfg.background)
+    yaw = choose_yaw(primary.asset, positions, up_axis, score_fn, prior.resolution, cfg.background, prior.device)
+    events.reference(primary.label, primary.score, yaw, primary.thumbnails)
+    events.log(f"warming up toward {name} (score {primary.score:.2f}, turned {yaw:.0f}°)")
+    return (ReferenceViews(primary.asset.placed(positions, up_axis, yaw), cfg.warmup, prior.resolution,
+                           cfg.background), chosen)
 
 
 #: A generated object's reference fills this fraction of the frame's radius (the Gaussians start in half).
 REFERENCE_RADIUS = 0.8
 
 
-def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache):
-    """Load the prior and generate a new object; returns ``generate.Generated``."""
+def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache,
+                     own_reference: tuple[Asset, str] | None = None):
+    """Load the prior and generate a new object; returns ``generate.Generated``.
+    ``own_reference``: the artist's object to start from (asset and name), if they chose one."""
     from .generate import FRAME_RADIUS, generate_object
     from .reference import frame_box
 
     request.generate_config()  # a bad preset or override fails before anything is loaded
+    check_reference_options(request, own_reference is not None)
     if request.controlnet:
         raise JobError(protocol.E_BAD_REQUEST, "generating takes no depth ControlNet: there is no mesh to take "
                        "depth from yet. Clear the ControlNet field, or texture the generated object afterwards")
@@ -319,10 +368,12 @@ def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCa
         raise JobError(protocol.E_BAD_REQUEST, f"{request.model} is a depth-conditioned model and needs a mesh: "
                        "generate with a text-to-image model (e.g. SD 1.5 / 2.1 / SD-Turbo)")
     cfg = request.generate_config(getattr(prior, "few_step", None))
-    reference = find_reference(request, frame_box(REFERENCE_RADIUS * FRAME_RADIUS), "z", prior, cfg.schedule,
-                               cfg.total_work(), events)
-    return generate_object(prior, cfg, request.prompt, request.negative_prompt, request.seed, events,
-                           name=object_name(request.prompt), reference=reference)
+    reference, chosen = references_for(request, own_reference, frame_box(REFERENCE_RADIUS * FRAME_RADIUS), "z",
+                                       prior, cfg.schedule, cfg.total_work(), events)
+    with adaptation(request, prior, chosen, cfg.schedule, events, cfg.total_work()):
+        return generate_object(prior, cfg, request.prompt, request.negative_prompt, request.seed, events,
+                               name=object_name(request.prompt), reference=reference,
+                               delta_denoising=request.delta_denoising)
 
 
 def object_name(prompt: str) -> str:

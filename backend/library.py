@@ -24,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .assets import ASSET_SUFFIXES, load_asset
+from .assets import ASSET_SUFFIXES, Asset, load_asset
 from .cameras import orbit
 from .embed import ClipEmbedder, TextEmbedder
 from .mesh import MeshError
@@ -175,9 +175,8 @@ def caption_for(path: Path) -> str:
     return " ".join(words.lower().split()) or path.stem
 
 
-def thumbnails(path: Path) -> np.ndarray:
+def thumbnails(asset: Asset) -> np.ndarray:
     """(V, S, S, 3) uint8 renders of the asset from the thumbnail cameras."""
-    asset = load_asset(path)
     cams = orbit(asset.mesh.positions, list(THUMB_AZIMUTHS), [THUMB_ELEVATION] * len(THUMB_AZIMUTHS),
                  asset.mesh.up_axis)
     with torch.no_grad():
@@ -231,7 +230,7 @@ def build_index(root: Path, embedder: TextEmbedder, clip: ClipEmbedder | None = 
             report.skipped[rel] = was_bad["reason"]
             continue
         try:
-            views = thumbnails(path)
+            views = thumbnails(load_asset(path))
         except MeshError as exc:
             skipped[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "reason": str(exc)}
             report.skipped[rel] = str(exc)

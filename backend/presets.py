@@ -26,6 +26,34 @@ class WarmUp:
 
 
 @dataclass(frozen=True)
+class Adaptation:
+    """ReDream's lightweight adaptation of the prior (used only when a job asks for it): a LoRA of
+    the UNet trained on views of the job's references spread over the sphere, each captioned with
+    the reference's caption and its view ("…, back view", as view-dependent prompts read), so the
+    prior learns how such objects look from every side. Cached per reference set and model."""
+
+    assets: int = 3                 # references a library search returns (ReDream retrieves 3)
+    views: int = 100                # renders per reference (ReDream: 100 uniformly sampled cameras)
+    rank: int = 4
+    steps: int = 300                # early-stopped: enough to learn views, not to copy the assets
+    batch: int = 4
+    lr: float = 1e-4
+
+
+@dataclass(frozen=True)
+class DeltaDenoising:
+    """ReDream's variant of delta denoising (SDS/SSD only, when a job asks for it): every ``every``
+    steps the residual on the render loses ``weight`` × the residual on the reference's render at
+    the same t and noise — what the prior would change in a good asset is noise, not signal."""
+
+    weight: float = 1.0
+    every: int = 3                  # ReDream: every three iterations
+
+
+_TINY_ADAPTATION = Adaptation(views=8, steps=6, batch=2, lr=1e-3)
+
+
+@dataclass(frozen=True)
 class SIRConfig:
     views: int = 8                  # K cameras per iteration, azimuths evenly spaced
     elevations: tuple[float, ...] = ELEVATIONS
@@ -55,6 +83,7 @@ class SIRConfig:
     # Measured (bench/retrieval.py, crate): SIR's own first pass already beats a similar asset's
     # views (30.7 against 20.8 dB), so the warm-up is light: -0.1 dB with a similar or unrelated one.
     warmup: WarmUp = WarmUp(weight=1.0, fraction=0.3)
+    adapt: Adaptation = Adaptation()
 
     def total_work(self, refine: bool = False) -> int:
         """Progress units: one per texture update, so the bar moves evenly. Refining an existing
@@ -83,6 +112,8 @@ class DistillConfig:
     # Measured (bench/retrieval.py, crate, 80 images): a similar asset lifts SDS from 20.6 to 22.5 dB
     # at weight 10 over 60 % (24.0 at weight 100, where an unrelated one costs 1.3 dB instead of 0.6).
     warmup: WarmUp = WarmUp(weight=10.0, fraction=0.6)
+    adapt: Adaptation = Adaptation()
+    delta: DeltaDenoising = DeltaDenoising()
 
     def total_work(self, refine: bool = False) -> int:
         return self.iterations
@@ -97,7 +128,8 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
         # at the prior's own resolution.
         "quality": SIRConfig(),
         # For the built-in tiny model on a CPU: the same algorithm at toy sizes, in seconds.
-        "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5),
+        "pipeline-check": SIRConfig(views=4, iterations=6, recon_steps=10, init_recon_steps=20, stream_every=5,
+                                    adapt=_TINY_ADAPTATION),
         # Few-step distilled models (SD-Turbo and the like): 4 DDIM steps on a trailing grid, no CFG
         # (one UNet branch per step), fewer updates.
         "turbo": SIRConfig(ddim_steps=4, guidance=1.0, iterations=6, recon_steps=12, init_recon_steps=30),
@@ -112,11 +144,13 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
     },
     "sds": {
         "quality": DistillConfig(estimator="sds", guidance=100.0, iterations=1000),
-        "pipeline-check": DistillConfig(estimator="sds", guidance=100.0, iterations=20, views=2, stream_every=5),
+        "pipeline-check": DistillConfig(estimator="sds", guidance=100.0, iterations=20, views=2, stream_every=5,
+                                        adapt=_TINY_ADAPTATION),
     },
     "ssd": {
         "quality": DistillConfig(estimator="ssd", guidance=7.5, iterations=1000),
-        "pipeline-check": DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2, stream_every=5),
+        "pipeline-check": DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2, stream_every=5,
+                                        adapt=_TINY_ADAPTATION),
     },
 }
 
@@ -184,7 +218,7 @@ GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
                                                    recon_steps=15, init_recon_steps=50, init_views=0)),
         "pipeline-check": GenerateConfig("sir", SIRConfig(views=2, iterations=3, ddim_steps=4, t_start=0.8,
                                                           t_end=0.4, recon_steps=5, init_recon_steps=10,
-                                                          init_views=0, stream_every=5),
+                                                          init_views=0, stream_every=5, adapt=_TINY_ADAPTATION),
                                          _TINY_SPLATS, _TINY_MESH),
         # Few-step models: their texturing schedule's 4-step, guidance-free denoising (LCM sampling
         # for LCMs) with generation's views, annealing, first pass and iterations.
@@ -196,12 +230,14 @@ GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
     "sds": {
         "quality": GenerateConfig("sds", DistillConfig(estimator="sds", guidance=100.0, iterations=500)),
         "pipeline-check": GenerateConfig("sds", DistillConfig(estimator="sds", iterations=20, views=2,
-                                                              stream_every=5), _TINY_SPLATS, _TINY_MESH),
+                                                              stream_every=5, adapt=_TINY_ADAPTATION),
+                                         _TINY_SPLATS, _TINY_MESH),
     },
     "ssd": {
         "quality": GenerateConfig("ssd", DistillConfig(estimator="ssd", guidance=7.5, iterations=500)),
         "pipeline-check": GenerateConfig("ssd", DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2,
-                                                              stream_every=5), _TINY_SPLATS, _TINY_MESH),
+                                                              stream_every=5, adapt=_TINY_ADAPTATION),
+                                         _TINY_SPLATS, _TINY_MESH),
     },
 }
 

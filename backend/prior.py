@@ -77,6 +77,11 @@ class Prior(Protocol):
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
 
 
+def view_prompt(prompt: str, suffix: str) -> str:
+    """DreamFusion's view-dependent prompt; LoRA adaptation captions its training views the same way."""
+    return f"{prompt}, {suffix}"
+
+
 class Prompts:
     """A prompt encoded once per job, with DreamFusion's view-dependent variants for priors that
     want them; every method asks it for the prompt of a batch of views."""
@@ -84,7 +89,7 @@ class Prompts:
     def __init__(self, prior: Prior, prompt: str, negative: str) -> None:
         self.prior = prior
         self.plain = prior.encode_prompt(prompt, negative)
-        self.per_view = {suffix: prior.encode_prompt(f"{prompt}, {suffix}", negative)
+        self.per_view = {suffix: prior.encode_prompt(view_prompt(prompt, suffix), negative)
                          for suffix in VIEW_SUFFIXES} if getattr(prior, "wants_view_prompts", False) else {}
 
     def for_views(self, cams: Cameras) -> Any:

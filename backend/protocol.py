@@ -25,7 +25,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 MAGIC = b"KLN1"
 PREFIX = struct.Struct("!4sIQ")
 MAX_HEADER_BYTES = 1 << 20
@@ -38,10 +38,11 @@ MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
 MAX_TRIANGLES = 1_000_000
 
 # Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
-# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, LOG, ERROR,
-# DONE, PONG. MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian centres,
-# colours, radii); OBJECT a generated object's geometry (positions, triangles, corner UVs), before its
-# textures; REFERENCE the library asset a job warms up toward (file, score, yaw, thumbnails).
+# Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, HITS, LOG,
+# ERROR, DONE, PONG. MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian
+# centres, colours, radii); OBJECT a generated object's geometry (positions, triangles, corner UVs),
+# before its textures; REFERENCE the asset a job warms up toward (file, score, yaw, thumbnails); HITS a
+# search's nearest assets ("hits": file, caption, score each; "thumbnails" (K, V, S, S, 3) uint8).
 HELLO = "hello"
 AUTH = "auth"
 WELCOME = "welcome"
@@ -53,6 +54,7 @@ MESH = "mesh"
 POINTS = "points"
 OBJECT = "object"
 REFERENCE = "reference"
+HITS = "hits"
 LOG = "log"
 ERROR = "error"
 DONE = "done"
@@ -63,13 +65,19 @@ PING = "ping"
 PONG = "pong"
 
 MESSAGE_TYPES = frozenset(
-    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, LOG, ERROR, DONE,
-     CANCEL, UNLOAD, SHUTDOWN, PING, PONG}
+    {HELLO, AUTH, WELCOME, SUBMIT, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, HITS, LOG, ERROR,
+     DONE, CANCEL, UNLOAD, SHUTDOWN, PING, PONG}
 )
 
-# What a SUBMIT asks for (its "task" field): texture the mesh it carries, generate a new object, or
-# index asset libraries (its "libraries" field) so later jobs can retrieve references from them.
-TASK_TEXTURE, TASK_GENERATE, TASK_INDEX = "texture", "generate", "index"
+# What a SUBMIT asks for (its "task" field): texture the mesh it carries, generate a new object,
+# index asset libraries (its "libraries" field) so later jobs can retrieve references from them, or
+# search them for the assets nearest its prompt (answered with HITS).
+TASK_TEXTURE, TASK_GENERATE, TASK_INDEX, TASK_SEARCH = "texture", "generate", "index", "search"
+#: A texturing or generating SUBMIT may carry the artist's own reference object: the same arrays as
+#: the mesh ("positions", "triangles", "tri_loops", "loop_uvs", and "texture" RGBA8 rows bottom-up),
+#: each name behind this prefix, with "reference_object" (its name), "reference_loop_count" and,
+#: for an object without a texture, "reference_color" (sRGB, 0-1).
+REFERENCE_PREFIX = "reference_"
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

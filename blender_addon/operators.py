@@ -113,10 +113,11 @@ class _SessionOperator(_WhenIdle):
         return {"FINISHED"} if session.changed_scene else {"CANCELLED"}
 
 
-def job_fields(context: bpy.types.Context) -> dict:
+def job_request(context: bpy.types.Context) -> tuple[dict, dict]:
+    """The job's fields from the panel, and the arrays every job of the run shares (a reference object)."""
     settings = context.scene.kiln
-    return {**sessions.read_settings(settings),
-            **sessions.reference_fields(settings.use_references, library_fields(preferences(context)))}
+    fields, arrays = sessions.reference_fields(settings, library_fields(preferences(context)))
+    return {**sessions.read_settings(settings), **fields}, arrays
 
 
 class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
@@ -136,10 +137,10 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         return True
 
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
-        fields = job_fields(context)
+        fields, arrays = job_request(context)
         objects = sorted(context.selected_objects, key=lambda o: o.name)
         return sessions.TextureSession(objects, fields, preferences(context).python_path,
-                                       refine=context.scene.kiln.refine)
+                                       refine=context.scene.kiln.refine, shared_arrays=arrays)
 
 
 class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
@@ -152,8 +153,9 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
     def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
         if context.mode != "OBJECT":
             raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene")
-        return sessions.GenerateSession(job_fields(context), preferences(context).python_path,
-                                        context.scene.cursor.location)
+        fields, arrays = job_request(context)
+        return sessions.GenerateSession(fields, preferences(context).python_path, context.scene.cursor.location,
+                                        shared_arrays=arrays)
 
 
 class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):
@@ -167,6 +169,30 @@ class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):
     def _make_session(self, context: bpy.types.Context) -> sessions.IndexSession:
         prefs = preferences(context)
         return sessions.IndexSession(library_fields(prefs), prefs.python_path)
+
+
+class KILN_OT_find_references(_SessionOperator, bpy.types.Operator):
+    """Search your indexed asset libraries for the assets nearest the prompt, to pick references from"""
+
+    bl_idname = "kiln.find_references"
+    bl_label = "Find References"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def _make_session(self, context: bpy.types.Context) -> sessions.SearchSession:
+        prefs = preferences(context)
+        return sessions.SearchSession(context.scene.kiln, library_fields(prefs), prefs.python_path)
+
+
+class KILN_OT_clear_references(bpy.types.Operator):
+    """Forget the found references: jobs then take the assets nearest their prompt"""
+
+    bl_idname = "kiln.clear_references"
+    bl_label = "Clear References"
+    bl_options = {"REGISTER", "UNDO"}
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        context.scene.kiln.hits.clear()
+        return {"FINISHED"}
 
 
 class KILN_OT_add_library(bpy.types.Operator):
@@ -276,6 +302,6 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
         return {"FINISHED"}
 
 
-CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_add_library,
-           KILN_OT_remove_library, KILN_OT_cancel, KILN_OT_start_backend, KILN_OT_stop_backend,
-           KILN_OT_unload_models, KILN_OT_copy_diagnostics)
+CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_find_references,
+           KILN_OT_clear_references, KILN_OT_add_library, KILN_OT_remove_library, KILN_OT_cancel,
+           KILN_OT_start_backend, KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_copy_diagnostics)

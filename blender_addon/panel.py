@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, session
+from . import operators, scene_io, session
 
 
 class KILN_PT_main(bpy.types.Panel):
@@ -39,9 +39,7 @@ class KILN_PT_main(bpy.types.Panel):
         row = col.row(align=True)
         row.prop(settings, "steps")
         row.prop(settings, "guidance")
-        row = col.row(align=True)
-        row.prop(settings, "use_references")
-        row.operator("kiln.index_libraries", text="", icon="FILE_REFRESH")
+        draw_references(col, settings)
         if running:
             fraction, text = operators.ACTIVE.progress()
             if hasattr(layout, "progress"):
@@ -70,6 +68,37 @@ class KILN_PT_main(bpy.types.Panel):
         row = box.row(align=True)
         row.operator("kiln.unload_models", icon="TRASH")
         row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+
+
+def draw_references(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:
+    """Use References and where they come from: the artist's object, or assets found in the
+    libraries, each with its thumbnail and a tick box (unticked ones are not used)."""
+    box = layout.box()
+    row = box.row(align=True)
+    row.prop(settings, "use_references")
+    row.operator("kiln.index_libraries", text="", icon="FILE_REFRESH")
+    if not settings.use_references:
+        return
+    box.row().prop(settings, "reference_source", expand=True)
+    if settings.reference_source == "OBJECT":
+        box.prop(settings, "reference_object", text="")
+    else:
+        row = box.row(align=True)
+        row.operator("kiln.find_references", icon="VIEWZOOM")
+        row.operator("kiln.clear_references", text="", icon="X")
+        if not len(settings.hits):
+            box.label(text="None found yet: jobs take the assets nearest the prompt", icon="INFO")
+        for hit in settings.hits:
+            row = box.row()
+            row.prop(hit, "use", text="")
+            icon = scene_io.ReferenceIcon.get(hit.file)
+            if icon:
+                row.template_icon(icon_value=icon, scale=2.0)
+            row.label(text=f"{hit.caption} ({hit.score:.2f})")
+    row = box.row(align=True)
+    row.prop(settings, "adapt_prior")
+    if settings.method != "sir":
+        row.prop(settings, "delta_denoising")
 
 
 CLASSES = (KILN_PT_main,)

@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import bpy
-from bpy.props import BoolProperty, CollectionProperty, EnumProperty, FloatProperty, IntProperty, StringProperty
+from bpy.props import (
+    BoolProperty,
+    CollectionProperty,
+    EnumProperty,
+    FloatProperty,
+    IntProperty,
+    PointerProperty,
+    StringProperty,
+)
 
 from .backend import protocol
 
@@ -13,6 +21,19 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 class KilnLibrary(bpy.types.PropertyGroup):
     path: StringProperty(name="Folder", subtype="DIR_PATH",
                          description="A folder of GLB/glTF/OBJ/PLY assets (searched with its sub-folders)")
+
+
+class KilnHit(bpy.types.PropertyGroup):
+    """One asset a library search found; ticked ones are the job's references, the first the primary."""
+
+    file: StringProperty(name="File", subtype="FILE_PATH")
+    caption: StringProperty(name="Caption")
+    score: FloatProperty(name="Score")
+    use: BoolProperty(name="Use", default=True, description="Use this asset as a reference")
+
+
+def _is_mesh(_settings: "KilnSettings", obj: bpy.types.Object) -> bool:
+    return obj.type == "MESH"
 
 
 class KilnPreferences(bpy.types.AddonPreferences):
@@ -79,14 +100,29 @@ class KilnSettings(bpy.types.PropertyGroup):
                        description="Iterations of the method; 0 uses the method's preset")
     use_references: BoolProperty(
         name="Use References", default=False,
-        description="Retrieve the asset nearest the prompt from your indexed asset libraries (Preferences > "
-                    "Add-ons > Kiln) and warm the result up toward it")
+        description="Start from and warm the result up toward reference assets (ReDream): assets found in your "
+                    "indexed libraries (Preferences > Add-ons > Kiln), or an object of yours")
+    reference_source: EnumProperty(name="Source", default="LIBRARY", items=[
+        ("LIBRARY", "Libraries", "Assets from your indexed libraries: the ones ticked below, or the nearest to the "
+                                 "prompt when none were searched for"),
+        ("OBJECT", "Object", "One of your objects, with its texture: refine this asset toward the prompt")])
+    reference_object: PointerProperty(name="Reference", type=bpy.types.Object, poll=_is_mesh,
+                                      description="The mesh whose shape and texture the result starts from")
+    hits: CollectionProperty(type=KilnHit, name="Found References")
+    adapt_prior: BoolProperty(
+        name="Adapt Model", default=False,
+        description="Before the job, train a small LoRA of the model on views of the references (cached), so the "
+                    "model knows their sides and backs (ReDream's adaptation; slower the first time)")
+    delta_denoising: BoolProperty(
+        name="Delta Denoising", default=False,
+        description="SDS/SSD: every few steps, subtract what the model would change on the reference itself, "
+                    "keeping the result nearer the reference")
     guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=200.0,
                             description="Classifier-free guidance; 0 uses the method's preset "
                                         "(SIR and SSD 7.5, SDS 100)")
 
 
-CLASSES = (KilnLibrary, KilnPreferences, KilnSettings)
+CLASSES = (KilnLibrary, KilnHit, KilnPreferences, KilnSettings)
 
 
 def register() -> None:

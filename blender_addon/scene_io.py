@@ -71,9 +71,26 @@ def image_rgba8(image: Any) -> np.ndarray:
     image.pixels.foreach_get(px)
     px = px.reshape(h, w, 4)
     if image.is_float:
-        rgb = np.clip(px[..., :3], 0, 1)
-        px[..., :3] = np.where(rgb <= 0.0031308, rgb * 12.92, 1.055 * rgb ** (1 / 2.4) - 0.055)
+        px[..., :3] = _linear_to_srgb(px[..., :3])
     return (np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(c, 0, 1)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+def flat_colour(obj: Any) -> list[float] | None:
+    """The Base Color value of the object's first Principled BSDF, display-referred: what an
+    object painted with a colour rather than an image looks like."""
+    for slot in obj.material_slots:
+        mat = slot.material
+        if mat is None or mat.node_tree is None:
+            continue
+        for node in mat.node_tree.nodes:
+            if node.type == "BSDF_PRINCIPLED":
+                return [float(v) for v in _linear_to_srgb(np.array(node.inputs["Base Color"].default_value[:3]))]
+    return None
 
 
 def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
@@ -108,6 +125,20 @@ def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], di
     fields = {"object": obj.name, "loop_count": len(mesh.loops), "up_axis": "z",
               "uv_map": uv_layer.name if uv_layer is not None else UV_MAP_NAME}
     return fields, arrays
+
+
+def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+    """The artist's reference object as SUBMIT fields and arrays (``protocol.REFERENCE_PREFIX``):
+    its mesh, and its Base Color image read through that image's own UV map, else its flat colour."""
+    found = existing_texture(obj) if obj is not None and obj.type == "MESH" else None
+    fields, arrays = mesh_arrays(obj, found[1] if found else None)
+    if found:
+        rgba = image_rgba8(found[0])
+        arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
+    elif flat_colour(obj) is not None:
+        fields["color"] = flat_colour(obj)
+    p = protocol.REFERENCE_PREFIX
+    return ({p + k: v for k, v in fields.items() if k != "uv_map"}, {p + k: v for k, v in arrays.items()})
 
 
 def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
@@ -285,13 +316,13 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
 
 
 class ReferenceIcon:
-    """The front thumbnail of the asset a job warms up toward, as an icon for the panel. It lives in
-    a preview collection, outside the .blend: shown, never saved, nothing to undo."""
+    """Asset thumbnails as icons for the panel (the reference a job uses, a search's hits), keyed by
+    file. They live in a preview collection, outside the .blend: shown, never saved, nothing to undo."""
 
     _previews: Any = None
 
     @classmethod
-    def show(cls, thumbnail: np.ndarray) -> int:
+    def show(cls, key: str, thumbnail: np.ndarray) -> int:
         """(S, S, 3) uint8, top row first → the icon id (0 in background mode, where nothing draws)."""
         if bpy.app.background:
             return 0
@@ -299,12 +330,18 @@ class ReferenceIcon:
 
         if cls._previews is None:
             cls._previews = previews.new()
-        preview = cls._previews.get("reference") or cls._previews.new("reference")
+        preview = cls._previews.get(key) or cls._previews.new(key)
         h, w, _ = thumbnail.shape
         rgba = np.concatenate([thumbnail, np.full((h, w, 1), 255, np.uint8)], 2)[::-1]  # Blender: bottom row first
         preview.image_size = (w, h)
         preview.image_pixels_float.foreach_set((rgba.astype(np.float32) / 255).ravel())
         return preview.icon_id
+
+    @classmethod
+    def get(cls, key: str) -> int:
+        """The icon shown for ``key`` this session, else 0 (icons are not saved with the file)."""
+        preview = cls._previews.get(key) if cls._previews is not None else None
+        return preview.icon_id if preview is not None else 0
 
     @classmethod
     def free(cls) -> None:

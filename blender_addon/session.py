@@ -33,6 +33,7 @@ from .scene_io import (
     finish_texture,
     image_rgba8,
     mesh_arrays,
+    reference_arrays,
     start_live_texture,
     start_preview,
 )
@@ -150,14 +151,32 @@ def read_settings(settings: Any) -> dict[str, Any]:
     return fields
 
 
-def reference_fields(use: bool, library: dict[str, Any]) -> dict[str, Any]:
-    """The fields that make a job retrieve a reference from the artist's libraries, if asked to."""
-    if not use:
-        return {}
+def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+    """The fields (and, for the artist's own object, arrays) that give a job its references when
+    Use References is on: the reference object, else the ticked search hits, else the libraries
+    to retrieve from by prompt; with ReDream's options."""
+    if not settings.use_references:
+        return {}, {}
+    options = {"adapt_prior": bool(settings.adapt_prior),
+               # delta denoising is an SDS/SSD option; the panel hides it for SIR, so it is not sent then
+               "delta_denoising": bool(settings.delta_denoising) and settings.method != "sir"}
+    if settings.reference_source == "OBJECT":
+        obj = settings.reference_object
+        if obj is None:
+            raise SceneError("Use References takes an object, but none is picked: pick the reference object in "
+                             "the Kiln panel, or switch the source to Libraries")
+        fields, arrays = reference_arrays(obj)
+        return {**options, **fields}, arrays
+    if len(settings.hits):
+        picked = [hit.file for hit in settings.hits if hit.use]
+        if not picked:
+            raise SceneError("every found reference is unticked: tick the ones to use, press Clear to let Kiln "
+                             "pick by prompt, or untick Use References")
+        return {**options, "references": picked, **{k: v for k, v in library.items() if k == "clip"}}, {}
     if not library["libraries"]:
         raise SceneError("Use References is on but no asset library is set: add your asset folders in "
                          "Preferences > Add-ons > Kiln and press Index Libraries, or untick Use References")
-    return library
+    return {**options, **library}, {}
 
 
 def target_for(obj: Any, refine: bool) -> Target:
@@ -177,13 +196,16 @@ def target_for(obj: Any, refine: bool) -> Target:
 
 class TextureSession:
     def __init__(self, objects: list[Any], job_fields: dict[str, Any], python_preference: str,
-                 refine: bool = False) -> None:
+                 refine: bool = False, shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
-        self._setup([target_for(obj, refine) for obj in objects], job_fields, python_preference)
+        self._setup([target_for(obj, refine) for obj in objects], job_fields, python_preference, shared_arrays)
 
-    def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str) -> None:
+    def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str,
+               shared_arrays: dict[str, protocol.Array] | None = None) -> None:
+        """``shared_arrays`` go with every target's job (the reference object's mesh and texture)."""
         self.job_fields = dict(job_fields)
+        self.shared_arrays = shared_arrays or {}
         self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
         self.python_preference = python_preference
         self.targets = targets
@@ -206,7 +228,8 @@ class TextureSession:
             return
         self.inbox.put(_Connected(client))
         for target in self.targets:
-            client.send(protocol.SUBMIT, {**self.job_fields, **target.fields, "tag": target.name}, target.arrays)
+            client.send(protocol.SUBMIT, {**self.job_fields, **target.fields, "tag": target.name},
+                        {**target.arrays, **self.shared_arrays})
 
     def cancel(self) -> None:
         self.cancel_requested = True
@@ -341,8 +364,10 @@ class TextureSession:
             target.reference = (f"{Path(str(msg.get('file'))).name} (score {float(msg.get('score')):.2f}, "
                                 f"turned {float(msg.get('yaw')):.0f}°)")
             thumbs = msg.arrays["thumbnails"]
-            target.reference_icon = ReferenceIcon.show(
-                np.frombuffer(thumbs.data, np.uint8).reshape(thumbs.shape)[0])
+            target.reference_icon = ReferenceIcon.show(str(msg.get("file")),
+                                                       np.frombuffer(thumbs.data, np.uint8).reshape(thumbs.shape)[0])
+        elif msg.type == protocol.HITS:
+            self._apply_hits(msg)
         elif msg.type == protocol.ERROR:
             target.status, target.error = "failed", str(msg.get("message"))
             if msg.get("code") == protocol.E_WEIGHTS_OFFLINE and self.job_fields["offline"]:
@@ -368,6 +393,9 @@ class TextureSession:
 
     def _apply_generated(self, target: Target, msg: protocol.Message) -> None:
         raise SceneError(f"the backend sent {msg.type!r} for a texturing job")
+
+    def _apply_hits(self, msg: protocol.Message) -> None:
+        raise SceneError(f"the backend sent {msg.type!r} for a job that did not search")
 
     def _finish(self, target: Target) -> None:
         """Keep the last good texture of any job that produced one, finished or not."""
@@ -410,15 +438,41 @@ class IndexSession(TextureSession):
         self._setup([Target("Asset libraries", {"task": protocol.TASK_INDEX}, {})], library, python_preference)
 
 
+class SearchSession(TextureSession):
+    """A search of the artist's libraries for the prompt: its hits replace the scene's list of
+    found references (all ticked), with thumbnails as icons. The scene is otherwise untouched."""
+
+    def __init__(self, settings: Any, library: dict[str, Any], python_preference: str) -> None:
+        if not settings.prompt.strip():
+            raise SceneError("the prompt is empty: type what to find references for in the Kiln panel")
+        if not library["libraries"]:
+            raise SceneError("no asset library to search: add your asset folders in Preferences > Add-ons > Kiln "
+                             "and press Index Libraries")
+        self._setup([Target("Search", {"task": protocol.TASK_SEARCH}, {})],
+                    {"prompt": settings.prompt.strip(), **library}, python_preference)
+        self.settings = settings
+
+    def _apply_hits(self, msg: protocol.Message) -> None:
+        thumbs = msg.arrays["thumbnails"]
+        thumbnails = np.frombuffer(thumbs.data, np.uint8).reshape(thumbs.shape)
+        self.settings.hits.clear()
+        for hit, views in zip(msg.get("hits"), thumbnails, strict=True):
+            item = self.settings.hits.add()
+            item.file, item.caption, item.score, item.use = hit["file"], hit["caption"], float(hit["score"]), True
+            ReferenceIcon.show(item.file, views[0])
+        self.notes.append(f"found {len(self.settings.hits)} references: untick the ones not to use")
+
+
 class GenerateSession(TextureSession):
     """One generation job: a point preview at ``location`` while the Gaussians optimise, then the
     object with its UV map, then its textures through the texturing path's live material."""
 
-    def __init__(self, job_fields: dict[str, Any], python_preference: str, location: Any) -> None:
+    def __init__(self, job_fields: dict[str, Any], python_preference: str, location: Any,
+                 shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         fields = {k: v for k, v in job_fields.items() if k not in ("controlnet", "strength")}  # texturing only
         target = Target(object_name(job_fields["prompt"]), {"task": protocol.TASK_GENERATE, "uv_map": UV_MAP_NAME},
                         {})
-        self._setup([target], fields, python_preference)
+        self._setup([target], fields, python_preference, shared_arrays)
         self.location = tuple(location)
 
     def _apply_generated(self, target: Target, msg: protocol.Message) -> None:

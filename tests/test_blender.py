@@ -453,3 +453,62 @@ def test_index_libraries_then_texture_with_a_retrieved_reference(kiln, scene, tm
     assert target.status == "finished" and target.reference.startswith("wooden_crate.obj (score"), target.reference
     assert "reference wooden_crate.obj" in kiln.operators.ACTIVE.summary()
     assert bpy.ops.kiln.remove_library(index=0) == {"FINISHED"} and len(prefs.libraries) == 0
+
+
+def flat_red_cube(name: str):
+    obj = add_cube(name, artist_material=False)
+    mat = bpy.data.materials.new(f"{name} red")
+    if not mat.node_tree:
+        mat.use_nodes = True
+    next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"].default_value = \
+        (0.8, 0.05, 0.05, 1.0)
+    obj.data.materials.append(mat)
+    return obj
+
+
+def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
+    """Find References lists the library's nearest assets; a job uses the first ticked one; with the
+    Object source the artist's own mesh (its flat colour) is the reference, for texturing and for
+    generating; each missing piece gets a message that says what to do."""
+    library = tmp_path / "assets"
+    library.mkdir()
+    write_cube_obj(library / "wooden_crate.obj", (1.0, 0.7, 0.5))
+    write_cube_obj(library / "metal_barrel.obj", (0.4, 0.4, 1.0))
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    prefs.libraries.clear()
+    prefs.libraries.add().path = str(library)
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
+    scene.use_references, scene.prompt = True, "a metal barrel"
+    assert bpy.ops.kiln.find_references() == {"FINISHED"}
+    assert [Path(h.file).name for h in scene.hits] == ["metal_barrel.obj", "wooden_crate.obj"]
+    assert scene.hits[0].caption == "metal barrel" and scene.hits[0].score > scene.hits[1].score
+
+    obj = add_cube()
+    scene.hits[0].use = False
+    select(obj)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    assert kiln.operators.ACTIVE.targets[0].reference.startswith("wooden_crate.obj"), kiln.operators.ACTIVE.summary()
+    scene.hits[1].use = False
+    select(obj)
+    with pytest.raises(RuntimeError, match="every found reference is unticked"):
+        bpy.ops.kiln.texture_selected()
+    assert bpy.ops.kiln.clear_references() == {"FINISHED"} and len(scene.hits) == 0
+
+    scene.reference_source = "OBJECT"
+    select(obj)
+    with pytest.raises(RuntimeError, match="none is picked"):
+        bpy.ops.kiln.texture_selected()
+    scene.reference_object = flat_red_cube("Blockout")
+    fields, arrays = kiln.operators.job_request(bpy.context)
+    assert fields["reference_object"] == "Blockout" and fields["reference_color"][0] > 0.8
+    assert arrays["reference_positions"].shape == (8, 3) and "reference_texture" not in arrays
+    select(obj)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    assert kiln.operators.ACTIVE.targets[0].reference.startswith("Blockout (score 1.00")
+
+    scene.prompt = "a red stool"
+    assert bpy.ops.kiln.generate_object() == {"FINISHED"}
+    target = kiln.operators.ACTIVE.targets[0]
+    assert target.status == "finished" and target.reference.startswith("Blockout")
+    assert target.name in bpy.data.objects
+    scene.use_references = False

@@ -26,7 +26,7 @@ from backend.exact_prior import ExactPrior, Reference
 from backend.library import ANN_FILE, INDEX_FILE, LibraryIndex, ann_index, build_index, caption_for, search
 from backend.mesh import Mesh, MeshError
 from backend.presets import PRESETS, WarmUp
-from backend.prior import ModelError
+from backend.prior import ModelError, Views
 from backend.raster import rasterize_views
 from backend.reference import ReferenceViews, choose_yaw, clip_facing, prior_facing
 from backend.sir import SIRTexturer
@@ -262,3 +262,173 @@ def test_server_indexes_a_library_and_reports_the_reference_a_job_uses(server, t
     submit(sock, libraries=[str(tmp_path / "unindexed")])
     error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
     assert error.type == protocol.ERROR and "has not been indexed" in error.get("message")
+
+
+def prefixed(arrays: dict, prefix: str) -> dict:
+    return {prefix + name: blob for name, blob in arrays.items()}
+
+
+def test_server_searches_and_takes_the_artists_own_reference_object(server, tmp_path: Path) -> None:
+    from conftest import cube_arrays, read_until, submit
+
+    lib = small_library(tmp_path)
+    sock = server.connect()
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": [str(lib)]})
+    assert read_until(sock, protocol.DONE, protocol.ERROR)[-1].type == protocol.DONE
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_SEARCH, "prompt": "a wooden crate",
+                                          "libraries": [str(lib)]})
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    hits = next(m for m in msgs if m.type == protocol.HITS)
+    assert hits.get("hits")[0]["file"].endswith("wooden_crate.glb") and hits.get("hits")[0]["caption"] == "wooden crate"
+    scores = [h["score"] for h in hits.get("hits")]
+    assert scores == sorted(scores, reverse=True) and hits.arrays["thumbnails"].shape == (4, 4, 64, 64, 3)
+
+    red = np.zeros((8, 8, 4), np.uint8)
+    red[..., 0], red[..., 3] = 220, 255
+    own = prefixed(cube_arrays(), protocol.REFERENCE_PREFIX)
+    own["reference_texture"] = protocol.array("|u1", red.shape, red)
+    arrays = {**cube_arrays(), **own}
+    submit(sock, arrays, reference_object="My Crate", reference_loop_count=36)
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    reference = next(m for m in msgs if m.type == protocol.REFERENCE)
+    assert reference.get("file") == "My Crate" and reference.get("score") == 1.0
+    thumbs = reference.arrays["thumbnails"]
+    front = np.frombuffer(thumbs.data, np.uint8).reshape(thumbs.shape)[0].reshape(-1, 3).astype(int)
+    assert ((front[:, 0] > 150) & (front[:, 1] < 60)).mean() > 0.1  # the object's own red texture
+
+    broken = {k: v for k, v in arrays.items() if k != "reference_triangles"}
+    submit(sock, broken, reference_object="My Crate", reference_loop_count=36)
+    error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
+    assert error.type == protocol.ERROR and "'reference_triangles'" in error.get("message")
+    protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_SEARCH, "prompt": "a crate"})
+    error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
+    assert error.type == protocol.ERROR and "no asset library" in error.get("message")
+
+
+def test_references_the_artist_names_come_first_with_their_captions(tmp_path: Path) -> None:
+    from backend.jobs import JobRequest
+    from backend.retrieve import choose
+
+    lib = small_library(tmp_path)
+    (lib / "metal_barrel.ply.txt").write_text("a rusty oil drum")
+    request = JobRequest.from_fields({"prompt": "a crate", "references": [str(lib / "metal_barrel.ply"),
+                                                                           str(lib / "wooden_crate.glb")]})
+    chosen = choose(request, None, 3, None)
+    assert [c.caption for c in chosen] == ["a rusty oil drum", "wooden crate"]
+    assert all(c.score == 1.0 and c.thumbnails.shape == (4, 64, 64, 3) for c in chosen)
+    with pytest.raises(MeshError, match="nope.glb"):
+        choose(replace(request, references=(str(lib / "nope.glb"),)), None, 3, None)
+
+
+def denoising_loss(prior, latents: torch.Tensor, embeds: torch.Tensor) -> float:
+    """The UNet's ε error on fixed noise and timesteps: how well it knows these views."""
+    gen = torch.Generator().manual_seed(7)
+    noise = torch.randn(latents.shape, generator=gen)
+    t = torch.linspace(100, 900, len(latents)).long()
+    a = prior.schedule.alphas_cumprod[t].float().sqrt().view(-1, 1, 1, 1)
+    s = (1 - prior.schedule.alphas_cumprod[t].float()).sqrt().view(-1, 1, 1, 1)
+    with torch.no_grad():
+        out = prior.unet(a * latents + s * noise, t, encoder_hidden_states=embeds).sample
+    return float((out - noise).square().mean())
+
+
+def test_adaptation_learns_the_references_is_cached_and_leaves_the_model_as_it_was(tmp_path: Path,
+                                                                                    monkeypatch) -> None:
+    from backend.adapt import adapted, training_views
+    from backend.presets import Adaptation
+    from backend.prior import load_prior
+    from backend.retrieve import Chosen
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    prior = load_prior("tiny", torch.device("cpu"))
+    mesh, _, target = exact_case()
+    chosen = [Chosen(Asset(mesh, texture=target), "wooden crate", "crate.glb", 1.0, np.zeros((4, 8, 8, 3), np.uint8))]
+    cfg = Adaptation(views=6, steps=60, batch=4, lr=5e-3)
+    images, captions = training_views(chosen, cfg, prior.resolution, 1.0, seed=1, device=prior.device)
+    assert images.shape == (6, 3, 64, 64) and captions[0].startswith("wooden crate, ") and len(set(captions)) > 1
+    latents = prior.encode(images).detach()
+    embeds = torch.stack([prior.encode_prompt(c, "")[1] for c in captions])
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    prompt = prior.encode_prompt("a crate", "")
+    base_eps = prior.predict_eps(x, 500, prompt, None)[1]
+    before = denoising_loss(prior, latents, embeds)
+
+    class Log(TextureEvents):
+        lines: list[str] = []
+
+        def log(self, text):
+            self.lines.append(text)
+
+    with adapted(prior, "tiny", chosen, cfg, 1.0, 0, Log(), 100):
+        learned = denoising_loss(prior, latents, embeds)
+        assert any("lora" in name for name, _ in prior.unet.named_parameters())
+    assert learned < 0.8 * before, (before, learned)
+    assert not any("lora" in name for name, _ in prior.unet.named_parameters())
+    assert torch.equal(prior.predict_eps(x, 500, prompt, None)[1], base_eps)
+    assert len(list((tmp_path / "cache" / "lora").glob("*.safetensors"))) == 1
+
+    with adapted(prior, "tiny", chosen, cfg, 1.0, 0, Log(), 100):  # the same references: from the cache
+        assert denoising_loss(prior, latents, embeds) == pytest.approx(learned, abs=1e-6)
+    assert any("reusing the LoRA" in line for line in Log.lines)
+    with pytest.raises(ValueError, match="no network weights"):
+        with adapted(exact_case()[1], "exact", chosen, cfg, 1.0, 0, Log(), 100):
+            pass
+
+
+def test_delta_denoising_cancels_the_prior_where_the_render_is_the_reference() -> None:
+    """ReDream's delta denoising subtracts the residual at the reference's views with the same t
+    and noise: a render equal to the reference gets no gradient; one that differs gets the
+    difference of the two residuals."""
+    from backend.distill import distill_loss
+
+    mesh, prior, target = exact_case()
+    cfg = PRESETS["sds"]["pipeline-check"]
+    cams = orbit(mesh.positions, [0.0, 90.0], [20.0, 20.0], "y")
+    views, _ = Asset(mesh, texture=target).render(cams, 32, 1.0)
+    x = prior.encode(views).requires_grad_(True)
+
+    def loss(delta_x):
+        return float(distill_loss(prior, cfg, x, 600, prior.encode_prompt("crate", ""), Views(cams),
+                                  torch.Generator().manual_seed(0), delta_x=delta_x))
+
+    assert loss(x.detach()) == 0.0
+    other = prior.encode(torch.full_like(views, 0.5))
+    assert loss(other) > 0 and loss(other) != pytest.approx(loss(None))
+
+
+def test_reference_options_are_checked_before_anything_loads() -> None:
+    from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
+
+    mesh = box_mesh()
+    for fields, fragment in (({"adapt_prior": True}, "Adapt Model learns from references"),
+                             ({"delta_denoising": True, "method": "sds"}, "Delta Denoising learns from references"),
+                             ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD")):
+        request = JobRequest.from_fields({"prompt": "a crate", **fields})
+        with pytest.raises(JobError, match=fragment):
+            run_texture_job(request, mesh, TextureEvents(), ModelCache())
+
+
+def test_a_job_adapts_the_model_and_denoises_against_its_references(tmp_path: Path, monkeypatch) -> None:
+    """SDS with two named references, adaptation and delta denoising, end to end on the tiny model;
+    the cached model comes out of the job unadapted."""
+    from backend.jobs import JobRequest, ModelCache, run_texture_job
+
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "cache"))
+    lib = small_library(tmp_path / "lib")
+    lines: list[str] = []
+
+    class Log(TextureEvents):
+        def log(self, text):
+            lines.append(text)
+
+    models = ModelCache()
+    request = JobRequest.from_fields({"prompt": "a wooden crate", "method": "sds", "texture_size": 512, "steps": 4,
+                                      "references": [str(lib / "wooden_crate.glb"), str(lib / "metal_barrel.ply")],
+                                      "adapt_prior": True, "delta_denoising": True})
+    texture = run_texture_job(request, box_mesh(), Log(), models)
+    assert texture.shape == (3, 512, 512) and torch.isfinite(texture).all()
+    assert any("adapting the model to 2 reference(s)" in line for line in lines), lines
+    assert any(line.startswith("warming up toward wooden_crate.glb") for line in lines), lines
+    prior = next(iter(models.priors.values()))
+    assert not any("lora" in name for name, _ in prior.unet.named_parameters())
