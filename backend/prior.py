@@ -200,11 +200,17 @@ def default_device() -> torch.device:
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
                controlnet: str | None = None, lora: str | None = None) -> Prior:
-    """``model``: 'tiny', a Hugging Face id, a diffusers folder or a single checkpoint file;
+    """``model``: 'tiny', a Hugging Face id, a diffusers folder, a single checkpoint file, or
+    ``python:MODULE:FUNCTION`` (a prior written outside Kiln, see ``load_plugin``);
     ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
     (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    if model.startswith(PLUGIN):
+        if controlnet or lora:
+            raise ModelError(protocol.E_MODEL_NOT_FOUND, "a plug-in prior takes no ControlNet or LoRA from Kiln: "
+                             "build them into the prior the plug-in returns")
+        return load_plugin(model[len(PLUGIN):], device, offline)
     if model == TINY:
         from .tiny_model import build_tiny_prior
         prior = build_tiny_prior(device)
@@ -215,6 +221,37 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     if lora:
         _fuse_lora(prior, lora, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
+    return prior
+
+
+#: Model names with this prefix name a prior written outside Kiln: ``python:MODULE:FUNCTION``.
+PLUGIN = "python:"
+#: What every method asks of a prior (the ``Prior`` protocol).
+PRIOR_MEMBERS = ("name", "device", "schedule", "resolution", "pipeline_check", "encode_prompt", "stack_prompts",
+                 "encode", "decode", "predict_eps")
+
+
+def load_plugin(spec: str, device: torch.device, offline: bool) -> Prior:
+    """A prior from outside the project — a multi-view model conditioned on the views' cameras, a
+    house model — as ``FUNCTION(device=..., offline=...)`` of an importable ``MODULE`` returns it.
+    It plugs into every method as the built-in priors do; it is checked for the ``Prior``
+    members before any job uses it."""
+    import importlib
+
+    module_name, _, function = spec.partition(":")
+    if not module_name or not function:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"plug-in prior {spec!r} is not MODULE:FUNCTION: write the "
+                         "model as python:my_package.priors:make_prior")
+    try:
+        factory = getattr(importlib.import_module(module_name), function)
+    except (ImportError, AttributeError) as exc:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"cannot load plug-in prior {spec!r}: {exc}. Put its module "
+                         "on the backend's PYTHONPATH (or install it into the backend environment)") from None
+    prior = factory(device=device, offline=offline)
+    missing = [m for m in PRIOR_MEMBERS if not hasattr(prior, m)]
+    if missing:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"plug-in prior {spec!r} returned a {type(prior).__name__} "
+                         f"without {', '.join(missing)}: see the Prior protocol in backend/prior.py")
     return prior
 
 

@@ -39,6 +39,7 @@ from backend.generate import FRAME_RADIUS, generate_object  # noqa: E402
 from backend.mesh import Mesh  # noqa: E402
 from backend.presets import GENERATE_PRESETS, GenerateConfig  # noqa: E402
 from backend.raster import rasterize_views  # noqa: E402
+from backend.reference import ReferenceViews  # noqa: E402
 from backend.splat import render as render_splats  # noqa: E402
 from backend.texture import render, sample_image  # noqa: E402
 
@@ -115,7 +116,8 @@ class Run:
     views: torch.Tensor | None = None
 
 
-def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, device: str, every: int) -> Run:
+def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, device: str, every: int,
+        reference: ReferenceViews | None = None) -> Run:
     counting = CountingPrior(prior)
     scorer = Scorer(scene, device)
     result = Run(scene.prompt, method)
@@ -134,7 +136,8 @@ def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, devic
         nonlocal started
         started += seconds
 
-    generated = generate_object(counting, cfg, scene.prompt, "", 0, TextureEvents(), name=scene.prompt, watch=watch)
+    generated = generate_object(counting, cfg, scene.prompt, "", 0, TextureEvents(), name=scene.prompt, watch=watch,
+                                reference=reference)
     chamfer, normals = scorer.geometry(generated.mesh)
     views = scorer.mesh_views(generated.mesh, generated.texture)
     result.views = views

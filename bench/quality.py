@@ -243,13 +243,15 @@ class Run:
 
 
 def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eval_every: int,
-        seed: int = 0, reference: ReferenceViews | None = None) -> Run:
+        seed: int = 0, reference: ReferenceViews | None = None, delta_denoising: bool = False) -> Run:
     torch.manual_seed(seed)
     prior = CountingPrior(case.prior)
     scorer = Scorer(case)
     recorder = Recorder(scorer, prior, eval_every)
+    extra = {} if isinstance(cfg, SIRConfig) else {"delta_denoising": delta_denoising}
     cls = SIRTexturer if isinstance(cfg, SIRConfig) else DistillTexturer
-    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder, reference=reference)
+    texturer = cls(case.mesh, prior, cfg, TEXTURE, "target", "", seed=seed, events=recorder, reference=reference,
+                   **extra)
     recorder.texturer = texturer
     recorder.progress(0, 1, "start")
     final = texturer.run()

@@ -12,7 +12,7 @@ import bpy
 from . import session as sessions
 from .backend import protocol
 from .backend_process import BackendError
-from .properties import library_fields, preferences
+from .properties import blend_folders, library_fields, preferences
 from .scene_io import SceneError
 
 #: The running texture session, if any; one at a time keeps the undo history simple.
@@ -168,7 +168,7 @@ class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):
 
     def _make_session(self, context: bpy.types.Context) -> sessions.IndexSession:
         prefs = preferences(context)
-        return sessions.IndexSession(library_fields(prefs), prefs.python_path)
+        return sessions.IndexSession(library_fields(prefs), blend_folders(context), prefs.python_path)
 
 
 class KILN_OT_find_references(_SessionOperator, bpy.types.Operator):

@@ -20,7 +20,8 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 class KilnLibrary(bpy.types.PropertyGroup):
     path: StringProperty(name="Folder", subtype="DIR_PATH",
-                         description="A folder of GLB/glTF/OBJ/PLY assets (searched with its sub-folders)")
+                         description="A folder of GLB/glTF/OBJ/PLY assets and of .blend files with marked assets "
+                                     "(searched with its sub-folders)")
 
 
 class KilnHit(bpy.types.PropertyGroup):
@@ -44,6 +45,10 @@ class KilnPreferences(bpy.types.AddonPreferences):
         description="Python of the environment made by Kiln's set-up command. Empty: use $KILN_PYTHON, "
                     "else the environment the set-up command recorded in ~/.kiln/backend-python")
     libraries: CollectionProperty(type=KilnLibrary, name="Asset Libraries")
+    use_blender_libraries: BoolProperty(
+        name="Include Blender's Asset Libraries", default=True,
+        description="Also index the mesh and collection assets of the .blend files in Blender's asset libraries "
+                    "(Preferences > File Paths > Asset Libraries)")
     clip_model: StringProperty(
         name="CLIP", default="",
         description="Optional CLIP weights (Hugging Face id such as openai/clip-vit-base-patch32, or a folder): "
@@ -63,6 +68,7 @@ class KilnPreferences(bpy.types.AddonPreferences):
             row = box.row(align=True)
             row.prop(library, "path", text="")
             row.operator("kiln.remove_library", text="", icon="X").index = i
+        box.prop(self, "use_blender_libraries")
         row = box.row(align=True)
         row.operator("kiln.add_library", icon="ADD")
         row.operator("kiln.index_libraries", icon="FILE_REFRESH")
@@ -137,7 +143,23 @@ def preferences(context: bpy.types.Context) -> KilnPreferences:
     return context.preferences.addons[__package__].preferences
 
 
+def kiln_folders(prefs: KilnPreferences) -> list[str]:
+    return [bpy.path.abspath(lib.path) for lib in prefs.libraries if lib.path.strip()]
+
+
+def blend_folders(context: bpy.types.Context) -> list[str]:
+    """Folders searched for .blend assets: Kiln's own, and Blender's asset libraries if included."""
+    prefs = preferences(context)
+    blender = [lib.path for lib in context.preferences.filepaths.asset_libraries] if prefs.use_blender_libraries \
+        else []
+    return kiln_folders(prefs) + blender
+
+
 def library_fields(prefs: KilnPreferences) -> dict[str, object]:
-    """The job fields that point the backend at the artist's asset libraries."""
-    folders = [bpy.path.abspath(lib.path) for lib in prefs.libraries if lib.path.strip()]
-    return {"libraries": folders, **({"clip": prefs.clip_model.strip()} if prefs.clip_model.strip() else {})}
+    """The job fields that point the backend at the artist's asset libraries: Kiln's folders, and
+    the folder of assets exported from .blend files once there are any."""
+    from .blend_assets import cache_root
+
+    exported = [str(cache_root())] if any(p.is_dir() for p in cache_root().iterdir()) else []
+    return {"libraries": kiln_folders(prefs) + exported,
+            **({"clip": prefs.clip_model.strip()} if prefs.clip_model.strip() else {})}

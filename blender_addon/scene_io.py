@@ -40,26 +40,42 @@ def check_object(obj: Any) -> None:
                          "reduce it first (Decimate modifier, then Apply)")
 
 
+def _principled_nodes(material: Any) -> list[Any]:
+    if material is None or material.node_tree is None:
+        return []
+    return [node for node in material.node_tree.nodes if node.type == "BSDF_PRINCIPLED"]
+
+
+def _base_colour_image_node(material: Any) -> Any:
+    """The Image Texture node feeding a Principled BSDF's Base Color with a readable image, or None."""
+    for node in _principled_nodes(material):
+        if node.inputs["Base Color"].links:
+            source = node.inputs["Base Color"].links[0].from_node
+            if source.type == "TEX_IMAGE" and source.image is not None and 0 not in tuple(source.image.size):
+                return source  # else no image, or one whose file is missing
+    return None
+
+
+def principled_image(material: Any) -> Any:
+    """The image on a material's Base Color, or None."""
+    node = _base_colour_image_node(material)
+    return node.image if node is not None else None
+
+
 def existing_texture(obj: Any) -> tuple[Any, str] | None:
     """The image feeding the Base Color of the object's first material that has one, and the UV
     map it is read through (its UV Map node's, else the mesh's render UV map)."""
     for slot in obj.material_slots:
-        mat = slot.material
-        if mat is None or mat.node_tree is None:
+        source = _base_colour_image_node(slot.material)
+        if source is None:
             continue
-        for node in mat.node_tree.nodes:
-            if node.type != "BSDF_PRINCIPLED" or not node.inputs["Base Color"].links:
-                continue
-            source = node.inputs["Base Color"].links[0].from_node
-            if source.type != "TEX_IMAGE" or source.image is None or 0 in tuple(source.image.size):
-                continue  # no image, or one whose file is missing
-            vector = source.inputs["Vector"].links
-            if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
-                uv_map = vector[0].from_node.uv_map
-            else:
-                uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
-            if uv_map in obj.data.uv_layers:
-                return source.image, uv_map
+        vector = source.inputs["Vector"].links
+        if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
+            uv_map = vector[0].from_node.uv_map
+        else:
+            uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
+        if uv_map in obj.data.uv_layers:
+            return source.image, uv_map
     return None
 
 
@@ -80,17 +96,17 @@ def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
 
 
-def flat_colour(obj: Any) -> list[float] | None:
-    """The Base Color value of the object's first Principled BSDF, display-referred: what an
-    object painted with a colour rather than an image looks like."""
-    for slot in obj.material_slots:
-        mat = slot.material
-        if mat is None or mat.node_tree is None:
-            continue
-        for node in mat.node_tree.nodes:
-            if node.type == "BSDF_PRINCIPLED":
-                return [float(v) for v in _linear_to_srgb(np.array(node.inputs["Base Color"].default_value[:3]))]
+def flat_colour_of(material: Any) -> list[float] | None:
+    """A material's Principled Base Color value, display-referred: what an object painted with a
+    colour rather than an image looks like; None without a Principled BSDF."""
+    for node in _principled_nodes(material):
+        return [float(v) for v in _linear_to_srgb(np.array(node.inputs["Base Color"].default_value[:3]))]
     return None
+
+
+def flat_colour(obj: Any) -> list[float] | None:
+    """The first material slot's flat colour (``flat_colour_of``)."""
+    return next((c for c in (flat_colour_of(slot.material) for slot in obj.material_slots) if c is not None), None)
 
 
 def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
@@ -135,8 +151,8 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
     if found:
         rgba = image_rgba8(found[0])
         arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
-    elif flat_colour(obj) is not None:
-        fields["color"] = flat_colour(obj)
+    elif (colour := flat_colour(obj)) is not None:
+        fields["color"] = colour
     p = protocol.REFERENCE_PREFIX
     return ({p + k: v for k, v in fields.items() if k != "uv_map"}, {p + k: v for k, v in arrays.items()})
 

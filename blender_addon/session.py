@@ -18,6 +18,7 @@ from typing import Any
 import bpy
 import numpy as np
 
+from . import blend_assets
 from .backend import protocol
 from .backend_process import BackendError, BackendProcess, find_python
 from .client import Client, Disconnected
@@ -429,13 +430,43 @@ def object_name(prompt: str) -> str:
 
 
 class IndexSession(TextureSession):
-    """Indexing the artist's asset libraries in the backend: progress in the panel, the outcome
-    in the report; the scene is not touched."""
+    """Indexing the artist's asset libraries: first, here, exporting the assets of .blend files that
+    changed (one .blend per pump, so the UI stays live), then the backend's index job over the
+    folders and the exports; progress in the panel, the outcome in the report. The scene is not
+    touched (what exporting appends is removed at once)."""
 
-    def __init__(self, library: dict[str, Any], python_preference: str) -> None:
-        if not library["libraries"]:
+    def __init__(self, library: dict[str, Any], blend_folders: list[str], python_preference: str) -> None:
+        self.blends = blend_assets.blend_files(blend_folders)
+        libraries = [f for f in library["libraries"] if Path(f) != blend_assets.cache_root()]
+        if not libraries and not self.blends:
             raise SceneError("no asset library to index: add your asset folders in Preferences > Add-ons > Kiln")
-        self._setup([Target("Asset libraries", {"task": protocol.TASK_INDEX}, {})], library, python_preference)
+        exports = [str(blend_assets.cache_root())] if self.blends else []
+        self._setup([Target("Asset libraries", {"task": protocol.TASK_INDEX}, {})],
+                    {**library, "libraries": libraries + exports}, python_preference)
+        self.pending = [b for b in self.blends if not blend_assets.is_current(b)]
+
+    def start(self) -> None:
+        if not self.pending:
+            self._exports_done()
+
+    def pump(self, timeout: float = 0.0) -> None:
+        if not self.pending:
+            super().pump(timeout)
+            return
+        blend, target = self.pending.pop(0), self.targets[0]
+        target.status, target.phase = "running", f"exporting the assets of {blend.name}"
+        try:
+            count, skipped = blend_assets.export_blend(blend)
+            self.notes += [f"{blend.name}: {count} assets exported"] + [f"skipped {why}" for why in skipped]
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.notes.append(f"skipped {blend.name}: {exc}")
+        target.done, target.total = len(self.blends) - len(self.pending), len(self.blends)
+        if not self.pending:
+            self._exports_done()
+
+    def _exports_done(self) -> None:
+        blend_assets.drop_stale(self.blends)
+        super().start()
 
 
 class SearchSession(TextureSession):

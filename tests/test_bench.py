@@ -62,6 +62,10 @@ def test_retrieval_bench_quick_run_writes_its_tables() -> None:
     assert "'a wooden crate' → wooden_crate.glb" in result.stdout
     rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "retrieval.csv")))
     assert {r["reference"] for r in rows} == {"none", "similar (retrieved)", "unrelated"}
+    assert {r["method"] for r in rows} == {"SIR", "SDS cfg100", "SDS cfg100 + delta"}
     report = json.loads((ROOT / "bench" / "results" / "retrieval.json").read_text())
+    assert [g["reference"] for g in report["generation"]] == ["none", "similar (retrieved)", "unrelated"]
+    assert all(0 < g["chamfer"] < 0.5 and g["splat_psnr"] > 10 for g in report["generation"])
+    assert report["adaptation"]["train_s"] > report["adaptation"]["cached_s"] > 0
     assert report["indexing"]["assets"] == 50 and report["indexing"]["reused"] == 50
     assert report["query_scale"]["recall_at_10"] > 0.8

@@ -512,3 +512,87 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     assert target.status == "finished" and target.reference.startswith("Blockout")
     assert target.name in bpy.data.objects
     scene.use_references = False
+
+
+def write_asset_blend(path: Path) -> None:
+    """A .blend holding a textured chair marked as an asset (description, tags), a two-part lamp
+    collection asset, and an unmarked object; written without touching the open file."""
+    bpy.ops.mesh.primitive_cube_add()
+    chair = bpy.context.active_object
+    chair.name = "OakChair"
+    image = bpy.data.images.new("oak grain", 16, 16)
+    pixels = np.zeros((16, 16, 4), np.float32)
+    pixels[..., 0], pixels[..., 1], pixels[..., 3] = 0.7, 0.4, 1.0
+    image.pixels.foreach_set(pixels.ravel())
+    image.pack()
+    mat = bpy.data.materials.new("oak")
+    if not mat.node_tree:
+        mat.use_nodes = True
+    tex = mat.node_tree.nodes.new("ShaderNodeTexImage")
+    tex.image = image
+    bsdf = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    chair.data.materials.append(mat)
+    chair.asset_mark()
+    chair.asset_data.description = "a sturdy oak chair"
+    for tag in ("furniture", "wood"):
+        chair.asset_data.tags.new(tag)
+    lamp = bpy.data.collections.new("Desk_Lamp")
+    for offset in (0.0, 1.5):
+        bpy.ops.mesh.primitive_uv_sphere_add(location=(0, 0, offset))
+        part = bpy.context.active_object
+        for c in part.users_collection:
+            c.objects.unlink(part)
+        lamp.objects.link(part)
+    lamp.asset_mark()
+    bpy.ops.mesh.primitive_monkey_add()
+    loose = bpy.context.active_object
+    bpy.context.view_layer.update()  # world matrices, as a saved file has them
+    bpy.data.libraries.write(str(path), {chair, lamp, loose}, fake_user=True)
+    bpy.data.batch_remove([chair, loose, *lamp.objects, lamp, mat, image])
+
+
+def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:
+    """.blend files in Kiln's folders and in Blender's asset libraries: their mesh and collection
+    assets are exported once (captions from the asset metadata), indexed with the rest, found by
+    prompt; exported again only after a change, dropped when the file goes; the scene untouched."""
+    folder, blender_library = tmp_path / "kiln_assets", tmp_path / "blender_assets"
+    folder.mkdir()
+    blender_library.mkdir()
+    write_asset_blend(folder / "furniture.blend")
+    write_cube_obj(folder / "metal_barrel.obj", (0.4, 0.4, 1.0))
+    bpy.ops.mesh.primitive_cube_add()  # a stand-in for the artist's own scene
+    write_asset_blend(blender_library / "more.blend")
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    prefs.libraries.clear()
+    prefs.libraries.add().path = str(folder)
+    prefs.use_blender_libraries = True
+    bpy.ops.preferences.asset_library_add(directory=str(blender_library))
+    counts = {kind: len(getattr(bpy.data, kind)) for kind in ("objects", "meshes", "materials", "images", "libraries")}
+
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
+    notes = " ".join(kiln.operators.ACTIVE.notes)
+    assert "furniture.blend: 2 assets exported" in notes and "more.blend: 2 assets exported" in notes, notes
+    assert {kind: len(getattr(bpy.data, kind)) for kind in counts} == counts
+    exports = kiln.blend_assets.cache_root()
+    chair = next(exports.glob("furniture-*/OakChair.obj"))
+    assert (chair.parent / "OakChair.obj.txt").read_text().strip() == "oak chair: a sturdy oak chair (furniture, wood)"
+    assert "map_Kd" in (chair.parent / "OakChair.mtl").read_text() and any(chair.parent.glob("*.png"))
+    lamp = [line.split() for line in (chair.parent / "Desk_Lamp.obj").read_text().splitlines()]
+    heights = [float(v[2]) for v in lamp if v[0] == "v"]
+    assert max(heights) == pytest.approx(2.5, abs=1e-3)  # both parts, in world space, Z-up turned Y-up
+
+    scene.prompt, scene.use_references = "a wooden chair", True
+    assert bpy.ops.kiln.find_references() == {"FINISHED"}
+    assert scene.hits[0].file.endswith("OakChair.obj") and scene.hits[0].caption.startswith("oak chair")
+
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}  # nothing changed: nothing exported
+    assert "exported" not in " ".join(kiln.operators.ACTIVE.notes)
+    (blender_library / "more.blend").unlink()
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
+    assert not list(exports.glob("more-*")) and list(exports.glob("furniture-*"))
+    (folder / "broken.blend").write_bytes(b"not a blend file")
+    assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
+    assert "skipped broken.blend" in " ".join(kiln.operators.ACTIVE.notes)
+    bpy.ops.preferences.asset_library_remove(index=len(bpy.context.preferences.filepaths.asset_libraries) - 1)
+    scene.use_references = False

@@ -291,3 +291,43 @@ def test_cli_generates_a_y_up_glb_and_fails_loudly(tmp_path: Path) -> None:
     bad = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", " ", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "prompt is empty" in bad.stderr
+
+
+PLUGIN_MODULE = '''
+"""A prior written outside Kiln: camera-conditioned (the exact prior of a crate), as a multi-view
+model would be; Kiln loads it by name."""
+import sys
+
+sys.path.insert(0, {tests!r})
+from test_generate import crate_prior
+
+
+def make(device, offline):
+    return crate_prior()[0]
+
+
+def broken(device, offline):
+    return object()
+'''
+
+
+def test_a_prior_written_outside_kiln_plugs_in_by_name(tmp_path, monkeypatch) -> None:
+    """``python:MODULE:FUNCTION`` loads a prior from outside the project; a camera-conditioned one
+    (no view-dependent prompts) drives generation through the same methods. Bad names say what
+    is wrong."""
+    from backend.jobs import JobRequest, ModelCache, run_generate_job
+    from backend.prior import ModelError, load_prior
+
+    (tmp_path / "kiln_plugin_prior.py").write_text(PLUGIN_MODULE.format(tests=str(ROOT / "tests")))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    prior = load_prior("python:kiln_plugin_prior:make", torch.device("cpu"))
+    assert isinstance(prior, ExactPrior) and not prior.wants_view_prompts
+    request = JobRequest.from_fields({"task": "generate", "prompt": "a crate", "model": "python:kiln_plugin_prior:make",
+                                      "preset": "pipeline-check", "texture_size": 512, "steps": 1})
+    result = run_generate_job(request, TextureEvents(), ModelCache())
+    assert result.mesh.triangle_count > 100 and result.texture.shape == (3, 512, 512)
+    for spec, fragment in (("python:kiln_plugin_prior", "is not MODULE:FUNCTION"),
+                           ("python:no_such_module:make", "cannot load plug-in prior"),
+                           ("python:kiln_plugin_prior:broken", "without name, device")):
+        with pytest.raises(ModelError, match=fragment):
+            load_prior(spec, torch.device("cpu"))

@@ -1,0 +1,184 @@
+"""Assets inside .blend files: Blender's own asset libraries, and .blend files in Kiln's folders.
+
+The backend has no Blender, so the add-on exports each mesh-object or collection asset once, as
+OBJ with its materials (Base Color images as PNG, else flat colours) and a caption from the asset's
+metadata (name, description, tags), into a cache folder that the backend indexes like any other
+library. A .blend is exported again only when it changes; its exports go when it goes. Main thread
+only: appending touches ``bpy.data``, and everything appended is removed again at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import shutil
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterable
+
+import bpy
+import numpy as np
+
+from .scene_io import flat_colour_of, image_rgba8, principled_image
+
+SOURCE_FILE = "source.json"
+
+
+def cache_root() -> Path:
+    """Where exported .blend assets live: the extension's user folder (never the add-on's own)."""
+    return Path(bpy.utils.extension_path_user(__package__, path="blend_assets", create=True))
+
+
+def blend_files(folders: Iterable[str]) -> list[Path]:
+    """Every .blend under ``folders`` (hidden folders and Blender's backups skipped), in order."""
+    found: set[Path] = set()
+    for folder in folders:
+        root = Path(folder)
+        if root.is_dir():
+            found.update(p.resolve() for p in root.rglob("*.blend")
+                         if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    return sorted(found)
+
+
+def export_folder(blend: Path) -> Path:
+    """One folder per .blend, named for it and its path (two libraries may hold a "props.blend")."""
+    digest = hashlib.sha1(str(blend).encode()).hexdigest()[:8]
+    return cache_root() / f"{re.sub(r'[^A-Za-z0-9_-]+', '_', blend.stem)}-{digest}"
+
+
+def is_current(blend: Path) -> bool:
+    source = export_folder(blend) / SOURCE_FILE
+    if not source.is_file():
+        return False
+    stat = blend.stat()
+    return json.loads(source.read_text()) == {"blend": str(blend), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def drop_stale(blends: list[Path]) -> list[str]:
+    """Remove the exports of .blend files that are no longer in any library; their names."""
+    keep = {export_folder(b).name for b in blends}
+    gone = [d for d in cache_root().iterdir() if d.is_dir() and d.name not in keep]
+    for folder in gone:
+        shutil.rmtree(folder, ignore_errors=True)
+    return [d.name for d in gone]
+
+
+def export_blend(blend: Path) -> tuple[int, list[str]]:
+    """Export the .blend's mesh and collection assets; returns how many, and notes on what was
+    skipped. Appended data is removed before returning, whatever happens."""
+    folder = export_folder(blend)
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    kinds = ("objects", "meshes", "materials", "images", "collections", "node_groups", "textures", "libraries")
+    before = {kind: set(getattr(bpy.data, kind)) for kind in kinds}
+    notes: list[str] = []
+    written = 0
+    try:
+        with bpy.data.libraries.load(str(blend), link=False, assets_only=True) as (src, dst):
+            dst.objects, dst.collections = list(src.objects), list(src.collections)
+        assets = [(o, [o]) for o in dst.objects if o is not None] + \
+                 [(c, list(c.all_objects)) for c in dst.collections if c is not None]
+        for asset, objects in assets:
+            meshes = [o for o in objects if o.type == "MESH" and len(o.data.polygons)]
+            if not meshes:
+                notes.append(f"{blend.name}: {asset.name} has no mesh to read")
+                continue
+            write_obj(folder, asset.name, meshes, caption(asset))
+            written += 1
+    finally:
+        added = [i for kind in kinds[:-1] for i in set(getattr(bpy.data, kind)) - before[kind]]
+        bpy.data.batch_remove(added)
+        for library in set(bpy.data.libraries) - before["libraries"]:
+            bpy.data.libraries.remove(library)
+    stat = blend.stat()
+    (folder / SOURCE_FILE).write_text(json.dumps({"blend": str(blend), "size": stat.st_size,
+                                                  "mtime_ns": stat.st_mtime_ns}))
+    return written, notes
+
+
+def caption(asset: Any) -> str:
+    """"oak chair: a sturdy oak chair (furniture, wood)": the name in words, the description, the tags."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", asset.name)
+    text = " ".join(re.sub(r"[_\-.]+|\d+", " ", words).lower().split()) or asset.name
+    data = asset.asset_data
+    if data is not None and data.description.strip():
+        text += f": {data.description.strip()}"
+    tags = [t.name for t in data.tags] if data is not None else []
+    return text + (f" ({', '.join(tags)})" if tags else "")
+
+
+def write_obj(folder: Path, name: str, objects: list[Any], text: str) -> Path:
+    """One OBJ (Y-up, as OBJ files are read) for the objects in world space, one material per
+    material slot: the image on its Base Color through the mesh's render UV map, else its colour."""
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "asset"
+    lines, mtl, offset, uv_offset, materials = [f"mtllib {stem}.mtl"], [], 0, 0, {}
+    for obj in objects:
+        mesh = obj.data
+        co = np.empty(len(mesh.vertices) * 3, np.float32)
+        mesh.vertices.foreach_get("co", co)
+        m = np.array(world_matrix(obj), np.float64)
+        world = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
+        lines += [f"v {x:.6g} {z:.6g} {-y:.6g}" for x, y, z in world]  # Blender's Z-up → OBJ's Y-up
+        count = len(mesh.loop_triangles)
+        tris, loops, slots = (np.empty(count * 3, np.int32), np.empty(count * 3, np.int32), np.empty(count, np.int32))
+        mesh.loop_triangles.foreach_get("vertices", tris)
+        mesh.loop_triangles.foreach_get("loops", loops)
+        mesh.loop_triangles.foreach_get("material_index", slots)
+        tris, loops = tris.reshape(-1, 3) + offset + 1, loops.reshape(-1, 3) + uv_offset + 1
+        layer = next((uv for uv in mesh.uv_layers if uv.active_render), None)
+        if layer is not None:
+            uv = np.empty(len(mesh.loops) * 2, np.float32)
+            layer.data.foreach_get("uv", uv)
+            lines += [f"vt {u:.6g} {v:.6g}" for u, v in uv.reshape(-1, 2)]
+            uv_offset += len(mesh.loops)
+        for slot in sorted(set(slots.tolist())):
+            material = obj.material_slots[slot].material if slot < len(obj.material_slots) else None
+            key = (material.name if material else "", layer is not None)
+            if key not in materials:
+                materials[key] = f"m{len(materials)}"
+                mtl += material_lines(folder, stem, materials[key], material, layer is not None)
+            lines.append(f"usemtl {materials[key]}")
+            for t, lp in zip(tris[slots == slot], loops[slots == slot], strict=True):
+                lines.append("f " + " ".join(f"{v}/{u}" if layer is not None else f"{v}" for v, u in zip(t, lp)))
+        offset += len(mesh.vertices)
+    (folder / f"{stem}.mtl").write_text("\n".join(mtl) + "\n")
+    path = folder / f"{stem}.obj"
+    path.write_text("\n".join(lines) + "\n")
+    (folder / f"{stem}.obj.txt").write_text(text + "\n")
+    return path
+
+
+def world_matrix(obj: Any) -> Any:
+    """The object's placement from its own transform and its parents'. Appended objects are in no
+    scene and never evaluated, so their stored ``matrix_world`` may be stale."""
+    m = obj.matrix_basis
+    while obj.parent is not None:
+        m = obj.parent.matrix_basis @ obj.matrix_parent_inverse @ m
+        obj = obj.parent
+    return m
+
+
+def material_lines(folder: Path, stem: str, label: str, material: Any, has_uvs: bool) -> list[str]:
+    """An MTL entry: the Base Color image (if the mesh has UVs to read it through), else the colour."""
+    image = principled_image(material) if has_uvs else None
+    if image is not None:
+        png = f"{stem}_{label}.png"
+        write_png(folder / png, image_rgba8(image))
+        return [f"newmtl {label}", "Kd 1 1 1", f"map_Kd {png}"]
+    colour = flat_colour_of(material) or [0.6, 0.6, 0.6]
+    return [f"newmtl {label}", "Kd {:.4f} {:.4f} {:.4f}".format(*colour)]
+
+
+def write_png(path: Path, rgba: np.ndarray) -> None:
+    """(H, W, 4) uint8 rows bottom-up (Blender's order) → an RGB PNG, with the standard library."""
+    rows = np.ascontiguousarray(rgba[::-1, :, :3])
+    h, w, _ = rows.shape
+    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack("!IIBBBBB", w, h, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))
