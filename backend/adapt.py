@@ -22,10 +22,11 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from . import protocol
 from .cameras import orbit, view_suffix
 from .events import Cancelled, TextureEvents
 from .presets import Adaptation
-from .prior import view_prompt
+from .prior import ModelError, view_prompt
 
 if TYPE_CHECKING:
     from .retrieve import Chosen
@@ -137,7 +138,8 @@ def adapted(prior, identity: str, chosen: list["Chosen"], cfg: Adaptation, backg
     from safetensors.torch import load_file, save_file
 
     if getattr(prior, "unet", None) is None:
-        raise ValueError(f"{prior.name} has no network weights to adapt: adaptation needs a diffusion model")
+        raise ModelError(protocol.E_BAD_REQUEST, f"{prior.name} has no network weights to adapt: Adapt Model needs "
+                         "a diffusion model (Stable Diffusion, or the tiny model); turn it off for this prior")
     path = cache_dir() / "lora" / f"{fingerprint(identity, chosen, cfg, prior.resolution, background)}.safetensors"
     try:
         if path.is_file():

@@ -97,7 +97,8 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
-        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "offline": args.offline,
+        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "low_vram": args.low_vram,
+        "offline": args.offline,
         "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
         "adapt_prior": args.adapt, "delta_denoising": args.delta_denoising})
 
@@ -219,6 +220,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
                         help="default: pipeline-check for the tiny model, lcm/turbo for few-step models "
                              "(LCM, LCM-LoRA, SD-Turbo), quality otherwise")
     parser.add_argument("--offline", action="store_true", help="never contact the model hub")
+    parser.add_argument("--low-vram", action="store_true",
+                        help="bound GPU memory for 6 GB cards: two images per UNet call, one per VAE call")
     parser.add_argument("--reference", action="append", default=None,
                         help="an asset file (GLB/OBJ/PLY) to use as a reference (ReDream); repeatable, the first "
                              "is warmed up toward")

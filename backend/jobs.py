@@ -26,7 +26,7 @@ from .presets import (
     resolve,
     resolve_generate,
 )
-from .prior import Prior, load_prior
+from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
 
 
 class JobError(Exception):
@@ -53,6 +53,7 @@ class JobRequest:
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
     lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
+    low_vram: bool = False          # bound the model's memory for small cards (prior.set_low_vram)
     # ReDream: use the artist's ``references`` (asset files, primary first), or else the assets the
     # prompt retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by
     # picture. The primary reference warms the result up; ``adapt_prior`` also trains a LoRA of the
@@ -109,7 +110,7 @@ class JobRequest:
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
-                   lora=str(f["lora"]) if f.get("lora") else None,
+                   lora=str(f["lora"]) if f.get("lora") else None, low_vram=bool(f.get("low_vram", False)),
                    preset=f.get("preset"), offline=bool(f.get("offline", False)),
                    references=tuple(references), libraries=tuple(libraries),
                    clip=str(f["clip"]) if f.get("clip") else None, adapt_prior=bool(f.get("adapt_prior", False)),
@@ -144,7 +145,8 @@ class ModelCache:
     priors: dict[tuple[str, str | None, str | None], Prior] = field(default_factory=dict)
 
     def get(self, request: JobRequest, events: TextureEvents) -> Prior:
-        """The request's model (with its ControlNet and LoRA), loaded once."""
+        """The request's model (with its ControlNet and LoRA), loaded once; low-VRAM mode is
+        switched on the loaded model, so toggling it costs no reload."""
         key = (request.model, request.controlnet, request.lora)
         if key not in self.priors:
             events.progress(0, 1, f"loading model {request.model}")
@@ -152,6 +154,8 @@ class ModelCache:
             self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
                                           lora=request.lora)
         prior = self.priors[key]
+        if isinstance(prior, LatentDiffusionPrior):
+            set_low_vram(prior, request.low_vram)
         if prior.pipeline_check:
             events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                        f"this {'object' if request.task == protocol.TASK_GENERATE else 'texture'} tests the "
@@ -248,7 +252,7 @@ def check_reference_options(request: JobRequest, own_reference: bool) -> None:
     has_reference = own_reference or bool(request.references or request.libraries)
     for asked, what in ((request.adapt_prior, "Adapt Model"), (request.delta_denoising, "Delta Denoising")):
         if asked and not has_reference:
-            raise JobError(protocol.E_BAD_REQUEST, f"{what} learns from references, and this job has none: turn on "
+            raise JobError(protocol.E_BAD_REQUEST, f"{what} works from references, and this job has none: turn on "
                            "Use References (libraries, picked assets or a reference object), or turn it off")
     if request.delta_denoising and request.method == "sir":
         raise JobError(protocol.E_BAD_REQUEST, "Delta Denoising corrects score distillation's gradient, which SIR "

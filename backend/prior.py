@@ -118,6 +118,7 @@ class LatentDiffusionPrior:
     conditioning_scale: float = 1.0
     wants_view_prompts: bool = True
     few_step: str | None = None     # "lcm" or "turbo": a distilled few-step model with its own SIR preset
+    batch_limit: int | None = None  # low-VRAM mode: at most this many images per UNet call (``set_low_vram``)
     #: LCM-distilled UNets (``time_cond_proj_dim`` set) take the guidance scale as an embedding
     #: rather than as a CFG pair; this is the scale they get (diffusers' LCM pipeline default).
     embedded_guidance: float = 8.5
@@ -165,14 +166,27 @@ class LatentDiffusionPrior:
         x = torch.cat([x_t] * len(rows)).to(self.dtype)
         per_view = prompt.dim() == 4  # stacked view-dependent prompts
         embeds = torch.cat([prompt[i] if per_view else prompt[i:i + 1].expand(k, -1, -1) for i in rows])
-        unet_input, extra = x, {}
+        depth = None
         if self.wants_depth:
             if views is None or views.depth is None:
                 raise ValueError(f"{self.name} is depth-conditioned: the method must render depth maps")
             depth = torch.cat([views.depth] * len(rows)).to(self.device, self.dtype)
+        step = self.batch_limit or len(x)
+        out = torch.cat([self._unet(x[i:i + step], t, embeds[i:i + step], None if depth is None else depth[i:i + step])
+                         for i in range(0, len(x), step)])
+        if self.prediction_type == "v_prediction":
+            a, s = self.schedule.coefficients(t)
+            out = a * out + s * x.float()
+        parts = dict(zip(rows, out.chunk(len(rows)), strict=True))
+        return parts.get(0), parts.get(1)
+
+
+    def _unet(self, x: torch.Tensor, t: int, embeds: torch.Tensor, depth: torch.Tensor | None) -> torch.Tensor:
+        """The UNet (with its depth conditioning and LCM guidance embedding) on one batch."""
+        unet_input, extra = x, {}
+        if depth is not None:
             if self.unet.config.in_channels == 5:  # SD 2 depth: depth in [-1, 1] at latent size
-                small = torch.nn.functional.interpolate(depth, size=x_t.shape[-2:], mode="bicubic",
-                                                        align_corners=False)
+                small = torch.nn.functional.interpolate(depth, size=x.shape[-2:], mode="bicubic", align_corners=False)
                 unet_input = torch.cat([x, small * 2 - 1], 1)
             if self.controlnet is not None:
                 down, mid = self.controlnet(x, t, encoder_hidden_states=embeds,
@@ -186,12 +200,23 @@ class LatentDiffusionPrior:
             w = torch.full((len(x),), (self.embedded_guidance - 1) * 1000.0, device=self.device)
             extra["timestep_cond"] = get_timestep_embedding(w, cond_dim, flip_sin_to_cos=False,
                                                             downscale_freq_shift=1).to(self.dtype)
-        out = self.unet(unet_input, t, encoder_hidden_states=embeds, **extra).sample.float()
-        if self.prediction_type == "v_prediction":
-            a, s = self.schedule.coefficients(t)
-            out = a * out + s * x.float()
-        parts = dict(zip(rows, out.chunk(len(rows)), strict=True))
-        return parts.get(0), parts.get(1)
+        return self.unet(unet_input, t, encoder_hidden_states=embeds, **extra).sample.float()
+
+
+#: Low-VRAM mode's UNet batch: two images at a time (one CFG pair).
+LOW_VRAM_BATCH = 2
+
+
+def set_low_vram(prior: LatentDiffusionPrior, on: bool) -> None:
+    """Bound activation memory for small cards: the views (and the CFG pair) go through the UNet
+    ``LOW_VRAM_BATCH`` images at a time, and the VAE encodes and decodes one image at a time
+    (diffusers' VAE slicing). Same results, a little slower. Attention needs no slicing: torch 2's
+    scaled-dot-product attention, which diffusers uses by default, is already memory-efficient."""
+    prior.batch_limit = LOW_VRAM_BATCH if on else None
+    if on:
+        prior.vae.enable_slicing()
+    else:
+        prior.vae.disable_slicing()
 
 
 def default_device() -> torch.device:
@@ -199,11 +224,12 @@ def default_device() -> torch.device:
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
-               controlnet: str | None = None, lora: str | None = None) -> Prior:
+               controlnet: str | None = None, lora: str | None = None, low_vram: bool = False) -> Prior:
     """``model``: 'tiny', a Hugging Face id, a diffusers folder, a single checkpoint file, or
     ``python:MODULE:FUNCTION`` (a prior written outside Kiln, see ``load_plugin``);
     ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
-    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights."""
+    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights;
+    ``low_vram``: bound its memory for small cards (``set_low_vram``)."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if model.startswith(PLUGIN):
@@ -221,6 +247,7 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     if lora:
         _fuse_lora(prior, lora, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
+    set_low_vram(prior, low_vram)
     return prior
 
 

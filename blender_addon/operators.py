@@ -115,9 +115,9 @@ class _SessionOperator(_WhenIdle):
 
 def job_request(context: bpy.types.Context) -> tuple[dict, dict]:
     """The job's fields from the panel, and the arrays every job of the run shares (a reference object)."""
-    settings = context.scene.kiln
-    fields, arrays = sessions.reference_fields(settings, library_fields(preferences(context)))
-    return {**sessions.read_settings(settings), **fields}, arrays
+    settings, prefs = context.scene.kiln, preferences(context)
+    fields, arrays = sessions.reference_fields(settings, library_fields(prefs))
+    return {**sessions.read_settings(settings), **fields, "low_vram": prefs.low_vram}, arrays
 
 
 class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):

@@ -44,6 +44,10 @@ class KilnPreferences(bpy.types.AddonPreferences):
         name="Backend Python", subtype="FILE_PATH",
         description="Python of the environment made by Kiln's set-up command. Empty: use $KILN_PYTHON, "
                     "else the environment the set-up command recorded in ~/.kiln/backend-python")
+    low_vram: BoolProperty(
+        name="Low VRAM", default=False,
+        description="For graphics cards with 6-8 GB: the model takes two images at a time and decodes one at a "
+                    "time. Same results, somewhat slower")
     libraries: CollectionProperty(type=KilnLibrary, name="Asset Libraries")
     use_blender_libraries: BoolProperty(
         name="Include Blender's Asset Libraries", default=True,
@@ -58,6 +62,7 @@ class KilnPreferences(bpy.types.AddonPreferences):
         from .backend_process import BackendError, find_python
         layout = self.layout
         layout.prop(self, "python_path")
+        layout.prop(self, "low_vram")
         try:
             layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
         except BackendError as exc:

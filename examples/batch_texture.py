@@ -21,6 +21,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
+    parser.add_argument("--low-vram", action="store_true", help="bound GPU memory for 6 GB cards")
     parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
 
 
@@ -53,8 +54,10 @@ def configure(args: argparse.Namespace, script: str):
     """Enable Kiln and put the options both batch scripts share into the scene's Kiln settings;
     None (after saying why on stderr) when an option is out of range."""
     package = enable_kiln()
+    prefs = bpy.context.preferences.addons[package].preferences
     if args.backend_python:
-        bpy.context.preferences.addons[package].preferences.python_path = args.backend_python
+        prefs.python_path = args.backend_python
+    prefs.low_vram = args.low_vram
     if not 512 <= args.size <= 4096:
         print(f"{script}: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
         return None

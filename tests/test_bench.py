@@ -36,6 +36,8 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
     for job in report["jobs"]:
         assert job["unet_calls"] > 0 and 0 < job["unet_share"] < 1
         assert {"UNet", "VAE", "rendering", "in-painting + padding"} <= set(job["stages"])
+    low = [job for job in report["jobs"] if job["low_vram"]]
+    assert len(low) == 1 and low[0]["method"] == "sir"
     assert report["rasterisers"][0]["ms"] > 0
     assert report["splats"][0]["renderer"] == "torch" and report["splats"][0]["ms_forward_backward"] > 0
     assert {row["method"] for row in report["generate"]} == {"sir", "sds"}

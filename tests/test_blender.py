@@ -501,6 +501,9 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     scene.reference_object = flat_red_cube("Blockout")
     fields, arrays = kiln.operators.job_request(bpy.context)
     assert fields["reference_object"] == "Blockout" and fields["reference_color"][0] > 0.8
+    assert fields["low_vram"] is False
+    prefs.low_vram = True
+    assert kiln.operators.job_request(bpy.context)[0]["low_vram"] is True
     assert arrays["reference_positions"].shape == (8, 3) and "reference_texture" not in arrays
     select(obj)
     assert bpy.ops.kiln.texture_selected() == {"FINISHED"}

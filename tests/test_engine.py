@@ -298,3 +298,33 @@ def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() ->
     together = prior.predict_eps(x, 300, stacked, views)[1]
     front = prior.predict_eps(x[:1], 300, prior.encode_prompt("a vase, front view", ""), views)[1]
     assert torch.allclose(together[:1], front, atol=1e-5)
+
+
+def test_low_vram_mode_predicts_the_same_in_smaller_batches() -> None:
+    """Low-VRAM mode sends the views and the CFG pair through the UNet two images at a time and
+    the VAE one at a time: the same numbers, less memory at once. The cached model switches
+    modes in place, with no reload."""
+    from backend.cameras import orbit
+    from backend.prior import LOW_VRAM_BATCH, Prompts, Views
+
+    models = ModelCache()
+    normal = JobRequest.from_fields({"prompt": "a vase"})
+    prior = models.get(normal, Recorder())
+    mesh = grid_mesh()
+    views = Views(orbit(mesh.positions, [0.0, 120.0, 240.0], [10.0, 10.0, 40.0], "y"))
+    prompt = Prompts(prior, "a vase", "blurry").for_views(views.cameras)
+    x = torch.randn(3, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    full, latents = prior.predict_eps(x, 400, prompt, views), prior.encode(images)
+    decoded = prior.decode(latents)
+    batches: list[int] = []
+    hook = prior.unet.register_forward_pre_hook(lambda _m, args: batches.append(len(args[0])))
+    assert models.get(JobRequest.from_fields({"prompt": "a vase", "low_vram": True}), Recorder()) is prior
+    low = prior.predict_eps(x, 400, prompt, views)
+    hook.remove()
+    assert batches == [LOW_VRAM_BATCH] * 3 and prior.vae.use_slicing
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(low, full))
+    assert torch.allclose(prior.encode(images), latents, atol=1e-5)
+    assert torch.allclose(prior.decode(latents), decoded, atol=1e-5)
+    models.get(normal, Recorder())
+    assert prior.batch_limit is None and not prior.vae.use_slicing

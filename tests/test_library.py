@@ -371,7 +371,7 @@ def test_adaptation_learns_the_references_is_cached_and_leaves_the_model_as_it_w
     with adapted(prior, "tiny", chosen, cfg, 1.0, 0, Log(), 100):  # the same references: from the cache
         assert denoising_loss(prior, latents, embeds) == pytest.approx(learned, abs=1e-6)
     assert any("reusing the LoRA" in line for line in Log.lines)
-    with pytest.raises(ValueError, match="no network weights"):
+    with pytest.raises(ModelError, match="no network weights"):
         with adapted(exact_case()[1], "exact", chosen, cfg, 1.0, 0, Log(), 100):
             pass
 
@@ -401,8 +401,8 @@ def test_reference_options_are_checked_before_anything_loads() -> None:
     from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
 
     mesh = box_mesh()
-    for fields, fragment in (({"adapt_prior": True}, "Adapt Model learns from references"),
-                             ({"delta_denoising": True, "method": "sds"}, "Delta Denoising learns from references"),
+    for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from references"),
+                             ({"delta_denoising": True, "method": "sds"}, "Delta Denoising works from references"),
                              ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD")):
         request = JobRequest.from_fields({"prompt": "a crate", **fields})
         with pytest.raises(JobError, match=fragment):
