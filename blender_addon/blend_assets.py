@@ -67,7 +67,8 @@ def drop_stale(blends: list[Path]) -> list[str]:
 
 def export_blend(blend: Path) -> tuple[int, list[str]]:
     """Export the .blend's mesh and collection assets; returns how many, and notes on what was
-    skipped. Appended data is removed before returning, whatever happens."""
+    skipped. Appended data is removed before returning, whatever happens; a file that cannot be
+    read leaves no export behind (and is tried again at the next indexing)."""
     folder = export_folder(blend)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -87,6 +88,9 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
                 continue
             write_obj(folder, asset.name, meshes, caption(asset))
             written += 1
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
     finally:
         added = [i for kind in kinds[:-1] for i in set(getattr(bpy.data, kind)) - before[kind]]
         bpy.data.batch_remove(added)

@@ -453,7 +453,12 @@ class IndexSession(TextureSession):
         if not self.pending:
             super().pump(timeout)
             return
-        blend, target = self.pending.pop(0), self.targets[0]
+        target = self.targets[0]
+        if self.cancel_requested:  # before the backend is asked: nothing to tell it
+            self.pending.clear()
+            target.status = "cancelled"
+            return
+        blend = self.pending.pop(0)
         target.status, target.phase = "running", f"exporting the assets of {blend.name}"
         try:
             count, skipped = blend_assets.export_blend(blend)

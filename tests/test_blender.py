@@ -597,5 +597,15 @@ def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path)
     (folder / "broken.blend").write_bytes(b"not a blend file")
     assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
     assert "skipped broken.blend" in " ".join(kiln.operators.ACTIVE.notes)
+    assert not list(exports.glob("broken-*"))
+
+    write_asset_blend(folder / "extra.blend")  # cancelled while exporting: nothing exported, nothing sent
+    session = kiln.session.IndexSession(kiln.properties.library_fields(prefs),
+                                        kiln.properties.blend_folders(bpy.context), prefs.python_path)
+    session.start()
+    session.cancel()
+    session.pump()
+    assert session.finished and session.targets[0].status == "cancelled" and session.client is None
+    assert not list(exports.glob("extra-*"))
     bpy.ops.preferences.asset_library_remove(index=len(bpy.context.preferences.filepaths.asset_libraries) - 1)
     scene.use_references = False
