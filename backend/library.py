@@ -170,9 +170,14 @@ def caption_for(path: Path) -> str:
         text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
         if text:
             return text
-    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", path.stem)
+    return name_words(path.stem)
+
+
+def name_words(name: str) -> str:
+    """A file or object name as words ("OldBarrel_02.001" → "old barrel")."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
     words = re.sub(r"[_\-.]+|\d+", " ", words)
-    return " ".join(words.lower().split()) or path.stem
+    return " ".join(words.lower().split()) or name
 
 
 def thumbnails(asset: Asset) -> np.ndarray:

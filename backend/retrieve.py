@@ -16,7 +16,7 @@ import numpy as np
 from . import protocol
 from .assets import Asset, load_asset
 from .jobs import JobRequest, mesh_from_message, texture_from_message
-from .library import Hit, LibraryIndex, caption_for, search, thumbnails
+from .library import Hit, LibraryIndex, caption_for, name_words, search, thumbnails
 from .mesh import MeshError
 
 if TYPE_CHECKING:
@@ -30,11 +30,6 @@ class Chosen:
     label: str                # the file, or the artist's object by name
     score: float              # retrieval score; 1 for what the artist picked
     thumbnails: np.ndarray    # (V, S, S, 3) uint8
-
-
-def caption_words(name: str) -> str:
-    """An object's name as a caption ("OldBarrel.001" → "old barrel")."""
-    return caption_for(Path(name + ".x"))
 
 
 def load_indexes(request: JobRequest) -> list[LibraryIndex]:
@@ -65,7 +60,7 @@ def choose(request: JobRequest, own: tuple[Asset, str] | None, count: int,
     the request's files, else ``count`` hits of a library search; [] when it asks for none."""
     if own is not None:
         asset, name = own
-        return [Chosen(asset, caption_words(name), name, 1.0, thumbnails(asset))]
+        return [Chosen(asset, name_words(name), name, 1.0, thumbnails(asset))]
     if request.references:
         chosen = []
         for file in request.references:
