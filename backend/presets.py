@@ -209,22 +209,24 @@ _TINY_SPLATS = SplatConfig(count=1500, densify_every=10, densify_until=30)
 _TINY_MESH = MeshConfig(grid=48, face_budget=4000, texture_size=512, bake_views=4, bake_rounds=2, bake_steps=10,
                         density_threshold=0.5)
 
+# MicroDreamer on 3DGS with a text-to-image prior: K = 4 views, 10-step DDIM, t2 annealed 0.8T →
+# 0.3T over 30 iterations, 15 updates each; the first pass from pure noise uses all K views, since
+# one view says nothing about the shape behind it.
+_GENERATE_SIR = SIRConfig(views=4, iterations=30, ddim_steps=10, t_start=0.8, t_end=0.3, recon_steps=15,
+                          init_recon_steps=50, init_views=0)
+
 GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
     "sir": {
-        # MicroDreamer on 3DGS with a text-to-image prior: K = 4 views, 10-step DDIM, t2 annealed
-        # 0.8T → 0.3T over 30 iterations, 15 updates each; the first pass from pure noise uses all
-        # K views, since one view says nothing about the shape behind it.
-        "quality": GenerateConfig("sir", SIRConfig(views=4, iterations=30, ddim_steps=10, t_start=0.8, t_end=0.3,
-                                                   recon_steps=15, init_recon_steps=50, init_views=0)),
+        "quality": GenerateConfig("sir", _GENERATE_SIR),
         "pipeline-check": GenerateConfig("sir", SIRConfig(views=2, iterations=3, ddim_steps=4, t_start=0.8,
                                                           t_end=0.4, recon_steps=5, init_recon_steps=10,
                                                           init_views=0, stream_every=5, adapt=_TINY_ADAPTATION),
                                          _TINY_SPLATS, _TINY_MESH),
-        # Few-step models: their texturing schedule's 4-step, guidance-free denoising (LCM sampling
+        # Few-step models: their texturing schedule's denoising (4 steps, guidance-free, LCM sampling
         # for LCMs) with generation's views, annealing, first pass and iterations.
-        **{name: GenerateConfig("sir", SIRConfig(views=4, iterations=30, ddim_steps=4, guidance=1.0,
-                                                 sampler=PRESETS["sir"][name].sampler, t_start=0.8, t_end=0.3,
-                                                 recon_steps=15, init_recon_steps=50, init_views=0))
+        **{name: GenerateConfig("sir", replace(_GENERATE_SIR, ddim_steps=PRESETS["sir"][name].ddim_steps,
+                                               guidance=PRESETS["sir"][name].guidance,
+                                               sampler=PRESETS["sir"][name].sampler))
            for name in ("turbo", "lcm")},
     },
     "sds": {

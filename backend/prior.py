@@ -224,12 +224,12 @@ def default_device() -> torch.device:
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
-               controlnet: str | None = None, lora: str | None = None, low_vram: bool = False) -> Prior:
+               controlnet: str | None = None, lora: str | None = None) -> Prior:
     """``model``: 'tiny', a Hugging Face id, a diffusers folder, a single checkpoint file, or
     ``python:MODULE:FUNCTION`` (a prior written outside Kiln, see ``load_plugin``);
     ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
-    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights;
-    ``low_vram``: bound its memory for small cards (``set_low_vram``)."""
+    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights. Low-VRAM
+    mode is switched on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if model.startswith(PLUGIN):
@@ -247,7 +247,6 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     if lora:
         _fuse_lora(prior, lora, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
-    set_low_vram(prior, low_vram)
     return prior
 
 
