@@ -117,6 +117,16 @@ def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[
     return az, el
 
 
+def sphere_directions(count: int) -> tuple[list[float], list[float]]:
+    """Azimuths and elevations spread evenly over the whole sphere (a Fibonacci lattice), top and
+    bottom included, so together they see every side of an object. None is exactly at a pole,
+    where an up-vector camera is undefined."""
+    k = np.arange(count) + 0.5
+    el = np.degrees(np.arcsin(1 - 2 * k / count))
+    az = (k * 180.0 * (3 - math.sqrt(5))) % 360.0  # the golden angle
+    return az.tolist(), el.tolist()
+
+
 def view_suffix(azimuth: float, elevation: float) -> str:
     """DreamFusion's view-dependent prompt: overhead above 60° elevation, else front within 45° of
     azimuth 0, back beyond 135°, side between."""

@@ -233,7 +233,7 @@ def generate_object(prior: Prior, cfg: GenerateConfig, prompt: str, negative: st
     lap("gaussians")
     done = cfg.schedule.total_work()
     events.progress(done, total, "extracting the mesh (marching cubes)")
-    mesh, level = meshing.extract(params, cfg.mesh, name)
+    mesh, level = meshing.extract(params, cfg.mesh, name, prior.resolution, FRAME_RADIUS)
     if level < cfg.mesh.density_threshold:
         events.log(f"the Gaussians stayed faint (peak density {2 * level:.2g} < {cfg.mesh.density_threshold:g}): "
                    f"extracted the surface at half the peak instead; more iterations give a firmer shape")

@@ -2,7 +2,14 @@
 clean-up and fast-simplification (through trimesh) for decimation to a face budget.
 
 This is DreamGaussian's extraction: the density at a point is Σᵢ oᵢ·exp(−½ dᵢᵀ Σᵢ⁻¹ dᵢ), sampled on
-a grid over the unit cube the object lives in, and its level set is the surface.
+a grid over the cube around the ball the object lives in, and its level set is the surface; with one
+addition. Only the outside of the Gaussians is ever rendered, so nothing shapes their inside: it is
+left as patchy density whose level set is a second, crumpled surface within the object, joined to the
+outer one through thin spots (measured on the benchmark's crate after SIR: twice the true area, and a
+Chamfer distance of 0.062 to the reference where the filled grid's surface is at 0.014). So the cells
+that cameras all around the object cannot see into (behind the rendered surface from all sides but
+one) are filled before marching cubes, and the mesh is the object's skin. Concavities that cameras
+see into (a bowl's inside) stay open.
 """
 
 from __future__ import annotations
@@ -10,13 +17,24 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .cameras import orbit_sphere, sphere_directions
 from .mesh import Mesh, MeshError
 from .presets import MeshConfig
-from .splat import activated
+from .splat import activated, render_depth
 
 #: Grid cells per block side when evaluating the density: each block only sees the Gaussians
 #: whose 3σ reach overlaps it.
 BLOCK = 16
+#: A cell counts as seen from a camera when it lies this many cells in front of the rendered depth
+#: (or where the render is mostly see-through), so the blended depth of the surface's own fuzzy
+#: layer does not open it; and it is outside only when this many cameras see it, so a pinhole
+#: between Gaussians that one camera looks through does not open the inside behind it. Measured
+#: on the benchmark's crate and vase (Chamfer): margin 1, 2, 4 cells: 0.024, 0.017, 0.012 and
+#: 0.026, 0.017 (4 fattens the surface, normal consistency 0.81 vs 0.84 at 2 with two views);
+#: one view, two, three: 0.017, 0.014, 0.013 and 0.026, 0.021, 0.018. The cost is that a
+#: concavity's wall, seen only from inside it, thickens by up to the margin.
+SEEN_MARGIN = 2.0
+SEEN_BY = 2
 
 
 @torch.no_grad()
@@ -48,6 +66,29 @@ def density_grid(params: torch.nn.ParameterDict, resolution: int, bound: float =
                     dens = (opacities[part] * torch.exp(-0.5 * q)).sum(1)
                     out[sl[0], sl[1], sl[2]] += dens.reshape(out[sl[0], sl[1], sl[2]].shape)
     return out.cpu().numpy()
+
+
+@torch.no_grad()
+def hidden(params: torch.nn.ParameterDict, resolution: int, views: int, size: int, bound: float = 1.0) -> np.ndarray:
+    """(R, R, R) cells of the grid inside the ball of radius ``bound`` that fewer than ``SEEN_BY``
+    of ``views`` cameras spread over the sphere see: behind the expected depth of a mostly opaque
+    pixel in the others. Outside the ball is left alone (the object lives in it)."""
+    device = params["means"].device
+    cams = orbit_sphere(np.zeros(3), bound, *sphere_directions(views), "z", device=device)
+    depths, alphas = render_depth(params, cams, size)
+    axis = (torch.arange(resolution, device=device, dtype=torch.float32) + 0.5) / resolution * 2 * bound - bound
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)
+    margin = SEEN_MARGIN * 2 * bound / resolution
+    viewmats, ks = cams.view_opencv(), cams.intrinsics(size)
+    seen = torch.zeros(len(points), dtype=torch.int32, device=device)
+    for k in range(views):
+        cam = points @ viewmats[k, :3, :3].T + viewmats[k, :3, 3]
+        pixel = (cam[:, :2] / cam[:, 2:] * ks[k, 0, 0] + ks[k, :2, 2]).floor().long()
+        inside = ((pixel >= 0) & (pixel < size)).all(1)
+        u, v = pixel[:, 0].clamp(0, size - 1), pixel[:, 1].clamp(0, size - 1)
+        seen += inside & ((alphas[k, v, u] < 0.5) | (cam[:, 2] < depths[k, v, u] - margin))
+    inner = (seen < SEEN_BY) & (points.norm(dim=1) <= bound)
+    return inner.reshape(resolution, resolution, resolution).cpu().numpy()
 
 
 def surface(grid: np.ndarray, level: float, bound: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
@@ -89,8 +130,15 @@ def extraction_level(grid: np.ndarray, threshold: float) -> float:
     return threshold if peak > threshold else 0.5 * peak
 
 
-def extract(params: torch.nn.ParameterDict, cfg: MeshConfig, name: str) -> tuple[Mesh, float]:
-    """The mesh, and the level it was extracted at."""
-    grid = density_grid(params, cfg.grid)
+def extract(params: torch.nn.ParameterDict, cfg: MeshConfig, name: str, size: int, bound: float = 1.0
+            ) -> tuple[Mesh, float]:
+    """The mesh of the Gaussians in the ball of radius ``bound``, and the level it was extracted at.
+    ``size``: the renders' size the Gaussians were optimised at. At that size they are opaque where
+    the object is; larger renders show pinholes between them that would let cameras "see" inside
+    (measured on the crate: Chamfer 0.017 at the optimised 64 px, 0.021 at 128, 0.031 at 256)."""
+    grid = density_grid(params, cfg.grid, bound)
     level = extraction_level(grid, cfg.density_threshold)
-    return clean(*surface(grid, level), cfg, name), level
+    if cfg.fill_views:
+        inner = hidden(params, cfg.grid, cfg.fill_views, size, bound)
+        grid[inner] = np.maximum(grid[inner], 2 * level)
+    return clean(*surface(grid, level, bound), cfg, name), level

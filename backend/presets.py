@@ -186,6 +186,7 @@ class MeshConfig:
 
     grid: int = 128                 # density grid per axis over the unit cube [-1, 1]³
     density_threshold: float = 1.0  # marching-cubes level (DreamGaussian's)
+    fill_views: int = 32            # cameras over the sphere that decide the solid inside (0: no fill)
     face_budget: int = 50_000       # decimate to at most this many triangles
     min_component: float = 0.05     # drop floaters with fewer faces than this share of the largest part
     texture_size: int = 1024
@@ -211,7 +212,7 @@ class GenerateConfig:
 
 _TINY_SPLATS = SplatConfig(count=1500, densify_every=10, densify_until=30)
 _TINY_MESH = MeshConfig(grid=48, face_budget=4000, texture_size=512, bake_views=4, bake_rounds=2, bake_steps=10,
-                        density_threshold=0.5)
+                        density_threshold=0.5, fill_views=16)
 
 # MicroDreamer on 3DGS with a text-to-image prior: K = 4 views, 10-step DDIM, t2 annealed 0.8T →
 # 0.3T; the first pass from pure noise uses all K views, since one view says nothing about the

@@ -106,8 +106,28 @@ def render(params: torch.nn.ParameterDict, cams: Cameras, size: int, background:
     return Splats(colors.permute(0, 3, 1, 2), alphas.permute(0, 3, 1, 2), info)
 
 
+@torch.no_grad()
+def render_depth(params: torch.nn.ParameterDict, cams: Cameras, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expected camera depth (distance along the view axis, blended as colours are, divided by the
+    coverage) and coverage, each (K, H, W): where each camera sees the surface of the Gaussians."""
+    g = activated(params)
+    viewmats, ks = cams.view_opencv(), cams.intrinsics(size)
+    if use_gsplat(viewmats.device):
+        from gsplat import rasterization
+
+        depths, alphas, _ = rasterization(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"], viewmats,
+                                          ks, size, size, eps2d=EPS_2D, packed=False, render_mode="ED")
+    else:
+        backgrounds = torch.zeros(len(cams), 1, device=viewmats.device)
+        depths, alphas, _ = _render_torch(g, viewmats, ks, size, backgrounds, depth=True)
+        depths = depths / alphas.clamp_min(1e-10)  # gsplat's "ED"
+    return depths[..., 0], alphas[..., 0]
+
+
 def _render_torch(g: dict[str, torch.Tensor], viewmats: torch.Tensor, ks: torch.Tensor, size: int,
-                  backgrounds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                  backgrounds: torch.Tensor, depth: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """gsplat's "RGB" render, or with ``depth`` its "D" (each Gaussian's camera depth blended in
+    place of its colour; ``backgrounds`` then has one channel)."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
     covars, _ = _quat_scale_to_covar_preci(g["quats"], g["scales"], compute_preci=False, triu=False)
@@ -117,24 +137,25 @@ def _render_torch(g: dict[str, torch.Tensor], viewmats: torch.Tensor, ks: torch.
     for k in range(viewmats.shape[0]):
         visible = (radii[k] > 0).all(-1).nonzero().squeeze(1)
         order = visible[torch.argsort(depths[k, visible])]                    # front to back
+        values = depths[k, order, None] if depth else g["colors"][order]
         rgb, acc = _composite(size, means2d[k, order], radii[k, order], conics[k, order], g["opacities"][order],
-                              g["colors"][order])
+                              values)
         colors.append(rgb + (1 - acc) * backgrounds[k])
         alphas.append(acc)
     shape = (viewmats.shape[0], size, size)
     info = {"means2d": means2d, "radii": radii, "width": size, "height": size, "n_cameras": viewmats.shape[0],
             "gaussian_ids": None}
-    return torch.stack(colors).reshape(*shape, 3), torch.stack(alphas).reshape(*shape, 1), info
+    return torch.stack(colors).reshape(*shape, -1), torch.stack(alphas).reshape(*shape, 1), info
 
 
 def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: torch.Tensor,
                opacities: torch.Tensor, colors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Front-to-back alpha compositing of depth-sorted 2D Gaussians, (H·W, 3) and (H·W, 1).
+    """Front-to-back alpha compositing of depth-sorted 2D Gaussians, (H·W, C) and (H·W, 1).
 
     Tile by tile, against only the Gaussians whose 3σ box (gsplat's radii) reaches the tile, so
     memory and time scale with the overlaps rather than with Gaussians × pixels."""
     device = means2d.device
-    rgb = torch.zeros(size, size, 3, device=device, dtype=colors.dtype)
+    rgb = torch.zeros(size, size, colors.shape[1], device=device, dtype=colors.dtype)
     acc = torch.zeros(size, size, 1, device=device, dtype=colors.dtype)
     lo, hi = means2d - radii, means2d + radii
     for y0 in range(0, size, TILE):
@@ -153,6 +174,6 @@ def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: to
             before = torch.cumprod(torch.cat([torch.ones_like(alpha[:, :1]), 1 - alpha[:, :-1]], 1), 1)
             weight = alpha * before * (before * (1 - alpha) > T_MIN)
             # In-place slice writes: autograd records each tile, and nothing copies the whole image.
-            rgb[y0:y1, x0:x1] = (weight @ colors[hit]).reshape(y1 - y0, x1 - x0, 3)
+            rgb[y0:y1, x0:x1] = (weight @ colors[hit]).reshape(y1 - y0, x1 - x0, -1)
             acc[y0:y1, x0:x1] = weight.sum(1).reshape(y1 - y0, x1 - x0, 1)
-    return rgb.reshape(-1, 3), acc.reshape(-1, 1)
+    return rgb.reshape(size * size, -1), acc.reshape(-1, 1)

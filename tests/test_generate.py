@@ -15,11 +15,11 @@ import torch
 from conftest import BackendServer, read_until
 
 from backend import protocol, splat
-from backend.cameras import orbit_sphere
+from backend.cameras import orbit_sphere, sphere_directions
 from backend.events import TextureEvents
 from backend.exact_prior import ExactPrior, Reference
 from backend.generate import FRAME_RADIUS, SplatOptimiser, generate_object
-from backend.meshing import clean, density_grid, extraction_level, surface
+from backend.meshing import clean, density_grid, extract, extraction_level, hidden, surface
 from backend.presets import GENERATE_PRESETS, MeshConfig, SIRConfig
 from backend.prior import Prompts, Views, load_prior
 
@@ -94,14 +94,62 @@ def test_torch_splatting_puts_one_gaussian_where_the_camera_projects_it() -> Non
     assert float(out.alphas[0, 0, 0, 0]) == 0.0 and float(img[:, 0, 0].min()) == 1.0   # background
 
 
+def test_depth_render_puts_one_gaussian_at_its_camera_depth() -> None:
+    params = one_gaussian([0.1, 0.2, 0.3], [0.1, 0.1, 0.1])
+    cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [30.0], [20.0], "z")
+    depth, alpha = splat.render_depth(params, cams, 64)
+    expected = float((cams.view_opencv()[0] @ torch.tensor([0.1, 0.2, 0.3, 1.0]))[2])
+    covered = alpha[0] > 0.05
+    assert covered.sum() > 20 and torch.allclose(depth[0][covered], torch.tensor(expected), atol=1e-4)
+    assert torch.allclose(alpha, splat.render(params, cams, 64, 1.0).alphas[:, 0], atol=1e-6)
+
+
+def shell(keep: float, count: int = 2000, r: float = 0.5) -> torch.nn.ParameterDict:
+    """Opaque Gaussians on the sphere of radius ``r`` below height ``keep``·r: a closed ball's
+    skin (keep = 1), or an open bowl (keep = 0). Nothing inside, as optimised Gaussians leave it."""
+    az, el = sphere_directions(count)
+    a, e = np.radians(az), np.radians(el)
+    points = r * np.stack([np.cos(e) * np.cos(a), np.cos(e) * np.sin(a), np.sin(e)], 1)
+    points = torch.tensor(points[points[:, 2] <= keep * r + 1e-6], dtype=torch.float32)
+    return splat.surface(points, torch.full((len(points), 3), 0.5), 4 * math.pi * r ** 2, "cpu")
+
+
+def test_extraction_fills_the_unseen_inside_and_leaves_a_seen_hollow_open() -> None:
+    """Gaussians only on a ball's skin: marching cubes alone also gives the skin's inner wall;
+    filling what no camera sees leaves the outer wall only, around a solid. An open bowl's inside
+    is seen from above, so its inner wall stays."""
+    import trimesh
+
+    def extracted(params, fill_views):
+        mesh, _ = extract(params, MeshConfig(grid=48, face_budget=20_000, density_threshold=0.5,
+                                             fill_views=fill_views), "m", 64)
+        return trimesh.Trimesh(mesh.positions, mesh.triangles), np.linalg.norm(mesh.positions, axis=1)
+
+    skin, skin_radii = extracted(shell(1.0), 0)
+    solid, radii = extracted(shell(1.0), 32)
+    bowl, bowl_radii = extracted(shell(0.0), 32)
+    assert radii.min() > 0.5 and len(solid.split(only_watertight=False)) == 1 and solid.is_watertight
+    assert solid.volume == pytest.approx(4 / 3 * math.pi * radii.mean() ** 3, rel=0.03)
+    assert skin_radii.min() < 0.48 and skin.area > 1.4 * solid.area               # outer and inner wall
+    axis = (np.arange(48) + 0.5) / 48 * 2 - 1
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    core = np.sqrt(x ** 2 + y ** 2 + z ** 2) < 0.4
+    assert hidden(shell(1.0), 48, 32, 64)[core].all()
+    assert not hidden(shell(0.0), 48, 32, 64)[core & (z < 0)].any()
+    assert bowl_radii.min() < 0.48 and bowl.volume < 0.7 * solid.volume / 2   # a bowl, not a half ball
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's kernels need CUDA")
 def test_gsplat_and_the_torch_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     params = splat.sphere(500, 0.5, torch.Generator().manual_seed(0), "cuda")
     cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [0.0, 120.0, 240.0], [20.0, -20.0, 60.0], "z", device="cuda")
-    fast = splat.render(params, cams, 64, 1.0).images
+    fast, fast_depth = splat.render(params, cams, 64, 1.0).images, splat.render_depth(params, cams, 64)
     monkeypatch.setenv("KILN_SPLAT", "torch")
-    reference = splat.render(params, cams, 64, 1.0).images
+    reference, depth = splat.render(params, cams, 64, 1.0).images, splat.render_depth(params, cams, 64)
     assert (fast - reference).abs().mean() < 2e-3
+    covered = depth[1] > 0.5
+    assert (fast_depth[1] - depth[1]).abs().mean() < 2e-3
+    assert (fast_depth[0][covered] - depth[0][covered]).abs().mean() < 1e-2
 
 
 def crate_prior(resolution: int = 32) -> tuple[ExactPrior, Reference]:
