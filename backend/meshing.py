@@ -2,7 +2,8 @@
 clean-up and fast-simplification (through trimesh) for decimation to a face budget.
 
 This is DreamGaussian's extraction: the density at a point is Σᵢ oᵢ·exp(−½ dᵢᵀ Σᵢ⁻¹ dᵢ), sampled on
-a grid over the cube around the ball the object lives in, and its level set is the surface; with one
+a grid over the cube around the ball the object lives in, and its level set is the surface (at a
+level that puts it where the renders' silhouette is: ``MeshConfig.density_threshold``); with one
 addition. Only the outside of the Gaussians is ever rendered, so nothing shapes their inside: it is
 left as patchy density whose level set is a second, crumpled surface within the object, joined to the
 outer one through thin spots (measured on the benchmark's crate after SIR: twice the true area, and a

@@ -139,6 +139,25 @@ def test_extraction_fills_the_unseen_inside_and_leaves_a_seen_hollow_open() -> N
     assert bowl_radii.min() < 0.48 and bowl.volume < 0.7 * solid.volume / 2   # a bowl, not a half ball
 
 
+def test_extracted_surface_sits_where_the_renders_silhouette_is() -> None:
+    """The mesh must be the shape the renders show: a ball's skin of Gaussians renders a disc
+    whose edge (alpha ½) is out in the Gaussians' tails; the default level puts the mesh there,
+    where DreamGaussian's 1.0 shrinks it by several grid cells."""
+    skin = shell(1.0)
+    cams = orbit_sphere(np.zeros(3), 1.0, *sphere_directions(4), "z", device="cpu")
+    with torch.no_grad():
+        disc = (splat.render(skin, cams, 64, 1.0).alphas[:, 0] > 0.5).float().sum((1, 2)).mean().item()
+    distance = float(np.linalg.norm(cams.view_opencv()[0, :3, 3].numpy()))
+    silhouette = distance * math.sin(math.atan(math.sqrt(disc / math.pi) / float(cams.intrinsics(64)[0, 0, 0])))
+
+    def radius(level: float) -> float:
+        mesh, _ = extract(skin, replace(MeshConfig(), face_budget=20_000, density_threshold=level), "m", 64)
+        return float(np.linalg.norm(mesh.positions, axis=1).mean())
+
+    assert radius(MeshConfig().density_threshold) == pytest.approx(silhouette, abs=0.01)
+    assert radius(1.0) < silhouette - 0.025
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's kernels need CUDA")
 def test_gsplat_and_the_torch_path_agree(monkeypatch: pytest.MonkeyPatch) -> None:
     params = splat.sphere(500, 0.5, torch.Generator().manual_seed(0), "cuda")
