@@ -36,6 +36,8 @@ BLOCK = 16
 #: concavity's wall, seen only from inside it, thickens by up to the margin.
 SEEN_MARGIN = 2.0
 SEEN_BY = 2
+#: A part at least this many times longer than it is thick is a thin part (a leg), not a floater.
+THIN = 3.0
 
 
 def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.Tensor:
@@ -115,14 +117,21 @@ def surface(grid: np.ndarray, level: float, bound: float = 1.0) -> tuple[np.ndar
 
 
 def clean(verts: np.ndarray, faces: np.ndarray, cfg: MeshConfig, name: str) -> Mesh:
-    """Merge duplicates, drop floaters, decimate to the face budget, and orient outward."""
+    """Merge duplicates, drop floaters (small and compact parts; thin long ones are kept), decimate to
+    the face budget, and orient outward."""
     import trimesh
 
     tm = trimesh.Trimesh(verts, faces, process=True)
     parts = tm.split(only_watertight=False)
     if len(parts) > 1:
-        largest = max(len(p.faces) for p in parts)
-        tm = trimesh.util.concatenate([p for p in parts if len(p.faces) >= cfg.min_component * largest])
+        largest = max(parts, key=lambda p: len(p.faces))
+        most, span = len(largest.faces), float(largest.extents.max())
+
+        def kept(part: trimesh.Trimesh) -> bool:
+            long, short = float(part.extents.max()), float(part.extents.min())
+            return len(part.faces) >= cfg.min_component * most or (long >= cfg.min_span * span and long >= THIN * short)
+
+        tm = trimesh.util.concatenate([p for p in parts if kept(p)])
     if len(tm.faces) > cfg.face_budget:
         tm = tm.simplify_quadric_decimation(face_count=cfg.face_budget)
         tm.remove_unreferenced_vertices()

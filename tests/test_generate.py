@@ -54,6 +54,24 @@ def test_marching_cubes_recovers_an_analytic_sphere() -> None:
     assert tm.volume == pytest.approx(4 / 3 * math.pi * r ** 3, rel=0.03)  # positive: normals point out
 
 
+
+def test_clean_up_keeps_a_thin_leg_and_drops_a_speck() -> None:
+    """A table's leg and a floater both come out of marching cubes as small separate parts; the
+    leg is long, so it stays, and the compact speck goes."""
+    import trimesh
+
+    res = 64
+    axis = (np.arange(res) + 0.5) / res * 2 - 1
+    x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
+    top = (np.abs(x) < 0.8) & (np.abs(y) < 0.8) & (np.abs(z - 0.5) < 0.15)
+    leg = (np.abs(x - 0.5) < 0.03) & (np.abs(y - 0.5) < 0.03) & (z > -0.7) & (z < 0.3)
+    speck = np.sqrt((x + 0.5) ** 2 + (y + 0.5) ** 2 + (z + 0.3) ** 2) < 0.1
+    mesh = clean(*surface((top | leg | speck).astype(np.float32), 0.5), MeshConfig(), "table")
+    parts = trimesh.Trimesh(mesh.positions, mesh.triangles).split(only_watertight=False)
+    assert len(parts) == 2 and min(len(p.faces) for p in parts) < 0.05 * max(len(p.faces) for p in parts)
+    assert mesh.positions[:, 2].min() < -0.65                                        # the leg's foot
+    assert not (np.linalg.norm(mesh.positions - [-0.5, -0.5, -0.3], axis=1) < 0.15).any()  # no speck
+
 def test_faint_gaussians_are_extracted_lower_and_none_at_all_refused() -> None:
     faint = np.zeros((16, 16, 16))
     faint[6:10, 6:10, 6:10] = 0.3
