@@ -236,7 +236,11 @@ _TINY_MESH = MeshConfig(grid=48, face_budget=4000, texture_size=512, bake_views=
 # instead of replay: 24.74 dB); 20 × 30 26.15 / 1,136; 15 × 30 26.08 / 876; 12 × 45 25.83 / 712;
 # 10 × 40 25.87 / 612; 10 × 50 26.07 / 612. Updates are cheap next to denoising, and with replay
 # they keep paying: fewer, longer passes reach the same PSNR with 2.7x fewer images.
-_GENERATE_SIR = SIRConfig(views=4, iterations=10, ddim_steps=10, t_start=0.8, t_end=0.3, recon_steps=50,
+# Then K = 8 views at 5 DDIM steps for the same images (624 vs 612): more cameras shape the object
+# better. Held-out PSNR / Chamfer of the extracted mesh (one run each, 4,096 Gaussians), K = 4 × 10
+# steps → 8 × 5: crate 26.14 → 26.39 dB / 0.0122 → 0.0117, vase 26.34 → 26.70 / 0.0139 → 0.0132,
+# table 24.54 → 24.99 / 0.0142 → 0.0125.
+_GENERATE_SIR = SIRConfig(views=8, iterations=10, ddim_steps=5, t_start=0.8, t_end=0.3, recon_steps=50,
                           init_recon_steps=50, init_views=0, replay=8)
 
 GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
@@ -247,8 +251,9 @@ GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
                                                           init_views=0, stream_every=5, adapt=_TINY_ADAPTATION),
                                          _TINY_SPLATS, _TINY_MESH),
         # Few-step models: their texturing schedule's denoising (4 steps, guidance-free, LCM sampling
-        # for LCMs) with generation's views, annealing, first pass and iterations.
-        **{name: GenerateConfig("sir", replace(_GENERATE_SIR, ddim_steps=PRESETS["sir"][name].ddim_steps,
+        # for LCMs) with generation's annealing, first pass and iterations, and 4 views: their steps
+        # are already few, so 8 views would double their images.
+        **{name: GenerateConfig("sir", replace(_GENERATE_SIR, views=4, ddim_steps=PRESETS["sir"][name].ddim_steps,
                                                guidance=PRESETS["sir"][name].guidance,
                                                sampler=PRESETS["sir"][name].sampler))
            for name in ("turbo", "lcm")},
