@@ -36,8 +36,6 @@ BLOCK = 16
 #: concavity's wall, seen only from inside it, thickens by up to the margin.
 SEEN_MARGIN = 2.0
 SEEN_BY = 2
-#: A part at least this many times longer than it is thick is a thin part (a leg), not a floater.
-THIN = 3.0
 
 
 def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.Tensor:
@@ -129,7 +127,8 @@ def clean(verts: np.ndarray, faces: np.ndarray, cfg: MeshConfig, name: str) -> M
 
         def kept(part: trimesh.Trimesh) -> bool:
             long, short = float(part.extents.max()), float(part.extents.min())
-            return len(part.faces) >= cfg.min_component * most or (long >= cfg.min_span * span and long >= THIN * short)
+            thin = long >= cfg.min_span * span and long >= cfg.thin_ratio * short
+            return len(part.faces) >= cfg.min_component * most or thin
 
         tm = trimesh.util.concatenate([p for p in parts if kept(p)])
     if len(tm.faces) > cfg.face_budget:

@@ -196,13 +196,14 @@ class MeshConfig:
     fill_views: int = 32            # cameras over the sphere that decide the solid inside (0: no fill)
     face_budget: int = 50_000       # decimate to at most this many triangles
     # Floaters: parts with fewer faces than ``min_component`` of the largest part's are dropped,
-    # unless they are thin and long (``meshing.THIN`` times longer than thick, and reaching
+    # unless they are thin and long (``thin_ratio`` times longer than thick, and reaching
     # ``min_span`` of the largest part's longest side). A table's legs come out as separate parts
     # of 1-3 % of the top's faces, 0.28-0.47 of its length and 7-10 times longer than thick; the
     # benchmark's floaters reach 0.11 of the length and 2.6 times. Chamfer on its table after
     # SIR: 0.0202 by faces alone, 0.0142 with thin parts kept; SDS 0.0144 -> 0.0092.
     min_component: float = 0.05
     min_span: float = 0.2
+    thin_ratio: float = 3.0
     texture_size: int = 1024
     bake_views: int = 8             # views per bake round, rendered from the Gaussians
     bake_rounds: int = 4

@@ -54,7 +54,6 @@ def test_marching_cubes_recovers_an_analytic_sphere() -> None:
     assert tm.volume == pytest.approx(4 / 3 * math.pi * r ** 3, rel=0.03)  # positive: normals point out
 
 
-
 def test_clean_up_keeps_a_thin_leg_and_drops_a_speck() -> None:
     """A table's leg and a floater both come out of marching cubes as small separate parts; the
     leg is long, so it stays, and the compact speck goes."""
@@ -71,6 +70,7 @@ def test_clean_up_keeps_a_thin_leg_and_drops_a_speck() -> None:
     assert len(parts) == 2 and min(len(p.faces) for p in parts) < 0.05 * max(len(p.faces) for p in parts)
     assert mesh.positions[:, 2].min() < -0.65                                        # the leg's foot
     assert not (np.linalg.norm(mesh.positions - [-0.5, -0.5, -0.3], axis=1) < 0.15).any()  # no speck
+
 
 def test_faint_gaussians_are_extracted_lower_and_none_at_all_refused() -> None:
     faint = np.zeros((16, 16, 16))
@@ -169,7 +169,7 @@ def test_extracted_surface_sits_where_the_renders_silhouette_is() -> None:
     silhouette = distance * math.sin(math.atan(math.sqrt(disc / math.pi) / float(cams.intrinsics(64)[0, 0, 0])))
 
     def radius(level: float) -> float:
-        mesh, _ = extract(skin, replace(MeshConfig(), face_budget=20_000, density_threshold=level), "m", 64)
+        mesh, _ = extract(skin, MeshConfig(face_budget=20_000, density_threshold=level), "m", 64)
         return float(np.linalg.norm(mesh.positions, axis=1).mean())
 
     assert radius(MeshConfig().density_threshold) == pytest.approx(silhouette, abs=0.01)
