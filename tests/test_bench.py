@@ -54,6 +54,7 @@ def test_generate_bench_quick_run_writes_its_table() -> None:
     assert {r["method"] for r in rows} == {"sir", "sds"}
     sir = next(r for r in rows if r["method"] == "sir")
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
+    assert 0 < int(sir["gaussians_seen"]) <= int(sir["gaussians"])
     curves = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_curves.csv")))
     assert len(curves) >= 4
 
