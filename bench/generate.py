@@ -40,6 +40,7 @@ from backend.mesh import Mesh  # noqa: E402
 from backend.presets import GENERATE_PRESETS, GenerateConfig  # noqa: E402
 from backend.raster import rasterize_views  # noqa: E402
 from backend.reference import ReferenceViews  # noqa: E402
+from backend.splat import activated  # noqa: E402
 from backend.splat import render as render_splats  # noqa: E402
 from backend.texture import render, sample_image  # noqa: E402
 
@@ -150,7 +151,7 @@ def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, devic
                     else scorer.splats(generated.splats), "chamfer": round(chamfer, 4),
                     "normal_consistency": round(normals, 4), "mesh_psnr": round(psnr(views, scorer.reference), 2),
                     "gaussians": len(generated.splats["means"]),
-                    "gaussians_seen": int((torch.sigmoid(generated.splats["opacities"]) >= SEEN_OPACITY).sum()),
+                    "gaussians_seen": int((activated(generated.splats)["opacities"] >= SEEN_OPACITY).sum()),
                     "triangles": generated.mesh.triangle_count,
                     **{f"{k}_s": v for k, v in generated.seconds.items()}}
     return result

@@ -151,9 +151,9 @@ def generation_runs(folder: Path, quick: bool) -> list[dict]:
     box = frame_box(REFERENCE_RADIUS * FRAME_RADIUS)
     face = prior_facing(prior, scene.prompt, "")
     rows = []
+    # the smoke run fits a quarter of the renders: 4 views, half the updates per pass
+    short = dict(views=4, recon_steps=25, init_recon_steps=25) if quick else {}
     for iterations in (2,) if quick else (4, base.schedule.iterations):
-        # the smoke run fits a quarter of the renders: 4 views, half the updates per pass
-        short = dict(views=4, recon_steps=25, init_recon_steps=25) if quick else {}
         cfg = replace(base, schedule=replace(base.schedule, iterations=iterations, **short),
                       splats=replace(base.splats, count=1000 if quick else 2000),
                       mesh=replace(base.mesh, grid=40 if quick else 64, texture_size=512, face_budget=20_000,
