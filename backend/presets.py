@@ -183,8 +183,9 @@ class SplatConfig:
     grow_grad2d: float = 2e-4
     max_count: int = 100_000        # stop growing past this, so memory stays bounded
     # Not done: moving faded Gaussians onto visible ones after densifying (3DGS-MCMC's relocation,
-    # every 50 updates to update 450). On SIR's table, where 2,700 of 3,800 fade, it raised held-out
-    # PSNR 24.99 -> 25.27 dB but worsened Chamfer 0.0125 -> 0.0136 (opacity < 0.02; < 0.005: 0.0144).
+    # every 50 updates to update 450). On SIR's table (10 passes), where 2,700 of 3,800 fade, it raised
+    # held-out PSNR 24.99 -> 25.27 dB but worsened Chamfer 0.0125 -> 0.0136 (opacity < 0.02; < 0.005:
+    # 0.0144).
 
 
 @dataclass(frozen=True)

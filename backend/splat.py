@@ -45,7 +45,8 @@ def sphere(count: int, radius: float, generator: torch.Generator, device: torch.
     """``count`` grey, faint, small Gaussians uniformly inside a ball: the usual start (DreamGaussian).
     σ is half the mean spacing. SIR hardly splits Gaussians, so this σ is about the width of its
     final ones (0.025 on bench/generate.py's table); starting at a quarter made them narrower
-    (0.016) but the meshes worse (Chamfer, one run each: table 0.0125 -> 0.0150, vase 0.0132 -> 0.0170)."""
+    (0.016) but the meshes worse (Chamfer, SIR at 10 passes, one run each: table 0.0125 -> 0.0150, vase
+    0.0132 -> 0.0170)."""
     direction = torch.randn(count, 3, generator=generator)
     direction = direction / direction.norm(dim=1, keepdim=True).clamp_min(1e-8)
     r = radius * torch.rand(count, 1, generator=generator) ** (1 / 3)
