@@ -51,12 +51,31 @@ def _stack(parts: list[tuple[torch.Tensor, torch.Tensor]]) -> Raster:
 _NV_CONTEXT: object | None = None
 
 
+def _nvdiffrast_context(device: torch.device) -> object:
+    """nvdiffrast's CUDA context. nvdiffrast imports its JIT-built plugin by module name once torch
+    has built it, but torch's extension loader (2.x) no longer registers what it loads under that
+    name, so the import fails right after a good build ("No module named
+    'nvdiffrast_plugin_...'"); putting the plugin's build folder on sys.path makes it importable."""
+    import sys
+
+    import nvdiffrast.torch as dr
+    from torch.utils.cpp_extension import _get_build_directory
+
+    try:
+        return dr.RasterizeCudaContext(device=device)
+    except ModuleNotFoundError as error:
+        if not (error.name or "").startswith("nvdiffrast_plugin"):
+            raise
+        sys.path.insert(0, _get_build_directory(error.name, False))
+        return dr.RasterizeCudaContext(device=device)
+
+
 def _rasterize_nvdiffrast(clip: torch.Tensor, triangles: torch.Tensor, height: int, width: int) -> Raster:
     global _NV_CONTEXT
     import nvdiffrast.torch as dr
 
     if _NV_CONTEXT is None:
-        _NV_CONTEXT = dr.RasterizeCudaContext(device=clip.device)
+        _NV_CONTEXT = _nvdiffrast_context(clip.device)
     rast, _ = dr.rasterize(_NV_CONTEXT, clip.contiguous(), triangles.to(torch.int32).contiguous(),
                            resolution=[height, width])
     return Raster(rast[..., 3].to(torch.int64) - 1, rast[..., :2].contiguous())
