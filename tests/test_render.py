@@ -10,7 +10,7 @@ import torch
 
 from backend.cameras import look_at, orbit, perspective
 from backend.raster import interpolate, rasterize, rasterize_views
-from backend.texture import PyramidTexture, pad_islands, render, uv_coverage
+from backend.texture import PyramidTexture, pad_islands, render, spread_grid_sample, uv_coverage
 
 
 def test_textured_quad_from_a_known_camera_matches_the_analytic_lookup() -> None:
@@ -112,6 +112,24 @@ def test_pyramid_texture_fits_a_target_view_and_fills_unseen_texels() -> None:
     full = texture.compose()
     assert full[0, :, :32].mean() > 0.8                  # the seen half is red
     assert full[0, :, 40:].mean() > 0.6                  # the unseen half took its neighbours' colour
+
+
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("size", [1, 4, 37])
+def test_sampling_spread_over_copies_gives_the_same_values_and_gradients(size: int, device: str) -> None:
+    generator = torch.Generator().manual_seed(size)
+    image = torch.rand(1, 3, size, size, generator=generator).to(device).requires_grad_()
+    uv = (torch.rand(1001, 2, generator=generator) * 1.2 - 0.1).to(device)  # some outside [0, 1]: border
+    weights = torch.rand(1001, 3, generator=generator).to(device)
+    outputs, grads = [], []
+    for copies in (1, 8, 1001):                                     # 1001 / 8 leaves padding points
+        out = spread_grid_sample(image, uv, copies)
+        (grad,) = torch.autograd.grad((out * weights).sum(), image)
+        outputs.append(out)
+        grads.append(grad)
+    for out, grad in zip(outputs[1:], grads[1:]):
+        assert torch.allclose(out, outputs[0], atol=1e-6)
+        assert torch.allclose(grad, grads[0], atol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="nvdiffrast needs CUDA; runs on GPU machines")
