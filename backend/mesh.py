@@ -34,6 +34,13 @@ class Mesh:
     def triangle_count(self) -> int:
         return int(self.triangles.shape[0])
 
+    def uv_areas(self) -> np.ndarray:
+        """Signed area of each triangle in UV space (T,): written out because numpy 2 no longer
+        takes 2-D vectors in ``np.cross``."""
+        uvs = self.corner_uvs.astype(np.float64)
+        a, b = uvs[:, 1] - uvs[:, 0], uvs[:, 2] - uvs[:, 0]
+        return a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
+
     def validate(self) -> None:
         """Raise MeshError for meshes that cannot be textured; cheap, runs before any GPU work."""
         p, t = self.positions, self.triangles

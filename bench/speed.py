@@ -232,8 +232,7 @@ def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, 
                 try:
                     count = len(unwrapping.mesh_pieces(mesh))
                     unwrapping.unwrap(mesh, time_limit=600 if pieces == "kiln" else 120)
-                    uvs = mesh.corner_uvs.astype(np.float64)
-                    used = round(float(np.abs(np.cross(uvs[:, 1] - uvs[:, 0], uvs[:, 2] - uvs[:, 0])).sum() / 2), 3)
+                    used = round(float(np.abs(mesh.uv_areas()).sum() / 2), 3)
                 except MeshError as error:  # stopped at the limit, or xatlas crashed
                     used = "timed out" if "took over" in str(error) else "crashed"
                 finally:
@@ -244,14 +243,14 @@ def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, 
     return out
 
 
-def generate_times(prior: Any, preset: str, device: torch.device) -> list[dict[str, Any]]:
+def generate_times(prior: Any, runs: list[tuple[str, str]], device: torch.device) -> list[dict[str, Any]]:
     """Generation end to end per method: seconds per stage (Gaussians, extraction, unwrap, bake,
     refinement), images denoised, peak VRAM."""
     from backend.generate import generate_object
     from backend.presets import GENERATE_PRESETS
 
     rows = []
-    for method in ("sir", "sds"):
+    for method, preset in runs:
         counting = CountingPrior(prior)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -295,59 +294,131 @@ def splat_times(device: torch.device, counts: list[int], size: int) -> list[dict
     return out
 
 
+def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.device) -> None:
+    """torch.profiler over one SIR job (after the timed runs, so nothing is cold): the operators
+    that cost most device time, and the job's total, to say where the time outside the UNet goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        run_job(prior, "sir", preset, faces, size, device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
+    print(f"\nprofile of sir {preset}, {faces} faces, {size}² (sorted by {key}):\n{table}", flush=True)
+    out = ROOT / "bench" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "speed_profile.txt").write_text(table)
+
+
+PARTS = ("jobs", "unwrap", "raster", "splat", "generate")
+
+
+def attempt(failures: list[str], what: str, run: Callable[[], Any]) -> Any:
+    """Run one measurement; a failure is printed with its traceback and recorded, and the bench goes
+    on to the next (one broken path must not cost a GPU lease the rest) but exits non-zero."""
+    import traceback
+
+    try:
+        return run()
+    except Exception as error:  # noqa: BLE001 - reported in full and makes the run fail
+        traceback.print_exc()
+        failures.append(f"{what}: {type(error).__name__}: {error}")
+        return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-small", action="store_true", help="tiny model, small meshes and textures, CPU")
     parser.add_argument("--model", choices=sorted(SD_UNETS), default="sd15", help="GPU runs: which architecture")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
+    parser.add_argument("--faces", help="comma-separated face counts of the job grid (5000, 50000, 500000)")
+    parser.add_argument("--sizes", help="comma-separated texture sizes of the job grid")
+    parser.add_argument("--methods", default="sir,sds,ssd", help="comma-separated methods of the job grid")
+    parser.add_argument("--no-low-vram", action="store_true", help="leave out the low-VRAM row")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile the default job (SIR quality) and print its costliest operators")
     args = parser.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        parser.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
     device = torch.device("cpu" if args.cpu_small or not torch.cuda.is_available() else "cuda")
     if args.cpu_small:
         prior, faces_list, sizes, presets = load_prior("tiny", device), [5_000], [512, 1024], "pipeline-check"
     else:
         prior, faces_list, sizes, presets = full_size_prior(args.model, device), [5_000, 50_000, 500_000], \
             [1024, 2048, 4096], None
-    plan = [(method, preset, faces, size, False) for method in ("sir", "sds", "ssd")
-            for preset in ([presets] if presets else (["quality", "turbo"] if method == "sir" else ["quality"]))
-            for faces in faces_list for size in sizes]
-    # Low-VRAM mode on the default job (SIR quality; the issue's 50k faces at 2048² on a GPU)
-    plan.append(("sir", presets or "quality", faces_list[min(1, len(faces_list) - 1)],
-                 sizes[min(1, len(sizes) - 1)], True))
-    rows = []
-    for method, preset, faces, size, low_vram in plan:
-        row = run_job(prior, method, preset, faces, size, device, low_vram)
+    faces_list = [int(f) for f in args.faces.split(",")] if args.faces else faces_list
+    sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
+    # The default job: the issue's 50k faces at 2048² on a GPU, the smallest grid point here.
+    default_faces, default_size = faces_list[min(1, len(faces_list) - 1)], sizes[min(1, len(sizes) - 1)]
+    plan = []
+    for method in args.methods.split(","):
+        for preset in [presets] if presets else (["quality", "turbo"] if method == "sir" else ["quality"]):
+            # SDS/SSD's quality runs take minutes of UNet time each on a GPU; mesh and texture size
+            # change only their rendering, which SIR's grid measures, so they run the default job alone.
+            grid = [(f, s) for f in faces_list for s in sizes] if presets or method == "sir" \
+                else [(default_faces, default_size)]
+            plan += [(method, preset, f, s, False) for f, s in grid]
+    if "sir" in args.methods.split(",") and not args.no_low_vram:
+        plan.append(("sir", presets or "quality", default_faces, default_size, True))  # low-VRAM mode
+    failures: list[str] = []
+    rows, unwraps, rasters, splats, generated = [], [], [], [], []
+    for method, preset, faces, size, low_vram in plan if "jobs" in parts else []:
+        row = attempt(failures, f"{method} {preset} {faces} faces {size}²",
+                      lambda: run_job(prior, method, preset, faces, size, device, low_vram))
+        if row is None:
+            continue
         rows.append(row)
         print(f"{method:<4} {preset + (' low-VRAM' if low_vram else ''):<24} {row['faces']:>7} faces {size:>5}²  "
               f"{row['seconds']:7.2f} s  UNet {row['unet_share']:.0%}  {row['unet_calls']:>4} calls  "
               f"{row['images_denoised']:>5} images  VRAM {row['peak_vram_gib']}  "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items() if v >= 0.005), flush=True)
-    unwraps = unwrap_times([5_000, 50_000, 500_000], 50_000 if args.cpu_small else 500_000)
-    print("\nUV unwrapping alone (CPU):")
-    for r in unwraps:
-        used = r["uv_area_used"]
-        print(f"  {r['faces']:>7} faces {r['surface']:<6} {r['pieces']:>5} pieces  {r['seconds']:7.2f} s  "
-              f"UV area used {used if isinstance(used, str) else f'{used:.0%}'}  ({r['cpu_cores']} cores)", flush=True)
-    rasters = rasteriser_times(device, faces_list, 512)
-    print("\nrasteriser alone (4 views):")
-    for r in rasters:
-        print(f"  {r['rasteriser']:<10} {r['faces']:>7} faces {r['size']}²  {r['ms']:8.1f} ms")
-    splats = splat_times(device, [2_000] if args.cpu_small else [10_000, 100_000], 128 if args.cpu_small else 512)
-    print("\n3D Gaussians alone (4 views, forward + backward):")
-    for r in splats:
-        print(f"  {r['renderer']:<10} {r['gaussians']:>7} Gaussians {r['size']}²  {r['ms_forward_backward']:8.1f} ms")
-    generated = generate_times(prior, presets or "quality", device)
-    print("\ngenerate an object:")
-    for r in generated:
-        print(f"  {r['method']:<4} {r['preset']:<15} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
-              f"{r['gaussians']} Gaussians  {r['triangles']} triangles  VRAM {r['peak_vram_gib']}  "
-              + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
+    if args.profile:
+        attempt(failures, "profile", lambda: profile_job(prior, presets or "quality", default_faces, default_size,
+                                                          device))
+    if "unwrap" in parts:
+        # The one-piece comparison is a CPU question, answered by the CPU run; a GPU lease skips it.
+        unwraps = attempt(failures, "unwrap", lambda: unwrap_times([5_000, 50_000, 500_000],
+                                                                   50_000 if args.cpu_small else 0)) or []
+        print("\nUV unwrapping alone (CPU):")
+        for r in unwraps:
+            used = r["uv_area_used"]
+            print(f"  {r['faces']:>7} faces {r['surface']:<6} {r['pieces']:>5} pieces  {r['seconds']:7.2f} s  "
+                  f"UV area used {used if isinstance(used, str) else f'{used:.0%}'}  ({r['cpu_cores']} cores)",
+                  flush=True)
+    if "raster" in parts:
+        rasters = attempt(failures, "rasterisers", lambda: rasteriser_times(device, faces_list, 512)) or []
+        print("\nrasteriser alone (4 views):")
+        for r in rasters:
+            print(f"  {r['rasteriser']:<10} {r['faces']:>7} faces {r['size']}²  {r['ms']:8.1f} ms")
+    if "splat" in parts:
+        splats = attempt(failures, "3D Gaussians", lambda: splat_times(
+            device, [2_000] if args.cpu_small else [10_000, 100_000], 128 if args.cpu_small else 512)) or []
+        print("\n3D Gaussians alone (4 views, forward + backward):")
+        for r in splats:
+            print(f"  {r['renderer']:<10} {r['gaussians']:>7} Gaussians {r['size']}²  "
+                  f"{r['ms_forward_backward']:8.1f} ms")
+    if "generate" in parts:
+        generated = attempt(failures, "generation", lambda: generate_times(
+            prior, [(m, p) for m in args.methods.split(",") if m in ("sir", "sds")
+                    for p in ([presets] if presets else ["quality", "turbo"] if m == "sir" else ["quality"])],
+            device)) or []
+        print("\ngenerate an object:")
+        for r in generated:
+            print(f"  {r['method']:<4} {r['preset']:<15} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
+                  f"{r['gaussians']} Gaussians  {r['triangles']} triangles  VRAM {r['peak_vram_gib']}  "
+                  + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
     out = ROOT / "bench" / "results"
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     (out / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
                                                 "jobs": rows, "unwrap": unwraps, "rasterisers": rasters,
-                                                "splats": splats, "generate": generated}, indent=2))
+                                                "splats": splats, "generate": generated, "failures": failures},
+                                               indent=2))
     print(f"\nwrote {out / 'speed.json'} ({device_name})")
+    if failures:
+        sys.exit("speed bench: " + str(len(failures)) + " measurement(s) failed:\n  " + "\n  ".join(failures))
 
 
 if __name__ == "__main__":
