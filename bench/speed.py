@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -305,9 +306,8 @@ def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.de
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
     table = prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60)
     print(f"\nprofile of sir {preset}, {faces} faces, {size}² (sorted by {key}):\n{table}", flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "speed_profile.txt").write_text(table)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "speed_profile.txt").write_text(table)
 
 
 PARTS = ("jobs", "unwrap", "raster", "splat", "generate")
@@ -351,15 +351,19 @@ def main() -> None:
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
     # The default job: the 50k faces at 2048² on a GPU, the smallest grid point here.
     default_faces, default_size = faces_list[min(1, len(faces_list) - 1)], sizes[min(1, len(sizes) - 1)]
+    methods = args.methods.split(",")
+
+    def presets_of(method: str) -> list[str]:
+        return [presets] if presets else ["quality", "turbo"] if method == "sir" else ["quality"]
     plan = []
-    for method in args.methods.split(","):
-        for preset in [presets] if presets else (["quality", "turbo"] if method == "sir" else ["quality"]):
+    for method in methods:
+        for preset in presets_of(method):
             # SDS/SSD's quality runs take minutes of UNet time each on a GPU; mesh and texture size
             # change only their rendering, which SIR's grid measures, so they run the default job alone.
             grid = [(f, s) for f in faces_list for s in sizes] if presets or method == "sir" \
                 else [(default_faces, default_size)]
             plan += [(method, preset, f, s, False) for f, s in grid]
-    if "sir" in args.methods.split(",") and not args.no_low_vram:
+    if "sir" in methods and not args.no_low_vram:
         plan.append(("sir", presets or "quality", default_faces, default_size, True))  # low-VRAM mode
     failures: list[str] = []
     rows, unwraps, rasters, splats, generated = [], [], [], [], []
@@ -400,23 +404,20 @@ def main() -> None:
                   f"{r['ms_forward_backward']:8.1f} ms")
     if "generate" in parts:
         generated = attempt(failures, "generation", lambda: generate_times(
-            prior, [(m, p) for m in args.methods.split(",") if m in ("sir", "sds")
-                    for p in ([presets] if presets else ["quality", "turbo"] if m == "sir" else ["quality"])],
-            device)) or []
+            prior, [(m, p) for m in methods if m in ("sir", "sds") for p in presets_of(m)], device)) or []
         print("\ngenerate an object:")
         for r in generated:
             print(f"  {r['method']:<4} {r['preset']:<15} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
                   f"{r['gaussians']} Gaussians  {r['triangles']} triangles  VRAM {r['peak_vram_gib']}  "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
-    out = ROOT / "bench" / "results"
-    out.mkdir(parents=True, exist_ok=True)
+    RESULTS.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
-    (out / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
+    (RESULTS / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
                                                 "jobs": rows, "unwrap": unwraps, "rasterisers": rasters,
                                                 "splats": splats, "generate": generated, "failures": failures},
                                                indent=2))
-    print(f"\nwrote {out / 'speed.json'} ({device_name})")
+    print(f"\nwrote {RESULTS / 'speed.json'} ({device_name})")
     if failures:
         sys.exit("speed bench: " + str(len(failures)) + " measurement(s) failed:\n  " + "\n  ".join(failures))
 
