@@ -97,8 +97,8 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
-        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "low_vram": args.low_vram,
-        "offline": args.offline,
+        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "vae": args.vae,
+        "low_vram": args.low_vram, "offline": args.offline,
         "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
         "adapt_prior": args.adapt, "delta_denoising": args.delta_denoising})
 
@@ -216,6 +216,10 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
     parser.add_argument("--lora", default=None,
                         help="a LoRA (HF id, folder or .safetensors) fused into the model; an LCM-LoRA such as "
                              "latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model")
+    parser.add_argument("--vae", default=None,
+                        help="an autoencoder in place of the model's (HF id, folder or .safetensors): "
+                             "madebyollin/taesd (SD 1.x/2.x) encodes and decodes views several times faster, "
+                             "with slightly softer detail")
     parser.add_argument("--preset", choices=sorted({p for names in presets.values() for p in names}), default=None,
                         help="default: pipeline-check for the tiny model, lcm/turbo for few-step models "
                              "(LCM, LCM-LoRA, SD-Turbo), quality otherwise")

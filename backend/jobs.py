@@ -54,6 +54,7 @@ class JobRequest:
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
     lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
+    vae: str | None = None          # an autoencoder in place of the model's (TAESD: faster views)
     low_vram: bool = False          # bound the model's memory for small cards (prior.set_low_vram)
     # ReDream: use the artist's ``references`` (asset files, primary first), or else the assets the
     # prompt retrieves from the indexed ``libraries``; ``clip`` (weights) re-ranks and faces by
@@ -111,7 +112,8 @@ class JobRequest:
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
-                   lora=str(f["lora"]) if f.get("lora") else None, low_vram=bool(f.get("low_vram", False)),
+                   lora=str(f["lora"]) if f.get("lora") else None, vae=str(f["vae"]) if f.get("vae") else None,
+                   low_vram=bool(f.get("low_vram", False)),
                    preset=f.get("preset"), offline=bool(f.get("offline", False)),
                    references=tuple(references), libraries=tuple(libraries),
                    clip=str(f["clip"]) if f.get("clip") else None, adapt_prior=bool(f.get("adapt_prior", False)),
@@ -143,17 +145,17 @@ class JobRequest:
 class ModelCache:
     """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
 
-    priors: dict[tuple[str, str | None, str | None], Prior] = field(default_factory=dict)
+    priors: dict[tuple[str, str | None, str | None, str | None], Prior] = field(default_factory=dict)
 
     def get(self, request: JobRequest, events: TextureEvents) -> Prior:
-        """The request's model (with its ControlNet and LoRA), loaded once; low-VRAM mode is
+        """The request's model (with its ControlNet, LoRA and VAE), loaded once; low-VRAM mode is
         switched on the loaded model, so toggling it costs no reload."""
-        key = (request.model, request.controlnet, request.lora)
+        key = (request.model, request.controlnet, request.lora, request.vae)
         if key not in self.priors:
             events.progress(0, 1, f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
-                                          lora=request.lora)
+                                          lora=request.lora, vae=request.vae)
         prior = self.priors[key]
         if isinstance(prior, LatentDiffusionPrior):
             set_low_vram(prior, request.low_vram)

@@ -148,7 +148,9 @@ class LatentDiffusionPrior:
         return torch.stack(prompts, 1)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        latents = self.vae.encode((images * 2 - 1).to(self.dtype)).latent_dist.mean
+        out = self.vae.encode((images * 2 - 1).to(self.dtype))
+        # AutoencoderKL gives a distribution (its mean is the latent); TAESD gives the latents.
+        latents = out.latent_dist.mean if hasattr(out, "latent_dist") else out.latents
         return latents.float() * self.vae.config.scaling_factor
 
     @torch.no_grad()
@@ -224,18 +226,19 @@ def default_device() -> torch.device:
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
-               controlnet: str | None = None, lora: str | None = None) -> Prior:
+               controlnet: str | None = None, lora: str | None = None, vae: str | None = None) -> Prior:
     """``model``: 'tiny', a Hugging Face id, a diffusers folder, a single checkpoint file, or
     ``python:MODULE:FUNCTION`` (a prior written outside Kiln, see ``load_plugin``);
     ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
-    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights. Low-VRAM
-    mode is switched on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
+    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights; ``vae``:
+    optionally an autoencoder in place of the model's (``_load_vae``). Low-VRAM mode is switched
+    on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
     if model.startswith(PLUGIN):
-        if controlnet or lora:
-            raise ModelError(protocol.E_MODEL_NOT_FOUND, "a plug-in prior takes no ControlNet or LoRA from Kiln: "
-                             "build them into the prior the plug-in returns")
+        if controlnet or lora or vae:
+            raise ModelError(protocol.E_MODEL_NOT_FOUND, "a plug-in prior takes no ControlNet, LoRA or VAE from "
+                             "Kiln: build them into the prior the plug-in returns")
         return load_plugin(model[len(PLUGIN):], device, offline)
     if model == TINY:
         from .tiny_model import build_tiny_prior
@@ -246,6 +249,8 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
         prior.controlnet = _load_controlnet(controlnet, device, prior.dtype, offline)
     if lora:
         _fuse_lora(prior, lora, offline)
+    if vae:  # after the LoRA: diffusers' LoRA loader builds a pipeline around the model's own VAE
+        prior.vae = _load_vae(vae, prior, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
     return prior
 
@@ -311,6 +316,67 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
         pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     except Exception as exc:  # hub, filesystem, format and shape errors all end here
         raise explain_load_error(exc, f"LoRA {source!r}", offline) from None
+
+
+def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
+    """An autoencoder in place of the model's: TAESD (``madebyollin/taesd`` for SD 1.x/2.x, a
+    diffusers AutoencoderTiny) encodes and decodes views many times faster, with slightly softer
+    detail, and few-step jobs spend more time in the VAE than in the UNet; or a full VAE (such as
+    ``stabilityai/sd-vae-ft-mse``), as artists swap VAEs elsewhere. An id or folder loads whichever
+    class its config names; a single .safetensors file is TAESD in diffusers' layout or an
+    original-layout full VAE."""
+    from diffusers import AutoencoderKL, AutoencoderTiny, AutoModel
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_file():
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as weights:
+                tiny = any(key.startswith("encoder.layers.") for key in weights.keys())
+            if tiny:
+                vae = _taesd_file(path)
+            else:
+                vae = AutoencoderKL.from_single_file(str(path), torch_dtype=prior.dtype, local_files_only=offline)
+        elif path.is_dir() or HF_ID.match(source):
+            vae = AutoModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=prior.dtype,
+                                            local_files_only=offline or path.is_dir())
+        else:
+            raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                             f"unknown VAE {source!r}: give a Hugging Face id such as 'madebyollin/taesd' (fast, "
+                             "for SD 1.x/2.x), a diffusers folder, or a .safetensors file")
+    except ModelError:
+        raise
+    except Exception as exc:  # hub, filesystem, format and shape errors all end here
+        raise explain_load_error(exc, f"VAE {source!r}", offline) from None
+    if not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{source!r} holds a {type(vae).__name__}, not a VAE: give an "
+                         "autoencoder such as 'madebyollin/taesd' or 'stabilityai/sd-vae-ft-mse'")
+    own = prior.vae.config
+    if (vae.config.latent_channels, len(vae.config.block_out_channels)) != \
+            (own.latent_channels, len(own.block_out_channels)):
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"VAE {source!r} has {vae.config.latent_channels} latent channels at 1/"
+                         f"{2 ** (len(vae.config.block_out_channels) - 1)} size, and {prior.name} works in "
+                         f"{own.latent_channels} at 1/{prior.latent_factor}: pick the VAE made for this model "
+                         "(madebyollin/taesd for SD 1.x/2.x)")
+    return vae.to(prior.device, prior.dtype).eval()
+
+
+def _taesd_file(path: Path) -> Any:
+    """TAESD's weights in diffusers' layout as one file: the published architecture, read with no
+    hub access (there is no config to fetch)."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import load_file
+
+    vae = AutoencoderTiny()
+    try:
+        vae.load_state_dict(load_file(str(path)))
+    except RuntimeError as exc:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"{str(path)!r} is not TAESD's published architecture ({str(exc).splitlines()[0]}): give "
+                         "the folder it came in (with its config.json), or a Hugging Face id") from None
+    return vae
 
 
 def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offline: bool) -> Any:

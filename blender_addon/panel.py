@@ -24,6 +24,7 @@ class KILN_PT_main(bpy.types.Panel):
         col.prop(settings, "negative_prompt")
         col.prop(settings, "model")
         col.prop(settings, "lora")
+        col.prop(settings, "vae")
         col.prop(settings, "controlnet")
         col.prop(settings, "method", expand=True)
         row = col.row(align=True)

@@ -91,6 +91,11 @@ class KilnSettings(bpy.types.PropertyGroup):
         name="LoRA", default="",
         description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
                     "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
+    vae: StringProperty(
+        name="VAE", default="",
+        description="Optional autoencoder in place of the model's (Hugging Face id, folder or .safetensors). "
+                    "madebyollin/taesd (for SD 1.x/2.x) encodes and decodes views several times faster, with "
+                    "slightly softer detail: worth it with few-step models, where the VAE takes the most time")
     seed: IntProperty(name="Seed", default=0, min=0, description="Same seed, same settings: same texture")
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")

@@ -144,7 +144,7 @@ def read_settings(settings: Any) -> dict[str, Any]:
     fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
               "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
               "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
-    for name in ("controlnet", "lora"):
+    for name in ("controlnet", "lora", "vae"):
         if getattr(settings, name).strip():
             fields[name] = getattr(settings, name).strip()
     if settings.refine:  # the backend refines when the job carries a texture; strength says how far

@@ -206,6 +206,7 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("empty prompt", "prompt is empty"),
     ("unknown model", "unknown model"),
     ("unknown lora", "unknown LoRA"),
+    ("unknown vae", "unknown VAE"),
     ("weights offline", "Allow Online Access"),
     ("backend missing", "does not exist"),
     ("backend without dependencies", "lacks Kiln's dependencies"),
@@ -235,6 +236,8 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
         scene.model = "definitely not a model"
     elif case == "unknown lora":
         scene.lora = "no such lora"
+    elif case == "unknown vae":
+        scene.vae = "no such vae"
     elif case == "weights offline":
         scene.model = "kiln-tests/not-downloaded"
     elif case == "backend missing":

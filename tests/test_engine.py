@@ -226,6 +226,8 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert result.returncode == 2 and "does not exist" in result.stderr
     result = run_cli("texture", str(VASE), "--prompt", "x", "--size", "100", "--out", str(tmp_path))
     assert result.returncode == 2 and "out of range" in result.stderr
+    result = run_cli("texture", str(VASE), "--prompt", "x", "--vae", "no such vae", "--out", str(tmp_path))
+    assert result.returncode == 2 and "unknown VAE 'no such vae'" in result.stderr
 
 
 def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
@@ -346,6 +348,64 @@ def test_a_lora_is_fused_into_the_model_through_diffusers_loader(tmp_path) -> No
     assert fused.few_step == "lcm" and not any("lora" in n for n, _ in fused.unet.named_parameters())
     with pytest.raises(ModelError, match="unknown LoRA"):
         load_prior("tiny", torch.device("cpu"), lora="no such lora")
+
+
+def tiny_taesd(latent_channels: int = 4):
+    """A TAESD-architecture autoencoder (diffusers' AutoencoderTiny) at the tiny model's latent
+    size, 1/4, random weights: two stride-2 stages each way."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(0)
+    return AutoencoderTiny(encoder_block_out_channels=(16, 16, 16), decoder_block_out_channels=(16, 16, 16),
+                           num_encoder_blocks=(1, 1, 1), num_decoder_blocks=(1, 1, 1),
+                           latent_channels=latent_channels).eval()
+
+
+def test_a_tiny_autoencoder_replaces_the_models_vae(tmp_path) -> None:
+    """A TAESD folder takes the VAE's place: encoding and decoding follow TAESD's own convention
+    (images in [0, 1], latents already scaled), gradients reach the render (SDS needs them), the
+    cache keeps the two variants apart, and a texturing job runs with it. A single file must be
+    TAESD's published architecture; a VAE of another latent shape, or an unknown name, is
+    refused with what to pick instead."""
+    from diffusers import AutoencoderTiny
+    from safetensors.torch import save_file
+
+    taesd = tiny_taesd()
+    taesd.save_pretrained(tmp_path / "taesd")
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        raw_latents = taesd.encoder.layers(images)
+        raw_images = taesd.decoder.layers(torch.tanh(raw_latents / 3) * 3).clamp(0, 1)
+    prior = load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "taesd"))
+    assert type(prior.vae).__name__ == "AutoencoderTiny" and prior.resolution == 64
+    latents = prior.encode(images)
+    assert latents.shape == (2, 4, 16, 16) and torch.allclose(latents, raw_latents, atol=1e-5)
+    assert torch.allclose(prior.decode(latents), raw_images, atol=1e-5)
+    render = images.clone().requires_grad_()
+    prior.encode(render).square().sum().backward()
+    assert render.grad.abs().sum() > 0
+
+    models = ModelCache()
+    plain = models.get(JobRequest.from_fields({"prompt": "a vase"}), Recorder())
+    request = JobRequest.from_fields({"prompt": "a vase", "vae": str(tmp_path / "taesd"), "texture_size": 512,
+                                      "steps": 1})
+    fast = models.get(request, Recorder())
+    assert fast is not plain and type(plain.vae).__name__ == "AutoencoderKL"
+    rec = Recorder()
+    run_texture_job(request, grid_mesh(), rec, models)
+    assert rec.textures[-1][1] and rec.textures[-1][0].std() > 0
+
+    save_file(AutoencoderTiny().state_dict(), tmp_path / "taesd-published.safetensors")  # SD's 1/8 latents
+    with pytest.raises(ModelError, match="4 latent channels at 1/8 size.*at 1/4: pick the VAE made for this"):
+        load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "taesd-published.safetensors"))
+    save_file(taesd.state_dict(), tmp_path / "taesd-other.safetensors")
+    with pytest.raises(ModelError, match="not TAESD's published architecture.*folder it came in"):
+        load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "taesd-other.safetensors"))
+    tiny_taesd(latent_channels=16).save_pretrained(tmp_path / "taesd-sd3")
+    with pytest.raises(ModelError, match="16 latent channels"):
+        load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "taesd-sd3"))
+    with pytest.raises(ModelError, match="unknown VAE"):
+        load_prior("tiny", torch.device("cpu"), vae="no such vae")
 
 
 def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() -> None:
