@@ -60,6 +60,8 @@ SD_UNETS = {
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
+# TAESD's published architecture (madebyollin/taesd, diffusers' AutoencoderTiny defaults) per level.
+TAESD_BLOCKS = ((64, 1), (64, 3), (64, 3), (64, 3))
 SD_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
                num_attention_heads=12, max_position_embeddings=77)
 
@@ -79,6 +81,27 @@ def full_size_prior(name: str, device: torch.device) -> LatentDiffusionPrior:
     encoder = CLIPTextModel(CLIPTextConfig(**text)).to(device, torch.float16).eval()
     return LatentDiffusionPrior(name, unet, vae, encoder, tiny.tokenizer, "epsilon", tiny.schedule, device,
                                 torch.float16)
+
+
+def taesd_like(prior: LatentDiffusionPrior) -> Any:
+    """TAESD with random weights at the prior's latent size: the published architecture for SD's
+    four-level VAE, its first levels for the tiny model's three."""
+    from diffusers import AutoencoderTiny
+
+    widths, blocks = zip(*TAESD_BLOCKS[:len(prior.vae.config.block_out_channels)], strict=True)
+    vae = AutoencoderTiny(encoder_block_out_channels=widths, decoder_block_out_channels=widths,
+                          num_encoder_blocks=blocks, num_decoder_blocks=blocks[::-1])
+    return vae.to(prior.device, prior.dtype).eval()
+
+
+def compile_prior(prior: LatentDiffusionPrior, mode: str) -> None:
+    """torch.compile the UNet and the VAE's halves in place (``mode``: torch.compile's; its
+    "reduce-overhead" adds CUDA graphs). The first timestep and batch size compile static, the
+    next ones recompile once with those sizes dynamic (4 compilations in a SIR job), so the bench
+    runs an untimed warm-up job first."""
+    prior.unet = torch.compile(prior.unet, mode=mode)
+    prior.vae.encoder = torch.compile(prior.vae.encoder, mode=mode)
+    prior.vae.decoder = torch.compile(prior.vae.decoder, mode=mode)
 
 
 class StageClock:
@@ -139,8 +162,12 @@ def torus_mesh(faces: int, rough: bool = False) -> Mesh:
 
 
 def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device: torch.device,
-            low_vram: bool = False) -> dict[str, Any]:
+            low_vram: bool = False, taesd: bool = False) -> dict[str, Any]:
+    """One texturing job, timed per stage; ``taesd``: with TAESD in place of the model's VAE."""
     clock = StageClock(device)
+    own_vae = prior.vae
+    if taesd:
+        prior.vae = taesd_like(prior)
     set_low_vram(prior, low_vram)
     counts = {"unet_calls": 0, "images": 0}
     restore: list[Callable[[], None]] = []
@@ -179,9 +206,11 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
         for undo in restore:
             undo()
         set_low_vram(prior, False)
+        prior.vae = own_vae
     total = time.perf_counter() - start
     stages = {k: round(v, 3) for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
-    return {"method": method, "preset": preset, "low_vram": low_vram, "faces": mesh.triangle_count, "texture": size,
+    return {"method": method, "preset": preset, "low_vram": low_vram, "vae": "TAESD" if taesd else "model's",
+            "faces": mesh.triangle_count, "texture": size,
             "seconds": round(total, 3), "unet_calls": counts["unet_calls"], "images_denoised": counts["images"],
             "unet_share": round(clock.seconds["UNet"] / total, 3), "stages": stages,
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
@@ -244,20 +273,27 @@ def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, 
     return out
 
 
-def generate_times(prior: Any, runs: list[tuple[str, str]], device: torch.device) -> list[dict[str, Any]]:
-    """Generation end to end per method: seconds per stage (Gaussians, extraction, unwrap, bake,
-    refinement), images denoised, peak VRAM."""
+def generate_times(prior: Any, runs: list[tuple[str, str, bool]], device: torch.device) -> list[dict[str, Any]]:
+    """Generation end to end per method and preset, with the model's VAE or TAESD: seconds per
+    stage (Gaussians, extraction, unwrap, bake, refinement), images denoised, peak VRAM."""
     from backend.generate import generate_object
     from backend.presets import GENERATE_PRESETS
 
     rows = []
-    for method, preset in runs:
+    own_vae = prior.vae
+    for method, preset, taesd in runs:
+        prior.vae = taesd_like(prior) if taesd else own_vae
         counting = CountingPrior(prior)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        result = generate_object(counting, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0, TextureEvents())
-        rows.append({"method": method, "preset": preset, "seconds": round(time.perf_counter() - start, 2),
+        try:
+            result = generate_object(counting, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0,
+                                     TextureEvents())
+        finally:
+            prior.vae = own_vae
+        rows.append({"method": method, "preset": preset, "vae": "TAESD" if taesd else "model's",
+                     "seconds": round(time.perf_counter() - start, 2),
                      "stages": result.seconds, "images_denoised": counting.images,
                      "gaussians": len(result.splats["means"]), "triangles": result.mesh.triangle_count,
                      "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
@@ -295,6 +331,37 @@ def splat_times(device: torch.device, counts: list[int], size: int) -> list[dict
     return out
 
 
+def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any]]:
+    """The VAE alone: encoding and decoding ``views`` images (one SIR pass's), SD's VAE against
+    TAESD, both at full size with random weights, fp16 on CUDA."""
+    from diffusers import AutoencoderKL
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    sd = LatentDiffusionPrior("sd", None, AutoencoderKL(**SD_VAE).to(device, dtype).eval(), None, None, "epsilon",
+                              None, device, dtype)
+    images = torch.rand(views, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+    out = []
+    for name, vae in (("SD", sd.vae), ("TAESD", taesd_like(sd))):
+        sd.vae = vae
+        with torch.no_grad():
+            sd.decode(sd.encode(images))  # warm-up
+            seconds = {}
+            for what, run in (("encode", lambda: sd.encode(images)),
+                              ("decode", lambda latents=sd.encode(images): sd.decode(latents))):
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                start = time.perf_counter()
+                for _ in range(3):
+                    run()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                seconds[what] = (time.perf_counter() - start) / 3
+        out.append({"vae": name, "views": views, "size": size, "encode_ms": round(seconds["encode"] * 1000, 1),
+                    "decode_ms": round(seconds["decode"] * 1000, 1),
+                    "parameters_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 2)})
+    return out
+
+
 def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.device) -> None:
     """torch.profiler over one SIR job (after the timed runs, so nothing is cold): the operators
     that cost most device time, and the job's total, to say where the time outside the UNet goes."""
@@ -310,7 +377,7 @@ def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.de
     (RESULTS / "speed_profile.txt").write_text(table)
 
 
-PARTS = ("jobs", "unwrap", "raster", "splat", "generate")
+PARTS = ("jobs", "vae", "unwrap", "raster", "splat", "generate")
 
 
 def attempt(failures: list[str], what: str, run: Callable[[], Any]) -> Any:
@@ -335,6 +402,8 @@ def main() -> None:
     parser.add_argument("--sizes", help="comma-separated texture sizes of the job grid")
     parser.add_argument("--methods", default="sir,sds,ssd", help="comma-separated methods of the job grid")
     parser.add_argument("--no-low-vram", action="store_true", help="leave out the low-VRAM row")
+    parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
+                        help="torch.compile the UNet and VAE in this mode; an untimed warm-up job compiles first")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the default job (SIR quality) and print its costliest operators")
     args = parser.parse_args()
@@ -362,24 +431,41 @@ def main() -> None:
             # change only their rendering, which SIR's grid measures, so they run the default job alone.
             grid = [(f, s) for f in faces_list for s in sizes] if presets or method == "sir" \
                 else [(default_faces, default_size)]
-            plan += [(method, preset, f, s, False) for f, s in grid]
+            plan += [(method, preset, f, s, False, False) for f, s in grid]
+    if "sir" in methods:  # the default job with TAESD in place of the model's VAE
+        plan += [("sir", preset, default_faces, default_size, False, True) for preset in presets_of("sir")]
     if "sir" in methods and not args.no_low_vram:
-        plan.append(("sir", presets or "quality", default_faces, default_size, True))  # low-VRAM mode
+        plan.append(("sir", presets or "quality", default_faces, default_size, True, False))  # low-VRAM mode
     failures: list[str] = []
-    rows, unwraps, rasters, splats, generated = [], [], [], [], []
-    for method, preset, faces, size, low_vram in plan if "jobs" in parts else []:
-        row = attempt(failures, f"{method} {preset} {faces} faces {size}²",
-                      lambda: run_job(prior, method, preset, faces, size, device, low_vram))
+    if args.compile:
+        compile_prior(prior, args.compile)
+        for preset in presets_of("sir"):  # every shape the SIR jobs feed the networks
+            started = time.perf_counter()
+            attempt(failures, f"compile warm-up ({preset})",
+                    lambda: run_job(prior, "sir", preset, default_faces, default_size, device))
+            print(f"torch.compile ({args.compile}) warm-up, sir {preset}: {time.perf_counter() - started:.1f} s",
+                  flush=True)
+    rows, vaes, unwraps, rasters, splats, generated = [], [], [], [], [], []
+    for method, preset, faces, size, low_vram, taesd in plan if "jobs" in parts else []:
+        label = preset + (" low-VRAM" if low_vram else "") + (" TAESD" if taesd else "")
+        row = attempt(failures, f"{method} {label} {faces} faces {size}²",
+                      lambda: run_job(prior, method, preset, faces, size, device, low_vram, taesd))
         if row is None:
             continue
         rows.append(row)
-        print(f"{method:<4} {preset + (' low-VRAM' if low_vram else ''):<24} {row['faces']:>7} faces {size:>5}²  "
+        print(f"{method:<4} {label:<24} {row['faces']:>7} faces {size:>5}²  "
               f"{row['seconds']:7.2f} s  UNet {row['unet_share']:.0%}  {row['unet_calls']:>4} calls  "
               f"{row['images_denoised']:>5} images  VRAM {row['peak_vram_gib']}  "
               + ", ".join(f"{k} {v:.2f}" for k, v in row["stages"].items() if v >= 0.005), flush=True)
     if args.profile:
         attempt(failures, "profile", lambda: profile_job(prior, presets or "quality", default_faces, default_size,
                                                           device))
+    if "vae" in parts:
+        vaes = attempt(failures, "VAE", lambda: vae_times(device, *((1, 256) if args.cpu_small else (8, 512)))) or []
+        print("\nVAE alone (one pass's views, encode and decode):")
+        for r in vaes:
+            print(f"  {r['vae']:<6} {r['parameters_m']:6.2f} M parameters  {r['views']} x {r['size']}²  "
+                  f"encode {r['encode_ms']:8.1f} ms  decode {r['decode_ms']:8.1f} ms", flush=True)
     if "unwrap" in parts:
         # The one-piece comparison is a CPU question, answered by the CPU run; a GPU lease skips it.
         unwraps = attempt(failures, "unwrap", lambda: unwrap_times([5_000, 50_000, 500_000],
@@ -404,17 +490,20 @@ def main() -> None:
                   f"{r['ms_forward_backward']:8.1f} ms")
     if "generate" in parts:
         generated = attempt(failures, "generation", lambda: generate_times(
-            prior, [(m, p) for m in methods if m in ("sir", "sds") for p in presets_of(m)], device)) or []
+            prior, [(m, p, False) for m in methods if m in ("sir", "sds") for p in presets_of(m)]
+            + [("sir", p, True) for p in presets_of("sir") if "sir" in methods], device)) or []
         print("\ngenerate an object:")
         for r in generated:
-            print(f"  {r['method']:<4} {r['preset']:<15} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
+            label = r["preset"] + (" TAESD" if r["vae"] == "TAESD" else "")
+            print(f"  {r['method']:<4} {label:<21} {r['seconds']:7.2f} s  {r['images_denoised']:>5} images  "
                   f"{r['gaussians']} Gaussians  {r['triangles']} triangles  VRAM {r['peak_vram_gib']}  "
                   + ", ".join(f"{k} {v:.2f}" for k, v in r["stages"].items()), flush=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     (RESULTS / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
-                                                "jobs": rows, "unwrap": unwraps, "rasterisers": rasters,
+                                                "compile": args.compile,
+                                                "jobs": rows, "vae": vaes, "unwrap": unwraps, "rasterisers": rasters,
                                                 "splats": splats, "generate": generated, "failures": failures},
                                                indent=2))
     print(f"\nwrote {RESULTS / 'speed.json'} ({device_name})")

@@ -38,9 +38,14 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
         assert {"UNet", "VAE", "rendering", "in-painting + padding"} <= set(job["stages"])
     low = [job for job in report["jobs"] if job["low_vram"]]
     assert len(low) == 1 and low[0]["method"] == "sir"
+    assert [job["method"] for job in report["jobs"] if job["vae"] == "TAESD"] == ["sir"]
+    sd, taesd = report["vae"]
+    assert (sd["vae"], taesd["vae"]) == ("SD", "TAESD") and taesd["parameters_m"] < sd["parameters_m"] / 10
+    assert 0 < taesd["decode_ms"] < sd["decode_ms"]
     assert report["rasterisers"][0]["ms"] > 0
     assert report["splats"][0]["renderer"] == "torch" and report["splats"][0]["ms_forward_backward"] > 0
-    assert {row["method"] for row in report["generate"]} == {"sir", "sds"}
+    assert {(row["method"], row["vae"]) for row in report["generate"]} == \
+        {("sir", "model's"), ("sds", "model's"), ("sir", "TAESD")}
     for row in report["generate"]:
         assert set(row["stages"]) == {"gaussians", "extract", "unwrap", "bake", "refine"}
         assert row["images_denoised"] > 0 and row["triangles"] > 0
