@@ -27,7 +27,7 @@ from .presets import (
     resolve_generate,
 )
 from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
-from .unwrap import unwrap
+from .unwrap import Unwrapping
 
 
 class JobError(Exception):
@@ -219,7 +219,7 @@ def texture_from_message(msg: protocol.Message, name: str = "init_texture") -> t
 
 def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
                     init_texture: torch.Tensor | None = None, own_reference: tuple[Asset, str] | None = None):
-    """Validate, unwrap if needed, load the prior, run the method; returns the final (3, S, S)
+    """Validate, unwrap if needed (while the prior loads), run the method; returns the final (3, S, S)
     texture. With ``init_texture`` the method refines it instead of starting blank;
     ``own_reference`` is the artist's reference object (asset and name), if they chose one."""
     from .distill import DistillTexturer
@@ -232,13 +232,14 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")
-    prior = models.get(request, events)
-    cfg = request.config(refine, getattr(prior, "few_step", None))
-    total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
-    if mesh.corner_uvs is None:
-        events.progress(0, total, "unwrapping UVs (xatlas)")
-        loop_uvs = unwrap(mesh, events.cancelled)
-        events.uvs(loop_uvs, mesh.corner_uvs)
+    # xatlas starts in its child process now, and works while the model loads.
+    with Unwrapping(mesh) if mesh.corner_uvs is None else contextlib.nullcontext() as unwrapping:
+        prior = models.get(request, events)
+        cfg = request.config(refine, getattr(prior, "few_step", None))
+        total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
+        if unwrapping is not None:
+            events.progress(0, total, "unwrapping UVs (xatlas)")
+            events.uvs(unwrapping.apply(events.cancelled), mesh.corner_uvs)
     reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,
                                        events)
     extra = {"delta_denoising": request.delta_denoising} if request.method != "sir" else {}

@@ -81,69 +81,87 @@ def _child(source: str, target: str) -> None:
     np.save(target, _parametrize(data["positions"], triangles, pieces))
 
 
-def corner_uvs(mesh: Mesh, cancelled: Callable[[], bool] = lambda: False,
-               time_limit: float = TIME_LIMIT_S) -> np.ndarray:
-    """xatlas's UVs per triangle corner, (T, 3, 2), computed in a child process.
+class Unwrapping:
+    """xatlas at work on one mesh in its child process, started on construction so that the job
+    can load the model meanwhile (a first job's model load takes seconds, as does unwrapping a big
+    mesh); ``corner_uvs`` or ``apply`` waits for it. Use it as a context manager: leaving kills a
+    child still running (a failed model load, a cancel) and removes its files."""
 
-    Raises ``Cancelled`` when ``cancelled()`` turns True, and MeshError (with the fix) when xatlas
-    crashes or runs past ``time_limit`` seconds."""
-    from .events import Cancelled  # imports torch: only the parent needs it
-
-    positions = mesh.positions.astype(np.float32)
-    triangles = mesh.triangles.astype(np.int64)
-    faces = len(triangles)
-    pieces = mesh_pieces(mesh)
-    fix = ("give it a UV map in Blender (UV Editing > UV > Smart UV Project) or reduce it (Decimate modifier), "
-           "then run again")
-    with tempfile.TemporaryDirectory(prefix="kiln-unwrap-") as folder:
-        source, target = Path(folder) / "mesh.npz", Path(folder) / "uvs.npy"
-        np.savez(source, positions=positions, triangles=triangles, order=np.concatenate(pieces),
-                 bounds=np.cumsum([0] + [len(p) for p in pieces]))
+    def __init__(self, mesh: Mesh, time_limit: float = TIME_LIMIT_S) -> None:
+        self.mesh, self.time_limit = mesh, time_limit
+        pieces = mesh_pieces(mesh)
+        self.folder = tempfile.TemporaryDirectory(prefix="kiln-unwrap-")
+        folder = Path(self.folder.name)
+        source, self.target, self.errors = folder / "mesh.npz", folder / "uvs.npy", folder / "stderr.txt"
+        np.savez(source, positions=mesh.positions.astype(np.float32), triangles=mesh.triangles.astype(np.int64),
+                 order=np.concatenate(pieces), bounds=np.cumsum([0] + [len(p) for p in pieces]))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-        child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(source), str(target)], env=env,
-                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + time_limit
-        try:
-            while True:
-                try:
-                    child.wait(timeout=0.1)
-                    break
-                except subprocess.TimeoutExpired:
-                    if cancelled():
-                        raise Cancelled() from None
-                    if time.monotonic() > deadline:
-                        raise MeshError(f"unwrapping mesh {mesh.name!r} ({faces:,} triangles, no UV map) took "
-                                        f"over {time_limit:g} s, so Kiln stopped it: {fix}") from None
-        finally:
-            if child.poll() is None:
-                child.kill()
-                child.wait()
-            errors = child.stderr.read().decode(errors="replace").strip()
-            child.stderr.close()
-        if child.returncode != 0:
-            how = f"crashed (signal {-child.returncode})" if child.returncode < 0 else "failed"
+        with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
+            self.child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(source), str(self.target)],
+                                          env=env, stdout=subprocess.DEVNULL, stderr=errors)
+        self.deadline = time.monotonic() + time_limit
+
+    def __enter__(self) -> "Unwrapping":
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.child.poll() is None:
+            self.child.kill()
+            self.child.wait()
+        self.folder.cleanup()
+
+    def corner_uvs(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
+        """xatlas's UVs per triangle corner, (T, 3, 2). Raises ``Cancelled`` when ``cancelled()``
+        turns True, and MeshError (with the fix) when xatlas crashes or runs past the time limit
+        (counted from the start)."""
+        from .events import Cancelled  # imports torch: only the parent needs it
+
+        faces, name = self.mesh.triangle_count, self.mesh.name
+        fix = ("give it a UV map in Blender (UV Editing > UV > Smart UV Project) or reduce it (Decimate modifier), "
+               "then run again")
+        while True:
+            try:
+                self.child.wait(timeout=0.1)
+                break
+            except subprocess.TimeoutExpired:
+                if cancelled():
+                    raise Cancelled() from None
+                if time.monotonic() > self.deadline:
+                    raise MeshError(f"unwrapping mesh {name!r} ({faces:,} triangles, no UV map) took over "
+                                    f"{self.time_limit:g} s, so Kiln stopped it: {fix}") from None
+        if self.child.returncode != 0:
+            errors = self.errors.read_text(errors="replace").strip()
+            how = f"crashed (signal {-self.child.returncode})" if self.child.returncode < 0 else "failed"
             detail = f" ({errors.splitlines()[-1]})" if errors else ""
-            raise MeshError(f"xatlas {how} unwrapping mesh {mesh.name!r} ({faces:,} triangles){detail}: {fix}")
-        return np.load(target)
+            raise MeshError(f"xatlas {how} unwrapping mesh {name!r} ({faces:,} triangles){detail}: {fix}")
+        return np.load(self.target)
+
+    def apply(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray | None:
+        """Give the mesh its UVs; sets ``corner_uvs`` and returns per-loop UVs (or None).
+
+        The per-loop array is what Blender stores in the new UV map. Where an n-gon's loops got
+        different UVs in different triangles, the last one wins and the corners are re-read from
+        the loop array, so the texture is baked for the UVs Blender will actually use.
+        """
+        mesh, corner = self.mesh, self.corner_uvs(cancelled)
+        if mesh.tri_loops is None:
+            mesh.corner_uvs = corner
+            return None
+        loop_uv = np.zeros((mesh.loop_count, 2), np.float32)
+        loop_uv[mesh.tri_loops.reshape(-1)] = corner.reshape(-1, 2)
+        mesh.corner_uvs = loop_uv[mesh.tri_loops]
+        return loop_uv
 
 
 def unwrap(mesh: Mesh, cancelled: Callable[[], bool] = lambda: False,
            time_limit: float = TIME_LIMIT_S) -> np.ndarray | None:
-    """Give a UV-less mesh UVs; sets ``corner_uvs`` and returns per-loop UVs (or None).
-
-    The per-loop array is what Blender stores in the new UV map. Where an n-gon's loops got
-    different UVs in different triangles, the last one wins and the corners are re-read from the
-    loop array, so the texture is baked for the UVs Blender will actually use.
-    """
-    corner = corner_uvs(mesh, cancelled, time_limit)
-    if mesh.tri_loops is None:
-        mesh.corner_uvs = corner
-        return None
-    loop_uv = np.zeros((mesh.loop_count, 2), np.float32)
-    loop_uv[mesh.tri_loops.reshape(-1)] = corner.reshape(-1, 2)
-    mesh.corner_uvs = loop_uv[mesh.tri_loops]
-    return loop_uv
+    """``Unwrapping.apply`` for a mesh, start to finish."""
+    with Unwrapping(mesh, time_limit) as unwrapping:
+        return unwrapping.apply(cancelled)
 
 
 if __name__ == "__main__":

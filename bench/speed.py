@@ -44,6 +44,7 @@ from backend.events import TextureEvents  # noqa: E402
 from backend.jobs import JobRequest, ModelCache  # noqa: E402
 from backend.mesh import Mesh  # noqa: E402
 from backend.prior import LatentDiffusionPrior, load_prior, set_low_vram  # noqa: E402
+from backend.unwrap import Unwrapping  # noqa: E402
 
 # Stable Diffusion UNet architectures from their published configs (weights do not change speed).
 SD_UNETS = {
@@ -182,7 +183,8 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
     restore.append(lambda: setattr(prior, "predict_eps", original_eps))
     restore += [clock.wrap(prior, "encode_prompt", "prompt encoding"), clock.wrap(prior, "encode", "VAE"),
                 clock.wrap(prior, "decode", "VAE"),
-                clock.wrap(jobs, "unwrap", "UV unwrap"), clock.wrap(texturing, "rasterize_views", "rendering"),
+                clock.wrap(Unwrapping, "__init__", "UV unwrap"), clock.wrap(Unwrapping, "apply", "UV unwrap"),
+                clock.wrap(texturing, "rasterize_views", "rendering"),
                 clock.wrap(texturing, "depth_maps", "rendering"),
                 clock.wrap(texturing.MeshTexturer, "render", "rendering"),
                 clock.wrap(sir.SIRTexturer, "_reconstruct", "reconstruction"),

@@ -20,7 +20,7 @@ from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
 from backend.protocol import MAX_TRIANGLES
 from backend.sir import t2_schedule
-from backend.unwrap import unwrap
+from backend.unwrap import Unwrapping, unwrap
 
 VASE = ROOT / "examples" / "vase.obj"
 
@@ -108,17 +108,18 @@ def test_big_meshes_unwrap_in_pieces_packed_into_one_atlas(monkeypatch) -> None:
 
 def test_unwrap_failures_cost_the_job_not_the_backend(tmp_path) -> None:
     from backend.events import Cancelled
-    from backend.unwrap import corner_uvs
 
     broken = grid_mesh()
     broken.triangles = broken.triangles + broken.positions.shape[0]  # xatlas refuses indices past the vertices
     with pytest.raises(MeshError, match="xatlas failed unwrapping mesh .* Smart UV Project"):
-        corner_uvs(broken)
+        unwrap(broken)
     with pytest.raises(MeshError, match=r"took over 0.05 s, so Kiln stopped it: give it a UV map"):
-        corner_uvs(grid_mesh(), time_limit=0.05)
+        unwrap(grid_mesh(), time_limit=0.05)
     with pytest.raises(Cancelled):
-        corner_uvs(grid_mesh(), cancelled=lambda: True)
-    assert corner_uvs(grid_mesh()).shape == (grid_mesh().triangle_count, 3, 2)  # and the next one works
+        unwrap(grid_mesh(), cancelled=lambda: True)
+    mesh = grid_mesh()
+    unwrap(mesh)  # and the next one works
+    assert mesh.corner_uvs.shape == (mesh.triangle_count, 3, 2)
 
 
 def test_an_xatlas_crash_is_a_clear_error_and_splitting_avoids_it(monkeypatch) -> None:
@@ -130,12 +131,41 @@ def test_an_xatlas_crash_is_a_clear_error_and_splitting_avoids_it(monkeypatch) -
     mesh = Mesh(np.asarray(sphere.vertices, np.float32), np.asarray(sphere.faces, np.int64), None, name="ico")
     monkeypatch.setattr(unwrapping, "SINGLE_PIECE_FACES", mesh.triangle_count)
     try:
-        unwrapping.corner_uvs(mesh)
+        unwrap(mesh)
         pytest.skip("this xatlas no longer crashes on a regular 82k-face icosphere in one piece")
     except MeshError as error:
         assert "xatlas crashed (signal" in str(error) and "Smart UV Project" in str(error)
     monkeypatch.undo()
-    assert unwrapping.corner_uvs(mesh).shape == (mesh.triangle_count, 3, 2)  # in pieces, as jobs run it
+    unwrap(mesh)
+    assert mesh.corner_uvs.shape == (mesh.triangle_count, 3, 2)  # in pieces, as jobs run it
+
+
+def test_unwrapping_runs_while_the_model_loads(monkeypatch) -> None:
+    """xatlas starts before the model loads and works alongside it; a model that fails to load
+    stops the child and leaves no files behind, and the job's texture is the same either way."""
+    from backend import jobs
+
+    started: list = []
+    monkeypatch.setattr(jobs, "Unwrapping", lambda mesh: started.append(Unwrapping(mesh)) or started[-1])
+    order: list[str] = []
+
+    class Loading(ModelCache):
+        def get(self, request, events):
+            order.append("running" if started and started[-1].child.poll() is None else "not started")
+            if request.model == "broken":
+                raise ModelError(protocol.E_MODEL_NOT_FOUND, "broken weights")
+            return super().get(request, events)
+
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
+    overlapped = run_texture_job(request, grid_mesh(), Recorder(), Loading())
+    with pytest.raises(ModelError, match="broken weights"):
+        run_texture_job(JobRequest.from_fields({"prompt": "a vase", "model": "broken"}), grid_mesh(), Recorder(),
+                        Loading())
+    assert order == ["running", "running"]
+    assert started[-1].child.poll() is not None and not os.path.exists(started[-1].folder.name)
+    mesh = grid_mesh()
+    unwrap(mesh)
+    assert torch.equal(run_texture_job(request, mesh, Recorder(), ModelCache()), overlapped)
 
 
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
