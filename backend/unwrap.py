@@ -31,6 +31,10 @@ SINGLE_PIECE_FACES = 20_000  # below this one piece is fast enough (≈ 4 s) and
 # are faster still but each adds a chart (seams), so about a thousand faces each.
 PIECE_FACES = 1_000
 TIME_LIMIT_S = 60.0
+# The child yields the CPU to the job, which loads the model meanwhile: at equal priority their
+# threads oversubscribe the cores. SD 1.5 loaded on 2 cores beside a 50k-face unwrap: 2.2-2.6 s one
+# after the other, 3.9-4.2 s side by side, 2.1-2.3 s side by side with the child niced.
+NICENESS = 10
 
 
 def split_faces(centroids: np.ndarray, piece_faces: int) -> list[np.ndarray]:
@@ -74,6 +78,8 @@ def _parametrize(positions: np.ndarray, triangles: np.ndarray, pieces: list[np.n
 
 
 def _child(source: str, target: str) -> None:
+    if hasattr(os, "nice"):  # POSIX; on Windows the parent starts the child at below-normal priority
+        os.nice(NICENESS)
     data = np.load(source)
     triangles = data["triangles"]
     bounds = data["bounds"]
@@ -99,7 +105,8 @@ class Unwrapping:
             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
         with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
             self.child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(source), str(self.target)],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=errors)
+                                          env=env, stdout=subprocess.DEVNULL, stderr=errors,
+                                          creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0))
         self.deadline = time.monotonic() + time_limit
 
     def __enter__(self) -> "Unwrapping":
