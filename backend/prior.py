@@ -16,7 +16,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import torch
 
@@ -327,28 +327,18 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
     original-layout full VAE."""
     from diffusers import AutoencoderKL, AutoencoderTiny, AutoModel
 
-    path = Path(source).expanduser()
-    try:
-        if path.is_file():
-            from safetensors import safe_open
+    def from_file(path: Path) -> Any:
+        from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as weights:
-                tiny = any(key.startswith("encoder.layers.") for key in weights.keys())
-            if tiny:
-                vae = _taesd_file(path)
-            else:
-                vae = AutoencoderKL.from_single_file(str(path), torch_dtype=prior.dtype, local_files_only=offline)
-        elif path.is_dir() or HF_ID.match(source):
-            vae = AutoModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=prior.dtype,
-                                            local_files_only=offline or path.is_dir())
-        else:
-            raise ModelError(protocol.E_MODEL_NOT_FOUND,
-                             f"unknown VAE {source!r}: give a Hugging Face id such as 'madebyollin/taesd' (fast, "
-                             "for SD 1.x/2.x), a diffusers folder, or a .safetensors file")
-    except ModelError:
-        raise
-    except Exception as exc:  # hub, filesystem, format and shape errors all end here
-        raise explain_load_error(exc, f"VAE {source!r}", offline) from None
+        with safe_open(str(path), "pt") as weights:
+            tiny = any(key.startswith("encoder.layers.") for key in weights.keys())
+        if tiny:
+            return _taesd_file(path)
+        return AutoencoderKL.from_single_file(str(path), torch_dtype=prior.dtype, local_files_only=offline)
+
+    vae = _load_part(source, "VAE", "'madebyollin/taesd' (fast, for SD 1.x/2.x)", offline, from_file,
+                     lambda name, local: AutoModel.from_pretrained(name, torch_dtype=prior.dtype,
+                                                                   local_files_only=local))
     if not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{source!r} holds a {type(vae).__name__}, not a VAE: give an "
                          "autoencoder such as 'madebyollin/taesd' or 'stabilityai/sd-vae-ft-mse'")
@@ -382,22 +372,31 @@ def _taesd_file(path: Path) -> Any:
 def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offline: bool) -> Any:
     from diffusers import ControlNetModel
 
+    net = _load_part(source, "ControlNet", "'lllyasviel/sd-controlnet-depth'", offline,
+                     lambda path: ControlNetModel.from_single_file(str(path), torch_dtype=dtype,
+                                                                   local_files_only=offline),
+                     lambda name, local: ControlNetModel.from_pretrained(name, torch_dtype=dtype,
+                                                                         local_files_only=local))
+    return net.to(device).eval()
+
+
+def _load_part(source: str, what: str, example: str, offline: bool, from_file: Callable[[Path], Any],
+               from_pretrained: Callable[[str, bool], Any]) -> Any:
+    """A model part (ControlNet, VAE) given as a single file, a diffusers folder or a Hugging Face
+    id; ``from_pretrained`` gets the name and whether to stay local. The many ways loading fails
+    become one message that says what to do."""
     path = Path(source).expanduser()
     try:
         if path.is_file():
-            net = ControlNetModel.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
-        elif path.is_dir() or HF_ID.match(source):
-            net = ControlNetModel.from_pretrained(str(path) if path.is_dir() else source, torch_dtype=dtype,
-                                                  local_files_only=offline or path.is_dir())
-        else:
-            raise ModelError(protocol.E_MODEL_NOT_FOUND,
-                             f"unknown ControlNet {source!r}: give a Hugging Face id such as "
-                             "'lllyasviel/sd-controlnet-depth', a diffusers folder, or a .safetensors file")
+            return from_file(path)
+        if path.is_dir() or HF_ID.match(source):
+            return from_pretrained(str(path) if path.is_dir() else source, offline or path.is_dir())
     except ModelError:
         raise
-    except Exception as exc:  # hub, filesystem and config errors all end here
-        raise explain_load_error(exc, f"ControlNet {source!r}", offline) from None
-    return net.to(device).eval()
+    except Exception as exc:  # hub, filesystem, format and config errors all end here
+        raise explain_load_error(exc, f"{what} {source!r}", offline) from None
+    raise ModelError(protocol.E_MODEL_NOT_FOUND, f"unknown {what} {source!r}: give a Hugging Face id such as "
+                     f"{example}, a diffusers folder, or a .safetensors file")
 
 
 def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> LatentDiffusionPrior:

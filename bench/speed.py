@@ -218,6 +218,20 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
 
 
+def mean_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+    """Seconds per call of ``run`` after one untimed call (warm-up, JIT builds), with the GPU's
+    queue drained before and after."""
+    run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(repeats):
+        run()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - start) / repeats
+
+
 def rasteriser_times(device: torch.device, faces_list: list[int], size: int) -> list[dict[str, Any]]:
     out = []
     for faces in faces_list:
@@ -228,16 +242,9 @@ def rasteriser_times(device: torch.device, faces_list: list[int], size: int) -> 
         for backend in backends:
             from backend.raster import rasterize
             clip = torch.cat([positions, torch.ones_like(positions[:, :1])], 1) @ cams.mvp.transpose(1, 2)
-            rasterize(clip, tris, size, size, backend=backend)  # warm-up / JIT
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(3):
-                rasterize(clip, tris, size, size, backend=backend)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            seconds = mean_seconds(lambda: rasterize(clip, tris, size, size, backend=backend), device)
             out.append({"rasteriser": backend, "faces": mesh.triangle_count, "views": 4, "size": size,
-                        "ms": round((time.perf_counter() - start) / 3 * 1000, 1)})
+                        "ms": round(seconds * 1000, 1)})
     return out
 
 
@@ -319,16 +326,8 @@ def splat_times(device: torch.device, counts: list[int], size: int) -> list[dict
 
             def once(params: torch.nn.ParameterDict = params) -> None:
                 splat.render(params, cams, size, 1.0).images.sum().backward()
-            once()  # warm-up / JIT
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            for _ in range(3):
-                once()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
             out.append({"renderer": backend, "gaussians": count, "views": 4, "size": size,
-                        "ms_forward_backward": round((time.perf_counter() - start) / 3 * 1000, 1)})
+                        "ms_forward_backward": round(mean_seconds(once, device) * 1000, 1)})
         os.environ.pop("KILN_SPLAT", None)
     return out
 
@@ -346,20 +345,10 @@ def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any
     for name, vae in (("SD", sd.vae), ("TAESD", taesd_like(sd))):
         sd.vae = vae
         with torch.no_grad():
-            sd.decode(sd.encode(images))  # warm-up
-            seconds = {}
-            for what, run in (("encode", lambda: sd.encode(images)),
-                              ("decode", lambda latents=sd.encode(images): sd.decode(latents))):
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                for _ in range(3):
-                    run()
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                seconds[what] = (time.perf_counter() - start) / 3
-        out.append({"vae": name, "views": views, "size": size, "encode_ms": round(seconds["encode"] * 1000, 1),
-                    "decode_ms": round(seconds["decode"] * 1000, 1),
+            encode = mean_seconds(lambda: sd.encode(images), device)
+            decode = mean_seconds(lambda latents=sd.encode(images): sd.decode(latents), device)
+        out.append({"vae": name, "views": views, "size": size, "encode_ms": round(encode * 1000, 1),
+                    "decode_ms": round(decode * 1000, 1),
                     "parameters_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 2)})
     return out
 
