@@ -72,7 +72,7 @@ class SplatOptimiser:
                  "colors": s.lr_colors}
         self.optimizers = {k: torch.optim.Adam([self.params[k]], lr=lr, eps=1e-15) for k, lr in rates.items()}
         self.strategy = DefaultStrategy(refine_start_iter=0, refine_every=s.densify_every,
-                                        refine_stop_iter=s.densify_until, grow_grad2d=s.grow_grad2d,
+                                        refine_stop_iter=s.densify_until, grow_grad2d=s.grow_grad2d, absgrad=s.absgrad,
                                         reset_every=1 << 30)
         self.strategy.check_sanity(self.params, self.optimizers)
         self.state = self.strategy.initialize_state(scene_scale=s.radius)
@@ -96,7 +96,9 @@ class SplatOptimiser:
         return Views(orbit_sphere(np.zeros(3), FRAME_RADIUS, az, el, "z", device=self.prior.device))
 
     def render(self, views: Views) -> splat.Splats:
-        return splat.render(self.params, views.cameras, self.prior.resolution, self.schedule.background)
+        s = self.cfg.splats
+        return splat.render(self.params, views.cameras, self.prior.resolution, self.schedule.background,
+                            absgrad=s.absgrad and self.done < s.densify_until)
 
     def _sir(self, cfg: SIRConfig) -> None:
         recent: deque[tuple[Cameras, torch.Tensor]] = deque(maxlen=cfg.replay)

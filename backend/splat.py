@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -94,8 +94,12 @@ def use_gsplat(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("KILN_SPLAT", "") != "torch"
 
 
-def render(params: torch.nn.ParameterDict, cams: Cameras, size: int, background: float) -> Splats:
-    """Render K square views on a uniform grey ``background``."""
+def render(params: torch.nn.ParameterDict, cams: Cameras, size: int, background: float,
+           absgrad: bool = False) -> Splats:
+    """Render K square views on a uniform grey ``background``. ``absgrad``: the backward pass also
+    leaves ``info["means2d"].absgrad``, each Gaussian's screen-space gradient with every pixel's
+    part taken in absolute value (AbsGS), for densification: a wide Gaussian over pixels that pull
+    it different ways has a small gradient but a large absolute one."""
     g = activated(params)
     viewmats, ks = cams.view_opencv(), cams.intrinsics(size)
     backgrounds = torch.full((len(cams), 3), float(background), device=viewmats.device)
@@ -104,9 +108,9 @@ def render(params: torch.nn.ParameterDict, cams: Cameras, size: int, background:
 
         colors, alphas, info = rasterization(g["means"], g["quats"], g["scales"], g["opacities"], g["colors"],
                                              viewmats, ks, size, size, eps2d=EPS_2D, packed=False,
-                                             backgrounds=backgrounds)
+                                             backgrounds=backgrounds, absgrad=absgrad)
     else:
-        colors, alphas, info = _render_torch(g, viewmats, ks, size, backgrounds)
+        colors, alphas, info = _render_torch(g, viewmats, ks, size, backgrounds, absgrad=absgrad)
     return Splats(colors.permute(0, 3, 1, 2), alphas.permute(0, 3, 1, 2), info)
 
 
@@ -129,21 +133,24 @@ def render_depth(params: torch.nn.ParameterDict, cams: Cameras, size: int) -> tu
 
 
 def _render_torch(g: dict[str, torch.Tensor], viewmats: torch.Tensor, ks: torch.Tensor, size: int,
-                  backgrounds: torch.Tensor, depth: bool = False) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+                  backgrounds: torch.Tensor, depth: bool = False, absgrad: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """gsplat's "RGB" render, or with ``depth`` its "D" (each Gaussian's camera depth blended in
-    place of its colour; ``backgrounds`` then has one channel)."""
+    place of its colour; ``backgrounds`` then has one channel); ``absgrad`` as in ``render``."""
     from gsplat.cuda._torch_impl import _fully_fused_projection, _quat_scale_to_covar_preci
 
     covars, _ = _quat_scale_to_covar_preci(g["quats"], g["scales"], compute_preci=False, triu=False)
     radii, means2d, depths, conics, _ = _fully_fused_projection(g["means"], covars, viewmats, ks, size, size,
                                                                 eps2d=EPS_2D)
+    if absgrad:  # filled during the backward pass, as gsplat's kernels fill theirs
+        means2d.absgrad = torch.zeros_like(means2d)
     colors, alphas = [], []
     for k in range(viewmats.shape[0]):
         visible = (radii[k] > 0).all(-1).nonzero().squeeze(1)
         order = visible[torch.argsort(depths[k, visible])]                    # front to back
         values = depths[k, order, None] if depth else g["colors"][order]
         rgb, acc = _composite(size, means2d[k, order], radii[k, order], conics[k, order], g["opacities"][order],
-                              values)
+                              values, (means2d.absgrad[k], order) if absgrad else None)
         colors.append(rgb + (1 - acc) * backgrounds[k])
         alphas.append(acc)
     shape = (viewmats.shape[0], size, size)
@@ -153,11 +160,14 @@ def _render_torch(g: dict[str, torch.Tensor], viewmats: torch.Tensor, ks: torch.
 
 
 def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: torch.Tensor,
-               opacities: torch.Tensor, colors: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+               opacities: torch.Tensor, colors: torch.Tensor,
+               absgrad: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Front-to-back alpha compositing of depth-sorted 2D Gaussians, (H·W, C) and (H·W, 1).
 
     Tile by tile, against only the Gaussians whose 3σ box (gsplat's radii) reaches the tile, so
-    memory and time scale with the overlaps rather than with Gaussians × pixels."""
+    memory and time scale with the overlaps rather than with Gaussians × pixels. ``absgrad``: an
+    (N, 2) sum and the Gaussians' indices in it; the backward pass adds each pixel's gradient on
+    each Gaussian's centre there, in absolute value."""
     device = means2d.device
     rgb = torch.zeros(size, size, colors.shape[1], device=device, dtype=colors.dtype)
     acc = torch.zeros(size, size, 1, device=device, dtype=colors.dtype)
@@ -171,6 +181,8 @@ def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: to
             ys, xs = torch.meshgrid(torch.arange(y0, y1, device=device), torch.arange(x0, x1, device=device),
                                     indexing="ij")
             d = torch.stack([xs, ys], -1).reshape(-1, 1, 2) + 0.5 - means2d[hit][None]   # (p, n, 2)
+            if absgrad is not None and d.requires_grad:
+                d.register_hook(_absgrad_hook(*absgrad, hit))
             c = conics[hit]
             sigma = 0.5 * (c[:, 0] * d[..., 0] ** 2 + c[:, 2] * d[..., 1] ** 2) + c[:, 1] * d[..., 0] * d[..., 1]
             alpha = (opacities[hit] * torch.exp(-sigma)).clamp(max=ALPHA_MAX)
@@ -181,3 +193,13 @@ def _composite(size: int, means2d: torch.Tensor, radii: torch.Tensor, conics: to
             rgb[y0:y1, x0:x1] = (weight @ colors[hit]).reshape(y1 - y0, x1 - x0, -1)
             acc[y0:y1, x0:x1] = weight.sum(1).reshape(y1 - y0, x1 - x0, 1)
     return rgb.reshape(size * size, -1), acc.reshape(-1, 1)
+
+
+def _absgrad_hook(total: torch.Tensor, ids: torch.Tensor, hit: torch.Tensor) -> Callable[[torch.Tensor], None]:
+    """A hook on a tile's pixel-to-centre offsets (p, n, 2) that adds their gradients' absolute
+    values, summed over the pixels, to the tile's Gaussians in ``total``; it leaves the gradient as is."""
+    at = ids[hit]
+
+    def hook(grad: torch.Tensor) -> None:
+        total.index_add_(0, at, grad.abs().sum(0))
+    return hook

@@ -112,6 +112,28 @@ def test_torch_splatting_puts_one_gaussian_where_the_camera_projects_it() -> Non
     assert float(out.alphas[0, 0, 0, 0]) == 0.0 and float(img[:, 0, 0].min()) == 1.0   # background
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="gsplat's absgrad needs CUDA"))])
+def test_absolute_screen_gradients_sum_each_pixels_part(device: str) -> None:
+    """AbsGS's densification signal: each Gaussian's screen-space gradient with every pixel's part
+    in absolute value, checked against one backward pass per pixel; it leaves the plain gradient
+    as it is, and is larger wherever pixels pull a Gaussian different ways."""
+    params = splat.sphere(40, 0.4, torch.Generator().manual_seed(0), device)
+    cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [0.0, 150.0], [20.0, -30.0], "z", device=device)
+    target = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(1)).to(device)
+    out = splat.render(params, cams, 16, 1.0, absgrad=True)
+    out.info["means2d"].retain_grad()
+    (out.images - target).square().sum().backward()
+    plain, absolute = out.info["means2d"].grad, out.info["means2d"].absgrad
+    brute = torch.zeros_like(absolute)
+    for k, y, x in np.ndindex(2, 16, 16):
+        pixel = splat.render(params, cams, 16, 1.0)
+        loss = (pixel.images[k, :, y, x] - target[k, :, y, x]).square().sum()
+        brute += torch.autograd.grad(loss, pixel.info["means2d"], allow_unused=True)[0].abs()
+    assert torch.allclose(absolute, brute, rtol=1e-3, atol=1e-7)
+    assert (absolute >= plain.abs() - 1e-7).all() and float((absolute - plain.abs()).max()) > 0
+
+
 def test_depth_render_puts_one_gaussian_at_its_camera_depth() -> None:
     params = one_gaussian([0.1, 0.2, 0.3], [0.1, 0.1, 0.1])
     cams = orbit_sphere(np.zeros(3), FRAME_RADIUS, [30.0], [20.0], "z")
