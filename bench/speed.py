@@ -95,6 +95,19 @@ def taesd_like(prior: LatentDiffusionPrior) -> Any:
     return vae.to(prior.device, prior.dtype).eval()
 
 
+@contextlib.contextmanager
+def vae_in_use(prior: LatentDiffusionPrior, taesd: bool) -> Iterator[str]:
+    """The prior with TAESD in place of its own VAE inside the block when ``taesd`` (its own VAE
+    back afterwards, whatever happens); yields the label a result row carries."""
+    own = prior.vae
+    if taesd:
+        prior.vae = taesd_like(prior)
+    try:
+        yield "TAESD" if taesd else "model's"
+    finally:
+        prior.vae = own
+
+
 def compile_prior(prior: LatentDiffusionPrior, mode: str) -> None:
     """torch.compile the UNet and the VAE's halves in place (``mode``: torch.compile's; its
     "reduce-overhead" adds CUDA graphs). The first timestep and batch size compile static, the
@@ -163,12 +176,8 @@ def torus_mesh(faces: int, rough: bool = False) -> Mesh:
 
 
 def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device: torch.device,
-            low_vram: bool = False, taesd: bool = False) -> dict[str, Any]:
-    """One texturing job, timed per stage; ``taesd``: with TAESD in place of the model's VAE."""
+            low_vram: bool = False) -> dict[str, Any]:
     clock = StageClock(device)
-    own_vae = prior.vae
-    if taesd:
-        prior.vae = taesd_like(prior)
     set_low_vram(prior, low_vram)
     counts = {"unet_calls": 0, "images": 0}
     restore: list[Callable[[], None]] = []
@@ -208,11 +217,9 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
         for undo in restore:
             undo()
         set_low_vram(prior, False)
-        prior.vae = own_vae
     total = time.perf_counter() - start
     stages = {k: round(v, 3) for k, v in sorted(clock.seconds.items(), key=lambda kv: -kv[1])}
-    return {"method": method, "preset": preset, "low_vram": low_vram, "vae": "TAESD" if taesd else "model's",
-            "faces": mesh.triangle_count, "texture": size,
+    return {"method": method, "preset": preset, "low_vram": low_vram, "faces": mesh.triangle_count, "texture": size,
             "seconds": round(total, 3), "unet_calls": counts["unet_calls"], "images_denoised": counts["images"],
             "unet_share": round(clock.seconds["UNet"] / total, 3), "stages": stages,
             "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
@@ -289,19 +296,15 @@ def generate_times(prior: Any, runs: list[tuple[str, str, bool]], device: torch.
     from backend.presets import GENERATE_PRESETS
 
     rows = []
-    own_vae = prior.vae
     for method, preset, taesd in runs:
-        prior.vae = taesd_like(prior) if taesd else own_vae
         counting = CountingPrior(prior)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
-        try:
+        with vae_in_use(prior, taesd) as vae:
             result = generate_object(counting, GENERATE_PRESETS[method][preset], "a wooden stool", "", 0,
                                      TextureEvents())
-        finally:
-            prior.vae = own_vae
-        rows.append({"method": method, "preset": preset, "vae": "TAESD" if taesd else "model's",
+        rows.append({"method": method, "preset": preset, "vae": vae,
                      "seconds": round(time.perf_counter() - start, 2),
                      "stages": result.seconds, "images_denoised": counting.images,
                      "gaussians": len(result.splats["means"]), "triangles": result.mesh.triangle_count,
@@ -439,11 +442,12 @@ def main() -> None:
     rows, vaes, unwraps, rasters, splats, generated = [], [], [], [], [], []
     for method, preset, faces, size, low_vram, taesd in plan if "jobs" in parts else []:
         label = preset + (" low-VRAM" if low_vram else "") + (" TAESD" if taesd else "")
-        row = attempt(failures, f"{method} {label} {faces} faces {size}²",
-                      lambda: run_job(prior, method, preset, faces, size, device, low_vram, taesd))
+        with vae_in_use(prior, taesd) as vae:
+            row = attempt(failures, f"{method} {label} {faces} faces {size}²",
+                          lambda: run_job(prior, method, preset, faces, size, device, low_vram))
         if row is None:
             continue
-        rows.append(row)
+        rows.append({**row, "vae": vae})
         print(f"{method:<4} {label:<24} {row['faces']:>7} faces {size:>5}²  "
               f"{row['seconds']:7.2f} s  UNet {row['unet_share']:.0%}  {row['unet_calls']:>4} calls  "
               f"{row['images_denoised']:>5} images  VRAM {row['peak_vram_gib']}  "
