@@ -42,6 +42,13 @@ BLOCK = 16
 #: concavity's wall, seen only from inside it, thickens by up to the margin.
 SEEN_MARGIN = 2.0
 SEEN_BY = 2
+#: Every Gaussian is at least this many grid cells wide (σ² + s² per axis, opacity kept) when the
+#: grid samples it. Optimised Gaussians are often far thinner than a cell (SIR's table legs are
+#: beads of flat discs 0.002 thick, against cells of 0.016), and the grid's samples fall between
+#: them: the renders, whose low-pass filter widens every Gaussian to about a pixel, show a solid
+#: leg, and the mesh a broken one. A sheet of such discs midway between two layers of cell centres
+#: samples to a peak of 0.003 where on a layer it has 5.5, and vanishes; widened, 4.0 against 6.4.
+FILTER = 0.5
 
 
 def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.Tensor:
@@ -52,16 +59,18 @@ def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.T
 
 @torch.no_grad()
 def density_grid(params: torch.nn.ParameterDict, resolution: int, bound: float = 1.0) -> np.ndarray:
-    """(R, R, R) density at the cell centres of a grid over [−bound, bound]³, indexed [x, y, z]."""
+    """(R, R, R) density at the cell centres of a grid over [−bound, bound]³, indexed [x, y, z], of
+    the Gaussians widened by ``FILTER`` cells (in quadrature, opacity kept)."""
     from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
 
     g = activated(params)
     means, opacities = g["means"].float(), g["opacities"].float()
-    _, precis = _quat_scale_to_covar_preci(g["quats"].float(), g["scales"].float(), compute_covar=False, triu=False)
-    reach = 3 * g["scales"].float().max(dim=1).values                        # 3σ along the longest axis
+    cell = 2 * bound / resolution
+    scales = torch.sqrt(g["scales"].float().square() + (FILTER * cell) ** 2)   # Σ + s²I: same axes
+    _, precis = _quat_scale_to_covar_preci(g["quats"].float(), scales, compute_covar=False, triu=False)
+    reach = 3 * scales.max(dim=1).values                                       # 3σ along the longest axis
     axis = cell_centres(resolution, bound, means.device)
     out = torch.zeros(resolution, resolution, resolution, device=means.device)
-    cell = 2 * bound / resolution
     for x0 in range(0, resolution, BLOCK):
         for y0 in range(0, resolution, BLOCK):
             for z0 in range(0, resolution, BLOCK):

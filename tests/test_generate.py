@@ -19,7 +19,7 @@ from backend.cameras import orbit_sphere, sphere_directions
 from backend.events import TextureEvents
 from backend.exact_prior import ExactPrior, Reference
 from backend.generate import FRAME_RADIUS, SplatOptimiser, generate_object
-from backend.meshing import clean, density_grid, extract, extraction_level, hidden, surface
+from backend.meshing import FILTER, clean, density_grid, extract, extraction_level, hidden, surface
 from backend.presets import GENERATE_PRESETS, MeshConfig, SIRConfig
 from backend.prior import Prompts, Views, load_prior
 
@@ -82,13 +82,44 @@ def test_faint_gaussians_are_extracted_lower_and_none_at_all_refused() -> None:
 
 
 def test_density_grid_matches_the_closed_form_of_one_gaussian() -> None:
+    """The Gaussian as the grid samples it: each σ widened in quadrature by FILTER cells."""
     params = one_gaussian([0.2, 0.0, -0.1], [0.1, 0.2, 0.3])
     grid = density_grid(params, 32)
     axis = (np.arange(32) + 0.5) / 32 * 2 - 1
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    q = ((x - 0.2) / 0.1) ** 2 + (y / 0.2) ** 2 + ((z + 0.1) / 0.3) ** 2
+    var = np.array([0.1, 0.2, 0.3]) ** 2 + (FILTER * 2 / 32) ** 2
+    q = (x - 0.2) ** 2 / var[0] + y ** 2 / var[1] + (z + 0.1) ** 2 / var[2]
     expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * q)
     assert np.abs(grid - expected).max() < 1e-5
+
+
+def flat_sheet(z: float, count: int = 31, half: float = 0.3, thin: float = 0.002) -> torch.nn.ParameterDict:
+    """A square of flat discs, ``thin`` across, in the plane at height ``z``: a sail, a leaf."""
+    xs = torch.linspace(-half, half, count)
+    x, y = torch.meshgrid(xs, xs, indexing="ij")
+    n = count * count
+    return torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in {
+        "means": torch.stack([x.flatten(), y.flatten(), torch.full((n,), z)], 1),
+        "scales": torch.tensor([0.02, 0.02, thin]).log().expand(n, 3).clone(),
+        "quats": torch.tensor([[1.0, 0, 0, 0]]).expand(n, 4).clone(),
+        "opacities": torch.full((n,), 2.0), "colors": torch.zeros(n, 3)}.items()})
+
+
+def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A sheet far thinner than a grid cell, midway between two layers of cell centres (z = 0 at
+    grid 128), meshes at the configured level as one part; sampled as it is, it all but vanishes."""
+    import trimesh
+
+    sheet, cfg = flat_sheet(0.0), MeshConfig(face_budget=20_000)
+    mesh, level = extract(sheet, cfg, "sail", 64)
+    assert level == cfg.density_threshold
+    parts = trimesh.Trimesh(mesh.positions, mesh.triangles).split(only_watertight=False)
+    assert len(parts) == 1 and np.ptp(mesh.positions[:, :2], axis=0).min() > 0.6
+    assert np.abs(mesh.positions[:, 2]).max() < 0.06
+    on_layer = density_grid(flat_sheet(1 / 128), 128).max()          # on a layer of cell centres
+    assert density_grid(sheet, 128).max() > 0.5 * on_layer
+    monkeypatch.setattr("backend.meshing.FILTER", 0.0)
+    assert density_grid(sheet, 128).max() < 0.01 * density_grid(flat_sheet(1 / 128), 128).max()
 
 
 def test_torch_splatting_puts_one_gaussian_where_the_camera_projects_it() -> None:
@@ -161,7 +192,7 @@ def test_extraction_fills_the_unseen_inside_and_leaves_a_seen_hollow_open() -> N
     import trimesh
 
     def extracted(params, fill_views):
-        mesh, _ = extract(params, MeshConfig(grid=48, face_budget=20_000, density_threshold=0.5,
+        mesh, _ = extract(params, MeshConfig(grid=64, face_budget=20_000, density_threshold=0.5,
                                              fill_views=fill_views), "m", 64)
         return trimesh.Trimesh(mesh.positions, mesh.triangles), np.linalg.norm(mesh.positions, axis=1)
 
