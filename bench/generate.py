@@ -44,6 +44,9 @@ from backend.splat import activated  # noqa: E402
 from backend.splat import render as render_splats  # noqa: E402
 from backend.texture import render, sample_image  # noqa: E402
 
+# The exact prior's references are rasterised without anti-aliasing (the table's 1.3-pixel legs come
+# out jagged at 64 px) while the Gaussians render smooth; references rendered 4 × 4 supersampled and
+# box-filtered did not help SIR: table Chamfer 0.0098 -> 0.0111, PSNR 25.19 -> 25.31 dB.
 RESOLUTION = 64
 HELD_OUT = ([23.0, 83.0, 143.0, 203.0, 263.0, 323.0], [30.0, -15.0, 50.0, 10.0, -35.0, 20.0])
 RESULTS = ROOT / "bench" / "results"
