@@ -29,9 +29,11 @@ def test_quality_bench_quick_run_writes_its_table() -> None:
 
 
 def test_speed_bench_cpu_small_reports_every_stage() -> None:
-    result = run_bench("bench/speed.py", "--cpu-small")
+    # Its unwrap part (500k faces, about two minutes here) is checked on small meshes below.
+    result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,vae,raster,splat,generate")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((ROOT / "bench" / "results" / "speed.json").read_text())
+    assert report["unwrap"] == []
     assert {job["method"] for job in report["jobs"]} == {"sir", "sds", "ssd"}
     for job in report["jobs"]:
         assert job["unet_calls"] > 0 and 0 < job["unet_share"] < 1
@@ -49,6 +51,19 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
     for row in report["generate"]:
         assert set(row["stages"]) == {"gaussians", "extract", "unwrap", "bake", "refine"}
         assert row["images_denoised"] > 0 and row["triangles"] > 0
+
+
+def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import unwrap_times
+
+    from backend import unwrap
+
+    monkeypatch.setattr(unwrap, "SINGLE_PIECE_FACES", 2_000)  # so 5k faces split (halved to 625 each), as 500k do
+    rows = unwrap_times([5_000], one_piece_up_to=5_000)
+    assert [(r["surface"], r["pieces"]) for r in rows] == [("smooth", 8), ("smooth", 1), ("rough", 8), ("rough", 1)]
+    assert all(r["seconds"] > 0 and 0 < r["uv_area_used"] <= 1 for r in rows)
+    assert unwrap.SINGLE_PIECE_FACES == 2_000  # put back after each one-piece row
 
 
 def test_generate_bench_quick_run_writes_its_table() -> None:
