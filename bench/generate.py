@@ -193,8 +193,10 @@ def main() -> None:
         chosen = [s for s in all_scenes if s.prompt in args.scenes]
     # Each method's shipped preset, Gaussians and mesh grid included; only the texture stages,
     # which the scores below barely see, run smaller.
-    configs = {method: replace(cfg, mesh=replace(cfg.mesh, texture_size=512, face_budget=20_000))
-               for method, cfg in ((m, GENERATE_PRESETS[m]["quality"]) for m in ("sir", "sds"))}
+    configs = {}
+    for method in ("sir", "sds"):
+        cfg = GENERATE_PRESETS[method]["quality"]
+        configs[method] = replace(cfg, mesh=replace(cfg.mesh, texture_size=512, face_budget=20_000))
     if args.quick:  # a smoke test of the script: few Gaussians, short schedules, a coarse grid
         configs = {k: replace(c, schedule=replace(c.schedule, iterations=2 if k == "sir" else 20),
                               splats=replace(c.splats, count=1000), mesh=replace(c.mesh, grid=40, face_budget=4000,
