@@ -97,12 +97,10 @@ def flat_sheet(z: float, count: int = 31, half: float = 0.3, thin: float = 0.002
     """A square of flat discs, ``thin`` across, in the plane at height ``z``: a sail, a leaf."""
     xs = torch.linspace(-half, half, count)
     x, y = torch.meshgrid(xs, xs, indexing="ij")
-    n = count * count
-    return torch.nn.ParameterDict({k: torch.nn.Parameter(v) for k, v in {
-        "means": torch.stack([x.flatten(), y.flatten(), torch.full((n,), z)], 1),
-        "scales": torch.tensor([0.02, 0.02, thin]).log().expand(n, 3).clone(),
-        "quats": torch.tensor([[1.0, 0, 0, 0]]).expand(n, 4).clone(),
-        "opacities": torch.full((n,), 2.0), "colors": torch.zeros(n, 3)}.items()})
+    points = torch.stack([x.flatten(), y.flatten(), torch.full((count * count,), z)], 1)
+    sheet = splat.surface(points, torch.full((len(points), 3), 0.5), (2 * half) ** 2, "cpu")
+    sheet["scales"].data[:, 2] = math.log(thin)
+    return sheet
 
 
 def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples(monkeypatch: pytest.MonkeyPatch) -> None:
