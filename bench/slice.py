@@ -1,6 +1,9 @@
 """Vertical-slice figures, measured in real Blender (the bpy module) on this machine's CPU.
 
-    .venv/bin/python bench/slice.py [--repeats 5]
+    .venv-blender/bin/python bench/slice.py [--repeats 5]
+
+Run with a Blender environment's Python (``python3 build.py test`` makes ``.venv-blender``); the
+backend runs from the backend's environment (``.venv``, or ``KILN_BACKEND_PYTHON``), as in Blender.
 
 1. Time to apply one texture update of each size in Blender (the add-on's own code path:
    RGBA8 from the wire → float buffer → ``foreach_set`` → ``update``), median of N.
@@ -37,12 +40,14 @@ import bpy  # noqa: E402
 import build  # noqa: E402
 from backend import protocol  # noqa: E402
 
+BACKEND_PYTHON = os.environ.get("KILN_BACKEND_PYTHON") or str(build.venv_python(build.VENV))
+
 
 def install() -> object:
     zip_path = build.build(Path(tempfile.mkdtemp(prefix="kiln-bench-dist-")))
     bpy.ops.extensions.package_install_files(filepath=str(zip_path), repo="user_default", enable_on_install=True)
     package = next(name for name in bpy.context.preferences.addons.keys() if name.endswith(".kiln"))
-    bpy.context.preferences.addons[package].preferences.python_path = sys.executable
+    bpy.context.preferences.addons[package].preferences.python_path = BACKEND_PYTHON
     return importlib.import_module(package)
 
 
@@ -80,7 +85,7 @@ def operator_job(kiln, size: int, steps: int) -> float:
 def cli_job(size: int, steps: int) -> float:
     out = tempfile.mkdtemp(prefix="kiln-bench-cli-")
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"), "--prompt",
+    subprocess.run([BACKEND_PYTHON, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"), "--prompt",
                     "a glazed vase", "--size", str(size), "--steps", str(steps), "--out", out],
                    cwd=ROOT, check=True, capture_output=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     return time.perf_counter() - start
