@@ -59,25 +59,33 @@ def build(out_dir: Path) -> Path:
     return target
 
 
+_BPY_ORIGIN = "import importlib.util as u; s = u.find_spec('bpy'); print(s.origin if s else '')"
+
+
+def _bpy_validator(python: Path) -> list[str] | None:
+    """The bpy module's copy of Blender's extension CLI, run by the Python that has the module.
+    Found through the module's spec, without importing it (that starts Blender)."""
+    spec = subprocess.run([str(python), "-c", _BPY_ORIGIN], capture_output=True, text=True).stdout.strip()
+    # The wheel holds bpy/<version>/scripts/, and the CLI sits beside the core add-ons there.
+    clis = sorted(Path(spec).parent.glob("*/scripts/addons_core/bl_pkg/cli/blender_ext.py")) if spec else []
+    return [str(python), str(clis[-1]), "validate"] if clis else None
+
+
 def _blender_validator() -> list[str] | None:
-    """Blender's own `extension validate`: from a blender binary, or from the bpy module's copy."""
+    """Blender's own `extension validate`: from a blender binary, else from a bpy module in this
+    Python or in one of the Blender test environments."""
     blender = shutil.which("blender")
     if blender:
         return [blender, "--factory-startup", "--command", "extension", "validate"]
-    try:
-        import bpy  # noqa: F401  (only to locate Blender's scripts)
-    except ImportError:
-        return None
-    # bpy/__init__.py sits in <bpy>/<version>/scripts/modules/bpy/; the CLI is beside the add-ons.
-    scripts = Path(bpy.__file__).resolve().parents[2]
-    cli = scripts / "addons_core" / "bl_pkg" / "cli" / "blender_ext.py"
-    return [sys.executable, str(cli), "validate"] if cli.is_file() else None
+    pythons = [Path(sys.executable), *(venv_python(ROOT / folder) for folder in BLENDER_ENVS)]
+    return next((command for python in pythons if python.exists() and (command := _bpy_validator(python))), None)
 
 
 def validate(zip_path: Path) -> bool:
     command = _blender_validator()
     if command is None:
-        print("build.py: no Blender found (binary or bpy module); the zip was not validated")
+        print("build.py: no Blender found (a blender binary, or the bpy module here or in the environments "
+              "`build.py test` makes); the zip was not validated")
         return False
     result = subprocess.run([*command, str(zip_path)], capture_output=True, text=True)
     print((result.stdout + result.stderr).strip())
