@@ -334,10 +334,10 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
             tiny = any(key.startswith("encoder.layers.") for key in weights.keys())
         if tiny:
             return _taesd_file(path)
-        return AutoencoderKL.from_single_file(str(path), torch_dtype=prior.dtype, local_files_only=offline)
+        return AutoencoderKL.from_single_file(str(path), dtype=prior.dtype, local_files_only=offline)
 
     vae = _load_part(source, "VAE", "'madebyollin/taesd' (fast, for SD 1.x/2.x)", offline, from_file,
-                     lambda name, local: AutoModel.from_pretrained(name, torch_dtype=prior.dtype,
+                     lambda name, local: AutoModel.from_pretrained(name, dtype=prior.dtype,
                                                                    local_files_only=local))
     if not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{source!r} holds a {type(vae).__name__}, not a VAE: give an "
@@ -373,9 +373,9 @@ def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offl
     from diffusers import ControlNetModel
 
     net = _load_part(source, "ControlNet", "'lllyasviel/sd-controlnet-depth'", offline,
-                     lambda path: ControlNetModel.from_single_file(str(path), torch_dtype=dtype,
+                     lambda path: ControlNetModel.from_single_file(str(path), dtype=dtype,
                                                                    local_files_only=offline),
-                     lambda name, local: ControlNetModel.from_pretrained(name, torch_dtype=dtype,
+                     lambda name, local: ControlNetModel.from_pretrained(name, dtype=dtype,
                                                                          local_files_only=local))
     return net.to(device).eval()
 
@@ -419,7 +419,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str)
     from diffusers import StableDiffusionPipeline
 
     try:
-        return StableDiffusionPipeline.from_pretrained(source, torch_dtype=dtype, local_files_only=offline,
+        return StableDiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=offline,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as exc:  # hub, filesystem and config errors all end here
         raise explain_load_error(exc, label, offline) from None
@@ -429,7 +429,7 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
     from diffusers import StableDiffusionPipeline
 
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), torch_dtype=dtype, local_files_only=offline)
+        return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=offline)
     except Exception as exc:
         raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline) from None
 
