@@ -23,6 +23,9 @@ from backend.sir import t2_schedule
 from backend.unwrap import Unwrapping, unwrap
 
 VASE = ROOT / "examples" / "vase.obj"
+#: The scheduler settings of Stable Diffusion 1.5's published folder, which saved test models copy.
+SD_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                    set_alpha_to_one=False, steps_offset=1)
 
 
 class Recorder(TextureEvents):
@@ -218,8 +221,7 @@ def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) 
     from diffusers import DDIMScheduler
 
     tiny = load_prior("tiny", torch.device("cpu"))
-    save_pipeline(tiny, tmp_path / "model", DDIMScheduler(beta_start=0.00085, beta_end=0.012,
-                                                          beta_schedule="scaled_linear"))
+    save_pipeline(tiny, tmp_path / "model", DDIMScheduler(**SD_SCHEDULER))
     loaded = load_prior(str(tmp_path / "model"), torch.device("cpu"))
     assert not loaded.pipeline_check
     embeds = loaded.encode_prompt("a vase", "")
@@ -330,8 +332,7 @@ def test_an_lcm_checkpoint_gets_the_lcm_schedule_and_its_guidance_embedding(tmp_
     torch.manual_seed(0)
     config = {k: v for k, v in tiny.unet.config.items() if k != "_use_default_values"}
     unet = UNet2DConditionModel.from_config({**config, "time_cond_proj_dim": 32})
-    save_pipeline(tiny, tmp_path / "lcm-model", LCMScheduler(beta_start=0.00085, beta_end=0.012,
-                                                              beta_schedule="scaled_linear"), unet)
+    save_pipeline(tiny, tmp_path / "lcm-model", LCMScheduler(**SD_SCHEDULER), unet)
     prior = load_prior(str(tmp_path / "lcm-model"), torch.device("cpu"))
     assert prior.few_step == "lcm"
     x = torch.randn(1, 4, 16, 16, generator=torch.Generator().manual_seed(0))
