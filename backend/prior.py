@@ -306,8 +306,11 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
         raise ModelError(protocol.E_MODEL_NOT_FOUND,
                          f"unknown LoRA {source!r}: give a Hugging Face id such as "
                          "'latent-consistency/lcm-lora-sdv1-5', a folder, or a .safetensors file")
+    # The pipeline wants a scheduler that LoRA loading never uses; with the defaults' steps_offset 0
+    # and clip_sample on it would warn, at every fuse, that the config is outdated.
+    scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
     pipe = StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
-                                   unet=prior.unet, scheduler=DDIMScheduler(), safety_checker=None,
+                                   unet=prior.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     try:
         pipe.load_lora_weights(str(path) if path.exists() else source,
