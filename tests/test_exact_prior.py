@@ -73,7 +73,7 @@ def test_denoiser_at_low_noise_returns_the_nearest_reference() -> None:
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float(10 * torch.log10(1 / (a - b).square().mean()))
+    return float(10 * torch.log10(1 / (a - b).detach().square().mean()))
 
 
 class BoxScene:

@@ -390,7 +390,7 @@ def test_delta_denoising_cancels_the_prior_where_the_render_is_the_reference() -
 
     def loss(delta_x):
         return float(distill_loss(prior, cfg, x, 600, prior.encode_prompt("crate", ""), Views(cams),
-                                  torch.Generator().manual_seed(0), delta_x=delta_x))
+                                  torch.Generator().manual_seed(0), delta_x=delta_x).detach())
 
     assert loss(x.detach()) == 0.0
     other = prior.encode(torch.full_like(views, 0.5))
