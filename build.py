@@ -110,6 +110,10 @@ def _venv(path: Path) -> Path:
     return python
 
 
+def _pip_install(python: Path) -> list[str]:
+    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+
+
 def setup(dev: bool, device: str) -> Path:
     """Create .venv with the backend's dependencies and record it for the add-on."""
     if sys.version_info < (3, 10):
@@ -117,7 +121,7 @@ def setup(dev: bool, device: str) -> Path:
     python = _venv(VENV)
     if device == "auto":
         device = "cuda" if _has_nvidia_gpu() else "cpu"
-    pip = [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    pip = _pip_install(python)
     torch = "torch" if device == "cuda" else CPU_TORCH
     subprocess.run([*pip, torch, "-r", str(ROOT / "requirements.txt")], check=True)
     if device == "cuda":
@@ -139,8 +143,7 @@ def test() -> int:
     env = dict(os.environ, KILN_BACKEND_PYTHON=str(backend_python))
     for folder, bpy_pin in BLENDER_ENVS.items():
         blender_python = _venv(ROOT / folder)
-        subprocess.run([str(blender_python), "-m", "pip", "install", "--disable-pip-version-check", "-q", bpy_pin,
-                        *TEST_TOOLS], check=True)
+        subprocess.run([*_pip_install(blender_python), bpy_pin, *TEST_TOOLS], check=True)
         print(f"Blender tests under {bpy_pin} ({folder}), with the backend in {backend_python}:", flush=True)
         codes.append(subprocess.run([str(blender_python), "-m", "pytest", "-q", "tests/test_blender.py"],
                                     cwd=ROOT, env=env).returncode)
