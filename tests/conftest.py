@@ -20,7 +20,10 @@ sys.path.insert(0, str(ROOT))
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
-os.environ.setdefault("BLENDER_USER_RESOURCES", tempfile.mkdtemp(prefix="kiln-blender-user-"))
+if "BLENDER_USER_RESOURCES" not in os.environ:
+    # Kept referenced so that it is removed when the run ends (a run used to leave one behind).
+    _BLENDER_USER = tempfile.TemporaryDirectory(prefix="kiln-blender-user-", ignore_cleanup_errors=True)
+    os.environ["BLENDER_USER_RESOURCES"] = _BLENDER_USER.name
 
 from backend import protocol  # noqa: E402
 
