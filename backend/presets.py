@@ -191,6 +191,12 @@ class SplatConfig:
     # SDS's runs were not repeated with it.
     absgrad: bool = False
     max_count: int = 100_000        # stop growing past this, so memory stays bounded
+    # Not done: a loss on each Gaussian's smallest scale (surfel-style flattening, weight 1 on its mean
+    # in world units), tried because SIR's tabletop Gaussians are twice SDS's thickness and its mesh
+    # stands off that face. It thinned them (median smallest scale 0.0043 -> 0.0009) but moved Chamfer
+    # little and lost normal consistency. SIR, shipped preset, one run each, PSNR / Chamfer / normal
+    # consistency: table 25.19 / 0.0098 / 0.879 -> 25.13 / 0.0095 / 0.873, crate 26.67 / 0.0105 /
+    # 0.928 -> 26.73 / 0.0101 / 0.909, vase 26.92 / 0.0121 / 0.948 -> 27.07 / 0.0130 / 0.928.
     # Not done: moving faded Gaussians onto visible ones after densifying (3DGS-MCMC's relocation,
     # every 50 updates to update 450). On SIR's table (10 passes), where 2,700 of 3,800 fade, it raised
     # held-out PSNR 24.99 -> 25.27 dB but worsened Chamfer 0.0125 -> 0.0136 (opacity < 0.02; < 0.005:
