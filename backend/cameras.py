@@ -110,10 +110,15 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
                    fov_y_deg)
 
 
-def ring(count: int, offset_deg: float, elevations: tuple[float, ...]) -> tuple[list[float], list[float]]:
-    """Evenly spaced azimuths with a shared offset; elevations cycle so top and bottom are seen."""
+def ring(count: int, offset_deg: float, elevations: tuple[float, ...], jitter_deg: float = 0.0,
+         rng: np.random.Generator | None = None) -> tuple[list[float], list[float]]:
+    """Evenly spaced azimuths with a shared offset; elevations cycle so top and bottom are seen,
+    each moved by up to ``jitter_deg`` (drawn from ``rng``) so that passes over the same object
+    see it from more than a few heights."""
     az = [(offset_deg + 360.0 * k / count) % 360.0 for k in range(count)]
     el = [elevations[k % len(elevations)] for k in range(count)]
+    if jitter_deg > 0:
+        el = np.clip(np.add(el, rng.uniform(-jitter_deg, jitter_deg, count)), -89.0, 89.0).tolist()
     return az, el
 
 
