@@ -110,11 +110,12 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
                    fov_y_deg)
 
 
-def ring(count: int, offset_deg: float, elevations: tuple[float, ...], jitter_deg: float = 0.0,
-         rng: np.random.Generator | None = None) -> tuple[list[float], list[float]]:
-    """Evenly spaced azimuths with a shared offset; elevations cycle so top and bottom are seen,
-    each moved by up to ``jitter_deg`` (drawn from ``rng``) so that passes over the same object
-    see it from more than a few heights."""
+def ring(count: int, elevations: tuple[float, ...], rng: np.random.Generator, jitter_deg: float = 0.0
+         ) -> tuple[list[float], list[float]]:
+    """Evenly spaced azimuths from an offset drawn from ``rng``; elevations cycle so top and bottom
+    are seen, each moved by up to ``jitter_deg`` (also drawn from ``rng``, after the offset) so that
+    passes over the same object see it from more than a few heights."""
+    offset_deg = float(rng.uniform(0, 360))
     az = [(offset_deg + 360.0 * k / count) % 360.0 for k in range(count)]
     el = [elevations[k % len(elevations)] for k in range(count)]
     if jitter_deg > 0:

@@ -92,8 +92,7 @@ class SplatOptimiser:
         return self.params
 
     def views(self, count: int) -> Views:
-        az, el = ring(count, float(self.rng.uniform(0, 360)), self.schedule.elevations,
-                      self.schedule.elevation_jitter, self.rng)
+        az, el = ring(count, self.schedule.elevations, self.rng, self.schedule.elevation_jitter)
         return Views(orbit_sphere(np.zeros(3), FRAME_RADIUS, az, el, "z", device=self.prior.device))
 
     def render(self, views: Views) -> splat.Splats:

@@ -106,7 +106,7 @@ class MeshTexturer:
     def cameras(self, count: int) -> tuple[Views, Raster]:
         """``count`` cameras evenly spaced in azimuth from a random offset, their raster, and — for
         priors that condition on it — each view's depth map."""
-        az, el = ring(count, float(self.rng.uniform(0, 360)), self.cfg.elevations, self.cfg.elevation_jitter, self.rng)
+        az, el = ring(count, self.cfg.elevations, self.rng, self.cfg.elevation_jitter)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
         self.seen |= seen_texels(self.corner_uvs, raster, self.seen.shape[0])

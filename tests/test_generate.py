@@ -123,13 +123,15 @@ def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples(monkeypa
 def test_jittered_elevations_stay_near_the_cycle_and_repeat_for_a_seed() -> None:
     """Jitter moves each view's height by at most its bound, keeps the azimuths, never tips a camera
     over a pole, and is drawn from the job's generator (a seed gives the same views again)."""
-    plain_az, plain_el = ring(8, 30.0, (25.0, -25.0, 60.0, -55.0))
-    az, el = ring(8, 30.0, (25.0, -25.0, 60.0, -55.0), 20.0, np.random.default_rng(3))
+    cycle = (25.0, -25.0, 60.0, -55.0)
+    plain_az, plain_el = ring(8, cycle, np.random.default_rng(3))
+    assert plain_el == [cycle[k % 4] for k in range(8)]
+    az, el = ring(8, cycle, np.random.default_rng(3), 20.0)
     assert az == plain_az
     moved = np.abs(np.subtract(el, plain_el))
     assert (moved <= 20.0).all() and (moved > 0).all()
-    assert el == ring(8, 30.0, (25.0, -25.0, 60.0, -55.0), 20.0, np.random.default_rng(3))[1]
-    assert all(abs(e) <= 89.0 for e in ring(64, 0.0, (85.0, -85.0), 20.0, np.random.default_rng(0))[1])
+    assert el == ring(8, cycle, np.random.default_rng(3), 20.0)[1]
+    assert all(abs(e) <= 89.0 for e in ring(64, (85.0, -85.0), np.random.default_rng(0), 20.0)[1])
 
 
 def test_torch_splatting_puts_one_gaussian_where_the_camera_projects_it() -> None:
