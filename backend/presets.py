@@ -201,6 +201,10 @@ class SplatConfig:
     # little and lost normal consistency. SIR, shipped preset, one run each, PSNR / Chamfer / normal
     # consistency: table 25.19 / 0.0098 / 0.879 -> 25.13 / 0.0095 / 0.873, crate 26.67 / 0.0105 /
     # 0.928 -> 26.73 / 0.0101 / 0.909, vase 26.92 / 0.0121 / 0.948 -> 27.07 / 0.0130 / 0.928.
+    # Not done: DreamGaussian's log-linear decay of the centres' rate, 1e-3 -> 2e-5 over the schedule's
+    # updates. Table, seed 0, PSNR / Chamfer / normal consistency: SIR 24.96 / 0.0094 / 0.880 -> 24.81 /
+    # 0.0095 / 0.885; SDS 24.16 / 0.0088 / 0.865 -> 22.60 / 0.0162 / 0.809 (its 500 noisy updates still
+    # move the surface late).
     # Not done: moving faded Gaussians onto visible ones after densifying (3DGS-MCMC's relocation,
     # every 50 updates to update 450). On SIR's table (10 passes), where 2,700 of 3,800 fade, it raised
     # held-out PSNR 24.99 -> 25.27 dB but worsened Chamfer 0.0125 -> 0.0136 (opacity < 0.02; < 0.005:

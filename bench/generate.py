@@ -1,6 +1,6 @@
 """Object generation against the exact prior: SIR vs SDS, Gaussians → mesh → texture, in one run.
 
-    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...]
+    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...] [--seed N]
 
 The exact prior is built from reference textured meshes, one per prompt (the other prompts make
 the unconditional mixture, so CFG means something). Each method starts from the same ball of
@@ -125,7 +125,7 @@ class Run:
 
 
 def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, device: str, every: int,
-        reference: ReferenceViews | None = None) -> Run:
+        reference: ReferenceViews | None = None, seed: int = 0) -> Run:
     counting = CountingPrior(prior)
     scorer = Scorer(scene, device)
     result = Run(scene.prompt, method)
@@ -144,14 +144,15 @@ def run(scene: Scene, prior: ExactPrior, method: str, cfg: GenerateConfig, devic
         nonlocal started
         started += seconds
 
-    generated = generate_object(counting, cfg, scene.prompt, "", 0, TextureEvents(), name=scene.prompt, watch=watch,
+    generated = generate_object(counting, cfg, scene.prompt, "", seed, TextureEvents(), name=scene.prompt, watch=watch,
                                 reference=reference)
     chamfer, normals = scorer.geometry(generated.mesh)
     views = scorer.mesh_views(generated.mesh, generated.texture)
     result.views = views
-    result.final = {"scene": scene.prompt, "method": method, "images_denoised_gaussians": gaussian_images[0],
-                    "images_denoised_total": counting.images, "splat_psnr": result.curve[-1][2] if result.curve
-                    else scorer.splats(generated.splats), "chamfer": round(chamfer, 4),
+    result.final = {"scene": scene.prompt, "method": method, "seed": seed,
+                    "images_denoised_gaussians": gaussian_images[0], "images_denoised_total": counting.images,
+                    "splat_psnr": result.curve[-1][2] if result.curve else scorer.splats(generated.splats),
+                    "chamfer": round(chamfer, 4),
                     "normal_consistency": round(normals, 4), "mesh_psnr": round(psnr(views, scorer.reference), 2),
                     "gaussians": len(generated.splats["means"]),
                     "gaussians_seen": int((activated(generated.splats)["opacities"] >= SEEN_OPACITY).sum()),
@@ -183,6 +184,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one scene, short runs (a smoke test)")
     parser.add_argument("--scenes", nargs="*", default=None, help="prompts to run (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="the jobs' seed (the scenes and held-out views stay)")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     all_scenes = scenes()
@@ -206,7 +208,7 @@ def main() -> None:
     for scene in chosen:
         for method, cfg in configs.items():
             every = 10 if method == "sir" else 20
-            r = run(scene, prior, method, cfg, args.device, every)
+            r = run(scene, prior, method, cfg, args.device, every, seed=args.seed)
             runs.append(r)
             print(json.dumps(r.final), flush=True)
 

@@ -67,11 +67,11 @@ def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> N
 
 
 def test_generate_bench_quick_run_writes_its_table() -> None:
-    result = run_bench("bench/generate.py", "--quick")
+    result = run_bench("bench/generate.py", "--quick", "--seed", "3")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Target: SIR reaches SDS's final Gaussian PSNR" in result.stdout
     rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_summary.csv")))
-    assert {r["method"] for r in rows} == {"sir", "sds"}
+    assert {r["method"] for r in rows} == {"sir", "sds"} and {r["seed"] for r in rows} == {"3"}
     sir = next(r for r in rows if r["method"] == "sir")
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
     assert 0 < int(sir["gaussians_seen"]) <= int(sir["gaussians"])
