@@ -1,6 +1,10 @@
 """Object generation against the exact prior: SIR vs SDS, Gaussians → mesh → texture, in one run.
 
     .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...] [--seed N]
+        [--methods sir sds] [--threads N] [--results DIR]
+
+One method per process (``--methods sir --threads 1 --results DIR``, one folder each) runs the two
+side by side on a two-core machine; the target is printed where one run holds both methods.
 
 The exact prior is built from reference textured meshes, one per prompt (the other prompts make
 the unconditional mixture, so CFG means something). Each method starts from the same ball of
@@ -185,8 +189,12 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one scene, short runs (a smoke test)")
     parser.add_argument("--scenes", nargs="*", default=None, help="prompts to run (default: all)")
     parser.add_argument("--seed", type=int, default=0, help="the jobs' seed (the scenes and held-out views stay)")
+    parser.add_argument("--methods", nargs="+", choices=("sir", "sds"), default=["sir", "sds"])
+    parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (default: torch's own)")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the CSVs and the contact sheet")
     args = parser.parse_args()
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
+    if args.threads:
+        torch.set_num_threads(args.threads)
     all_scenes = scenes()
     refs = [Reference(s.prompt, s.mesh, s.texture) for s in all_scenes]
     prior = ExactPrior(refs, resolution=RESOLUTION, device=args.device)
@@ -196,7 +204,7 @@ def main() -> None:
     # Each method's shipped preset, Gaussians and mesh grid included; only the texture stages,
     # which the scores below barely see, run smaller.
     configs = {}
-    for method in ("sir", "sds"):
+    for method in args.methods:
         cfg = GENERATE_PRESETS[method]["quality"]
         configs[method] = replace(cfg, mesh=replace(cfg.mesh, texture_size=512, face_budget=20_000))
     if args.quick:  # a smoke test of the script: few Gaussians, short schedules, a coarse grid
@@ -212,18 +220,19 @@ def main() -> None:
             runs.append(r)
             print(json.dumps(r.final), flush=True)
 
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    with open(RESULTS / "generate_curves.csv", "w", newline="") as fh:
+    results: Path = args.results
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "generate_curves.csv", "w", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["scene", "method", "images_denoised", "seconds", "splat_psnr"])
         for r in runs:
             writer.writerows([r.scene, r.method, *point] for point in r.curve)
     cols = list(runs[0].final)
-    with open(RESULTS / "generate_summary.csv", "w", newline="") as fh:
+    with open(results / "generate_summary.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=cols)
         writer.writeheader()
         writer.writerows(r.final for r in runs)
-    contact_sheet(runs, {s.prompt: Scorer(s, args.device).reference for s in chosen}, RESULTS / "generate.png")
+    contact_sheet(runs, {s.prompt: Scorer(s, args.device).reference for s in chosen}, results / "generate.png")
 
     print(f"\n{'scene':<10} {'method':<5} {'NFE(gs)':>8} {'splat dB':>9} {'mesh dB':>8} {'chamfer':>8} "
           f"{'normals':>8} {'gaussians':>9} {'seen':>6} {'tris':>6}  stage seconds")
@@ -233,6 +242,8 @@ def main() -> None:
         print(f"{f['scene']:<10} {f['method']:<5} {f['images_denoised_gaussians']:>8} {f['splat_psnr']:>9.2f} "
               f"{f['mesh_psnr']:>8.2f} {f['chamfer']:>8.4f} {f['normal_consistency']:>8.3f} {f['gaussians']:>9} "
               f"{f['gaussians_seen']:>6} {f['triangles']:>6}  {stages}")
+    if set(configs) != {"sir", "sds"}:
+        return
     print("\nTarget: SIR reaches SDS's final Gaussian PSNR within 1/5 of SDS's images denoised")
     for scene in chosen:
         by = {r.method: r for r in runs if r.scene == scene.prompt}
