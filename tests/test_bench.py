@@ -66,16 +66,17 @@ def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> N
     assert unwrap.SINGLE_PIECE_FACES == 2_000  # put back after each one-piece row
 
 
-def test_generate_bench_quick_run_writes_its_table() -> None:
-    result = run_bench("bench/generate.py", "--quick", "--seed", "3")
+def test_generate_bench_quick_run_writes_its_table(tmp_path) -> None:
+    result = run_bench("bench/generate.py", "--quick", "--seed", "3", "--methods", "sir", "sds",
+                       "--results", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "Target: SIR reaches SDS's final Gaussian PSNR" in result.stdout
-    rows = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_summary.csv")))
+    rows = list(csv.DictReader(open(tmp_path / "generate_summary.csv")))
     assert {r["method"] for r in rows} == {"sir", "sds"} and {r["seed"] for r in rows} == {"3"}
     sir = next(r for r in rows if r["method"] == "sir")
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
     assert 0 < int(sir["gaussians_seen"]) <= int(sir["gaussians"])
-    curves = list(csv.DictReader(open(ROOT / "bench" / "results" / "generate_curves.csv")))
+    curves = list(csv.DictReader(open(tmp_path / "generate_curves.csv")))
     assert len(curves) >= 4
 
 
