@@ -205,6 +205,12 @@ class SplatConfig:
     # updates. Table, seed 0, PSNR / Chamfer / normal consistency: SIR 24.96 / 0.0094 / 0.880 -> 24.81 /
     # 0.0095 / 0.885; SDS 24.16 / 0.0088 / 0.865 -> 22.60 / 0.0162 / 0.809 (its 500 noisy updates still
     # move the surface late).
+    # Not done: densifying SIR's Gaussians until update 450 of its 700 instead of 200 (DreamGaussian
+    # densifies throughout). More of them draw the object (table, seed 2: 1,396 -> 3,622 seen), but the
+    # meshes barely move and lose normal consistency. Shipped SIR preset, PSNR / Chamfer / normal
+    # consistency: table seed 2 24.97 / 0.0096 / 0.876 -> 25.18 / 0.0093 / 0.860 (SDS 24.64 / 0.0089),
+    # crate seed 0 26.64 / 0.0099 / 0.936 -> 26.77 / 0.0099 / 0.918, vase seed 0 27.08 / 0.0115 / 0.956 ->
+    # 27.14 / 0.0123 / 0.937.
     # Not done: moving faded Gaussians onto visible ones after densifying (3DGS-MCMC's relocation,
     # every 50 updates to update 450). On SIR's table (10 passes), where 2,700 of 3,800 fade, it raised
     # held-out PSNR 24.99 -> 25.27 dB but worsened Chamfer 0.0125 -> 0.0136 (opacity < 0.02; < 0.005:
