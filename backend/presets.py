@@ -209,6 +209,7 @@ class SplatConfig:
     # densifies throughout). More of them draw the object (table, seed 2: 1,396 -> 3,622 seen), but the
     # meshes barely move and lose normal consistency. Shipped SIR preset, PSNR / Chamfer / normal
     # consistency: table seed 2 24.97 / 0.0096 / 0.876 -> 25.18 / 0.0093 / 0.860 (SDS 24.64 / 0.0089),
+    # table seed 0 24.96 / 0.0094 / 0.880 -> 25.13 / 0.0092 / 0.864 (SDS 24.16 / 0.0088),
     # crate seed 0 26.64 / 0.0099 / 0.936 -> 26.77 / 0.0099 / 0.918, vase seed 0 27.08 / 0.0115 / 0.956 ->
     # 27.14 / 0.0123 / 0.937.
     # Not done: moving faded Gaussians onto visible ones after densifying (3DGS-MCMC's relocation,
