@@ -299,7 +299,9 @@ _TINY_MESH = MeshConfig(grid=48, face_budget=4000, texture_size=512, bake_views=
 # normal consistency, seed 0, fixed heights → 20°: table 25.19 / 0.0098 / 0.879 → 24.96 / 0.0094 /
 # 0.880, crate 26.67 / 0.0105 / 0.928 → 26.64 / 0.0099 / 0.936, vase 26.92 / 0.0121 / 0.948 → 27.08 /
 # 0.0115 / 0.956 (table at 10°: 24.96 / 0.0096 / 0.885, at 30°: 24.89 / 0.0110 / 0.861). Seed 1, table:
-# SIR 25.22 / 0.0094 / 0.883 against SDS's 23.92 / 0.0116 / 0.844 (seed 0: 24.16 / 0.0088 / 0.865).
+# SIR 25.22 / 0.0094 / 0.883 against SDS's 23.92 / 0.0116 / 0.844 (seed 0: 24.16 / 0.0088 / 0.865); seed 2,
+# table: SIR 24.97 / 0.0096 / 0.876, SDS 24.64 / 0.0089 / 0.857. Seed 1, SIR against SDS: crate 26.89 /
+# 0.0099 / 0.936 vs 26.35 / 0.0110 / 0.907, vase 27.29 / 0.0121 / 0.955 vs 26.84 / 0.0160 / 0.904.
 _GENERATE_SIR = SIRConfig(views=8, elevation_jitter=20.0, iterations=13, ddim_steps=5, t_start=0.8, t_end=0.3,
                           recon_steps=50, init_recon_steps=50, init_views=0, replay=8)
 
