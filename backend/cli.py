@@ -32,14 +32,19 @@ class ConsoleEvents(TextureEvents):
         from tqdm import tqdm
 
         self.bar = tqdm(total=1, unit="update", file=sys.stderr, dynamic_ncols=True)
+        self.phase = ""
         self.final = None
         self.reference_used: dict[str, object] | None = None
 
     def progress(self, done: int, total: int, phase: str) -> None:
+        """Through tqdm's rate limit, so a long job does not write a line per update into a TD's log;
+        but a new phase that holds the count still (extracting, unwrapping) shows at once, since no
+        update comes to show it while it runs."""
+        still, changed, self.phase = done == self.bar.n, phase != self.phase, phase
         self.bar.total = total
-        self.bar.n = done
-        self.bar.set_description(phase)
-        self.bar.refresh()
+        self.bar.set_description(phase, refresh=False)
+        if not self.bar.update(done - self.bar.n) and changed and still:
+            self.bar.refresh()
 
     def texture(self, rgba, final: bool) -> None:
         if final:

@@ -251,6 +251,20 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     assert len(glb.faces) == 2112 and glb.visual.uv is not None
 
 
+def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count(capsys) -> None:
+    """A TD's log gets a few lines for a burst of updates, not one per update; a phase that holds
+    the count (unwrapping) is on the bar at once, though no update follows to show it."""
+    from backend.cli import ConsoleEvents
+
+    events = ConsoleEvents()
+    for done in range(1, 501):
+        events.progress(done, 1000, "reconstructing")
+    events.progress(500, 1000, "unwrapping UVs (xatlas)")
+    frames = [f for f in capsys.readouterr().err.split("\r") if f.strip()]
+    assert len(frames) < 20
+    assert "unwrapping UVs (xatlas)" in frames[-1] and "500/1000" in frames[-1]
+
+
 def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     result = run_cli("texture", str(VASE), "--prompt", "", "--out", str(tmp_path))
     assert result.returncode == 2 and "prompt is empty" in result.stderr
