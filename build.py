@@ -2,7 +2,7 @@
 """Build Kiln's Blender extension zip, or set up the backend environment.
 
     python3 build.py                 # dist/kiln-<version>.zip, validated by Blender's own checker
-    python3 build.py setup [--dev]   # .venv with the backend's dependencies (+ pytest with --dev)
+    python3 build.py setup [--dev]   # .venv with the backend's dependencies (+ pytest, rtree with --dev)
     python3 build.py test            # setup --dev, the backend's tests, then the Blender tests under each bpy
 
 The zip holds the add-on (``blender_addon/`` at its root) and a copy of ``backend/``: the add-on
@@ -31,6 +31,9 @@ CPU_TORCH = "torch==2.13.0"
 BLENDER_ENVS = {".venv-blender": "bpy==5.0.1", ".venv-blender-min": "bpy==4.2.23"}
 #: The test runner, in the backend's environment and in each Blender's.
 TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3"]
+#: What the benches need beyond the backend, in its environment: trimesh's closest-point queries
+#: (exact point-to-surface distances for Chamfer) index triangles with rtree.
+BENCH_TOOLS = ["rtree>=1.3"]
 
 
 def manifest_version() -> str:
@@ -127,7 +130,7 @@ def setup(dev: bool, device: str) -> Path:
     if device == "cuda":
         subprocess.run([*pip, "-r", str(ROOT / "requirements-cuda.txt")], check=True)
     if dev:
-        subprocess.run([*pip, *TEST_TOOLS], check=True)
+        subprocess.run([*pip, *TEST_TOOLS, *BENCH_TOOLS], check=True)
     POINTER_FILE.parent.mkdir(parents=True, exist_ok=True)
     POINTER_FILE.write_text(str(python), encoding="utf-8")
     print(f"Kiln backend environment ready ({device}): {python}\nRecorded in {POINTER_FILE} for the add-on.")
@@ -154,7 +157,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command")
     s = sub.add_parser("setup", help="create the backend environment in .venv")
-    s.add_argument("--dev", action="store_true", help="also install the test runner (pytest)")
+    s.add_argument("--dev", action="store_true",
+                   help="also install the test runner (pytest) and what the benches need (rtree)")
     s.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     sub.add_parser("test", help="set up with test tools and run every test (Blender's under bpy 5.0.1 and 4.2)")
     b = sub.add_parser("zip", help="build the extension zip (the default)")
