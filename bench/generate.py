@@ -1,10 +1,13 @@
 """Object generation against the exact prior: SIR vs SDS, Gaussians → mesh → texture, in one run.
 
-    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...] [--seed N]
-        [--methods sir sds] [--threads N] [--results DIR]
+    .venv/bin/python bench/generate.py [--device cpu|cuda] [--quick] [--scenes "a crate" ...]
+        [--seeds N ...] [--methods sir sds] [--threads N] [--results DIR]
+    .venv/bin/python bench/generate.py --combine DIR [DIR ...] [--results DIR]
 
 One method per process (``--methods sir --threads 1 --results DIR``, one folder each) runs the two
-side by side on a two-core machine; the target is printed where one run holds both methods.
+side by side on a two-core machine, and ``--combine`` then reports the folders together. With several
+seeds the target is also reported on their mean: one seed's Chamfer moves by up to a third between
+seeds (SDS on the table: 0.0057, 0.0086, 0.0057 for seeds 0-2).
 
 The exact prior is built from reference textured meshes, one per prompt (the other prompts make
 the unconditional mixture, so CFG means something). Each method starts from the same ball of
@@ -187,16 +190,103 @@ def contact_sheet(runs: list[Run], references: dict[str, torch.Tensor], path: Pa
     Image.fromarray(np.concatenate(rows, 0)).save(path)
 
 
+def write(runs: list[Run], results: Path) -> None:
+    results.mkdir(parents=True, exist_ok=True)
+    with open(results / "generate_curves.csv", "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["scene", "method", "seed", "images_denoised", "seconds", "splat_psnr"])
+        for r in runs:
+            writer.writerows([r.scene, r.method, r.final["seed"], *point] for point in r.curve)
+    cols = list(runs[0].final)
+    with open(results / "generate_summary.csv", "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=cols)
+        writer.writeheader()
+        writer.writerows(r.final for r in runs)
+
+
+def number(text: str) -> int | float | str:
+    """A CSV cell back as the value the run wrote, so combined runs format and average as fresh ones."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def load(folders: list[Path]) -> list[Run]:
+    """The runs that earlier invocations wrote (one method or seed per process), to report together."""
+    runs: list[Run] = []
+    for folder in folders:
+        if not (folder / "generate_summary.csv").is_file():
+            raise SystemExit(f"{folder} holds no generate_summary.csv: pass folders that "
+                             f"bench/generate.py --results DIR wrote")
+        with open(folder / "generate_summary.csv") as summary, open(folder / "generate_curves.csv") as curves:
+            finals = [{k: number(v) for k, v in row.items()} for row in csv.DictReader(summary)]
+            points = list(csv.DictReader(curves))
+        for final in finals:
+            key = (final["scene"], final["method"], str(final["seed"]))
+            curve = [(int(p["images_denoised"]), float(p["seconds"]), float(p["splat_psnr"])) for p in points
+                     if (p["scene"], p["method"], p["seed"]) == key]
+            runs.append(Run(final["scene"], final["method"], curve, final))
+    return runs
+
+
+def report(runs: list[Run]) -> None:
+    print(f"\n{'scene':<10} {'method':<5} {'seed':>4} {'NFE(gs)':>8} {'splat dB':>9} {'mesh dB':>8} {'chamfer':>8} "
+          f"{'normals':>8} {'gaussians':>9} {'seen':>6} {'tris':>6}  stage seconds")
+    for r in runs:
+        f = r.final
+        stages = " ".join(f"{k[:-2]} {v}" for k, v in f.items() if k.endswith("_s"))
+        print(f"{f['scene']:<10} {f['method']:<5} {f['seed']:>4} {f['images_denoised_gaussians']:>8} "
+              f"{f['splat_psnr']:>9.2f} {f['mesh_psnr']:>8.2f} {f['chamfer']:>8.4f} {f['normal_consistency']:>8.3f} "
+              f"{f['gaussians']:>9} {f['gaussians_seen']:>6} {f['triangles']:>6}  {stages}")
+    pairs: dict[str, list[dict[str, Run]]] = {}
+    for scene, seed in dict.fromkeys((r.scene, r.final["seed"]) for r in runs):
+        by = {r.method: r for r in runs if r.scene == scene and r.final["seed"] == seed}
+        if {"sir", "sds"} <= set(by):
+            pairs.setdefault(scene, []).append(by)
+    if not pairs:
+        return
+    print("\nTarget: SIR reaches SDS's final Gaussian PSNR and Chamfer within 1/5 of SDS's images denoised")
+    for scene, seeds in pairs.items():
+        for by in seeds:
+            sir, sds = by["sir"].final, by["sds"].final
+            level, sds_images = sds["splat_psnr"], sds["images_denoised_gaussians"]
+            hit = first_reaching(by["sir"].curve, level)
+            ratio = "never" if hit is None else f"{sds_images / max(hit, 1):.1f}x fewer"
+            print(f"  {scene:<10} seed {sir['seed']}: SDS {level:.2f} dB after {sds_images} images; SIR reaches it "
+                  f"after {hit} images ({ratio}); SDS/SIR images at the end "
+                  f"{sds_images / sir['images_denoised_gaussians']:.1f} (the target needs >= 5); Chamfer SIR "
+                  f"{sir['chamfer']:.4f} vs SDS {sds['chamfer']:.4f}")
+        if len(seeds) > 1:
+            mean = {m: {k: float(np.mean([by[m].final[k] for by in seeds])) for k in ("splat_psnr", "chamfer")}
+                    for m in ("sir", "sds")}
+            won = sum(by["sir"].final["chamfer"] <= by["sds"].final["chamfer"] for by in seeds)
+            print(f"  {scene:<10} mean of {len(seeds)} seeds: PSNR SIR {mean['sir']['splat_psnr']:.2f} vs SDS "
+                  f"{mean['sds']['splat_psnr']:.2f} dB; Chamfer SIR {mean['sir']['chamfer']:.4f} vs SDS "
+                  f"{mean['sds']['chamfer']:.4f} (SIR at or below SDS on {won} of {len(seeds)} seeds)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="one scene, short runs (a smoke test)")
     parser.add_argument("--scenes", nargs="*", default=None, help="prompts to run (default: all)")
-    parser.add_argument("--seed", type=int, default=0, help="the jobs' seed (the scenes and held-out views stay)")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="the jobs' seeds, one run each (the scenes and held-out views stay)")
     parser.add_argument("--methods", nargs="+", choices=("sir", "sds"), default=["sir", "sds"])
     parser.add_argument("--threads", type=int, default=0, help="torch's CPU threads (default: torch's own)")
     parser.add_argument("--results", type=Path, default=RESULTS, help="folder for the CSVs and the contact sheet")
+    parser.add_argument("--combine", type=Path, nargs="+", default=None, metavar="DIR",
+                        help="run nothing: report the runs earlier invocations wrote to these --results folders "
+                             "together, targets included, and write the merged CSVs to --results")
     args = parser.parse_args()
+    if args.combine:
+        runs = load(args.combine)
+        write(runs, args.results)
+        report(runs)
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     all_scenes = scenes()
@@ -218,46 +308,15 @@ def main() -> None:
                    for k, c in configs.items()}
     runs: list[Run] = []
     for scene in chosen:
-        for method, cfg in configs.items():
-            every = 10 if method == "sir" else 20
-            r = run(scene, prior, method, cfg, args.device, every, seed=args.seed)
-            runs.append(r)
-            print(json.dumps(r.final), flush=True)
-
-    results: Path = args.results
-    results.mkdir(parents=True, exist_ok=True)
-    with open(results / "generate_curves.csv", "w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(["scene", "method", "images_denoised", "seconds", "splat_psnr"])
-        for r in runs:
-            writer.writerows([r.scene, r.method, *point] for point in r.curve)
-    cols = list(runs[0].final)
-    with open(results / "generate_summary.csv", "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=cols)
-        writer.writeheader()
-        writer.writerows(r.final for r in runs)
-    contact_sheet(runs, {s.prompt: Scorer(s, args.device).reference for s in chosen}, results / "generate.png")
-
-    print(f"\n{'scene':<10} {'method':<5} {'NFE(gs)':>8} {'splat dB':>9} {'mesh dB':>8} {'chamfer':>8} "
-          f"{'normals':>8} {'gaussians':>9} {'seen':>6} {'tris':>6}  stage seconds")
-    for r in runs:
-        f = r.final
-        stages = " ".join(f"{k[:-2]} {v}" for k, v in f.items() if k.endswith("_s"))
-        print(f"{f['scene']:<10} {f['method']:<5} {f['images_denoised_gaussians']:>8} {f['splat_psnr']:>9.2f} "
-              f"{f['mesh_psnr']:>8.2f} {f['chamfer']:>8.4f} {f['normal_consistency']:>8.3f} {f['gaussians']:>9} "
-              f"{f['gaussians_seen']:>6} {f['triangles']:>6}  {stages}")
-    if set(configs) != {"sir", "sds"}:
-        return
-    print("\nTarget: SIR reaches SDS's final Gaussian PSNR within 1/5 of SDS's images denoised")
-    for scene in chosen:
-        by = {r.method: r for r in runs if r.scene == scene.prompt}
-        level = by["sds"].final["splat_psnr"]
-        sds_images = by["sds"].final["images_denoised_gaussians"]
-        hit = first_reaching(by["sir"].curve, level)
-        ratio = "never" if hit is None else f"{sds_images / max(hit, 1):.1f}x fewer"
-        print(f"  {scene.prompt:<10} SDS {level:.2f} dB after {sds_images} images; SIR reaches it after "
-              f"{hit} images ({ratio}); Chamfer SIR {by['sir'].final['chamfer']:.4f} vs SDS "
-              f"{by['sds'].final['chamfer']:.4f}")
+        for seed in args.seeds:
+            for method, cfg in configs.items():
+                every = 10 if method == "sir" else 20
+                r = run(scene, prior, method, cfg, args.device, every, seed=seed)
+                runs.append(r)
+                print(json.dumps(r.final), flush=True)
+    write(runs, args.results)
+    contact_sheet(runs, {s.prompt: Scorer(s, args.device).reference for s in chosen}, args.results / "generate.png")
+    report(runs)
 
 
 if __name__ == "__main__":

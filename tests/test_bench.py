@@ -66,18 +66,24 @@ def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> N
     assert unwrap.SINGLE_PIECE_FACES == 2_000  # put back after each one-piece row
 
 
-def test_generate_bench_quick_run_writes_its_table(tmp_path) -> None:
-    result = run_bench("bench/generate.py", "--quick", "--seed", "3", "--methods", "sir", "sds",
-                       "--results", str(tmp_path))
+def test_generate_bench_runs_methods_apart_and_combines_them_with_the_mean_over_seeds(tmp_path) -> None:
+    for method in ("sir", "sds"):
+        result = run_bench("bench/generate.py", "--quick", "--seeds", "3", "4", "--methods", method, "--threads", "1",
+                           "--results", str(tmp_path / method))
+        assert result.returncode == 0, result.stderr[-2000:]
+        assert "Target:" not in result.stdout  # one method alone has nothing to compare
+    result = run_bench("bench/generate.py", "--combine", str(tmp_path / "sir"), str(tmp_path / "sds"),
+                       "--results", str(tmp_path / "both"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "Target: SIR reaches SDS's final Gaussian PSNR" in result.stdout
-    rows = list(csv.DictReader(open(tmp_path / "generate_summary.csv")))
-    assert {r["method"] for r in rows} == {"sir", "sds"} and {r["seed"] for r in rows} == {"3"}
+    assert "Target: SIR reaches SDS's final Gaussian PSNR and Chamfer" in result.stdout
+    assert all(f"{'a crate':<10} {part}" in result.stdout for part in ("seed 3:", "seed 4:", "mean of 2 seeds:"))
+    rows = list(csv.DictReader(open(tmp_path / "both" / "generate_summary.csv")))
+    assert sorted((r["method"], r["seed"]) for r in rows) == [("sds", "3"), ("sds", "4"), ("sir", "3"), ("sir", "4")]
     sir = next(r for r in rows if r["method"] == "sir")
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
     assert 0 < int(sir["gaussians_seen"]) <= int(sir["gaussians"])
-    curves = list(csv.DictReader(open(tmp_path / "generate_curves.csv")))
-    assert len(curves) >= 4
+    curves = list(csv.DictReader(open(tmp_path / "both" / "generate_curves.csv")))
+    assert {(c["method"], c["seed"]) for c in curves} == {("sds", "3"), ("sds", "4"), ("sir", "3"), ("sir", "4")}
 
 
 def test_retrieval_bench_quick_run_writes_its_tables() -> None:
