@@ -22,6 +22,8 @@ cells, floored at 0.2 or 0.5, at ½), meant to put each part's surface at its ow
 whatever its Gaussians' opacity: it breaks the surface up. Table, seed 0, point-to-surface Chamfer /
 normal consistency: SIR 0.0065 / 0.881 at the fixed level against 0.0169-0.0194 / 0.76-0.78, SDS
 0.0057 / 0.868 against 0.0236-0.0281 / 0.68-0.72.
+Nor leaving faint Gaussians out of the grid: with opacity below 0.02 or 0.05 (two thirds of SIR's
+on the table) Chamfer moves by at most 0.0002 on the table and the vase, either method.
 """
 
 from __future__ import annotations
