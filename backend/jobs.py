@@ -200,8 +200,11 @@ def mesh_from_message(msg: protocol.Message, prefix: str = "") -> Mesh:
         if tri_loops.size and (tri_loops.min() < 0 or tri_loops.max() >= len(loop_uvs)):
             raise MeshError("loop indices out of range of the UV array")
         corner_uvs = loop_uvs[tri_loops]
+    loop_count = msg.get(prefix + "loop_count", 0)
+    if not isinstance(loop_count, int) or isinstance(loop_count, bool) or loop_count < 0:
+        raise MeshError(f"{prefix}loop_count {loop_count!r} must be a whole number ≥ 0 (the mesh's face corners)")
     return Mesh(positions=arr("positions", np.float32, (3,)), triangles=arr("triangles", np.int64, (3,)),
-                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=int(msg.get(prefix + "loop_count", 0)),
+                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=loop_count,
                 up_axis=str(msg.get(prefix + "up_axis", "z")), name=str(msg.get(prefix + "object", "mesh")))
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .cameras import UP_AXES
 from .protocol import MAX_TRIANGLES
 
 
@@ -59,6 +60,14 @@ class Mesh:
                             "fix or delete them (Edit Mode > Mesh > Clean Up) before texturing")
         if t.min() < 0 or t.max() >= p.shape[0]:
             raise MeshError(f"mesh {self.name!r}: triangle indices out of range")
+        if self.up_axis not in UP_AXES:
+            raise MeshError(f"mesh {self.name!r}: up axis {self.up_axis!r} is not one of {', '.join(UP_AXES)} "
+                            "(Blender's is 'z'; glTF and most OBJ files are 'y')")
+        if self.tri_loops is not None:
+            loops = self.tri_loops
+            if loops.shape != t.shape or (loops.size and (loops.min() < 0 or loops.max() >= self.loop_count)):
+                raise MeshError(f"mesh {self.name!r}: its face corners' loop indices do not fit its "
+                                f"{self.loop_count} loops")
         extent = p.max(axis=0) - p.min(axis=0)
         if float(extent.max()) <= 0.0:
             raise MeshError(f"mesh {self.name!r} has zero size: all vertices coincide")

@@ -234,27 +234,41 @@ class Connection:
     def _loop(self) -> None:
         while True:
             msg = protocol.recv(self.sock)
-            if msg.type == protocol.SUBMIT:
-                self._submit(msg)
-            elif msg.type == protocol.CANCEL:
-                job = self.jobs.get(msg.get("job"))
-                if job:
-                    job.cancel.set()
-            elif msg.type == protocol.PING:
-                self.outbox.put(protocol.PONG, {"t": msg.get("t")})
-            elif msg.type == protocol.UNLOAD:
-                # A running job keeps its own reference, so dropping the cache is safe at any time;
-                # the memory is freed when that job ends.
-                names = self.server.models.unload()
-                self.outbox.put(protocol.LOG, {"level": "info",
-                                               "text": f"unloaded models: {', '.join(names) or 'none loaded'}"})
-            elif msg.type == protocol.SHUTDOWN:
-                log.info("shutdown requested by %s", self.peer)
-                self.server.stop()
-                return
-            else:
-                self.outbox.put(protocol.ERROR, {"code": protocol.E_BAD_REQUEST,
-                                                 "message": f"a client may not send {msg.type!r}"})
+            try:
+                if not self._handle(msg):
+                    return
+            except Exception as exc:  # a bug in handling one message must not drop the artist's connection
+                log.error("handling %r from %s failed:\n%s", msg.type, self.peer, traceback.format_exc())
+                self.outbox.put(protocol.ERROR, {
+                    "tag": msg.get("tag"), "code": protocol.E_INTERNAL,
+                    "message": f"the backend could not handle {msg.type!r} ({type(exc).__name__}: {exc}); this is "
+                               "a bug in Kiln: the backend's log has the details"})
+
+    def _handle(self, msg: protocol.Message) -> bool:
+        """Act on one client message; False once the connection should end."""
+        if msg.type == protocol.SUBMIT:
+            self._submit(msg)
+        elif msg.type == protocol.CANCEL:
+            job_id = msg.get("job")
+            job = self.jobs.get(job_id) if isinstance(job_id, int) else None  # unknown ids are already over
+            if job:
+                job.cancel.set()
+        elif msg.type == protocol.PING:
+            self.outbox.put(protocol.PONG, {"t": msg.get("t")})
+        elif msg.type == protocol.UNLOAD:
+            # A running job keeps its own reference, so dropping the cache is safe at any time;
+            # the memory is freed when that job ends.
+            names = self.server.models.unload()
+            self.outbox.put(protocol.LOG, {"level": "info",
+                                           "text": f"unloaded models: {', '.join(names) or 'none loaded'}"})
+        elif msg.type == protocol.SHUTDOWN:
+            log.info("shutdown requested by %s", self.peer)
+            self.server.stop()
+            return False
+        else:
+            self.outbox.put(protocol.ERROR, {"code": protocol.E_BAD_REQUEST,
+                                             "message": f"a client may not send {msg.type!r}"})
+        return True
 
     def _submit(self, msg: protocol.Message) -> None:
         job_id = next(self.server.ids)

@@ -84,6 +84,9 @@ def test_disconnect_mid_frame_leaves_the_server_serving(server: BackendServer) -
     ({"steps": 0}, None, protocol.E_BAD_REQUEST, "steps 0 is out of range"),
     ({}, "nan", protocol.E_BAD_MESH, "NaN or infinite"),
     ({}, "no_faces", protocol.E_BAD_MESH, "has no faces"),
+    ({"loop_count": "36"}, None, protocol.E_BAD_MESH, "loop_count '36' must be a whole number"),
+    ({"loop_count": 20}, None, protocol.E_BAD_MESH, "loop indices do not fit its 20 loops"),
+    ({"up_axis": "w"}, None, protocol.E_BAD_MESH, "up axis 'w' is not one of y, z"),
     ({"model": "no such model!"}, None, protocol.E_MODEL_NOT_FOUND, "unknown model"),
     ({"model": "someone/not-downloaded-model", "offline": True}, None, protocol.E_WEIGHTS_OFFLINE, "offline"),
 ])
@@ -217,3 +220,33 @@ def test_outbox_drops_stale_previews_instead_of_blocking_the_job() -> None:
     assert progress == list(range(50))                  # ordered messages all arrive, in order
     assert previews == sorted(previews) and previews[-1] == 49 and len(previews) < 10
     outbox.close()
+
+
+def test_a_bug_handling_one_message_is_reported_and_the_connection_lives(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An unexpected exception while reading a job (a bug, injected here) answers with an internal
+    error naming the job's tag, and the same connection goes on serving: the artist's session is
+    not dropped. A CANCEL with a malformed job id is ignored like an unknown one."""
+    import threading
+
+    from backend import server as server_module
+
+    def bug(msg: protocol.Message) -> None:
+        raise RuntimeError("injected")
+
+    monkeypatch.setattr(server_module, "mesh_from_message", bug)
+    srv = server_module.Server(protocol.new_secret())
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        sock = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+        protocol.client_handshake(sock, srv.secret)
+        submit(sock, tag="Cube")
+        error = protocol.recv(sock)
+        assert error.type == protocol.ERROR and error.get("code") == protocol.E_INTERNAL
+        assert error.get("tag") == "Cube"
+        assert "RuntimeError: injected" in error.get("message") and "bug in Kiln" in error.get("message")
+        protocol.send(sock, protocol.CANCEL, {"job": [1]})
+        protocol.send(sock, protocol.PING, {"t": 2})
+        assert protocol.recv(sock).type == protocol.PONG
+        sock.close()
+    finally:
+        srv.stop()
