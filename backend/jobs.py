@@ -102,9 +102,12 @@ class JobRequest:
         model = f.get("model") or "tiny"
         if not isinstance(model, str):
             raise bad("model must be a name, folder or file path")
+        preset = f.get("preset") or None
+        if preset is not None and not isinstance(preset, str):
+            raise bad(f"preset {preset!r} must be a preset's name, e.g. 'quality'")
         libraries, references = f.get("libraries") or (), f.get("references") or ()
         for name, value in (("libraries", libraries), ("references", references)):
-            if isinstance(value, str) or not all(isinstance(x, str) and x for x in value):
+            if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
                 raise bad(f"{name} must be a list of paths")
         if task in (protocol.TASK_INDEX, protocol.TASK_SEARCH) and not libraries:
             raise bad("no asset library to search: add your asset folders in Preferences > Add-ons > Kiln")
@@ -114,7 +117,7 @@ class JobRequest:
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
                    lora=str(f["lora"]) if f.get("lora") else None, vae=str(f["vae"]) if f.get("vae") else None,
                    low_vram=bool(f.get("low_vram", False)),
-                   preset=f.get("preset"), offline=bool(f.get("offline", False)),
+                   preset=preset, offline=bool(f.get("offline", False)),
                    references=tuple(references), libraries=tuple(libraries),
                    clip=str(f["clip"]) if f.get("clip") else None, adapt_prior=bool(f.get("adapt_prior", False)),
                    delta_denoising=bool(f.get("delta_denoising", False)))

@@ -87,6 +87,8 @@ def test_disconnect_mid_frame_leaves_the_server_serving(server: BackendServer) -
     ({"loop_count": "36"}, None, protocol.E_BAD_MESH, "loop_count '36' must be a whole number"),
     ({"loop_count": 20}, None, protocol.E_BAD_MESH, "loop indices do not fit its 20 loops"),
     ({"up_axis": "w"}, None, protocol.E_BAD_MESH, "up axis 'w' is not one of y, z"),
+    ({"preset": ["quality"]}, None, protocol.E_BAD_REQUEST, "must be a preset's name"),
+    ({"references": 5}, None, protocol.E_BAD_REQUEST, "references must be a list of paths"),
     ({"model": "no such model!"}, None, protocol.E_MODEL_NOT_FOUND, "unknown model"),
     ({"model": "someone/not-downloaded-model", "offline": True}, None, protocol.E_WEIGHTS_OFFLINE, "offline"),
 ])
