@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import replace
@@ -35,6 +36,12 @@ class ConsoleEvents(TextureEvents):
         self.phase = ""
         self.final = None
         self.reference_used: dict[str, object] | None = None
+
+    def __enter__(self) -> "ConsoleEvents":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()  # an error then prints on a line of its own, not after the bar
 
     def progress(self, done: int, total: int, phase: str) -> None:
         """Through tqdm's rate limit, so a long job does not write a line per update into a TD's log;
@@ -77,6 +84,19 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     glb = out / f"{mesh.name}.glb"
     trimesh.Trimesh(corners, faces, visual=visual, process=False).export(glb)
     return {"texture": str(png), "mesh": str(glb)}
+
+
+def output_folder(path: str) -> Path:
+    """``--out``, made and checked before the job, so minutes of work are not lost at the end to a
+    folder that cannot be written."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise JobError(protocol.E_BAD_REQUEST, f"cannot make the --out folder {path!r}: {exc.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise JobError(protocol.E_BAD_REQUEST, f"the --out folder {path!r} is not writable: choose another")
+    return out
 
 
 def refine_texture(args: argparse.Namespace, loaded: object):
@@ -124,33 +144,32 @@ def texture_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         request = request_from(args, protocol.TASK_TEXTURE)
+        out = output_folder(args.out)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
         init = refine_texture(args, loaded) if args.refine else None
-        events = ConsoleEvents()
-        run_texture_job(request, mesh, events, ModelCache(), init)
-        events.bar.close()
+        with ConsoleEvents() as events:
+            run_texture_job(request, mesh, events, ModelCache(), init)
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
-    return finish(request, Path(args.out), started, write_result(mesh, events.final, Path(args.out)),
-                  **events.used())
+    return finish(request, out, started, write_result(mesh, events.final, out), **events.used())
 
 
 def generate_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         request = request_from(args, protocol.TASK_GENERATE)
-        events = ConsoleEvents()
-        result = run_generate_job(request, events, ModelCache())
-        events.bar.close()
+        out = output_folder(args.out)
+        with ConsoleEvents() as events:
+            result = run_generate_job(request, events, ModelCache())
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
     # glTF is Y-up; the object was made Z-up (Blender's convention): (x, y, z) → (x, z, −y).
     mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
-    files = write_result(mesh, events.final, Path(args.out))
-    return finish(request, Path(args.out), started, files, stages_s=result.seconds,
+    files = write_result(mesh, events.final, out)
+    return finish(request, out, started, files, stages_s=result.seconds,
                   gaussians=len(result.splats["means"]), triangles=mesh.triangle_count, **events.used())
 
 

@@ -267,6 +267,14 @@ def check_reference_options(request: JobRequest, own_reference: bool) -> None:
     if request.delta_denoising and request.method == "sir":
         raise JobError(protocol.E_BAD_REQUEST, "Delta Denoising corrects score distillation's gradient, which SIR "
                        "does not use: choose SDS or SSD, or turn Delta Denoising off")
+    for file in request.references:
+        if not Path(file).is_file():
+            raise JobError(protocol.E_BAD_REQUEST, f"reference {file!r} does not exist: name an asset file (GLB, OBJ, "
+                           "PLY, ...) or pick one from Find References")
+    for folder in request.libraries:
+        if not Path(folder).is_dir():
+            raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} is not a folder: fix or remove it in "
+                           "Preferences > Add-ons > Kiln")
 
 
 def adaptation(request: JobRequest, prior: Prior, chosen: list, cfg: SIRConfig | DistillConfig,

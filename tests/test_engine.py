@@ -274,6 +274,17 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert result.returncode == 2 and "out of range" in result.stderr
     result = run_cli("texture", str(VASE), "--prompt", "x", "--vae", "no such vae", "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown VAE 'no such vae'" in result.stderr
+    # Checked before any model loads, so a long job is not lost at its end.
+    blocker = tmp_path / "a file"
+    blocker.write_text("")
+    result = run_cli("texture", str(VASE), "--prompt", "x", "--out", str(blocker / "out"))
+    assert result.returncode == 2 and "cannot make the --out folder" in result.stderr
+    assert "loading model" not in result.stderr
+    result = run_cli("generate", "--prompt", "x", "--reference", str(tmp_path / "gone.glb"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "gone.glb' does not exist" in result.stderr
+    assert "loading model" not in result.stderr
+    result = run_cli("texture", str(VASE), "--prompt", "x", "--library", str(tmp_path / "gone"), "--out", str(tmp_path))
+    assert result.returncode == 2 and "gone' is not a folder" in result.stderr
 
 
 def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:

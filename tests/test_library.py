@@ -259,6 +259,7 @@ def test_server_indexes_a_library_and_reports_the_reference_a_job_uses(server, t
     protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": []})
     error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
     assert error.type == protocol.ERROR and "no asset library" in error.get("message")
+    (tmp_path / "unindexed").mkdir()
     submit(sock, libraries=[str(tmp_path / "unindexed")])
     error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
     assert error.type == protocol.ERROR and "has not been indexed" in error.get("message")
