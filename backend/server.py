@@ -399,7 +399,7 @@ def serve(port: int = 0) -> int:
     server = Server(secret, port)
     threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
-                      "protocol": protocol.PROTOCOL_VERSION}), flush=True)
+                      "protocol": protocol.PROTOCOL_VERSION, "device": server.device_name()}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)
     server.serve_forever()
     return 0

@@ -54,6 +54,9 @@ class BackendProcess:
         self.secret = protocol.new_secret()
         self.proc: subprocess.Popen[bytes] | None = None
         self.port = 0
+        #: What the backend computes on ("cpu", or the GPU's name), from its ready line; the panel shows
+        #: it, since a backend without a GPU runs real models far too slowly to wait for.
+        self.device = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def start(self) -> int:
@@ -87,6 +90,7 @@ class BackendProcess:
             try:
                 ready = json.loads(line)
                 self.port = int(ready["port"])
+                self.device = str(ready.get("device") or "")
                 return self.port
             except (ValueError, KeyError, TypeError):
                 break

@@ -27,7 +27,7 @@ class Client:
         self.closing = False
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
         try:
-            self.welcome = protocol.client_handshake(self.sock, secret, "blender")
+            protocol.client_handshake(self.sock, secret, "blender")
         except BaseException:
             self.sock.close()
             raise

@@ -89,7 +89,12 @@ class BackendManager:
         process = self.process
         if process is None:
             return "stopped"
-        return f"running on port {process.port}" if process.alive() else "exited"
+        if not process.alive():
+            return "exited"
+        if process.device == "cpu":
+            return f"running on the CPU (slow with real models), port {process.port}"
+        where = f"on {process.device}, port" if process.device else "on port"
+        return f"running {where} {process.port}"
 
 
 MANAGER = BackendManager()

@@ -294,6 +294,7 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
     bpy.ops.kiln.texture_selected()
     image = bpy.data.images["Kiln Cube"]
     assert image.packed_file is not None and image.packed_file.size > 1000
+    assert kiln.session.MANAGER.status().startswith("running on the CPU (slow")  # from its ready line
     assert "tiny" in kiln.session.MANAGER.unload_models()
     assert "none loaded" in kiln.session.MANAGER.unload_models()
 
