@@ -82,6 +82,8 @@ def test_generate_bench_runs_methods_apart_and_combines_them_with_the_mean_over_
     sir = next(r for r in rows if r["method"] == "sir")
     assert float(sir["splat_psnr"]) > 15 and 0 < float(sir["chamfer"]) < 0.5 and int(sir["triangles"]) > 0
     assert 0 < int(sir["gaussians_seen"]) <= int(sir["gaussians"])
+    # The mean signed distance one way is at most that way's mean distance, which is at most twice Chamfer's.
+    assert abs(float(sir["offset"])) <= 2 * float(sir["chamfer"])
     curves = list(csv.DictReader(open(tmp_path / "both" / "generate_curves.csv")))
     assert {(c["method"], c["seed"]) for c in curves} == {("sds", "3"), ("sds", "4"), ("sir", "3"), ("sir", "4")}
 
