@@ -62,17 +62,6 @@ BLOCK = 16
 #: SDS vase 0.0144 -> 0.0161 -> 0.0170: both methods' tables gain what their vases lose.
 SEEN_MARGIN = 2.0
 SEEN_BY = 2
-#: Every Gaussian is at least this many grid cells wide (σ² + s² per axis, opacity kept) when the
-#: grid samples it. Optimised Gaussians are often far thinner than a cell (SIR's table legs are
-#: beads of flat discs 0.002 thick, against cells of 0.016), and the grid's samples fall between
-#: them: the renders, whose low-pass filter widens every Gaussian to about a pixel, show a solid
-#: leg, and the mesh a broken one. A sheet of such discs midway between two layers of cell centres
-#: samples to a peak of 0.003 where on a layer it has 5.5, and vanishes; widened, 4.0 against 6.4.
-#: Like the level, it trades thin parts against round ones. Chamfer on the generation bench's Gaussians
-#: (seed 0; table seed 2 in brackets) at 0.3 / 0.5 / 0.8 cells: SIR table 0.0091 / 0.0094 / 0.0140
-#: (0.0089 / 0.0096 / 0.0147), SDS table 0.0091 / 0.0088 / 0.0115 (0.0091 / 0.0089 / 0.0122), SIR vase
-#: 0.0131 / 0.0116 / 0.0105, SDS vase 0.0188 / 0.0174 / 0.0130.
-FILTER = 0.5
 
 
 def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.Tensor:
@@ -82,15 +71,17 @@ def cell_centres(resolution: int, bound: float, device: torch.device) -> torch.T
 
 
 @torch.no_grad()
-def density_grid(params: torch.nn.ParameterDict, resolution: int, bound: float = 1.0) -> np.ndarray:
+def density_grid(params: torch.nn.ParameterDict, resolution: int, filter_cells: float, bound: float = 1.0
+                 ) -> np.ndarray:
     """(R, R, R) density at the cell centres of a grid over [−bound, bound]³, indexed [x, y, z], of
-    the Gaussians widened by ``FILTER`` cells (in quadrature, opacity kept)."""
+    the Gaussians widened by ``filter_cells`` cells (in quadrature, opacity kept; see
+    ``MeshConfig.density_filter``)."""
     from gsplat.cuda._torch_impl import _quat_scale_to_covar_preci
 
     g = activated(params)
     means, opacities = g["means"].float(), g["opacities"].float()
     cell = 2 * bound / resolution
-    scales = torch.sqrt(g["scales"].float().square() + (FILTER * cell) ** 2)   # Σ + s²I: same axes
+    scales = torch.sqrt(g["scales"].float().square() + (filter_cells * cell) ** 2)   # Σ + s²I: same axes
     _, precis = _quat_scale_to_covar_preci(g["quats"].float(), scales, compute_covar=False, triu=False)
     reach = 3 * scales.max(dim=1).values                                       # 3σ along the longest axis
     axis = cell_centres(resolution, bound, means.device)
@@ -191,7 +182,7 @@ def extract(params: torch.nn.ParameterDict, cfg: MeshConfig, name: str, size: in
     the object is; larger renders show pinholes between them that would let cameras "see" inside
     (measured on the crate with one camera enough to see a cell: Chamfer 0.017 at the optimised
     64 px, 0.021 at 128, 0.031 at 256)."""
-    grid = density_grid(params, cfg.grid, bound)
+    grid = density_grid(params, cfg.grid, cfg.density_filter, bound)
     level = extraction_level(grid, cfg.density_threshold)
     if cfg.fill_views:
         inner = hidden(params, cfg.grid, cfg.fill_views, size, bound)

@@ -239,7 +239,7 @@ class MeshConfig:
     # the renders' silhouette is where alpha, composited through every Gaussian along a grazing ray,
     # reaches ½, which is far out in each Gaussian's tail. A ball's skin of Gaussians (σ 0.02,
     # opacity 0.8) renders a silhouette of radius 0.553; the mesh's is 0.549 at 0.1, 0.520 at 1.0
-    # (Gaussians widened to half a cell as meshing.FILTER does; without it 0.05 gave 0.551).
+    # (Gaussians widened to half a cell as ``density_filter`` does; without it 0.05 gave 0.551).
     # Chamfer / normal consistency on bench/generate.py's Gaussians (exact prior, 3,000 at the
     # start, grid 128), no filter at 0.05 -> half-cell filter at 0.1: SIR table 0.0110 / 0.855 ->
     # 0.0103 / 0.880, crate 0.0108 / 0.918 -> 0.0106 / 0.934, vase 0.0128 / 0.935 -> 0.0121 / 0.953;
@@ -253,6 +253,17 @@ class MeshConfig:
     # round ones a lower, so no one level serves both; nor does the level whose mesh silhouettes best
     # match the Gaussians' (alpha > ½, 24 views over the sphere): that is the lowest tried on every object.
     density_threshold: float = 0.1
+    # Every Gaussian is at least this many grid cells wide (σ² + s² per axis, opacity kept) when the
+    # grid samples it. Optimised Gaussians are often far thinner than a cell (SIR's table legs are
+    # beads of flat discs 0.002 thick, against cells of 0.016), and the grid's samples fall between
+    # them: the renders, whose low-pass filter widens every Gaussian to about a pixel, show a solid
+    # leg, and the mesh a broken one. A sheet of such discs midway between two layers of cell centres
+    # samples to a peak of 0.003 where on a layer it has 5.5, and vanishes; widened, 4.0 against 6.4.
+    # Like the level, it trades thin parts against round ones. Chamfer on the generation bench's Gaussians
+    # (seed 0; table seed 2 in brackets) at 0.3 / 0.5 / 0.8 cells: SIR table 0.0091 / 0.0094 / 0.0140
+    # (0.0089 / 0.0096 / 0.0147), SDS table 0.0091 / 0.0088 / 0.0115 (0.0091 / 0.0089 / 0.0122), SIR vase
+    # 0.0131 / 0.0116 / 0.0105, SDS vase 0.0188 / 0.0174 / 0.0130.
+    density_filter: float = 0.5
     fill_views: int = 32            # cameras over the sphere that decide the solid inside (0: no fill)
     face_budget: int = 50_000       # decimate to at most this many triangles
     # Floaters: parts with fewer faces than ``min_component`` of the largest part's are dropped,
@@ -329,10 +340,23 @@ _GENERATE_SIR = SIRConfig(views=8, elevation_jitter=20.0, iterations=13, ddim_st
                           recon_steps=50, init_recon_steps=50, init_views=0, replay=8)
 
 _SIR_SPLATS = SplatConfig(absgrad=True)
+# SIR's Gaussians are fewer and wider than SDS's (on the table's top 289 of median largest scale 0.023
+# against 1,919 of 0.0065), so their density's tails reach further and the default extraction stands
+# its thin tabletop 0.006 out of both faces. Widened by a whole cell and cut at a level five times
+# higher, the surface keeps nearer the Gaussians' own extent (a ball's skin of σ 0.02 Gaussians meshes
+# at radius 0.542, its renders' silhouette at 0.553, the default at 0.549) and nearer the shape on every
+# bench object. Seed 0 unless noted, point-to-surface Chamfer / normal consistency, default (0.5 cell,
+# level 0.1) -> this: table 0.0065 / 0.881 -> 0.0061 / 0.908 (seed 1: 0.0064 / 0.886 -> 0.0063 / 0.906;
+# seed 2: 0.0067 / 0.878 -> 0.0066 / 0.904), crate 0.0051 / 0.935 -> 0.0048 / 0.949, vase 0.0074 / 0.955
+# -> 0.0073 / 0.964. Level 0.55 / 0.6 favour the table (0.0058 / 0.0055) over
+# the vase (0.0080 / 0.0085); 0.3 the vase (0.0051) over the table (0.0096); a 0.75-cell filter at 0.2 /
+# 0.3: table 0.0068 / 0.0056, vase 0.0066 / 0.0085. SDS's Gaussians keep the default, their best on the
+# table (1 cell at 0.3 / 0.5: table 0.0085 / 0.0068 against 0.0057, vase 0.0092 / 0.0127 against 0.0144).
+_SIR_MESH = MeshConfig(density_threshold=0.5, density_filter=1.0)
 
 GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
     "sir": {
-        "quality": GenerateConfig("sir", _GENERATE_SIR, _SIR_SPLATS),
+        "quality": GenerateConfig("sir", _GENERATE_SIR, _SIR_SPLATS, _SIR_MESH),
         "pipeline-check": GenerateConfig("sir", SIRConfig(views=2, iterations=3, ddim_steps=4, t_start=0.8,
                                                           t_end=0.4, recon_steps=5, init_recon_steps=10,
                                                           init_views=0, stream_every=5, adapt=_TINY_ADAPTATION),
@@ -342,7 +366,7 @@ GENERATE_PRESETS: dict[str, dict[str, GenerateConfig]] = {
         # are already few, so 8 views would double their images.
         **{name: GenerateConfig("sir", replace(_GENERATE_SIR, views=4, ddim_steps=PRESETS["sir"][name].ddim_steps,
                                                guidance=PRESETS["sir"][name].guidance,
-                                               sampler=PRESETS["sir"][name].sampler), _SIR_SPLATS)
+                                               sampler=PRESETS["sir"][name].sampler), _SIR_SPLATS, _SIR_MESH)
            for name in ("turbo", "lcm")},
     },
     "sds": {

@@ -19,7 +19,7 @@ from backend.cameras import orbit_sphere, ring, sphere_directions
 from backend.events import TextureEvents
 from backend.exact_prior import ExactPrior, Reference
 from backend.generate import FRAME_RADIUS, SplatOptimiser, generate_object
-from backend.meshing import FILTER, clean, density_grid, extract, extraction_level, hidden, surface
+from backend.meshing import clean, density_grid, extract, extraction_level, hidden, surface
 from backend.presets import GENERATE_PRESETS, MeshConfig, SIRConfig
 from backend.prior import Prompts, Views, load_prior
 
@@ -82,12 +82,12 @@ def test_faint_gaussians_are_extracted_lower_and_none_at_all_refused() -> None:
 
 
 def test_density_grid_matches_the_closed_form_of_one_gaussian() -> None:
-    """The Gaussian as the grid samples it: each σ widened in quadrature by FILTER cells."""
+    """The Gaussian as the grid samples it: each σ widened in quadrature by the filter's cells."""
     params = one_gaussian([0.2, 0.0, -0.1], [0.1, 0.2, 0.3])
-    grid = density_grid(params, 32)
+    grid = density_grid(params, 32, 0.7)
     axis = (np.arange(32) + 0.5) / 32 * 2 - 1
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    var = np.array([0.1, 0.2, 0.3]) ** 2 + (FILTER * 2 / 32) ** 2
+    var = np.array([0.1, 0.2, 0.3]) ** 2 + (0.7 * 2 / 32) ** 2
     q = (x - 0.2) ** 2 / var[0] + y ** 2 / var[1] + (z + 0.1) ** 2 / var[2]
     expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * q)
     assert np.abs(grid - expected).max() < 1e-5
@@ -103,7 +103,7 @@ def flat_sheet(z: float, count: int = 31, half: float = 0.3, thin: float = 0.002
     return sheet
 
 
-def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples() -> None:
     """A sheet far thinner than a grid cell, midway between two layers of cell centres (z = 0 at
     grid 128), meshes at the configured level as one part; sampled as it is, it all but vanishes."""
     import trimesh
@@ -114,10 +114,9 @@ def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples(monkeypa
     parts = trimesh.Trimesh(mesh.positions, mesh.triangles).split(only_watertight=False)
     assert len(parts) == 1 and np.ptp(mesh.positions[:, :2], axis=0).min() > 0.6
     assert np.abs(mesh.positions[:, 2]).max() < 0.06
-    on_layer = density_grid(flat_sheet(1 / 128), 128).max()          # on a layer of cell centres
-    assert density_grid(sheet, 128).max() > 0.5 * on_layer
-    monkeypatch.setattr("backend.meshing.FILTER", 0.0)
-    assert density_grid(sheet, 128).max() < 0.01 * density_grid(flat_sheet(1 / 128), 128).max()
+    on_layer = density_grid(flat_sheet(1 / 128), 128, cfg.density_filter).max()  # on a layer of cell centres
+    assert density_grid(sheet, 128, cfg.density_filter).max() > 0.5 * on_layer
+    assert density_grid(sheet, 128, 0.0).max() < 0.01 * density_grid(flat_sheet(1 / 128), 128, 0.0).max()
 
 
 def test_jittered_elevations_stay_near_the_cycle_and_repeat_for_a_seed() -> None:
@@ -233,12 +232,17 @@ def test_extracted_surface_sits_where_the_renders_silhouette_is() -> None:
     distance = float(np.linalg.norm(cams.view_opencv()[0, :3, 3].numpy()))
     silhouette = distance * math.sin(math.atan(math.sqrt(disc / math.pi) / float(cams.intrinsics(64)[0, 0, 0])))
 
-    def radius(level: float) -> float:
-        mesh, _ = extract(skin, MeshConfig(face_budget=20_000, density_threshold=level), "m", 64)
+    def radius(level: float, cfg: MeshConfig = MeshConfig()) -> float:
+        mesh, _ = extract(skin, replace(cfg, face_budget=20_000, density_threshold=level), "m", 64)
         return float(np.linalg.norm(mesh.positions, axis=1).mean())
 
     assert radius(MeshConfig().density_threshold) == pytest.approx(silhouette, abs=0.01)
     assert radius(1.0) < silhouette - 0.025
+    # SIR's preset (a cell's filter, level 0.5) keeps nearer its wide Gaussians' own extent: less than a
+    # grid cell (0.016) inside the silhouette, and well outside where DreamGaussian's level puts it.
+    sir = GENERATE_PRESETS["sir"]["quality"].mesh
+    assert silhouette - 2 / sir.grid < radius(sir.density_threshold, sir) < silhouette
+    assert radius(sir.density_threshold, sir) > radius(1.0) + 0.01
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's kernels need CUDA")
