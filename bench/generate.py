@@ -109,8 +109,9 @@ class Scorer:
         each sample's normal and that of the nearest triangle on the other surface), and the mesh's
         offset: the mean signed distance of its samples from the reference along the reference's
         outward normal, positive where the mesh stands outside. The offset says whether a Chamfer
-        distance comes from a mesh that is too fat or too thin: SIR's table and vase at seed 0
-        stand +0.006 out of the tabletop's faces and 0.005 inside the vase, SDS's +0.004 and 0.013.
+        distance comes from a mesh that is too fat or too thin: with the extraction both methods
+        shared until 2026-12-04, SIR's meshes at seed 0 stood +0.006 out of the tabletop's faces
+        and 0.005 inside the vase, SDS's +0.004 and 0.013.
 
         Distances go to the surface (trimesh's closest-point query), not to the other surface's
         samples: two samplings of 20,000 points on the same reference table lie 0.0057 apart (the
