@@ -228,7 +228,7 @@ class Connection:
             raise protocol.ProtocolError(protocol.E_AUTH, "authentication failed: wrong secret")
         self.outbox.put(protocol.WELCOME, {
             "digest": protocol.auth_digest(self.server.secret, str(msg.get("nonce")), "server"),
-            "pid": os.getpid(), "device": self.server.device_name()})
+            "pid": os.getpid(), "device": self.server.device})
         return True
 
     def _loop(self) -> None:
@@ -300,13 +300,14 @@ class Server:
         self.models = ModelCache()
         self.stopping = threading.Event()
         self.running: Job | None = None  # the job on the GPU, for queue positions
+        self.device = self.device_name()  # looked up once: the ready line and every welcome report it
 
     @staticmethod
     def device_name() -> str:
         try:
             import torch
             return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
-        except Exception:  # the device name is informational; never fail a handshake over it
+        except Exception:  # the device name is informational; never fail a start over it
             return "unknown"
 
     def serve_forever(self) -> None:
@@ -399,7 +400,7 @@ def serve(port: int = 0) -> int:
     server = Server(secret, port)
     threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
-                      "protocol": protocol.PROTOCOL_VERSION, "device": server.device_name()}), flush=True)
+                      "protocol": protocol.PROTOCOL_VERSION, "device": server.device}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)
     server.serve_forever()
     return 0
