@@ -31,13 +31,33 @@ def check_object(obj: Any) -> None:
                          "(Object > Convert > Mesh) or deselect it")
     if obj.mode != "OBJECT":
         raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first")
-    mesh = obj.data
+
+
+def _modifiers(obj: Any) -> list[str]:
+    return [m.name for m in obj.modifiers if m.show_viewport]
+
+
+def _check_surface(obj: Any, mesh: Any) -> None:
+    """Faces and triangles as the modifiers leave them: that is the surface Kiln textures."""
+    after = " after its modifiers" if _modifiers(obj) else ""
     if len(mesh.polygons) == 0:
-        raise SceneError(f"{obj.name!r} has no faces: Kiln textures surfaces. Add faces or deselect it")
+        raise SceneError(f"{obj.name!r} has no faces{after}: Kiln textures surfaces. Add faces or deselect it")
     tris = len(mesh.loop_triangles)
     if tris > protocol.MAX_TRIANGLES:
-        raise SceneError(f"{obj.name!r} has {tris:,} triangles, over Kiln's limit of {protocol.MAX_TRIANGLES:,}: "
-                         "reduce it first (Decimate modifier, then Apply)")
+        raise SceneError(f"{obj.name!r} has {tris:,} triangles{after}, over Kiln's limit of "
+                         f"{protocol.MAX_TRIANGLES:,}: reduce it first (lower its modifiers' levels, or add a "
+                         "Decimate modifier)")
+
+
+def _same_corners(a: Any, b: Any) -> bool:
+    """Whether two meshes have the same face corners on the same vertices: then the modifiers
+    between them only moved vertices, and per-corner data of one fits the other."""
+    if len(a.loops) != len(b.loops):
+        return False
+    ia, ib = np.empty(len(a.loops), np.int32), np.empty(len(b.loops), np.int32)
+    a.loops.foreach_get("vertex_index", ia)
+    b.loops.foreach_get("vertex_index", ib)
+    return bool(np.array_equal(ia, ib))
 
 
 def _principled_nodes(material: Any) -> list[Any]:
@@ -110,10 +130,30 @@ def flat_colour(obj: Any) -> list[float] | None:
 
 
 def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
-    """The SUBMIT fields and arrays for one object: world-space positions, loop triangles, their
-    loops, and the per-loop UVs of ``uv_map`` (default: the active UV map) if it has one."""
+    """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
+    as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
+    world-space positions, loop triangles, their loops, and the per-loop UVs of ``uv_map``
+    (default: the active UV map) if it has one. The texture reaches the shown surface through the
+    UV map, which modifiers carry by name."""
     check_object(obj)
-    mesh = obj.data
+    evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
+    mesh = evaluated.to_mesh()
+    try:
+        return _mesh_arrays(obj, mesh, uv_map)
+    finally:
+        evaluated.to_mesh_clear()
+
+
+def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+    _check_surface(obj, mesh)
+    if uv_map and uv_map not in mesh.uv_layers:
+        raise SceneError(f"{obj.name!r} loses its UV map {uv_map!r} in its modifiers ({', '.join(_modifiers(obj))}), "
+                         "so its texture cannot follow them: keep the UV map in the modifiers' output, or apply them")
+    uv_layer = mesh.uv_layers[uv_map] if uv_map else mesh.uv_layers.active
+    if uv_layer is None and not _same_corners(obj.data, mesh):
+        raise SceneError(f"{obj.name!r} has no UV map, and its modifiers ({', '.join(_modifiers(obj))}) change its "
+                         "faces, so the UVs Kiln would make could not be stored on the mesh: add a UV map (Edit Mode "
+                         "> UV > Smart UV Project) or apply the modifiers, then retry")
     co = np.empty(len(mesh.vertices) * 3, np.float32)
     mesh.vertices.foreach_get("co", co)
     co = co.reshape(-1, 3)
@@ -133,7 +173,6 @@ def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], di
         "triangles": protocol.array("<i4", (tri_count, 3), tris.astype("<i4")),
         "tri_loops": protocol.array("<i4", (tri_count, 3), loops.astype("<i4")),
     }
-    uv_layer = mesh.uv_layers[uv_map] if uv_map else mesh.uv_layers.active
     if uv_layer is not None:
         uv = np.empty(len(mesh.loops) * 2, "<f4")
         uv_layer.data.foreach_get("uv", uv)

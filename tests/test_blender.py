@@ -143,6 +143,26 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
     assert bpy.data.images["Kiln Plain"] != bpy.data.images["Kiln Other"]
 
 
+def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
+    rounded = add_cube("Rounded")
+    rounded.modifiers.new("Subdivision", "SUBSURF").levels = 1
+    bent = add_cube("Bent", uvs=False)
+    bent.location.x = 3
+    bent.modifiers.new("Cast", "CAST").factor = 1.0  # moves vertices only: Kiln's UVs still fit the mesh
+    fields, arrays = kiln.scene_io.mesh_arrays(rounded)
+    positions = np.frombuffer(arrays["positions"].data, np.float32).reshape(-1, 3)
+    assert arrays["triangles"].shape == (48, 3) and fields["loop_count"] == 96  # 24 quads after subdividing
+    assert np.abs(positions).max() < 0.9  # the rounded shape, not the cage's corners at 1
+    select(rounded, bent)
+    bpy.ops.kiln.texture_selected()
+    assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished", "finished"]
+    assert len(rounded.modifiers) == 1 and len(rounded.data.loops) == 24  # the cage and its modifier are untouched
+    assert [uv.name for uv in rounded.data.uv_layers] == ["UVMap"]
+    assert [uv.name for uv in bent.data.uv_layers] == ["KilnUV"]
+    uv_node = next(n for n in bent.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
+    assert uv_node.uv_map == "KilnUV"
+
+
 def run_session(kiln, objects, steps: int):
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = steps
@@ -203,6 +223,8 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("no faces", "has no faces"),
     ("nan vertex", "NaN or infinite"),
     ("million faces", "Decimate"),
+    ("modifiers make the faces", "after its modifiers"),
+    ("modifiers change faces without uvs", "change its faces"),
     ("empty prompt", "prompt is empty"),
     ("unknown model", "unknown model"),
     ("unknown lora", "unknown LoRA"),
@@ -230,6 +252,13 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
     elif case == "million faces":
         bpy.ops.mesh.primitive_grid_add(x_subdivisions=720, y_subdivisions=720)
         selection = [bpy.context.active_object]
+    elif case == "modifiers make the faces":
+        bpy.ops.mesh.primitive_grid_add(x_subdivisions=360, y_subdivisions=360)
+        selection = [bpy.context.active_object]
+        selection[0].modifiers.new("Subdivision", "SUBSURF").levels = 1  # 360² quads, 4x: over the limit
+    elif case == "modifiers change faces without uvs":
+        obj.data.uv_layers.remove(obj.data.uv_layers[0])
+        obj.modifiers.new("Subdivision", "SUBSURF")
     elif case == "empty prompt":
         scene.prompt = "   "
     elif case == "unknown model":
