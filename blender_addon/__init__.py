@@ -17,9 +17,12 @@ def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     properties.register()
+    bpy.app.handlers.load_pre.append(operators.abandon_on_load)
 
 
 def unregister() -> None:
+    if operators.abandon_on_load in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(operators.abandon_on_load)
     if operators.ACTIVE is not None:
         operators.ACTIVE.cancel()
     session.MANAGER.stop()

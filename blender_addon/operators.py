@@ -100,6 +100,13 @@ class _SessionOperator(_WhenIdle):
         context.workspace.status_text_set(None)
         return self._end(session)
 
+    def cancel(self, context: bpy.types.Context) -> None:
+        """Blender ends a modal operator this way when it cannot go on (another file opened, the
+        window closed): the job must end too, or it would hold the panel as running for good."""
+        if _running():
+            ACTIVE.abandon("stopped: Blender ended the job's operator")
+        context.window_manager.event_timer_remove(self._timer)
+
     def _end(self, session: sessions.TextureSession) -> set[str]:
         for note in dict.fromkeys(session.notes):
             self.report({"INFO"}, note)
@@ -111,6 +118,14 @@ class _SessionOperator(_WhenIdle):
         else:
             self.report({"ERROR"}, f"Kiln: {session.summary()}")
         return {"FINISHED"} if session.changed_scene else {"CANCELLED"}
+
+
+@bpy.app.handlers.persistent
+def abandon_on_load(*_args: object) -> None:
+    """Opening another file (or File > New) leaves the running job's objects behind, and the new
+    file may hold others of the same names: the job ends without painting into them."""
+    if _running():
+        ACTIVE.abandon("stopped: another file was opened")
 
 
 def job_request(context: bpy.types.Context) -> tuple[dict, dict]:

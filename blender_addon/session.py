@@ -220,6 +220,9 @@ class TextureSession:
         self.cancel_requested = False
         self.failure = ""
         self.notes: list[str] = []
+        self._lock = threading.Lock()       # between the starting thread and ``abandon``
+        self._abandoned = False
+        self._started: Client | None = None
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -232,6 +235,11 @@ class TextureSession:
         except (BackendError, OSError, protocol.ProtocolError) as exc:
             self.inbox.put(_StartFailed(str(exc)))
             return
+        with self._lock:
+            if self._abandoned:
+                client.close()
+                return
+            self._started = client
         self.inbox.put(_Connected(client))
         for target in self.targets:
             client.send(protocol.SUBMIT, {**self.job_fields, **target.fields, "tag": target.name},
@@ -244,6 +252,21 @@ class TextureSession:
         for target in self.targets:
             if target.job is not None and not target.ended:
                 self.client.send(protocol.CANCEL, {"job": target.job})
+
+    def abandon(self, why: str) -> None:
+        """End at once without touching the scene, which is no longer the one the jobs wrote into
+        (another file was opened): closing the connection makes the backend cancel its jobs."""
+        with self._lock:
+            self._abandoned = True
+            client, self._started = self._started, None
+        if client is not None:
+            client.close()
+        self.client = None
+        self.cancel_requested = True
+        for target in self.targets:
+            if not target.ended:
+                target.status, target.error = "cancelled", why
+            target.live, target.preview = None, None
 
     @property
     def finished(self) -> bool:
@@ -285,6 +308,8 @@ class TextureSession:
     def pump(self, timeout: float = 0.0) -> None:
         """Apply everything waiting; of several preview frames (textures, points) for one job only
         the newest is applied (the backend already drops frames for slow clients; this catches the rest)."""
+        if self._abandoned:  # whatever is still queued belongs to a file that is gone
+            return
         batch: list[Any] = []
         try:
             batch.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())

@@ -341,6 +341,24 @@ def test_mesh_edited_during_the_job_fails_cleanly(kiln, scene) -> None:
     assert obj.material_slots[0].material.name == "Artist Cube"
 
 
+def test_opening_another_file_mid_job_ends_it_without_touching_the_new_file(kiln, scene) -> None:
+    session = run_session(kiln, [add_cube()], steps=50)
+    kiln.operators.ACTIVE = session  # as the panel's modal operator holds it
+    pump_until(session, lambda: session.targets[0].live is not None)
+    bpy.ops.wm.read_homefile(use_empty=True)
+    assert session.finished and [t.status for t in session.targets] == ["cancelled"]
+    settings = bpy.context.scene.kiln
+    settings.prompt, settings.model, settings.texture_size, settings.steps = "a crate", "tiny", 512, 2
+    same_name = add_cube()
+    time.sleep(0.5)
+    session.pump(timeout=0.5)  # frames still queued from the old file are not painted here
+    assert same_name.name == "Cube" and same_name.material_slots[0].material.name == "Artist Cube"
+    assert not any(name.startswith("Kiln") for name in bpy.data.images.keys())
+    select(same_name)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}  # nothing holds the panel as running
+    assert kiln.operators.ACTIVE.targets[0].status == "finished"
+
+
 def link_artist_image(obj) -> np.ndarray:
     """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
     mat = obj.material_slots[0].material
