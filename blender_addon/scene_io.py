@@ -31,6 +31,10 @@ def check_object(obj: Any) -> None:
                          "(Object > Convert > Mesh) or deselect it")
     if obj.mode != "OBJECT":
         raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first")
+    linked = obj.library or obj.data.library
+    if linked is not None:
+        raise SceneError(f"{obj.name!r} is linked from {linked.filepath}, so its materials and UV maps cannot "
+                         "change here: make it local (Object > Relations > Make Local) or texture it in that file")
 
 
 def _modifiers(obj: Any) -> list[str]:

@@ -205,7 +205,12 @@ class TextureSession:
                  refine: bool = False, shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
-        self._setup([target_for(obj, refine) for obj in objects], job_fields, python_preference, shared_arrays)
+        first: dict[int, Any] = {}  # linked duplicates share one mesh, its UV maps and its materials
+        for obj in objects:
+            first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
+        self._setup([target_for(obj, refine) for obj in first.values()], job_fields, python_preference, shared_arrays)
+        self.notes += [f"Kiln: {obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
+                       "textured once and both show it" for obj in objects if obj not in first.values()]
 
     def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str,
                shared_arrays: dict[str, protocol.Array] | None = None) -> None:

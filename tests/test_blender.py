@@ -143,6 +143,19 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
     assert bpy.data.images["Kiln Plain"] != bpy.data.images["Kiln Other"]
 
 
+def test_linked_duplicates_are_textured_once(kiln, scene) -> None:
+    original = add_cube("Original", uvs=False)
+    duplicate = bpy.data.objects.new("Duplicate", original.data)  # Alt+D: one mesh, two objects
+    bpy.context.collection.objects.link(duplicate)
+    select(duplicate, original)
+    bpy.ops.kiln.texture_selected()
+    session = kiln.operators.ACTIVE
+    assert [(t.name, t.status) for t in session.targets] == [("Duplicate", "finished")]
+    assert [uv.name for uv in original.data.uv_layers] == ["KilnUV"]
+    assert original.material_slots[0].material.name == "Kiln Duplicate"
+    assert any("Original shares its mesh with Duplicate" in note for note in session.notes)
+
+
 def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
     rounded = add_cube("Rounded")
     rounded.modifiers.new("Subdivision", "SUBSURF").levels = 1
@@ -225,6 +238,7 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("million faces", "Decimate"),
     ("modifiers make the faces", "after its modifiers"),
     ("modifiers change faces without uvs", "change its faces"),
+    ("linked from a library", "Make Local"),
     ("empty prompt", "prompt is empty"),
     ("unknown model", "unknown model"),
     ("unknown lora", "unknown LoRA"),
@@ -259,6 +273,12 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
     elif case == "modifiers change faces without uvs":
         obj.data.uv_layers.remove(obj.data.uv_layers[0])
         obj.modifiers.new("Subdivision", "SUBSURF")
+    elif case == "linked from a library":
+        bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "library.blend"), copy=True)
+        with bpy.data.libraries.load(str(tmp_path / "library.blend"), link=True) as (_, linked):
+            linked.objects = ["Cube"]
+        bpy.context.collection.objects.link(linked.objects[0])
+        selection = [linked.objects[0]]
     elif case == "empty prompt":
         scene.prompt = "   "
     elif case == "unknown model":
