@@ -140,6 +140,7 @@ def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], di
     (default: the active UV map) if it has one. The texture reaches the shown surface through the
     UV map, which modifiers carry by name."""
     check_object(obj)
+    obj.data.update_tag()  # edits from scripts (a UV map removed) need not tag it, and would be missed
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
     mesh = evaluated.to_mesh()
     try:
