@@ -16,7 +16,8 @@ import shutil
 import struct
 import zlib
 from pathlib import Path
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 import bpy
 import numpy as np
@@ -72,7 +73,8 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
     folder = export_folder(blend)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
-    kinds = ("objects", "meshes", "materials", "images", "collections", "node_groups", "textures", "libraries")
+    kinds = ("objects", "meshes", "materials", "images", "collections", "node_groups", "textures", "scenes",
+             "libraries")
     before = {kind: set(getattr(bpy.data, kind)) for kind in kinds}
     notes: list[str] = []
     written = 0
@@ -81,12 +83,13 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
             dst.objects, dst.collections = list(src.objects), list(src.collections)
         assets = [(o, [o]) for o in dst.objects if o is not None] + \
                  [(c, list(c.all_objects)) for c in dst.collections if c is not None]
+        depsgraph = evaluate({o for _, objects in assets for o in objects if o.type == "MESH"})
         for asset, objects in assets:
-            meshes = [o for o in objects if o.type == "MESH" and len(o.data.polygons)]
-            if not meshes:
-                notes.append(f"{blend.name}: {asset.name} has no mesh to read")
-                continue
-            write_obj(folder, asset.name, meshes, caption(asset))
+            with evaluated_meshes([o for o in objects if o.type == "MESH"], depsgraph) as meshes:
+                if not meshes:
+                    notes.append(f"{blend.name}: {asset.name} has no mesh to read")
+                    continue
+                write_obj(folder, asset.name, meshes, caption(asset))
             written += 1
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -102,6 +105,28 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
     return written, notes
 
 
+def evaluate(objects: set[Any]) -> Any:
+    """A depsgraph of the appended objects in a scratch scene (removed with the rest of the
+    appended data): an asset is what its modifiers make, and appended objects are in no scene."""
+    scratch = bpy.data.scenes.new("Kiln export")
+    for obj in objects:
+        scratch.collection.objects.link(obj)
+    scratch.view_layers[0].update()
+    return scratch.view_layers[0].depsgraph
+
+
+@contextmanager
+def evaluated_meshes(objects: list[Any], depsgraph: Any) -> Iterator[list[tuple[Any, Any]]]:
+    """(object, its mesh after its modifiers) for those with faces; the meshes live until the block ends."""
+    evaluated = [obj.evaluated_get(depsgraph) for obj in objects]
+    try:
+        pairs = [(obj, ev.to_mesh()) for obj, ev in zip(objects, evaluated, strict=True)]
+        yield [(obj, mesh) for obj, mesh in pairs if len(mesh.polygons)]
+    finally:
+        for ev in evaluated:
+            ev.to_mesh_clear()
+
+
 def caption(asset: Any) -> str:
     """"oak chair: a sturdy oak chair (furniture, wood)": the name in words, the description, the tags."""
     words = re.sub(r"([a-z])([A-Z])", r"\1 \2", asset.name)
@@ -113,13 +138,13 @@ def caption(asset: Any) -> str:
     return text + (f" ({', '.join(tags)})" if tags else "")
 
 
-def write_obj(folder: Path, name: str, objects: list[Any], text: str) -> Path:
-    """One OBJ (Y-up, as OBJ files are read) for the objects in world space, one material per
-    material slot: the image on its Base Color through the mesh's render UV map, else its colour."""
+def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str) -> Path:
+    """One OBJ (Y-up, as OBJ files are read) for the (object, evaluated mesh) pairs in world space,
+    one material per material slot: the image on its Base Color through the mesh's render UV map,
+    else its colour."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "asset"
     lines, mtl, offset, uv_offset, materials = [f"mtllib {stem}.mtl"], [], 0, 0, {}
-    for obj in objects:
-        mesh = obj.data
+    for obj, mesh in meshes:
         co = np.empty(len(mesh.vertices) * 3, np.float32)
         mesh.vertices.foreach_get("co", co)
         m = np.array(world_matrix(obj), np.float64)

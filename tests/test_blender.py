@@ -607,6 +607,7 @@ def write_asset_blend(path: Path) -> None:
     bsdf = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
     mat.node_tree.links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
     chair.data.materials.append(mat)
+    chair.modifiers.new("Pair", "ARRAY").count = 2  # the asset is what its modifiers make: two cubes
     chair.asset_mark()
     chair.asset_data.description = "a sturdy oak chair"
     for tag in ("furniture", "wood"):
@@ -642,7 +643,8 @@ def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path)
     prefs.libraries.add().path = str(folder)
     prefs.use_blender_libraries = True
     bpy.ops.preferences.asset_library_add(directory=str(blender_library))
-    counts = {kind: len(getattr(bpy.data, kind)) for kind in ("objects", "meshes", "materials", "images", "libraries")}
+    counts = {kind: len(getattr(bpy.data, kind))
+              for kind in ("objects", "meshes", "materials", "images", "libraries", "scenes")}
 
     assert bpy.ops.kiln.index_libraries() == {"FINISHED"}
     notes = " ".join(kiln.operators.ACTIVE.notes)
@@ -652,6 +654,8 @@ def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path)
     chair = next(exports.glob("furniture-*/OakChair.obj"))
     assert (chair.parent / "OakChair.obj.txt").read_text().strip() == "oak chair: a sturdy oak chair (furniture, wood)"
     assert "map_Kd" in (chair.parent / "OakChair.mtl").read_text() and any(chair.parent.glob("*.png"))
+    rows = [line.split() for line in chair.read_text().splitlines()]
+    assert sum(r[0] == "f" for r in rows) == 24 and max(float(r[1]) for r in rows if r[0] == "v") == pytest.approx(3)
     lamp = [line.split() for line in (chair.parent / "Desk_Lamp.obj").read_text().splitlines()]
     heights = [float(v[2]) for v in lamp if v[0] == "v"]
     assert max(heights) == pytest.approx(2.5, abs=1e-3)  # both parts, in world space, Z-up turned Y-up
