@@ -26,8 +26,13 @@ class SceneError(Exception):
 def check_object(obj: Any) -> None:
     if obj is None:
         raise SceneError("no object given: select one or more mesh objects")
+    if obj.type == "EMPTY" and obj.instance_collection is not None:
+        raise SceneError(f"{obj.name!r} is an instance of the collection {obj.instance_collection.name!r}, not a mesh: "
+                         "texture the collection's meshes in its own scene, or make the instance real "
+                         "(Object > Apply > Make Instances Real)")
     if obj.type != "MESH":
-        raise SceneError(f"{obj.name!r} is a {obj.type.lower()}, not a mesh: convert it "
+        kind = obj.type.lower().replace("_", " ")
+        raise SceneError(f"{obj.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mesh: convert it "
                          "(Object > Convert > Mesh) or deselect it")
     if obj.mode != "OBJECT":
         raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first")

@@ -233,6 +233,8 @@ def empty_venv_python(tmp_path: Path) -> str:
 @pytest.mark.parametrize("case, fragment", [
     ("nothing selected", "Select one or more mesh objects"),
     ("camera selected", "is a camera, not a mesh"),
+    ("empty selected", "is an empty, not a mesh"),
+    ("collection instance selected", "Make Instances Real"),
     ("no faces", "has no faces"),
     ("nan vertex", "NaN or infinite"),
     ("million faces", "Decimate"),
@@ -255,6 +257,12 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
         selection = []
     elif case == "camera selected":
         bpy.ops.object.camera_add()
+        selection = [obj, bpy.context.active_object]
+    elif case == "empty selected":
+        bpy.ops.object.empty_add()
+        selection = [obj, bpy.context.active_object]
+    elif case == "collection instance selected":
+        bpy.ops.object.collection_instance_add(collection=bpy.data.collections.new("Props").name)
         selection = [obj, bpy.context.active_object]
     elif case == "no faces":
         bpy.ops.object.mode_set(mode="EDIT")
