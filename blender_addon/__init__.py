@@ -8,21 +8,21 @@ from __future__ import annotations
 
 import bpy
 
-from . import operators, panel, properties, scene_io, session
+from . import fixes, operators, panel, properties, scene_io, session
 
-CLASSES = (*properties.CLASSES, *operators.CLASSES, *panel.CLASSES)
+CLASSES = (*properties.CLASSES, *operators.CLASSES, *fixes.CLASSES, *panel.CLASSES)
 
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     properties.register()
-    bpy.app.handlers.load_pre.append(operators.abandon_on_load)
+    bpy.app.handlers.load_pre.append(operators.on_file_load)
 
 
 def unregister() -> None:
-    if operators.abandon_on_load in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(operators.abandon_on_load)
+    if operators.on_file_load in bpy.app.handlers.load_pre:
+        bpy.app.handlers.load_pre.remove(operators.on_file_load)
     if operators.ACTIVE is not None:
         operators.ACTIVE.cancel()
     session.MANAGER.stop()

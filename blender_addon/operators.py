@@ -5,6 +5,7 @@ session object."""
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from typing import Callable
 
 import bpy
@@ -17,6 +18,19 @@ from .scene_io import SceneError
 
 #: The running texture session, if any; one at a time keeps the undo history simple.
 ACTIVE: sessions.TextureSession | None = None
+
+
+@dataclass
+class Refusal:
+    """Why the last press of a job button started nothing, and the fix that would let it."""
+
+    message: str
+    fix: str = ""       # a key of fixes.FIXES, or "" where only the artist can fix it
+    obj: str = ""       # the object's full name (a linked one's includes its library)
+
+
+#: Shown in the panel, with its fix-it button, until a job starts or the fix is made.
+REFUSAL: Refusal | None = None
 
 
 def _running() -> bool:
@@ -48,12 +62,14 @@ class _SessionOperator(_WhenIdle):
         raise NotImplementedError
 
     def _session(self, context: bpy.types.Context) -> sessions.TextureSession | None:
-        global ACTIVE
+        global ACTIVE, REFUSAL
         try:
             ACTIVE = self._make_session(context)
         except SceneError as exc:
+            REFUSAL = Refusal(str(exc), exc.fix, exc.obj)
             self.report({"ERROR"}, str(exc))
             return None
+        REFUSAL = None
         ACTIVE.start()
         return ACTIVE
 
@@ -121,9 +137,12 @@ class _SessionOperator(_WhenIdle):
 
 
 @bpy.app.handlers.persistent
-def abandon_on_load(*_args: object) -> None:
+def on_file_load(*_args: object) -> None:
     """Opening another file (or File > New) leaves the running job's objects behind, and the new
-    file may hold others of the same names: the job ends without painting into them."""
+    file may hold others of the same names: the job ends without painting into them, and the last
+    refusal, about an object of the old file, is forgotten."""
+    global REFUSAL
+    REFUSAL = None
     if _running():
         ACTIVE.abandon("stopped: another file was opened")
 
@@ -167,7 +186,8 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
 
     def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
         if context.mode != "OBJECT":
-            raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene")
+            raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene",
+                             "object_mode", context.active_object)
         fields, arrays = job_request(context)
         return sessions.GenerateSession(fields, preferences(context).python_path, context.scene.cursor.location,
                                         shared_arrays=arrays)

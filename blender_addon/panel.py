@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import bpy
 
-from . import operators, scene_io, session
+from . import fixes, operators, scene_io, session
 
 
 class KILN_PT_main(bpy.types.Panel):
@@ -52,7 +54,9 @@ class KILN_PT_main(bpy.types.Panel):
             row = layout.row(align=True)
             row.operator("kiln.texture_selected", icon="TEXTURE")
             row.operator("kiln.generate_object", icon="MESH_MONKEY")
-            if operators.ACTIVE is not None:
+            if operators.REFUSAL is not None:
+                draw_refusal(layout, operators.REFUSAL)
+            elif operators.ACTIVE is not None:
                 layout.label(text=operators.ACTIVE.summary()[:120],
                              icon="CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")
         for target in operators.ACTIVE.targets if operators.ACTIVE is not None else ():
@@ -69,6 +73,16 @@ class KILN_PT_main(bpy.types.Panel):
         row = box.row(align=True)
         row.operator("kiln.unload_models", icon="TRASH")
         row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+
+
+def draw_refusal(layout: bpy.types.UILayout, refusal: operators.Refusal) -> None:
+    """Why the last press started nothing, wrapped (labels do not wrap), and its fix-it button."""
+    box = layout.box()
+    for i, line in enumerate(textwrap.wrap(refusal.message, 52)):
+        box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+    if refusal.fix:
+        button = box.operator("kiln.fix", text=fixes.FIXES[refusal.fix][0], icon="TOOL_SETTINGS")
+        button.action, button.object = refusal.fix, refusal.obj
 
 
 def draw_references(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:

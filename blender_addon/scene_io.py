@@ -20,7 +20,13 @@ UV_MAP_NAME = "KilnUV"
 
 
 class SceneError(Exception):
-    """Bad scene input; the message names the problem and the fix."""
+    """Bad scene input; the message names the problem and the fix. Where Kiln can make that fix
+    itself, ``fix`` names it (a key of ``fixes.FIXES``) and ``obj`` the object's full name, and the
+    panel offers it as a button."""
+
+    def __init__(self, message: str, fix: str = "", obj: Any = None) -> None:
+        super().__init__(message)
+        self.fix, self.obj = fix, obj.name_full if obj is not None else ""
 
 
 def check_object(obj: Any) -> None:
@@ -35,11 +41,12 @@ def check_object(obj: Any) -> None:
         raise SceneError(f"{obj.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mesh: convert it "
                          "(Object > Convert > Mesh) or deselect it")
     if obj.mode != "OBJECT":
-        raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first")
+        raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first", "object_mode", obj)
     linked = obj.library or obj.data.library
     if linked is not None:
         raise SceneError(f"{obj.name!r} is linked from {linked.filepath}, so its materials and UV maps cannot "
-                         "change here: make it local (Object > Relations > Make Local) or texture it in that file")
+                         "change here: make it local (Object > Relations > Make Local) or texture it in that file",
+                         "make_local", obj)
 
 
 def _modifiers(obj: Any) -> list[str]:
@@ -55,7 +62,7 @@ def _check_surface(obj: Any, mesh: Any) -> None:
     if tris > protocol.MAX_TRIANGLES:
         raise SceneError(f"{obj.name!r} has {tris:,} triangles{after}, over Kiln's limit of "
                          f"{protocol.MAX_TRIANGLES:,}: reduce it first (lower its modifiers' levels, or add a "
-                         "Decimate modifier)")
+                         "Decimate modifier)", "decimate", obj)
 
 
 def _same_corners(a: Any, b: Any) -> bool:
@@ -163,7 +170,7 @@ def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any
     if uv_layer is None and not _same_corners(obj.data, mesh):
         raise SceneError(f"{obj.name!r} has no UV map, and its modifiers ({', '.join(_modifiers(obj))}) change its "
                          "faces, so the UVs Kiln would make could not be stored on the mesh: add a UV map (Edit Mode "
-                         "> UV > Smart UV Project) or apply the modifiers, then retry")
+                         "> UV > Smart UV Project) or apply the modifiers, then retry", "add_uv_map", obj)
     co = np.empty(len(mesh.vertices) * 3, np.float32)
     mesh.vertices.foreach_get("co", co)
     co = co.reshape(-1, 3)

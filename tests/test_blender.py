@@ -311,6 +311,42 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
     assert not any(m.name.startswith("Kiln") for m in bpy.data.materials)
 
 
+@pytest.mark.parametrize("fix", ["object_mode", "add_uv_map", "decimate", "make_local"])
+def test_refusals_offer_a_fix_that_lets_the_job_start(kiln, scene, tmp_path, monkeypatch, fix) -> None:
+    obj = add_cube(uvs=fix != "add_uv_map")
+    if fix == "object_mode":
+        select(obj)
+        bpy.ops.object.mode_set(mode="EDIT")
+    elif fix == "add_uv_map":
+        obj.modifiers.new("Subdivision", "SUBSURF")
+        obj.data.vertices[0].select = False  # the artist's own selection, which the fix keeps
+    elif fix == "decimate":
+        monkeypatch.setattr(kiln.backend.protocol, "MAX_TRIANGLES", 500)  # decimating a million takes a minute
+        obj.modifiers.new("Subdivision", "SUBSURF").levels = 3  # 768 triangles
+    else:
+        bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "library.blend"), copy=True)
+        with bpy.data.libraries.load(str(tmp_path / "library.blend"), link=True) as (_, linked):
+            linked.objects = ["Cube"]
+        bpy.context.collection.objects.link(linked.objects[0])
+        obj = linked.objects[0]
+    bystander = add_cube("Bystander")
+    select(obj, bystander)
+    with pytest.raises(RuntimeError):
+        bpy.ops.kiln.texture_selected()
+    refusal = kiln.operators.REFUSAL
+    assert refusal.fix == fix and refusal.obj == obj.name_full
+    assert bpy.ops.kiln.fix(action=refusal.fix, object=refusal.obj) == {"FINISHED"}
+    assert kiln.operators.REFUSAL is None
+    mended = bpy.context.view_layer.objects.active if fix != "make_local" else \
+        next(o for o in bpy.context.selected_objects if o.name != "Bystander")
+    assert {o.name for o in bpy.context.selected_objects} == {mended.name, "Bystander"}
+    fields, arrays = kiln.scene_io.mesh_arrays(mended)  # what the job reads now passes
+    if fix == "add_uv_map":
+        assert "loop_uvs" in arrays and not mended.data.vertices[0].select and mended.data.vertices[1].select
+    if fix == "decimate":
+        assert len(arrays["triangles"].data) // 12 <= kiln.backend.protocol.MAX_TRIANGLES
+
+
 def test_texture_size_is_clamped_to_the_supported_range(scene) -> None:
     scene.texture_size = 100
     assert scene.texture_size == 512
