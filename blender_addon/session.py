@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -259,8 +260,9 @@ class TextureSession:
                 self.client.send(protocol.CANCEL, {"job": target.job})
 
     def abandon(self, why: str) -> None:
-        """End at once without touching the scene, which is no longer the one the jobs wrote into
-        (another file was opened): closing the connection makes the backend cancel its jobs."""
+        """End at once without touching the scene, which no longer holds what the jobs wrote (another
+        file was opened, or an undo took it back): closing the connection makes the backend cancel
+        its jobs."""
         with self._lock:
             self._abandoned = True
             client, self._started = self._started, None
@@ -271,7 +273,7 @@ class TextureSession:
         for target in self.targets:
             if not target.ended:
                 target.status, target.error = "cancelled", why
-            target.live, target.preview = None, None
+            target.live, target.preview, target.created = None, None, False
 
     @property
     def finished(self) -> bool:
@@ -335,6 +337,12 @@ class TextureSession:
                 continue
             try:
                 self._apply(item)
+            except ReferenceError:
+                # Ctrl+Z mid-job brings back the scene from before the job (or the artist deleted
+                # its image): what it painted into is gone, so it stops and leaves the scene as is.
+                self.abandon("undone while it ran")
+                self.failure = "stopped: the job's texture or object was undone or deleted while it ran"
+                return
             except (SceneError, RuntimeError, ValueError, KeyError) as exc:
                 # The scene changed under the job (mesh edited, object renamed): stop cleanly
                 # rather than leave a modal operator half-alive.
@@ -342,6 +350,12 @@ class TextureSession:
                 self.cancel()
                 self._end_unfinished("failed", "scene changed during the job")
                 self.close()
+                return
+            except Exception as exc:  # a bug must not leave the panel on a job that nothing drives
+                traceback.print_exc()
+                self.abandon("stopped by a bug in Kiln")
+                self.failure = (f"a bug in Kiln stopped the job ({type(exc).__name__}: {exc}); please report it "
+                                "with the console output")
                 return
 
     def _target(self, msg: protocol.Message) -> Target | None:

@@ -423,6 +423,32 @@ def test_opening_another_file_mid_job_ends_it_without_touching_the_new_file(kiln
     assert kiln.operators.ACTIVE.targets[0].status == "finished"
 
 
+def test_undo_mid_job_stops_it_and_keeps_the_undone_scene(kiln, scene) -> None:
+    obj = add_cube()
+    bpy.ops.ed.undo_push(message="before Kiln")
+    session = run_session(kiln, [obj], steps=50)
+    pump_until(session, lambda: session.targets[0].live is not None)
+    bpy.ops.ed.undo_push(message="meanwhile")  # Ctrl+Z goes back to the step before the job
+    bpy.ops.ed.undo()
+    pump_until(session, lambda: session.finished)
+    assert "undone" in session.failure and session.targets[0].status == "cancelled"
+    assert not session.changed_scene
+    assert [s.material.name for s in bpy.data.objects["Cube"].material_slots] == ["Artist Cube"]
+    assert not any(name.startswith("Kiln") for name in bpy.data.images.keys())
+    select(bpy.data.objects["Cube"])
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+
+
+def test_a_bug_applying_a_result_ends_the_job_with_a_report(kiln, scene, monkeypatch) -> None:
+    def broken(self, target, msg):
+        raise TypeError("injected")
+    monkeypatch.setattr(kiln.session.TextureSession, "_apply_texture", broken)
+    session = run_session(kiln, [add_cube()], steps=50)
+    pump_until(session, lambda: session.finished)
+    assert "a bug in Kiln" in session.failure and "injected" in session.failure
+    assert session.targets[0].status == "cancelled"
+
+
 def link_artist_image(obj) -> np.ndarray:
     """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
     mat = obj.material_slots[0].material
