@@ -130,6 +130,7 @@ class Target:
     saved_to: str = ""
     reference: str = ""                   # the library asset the job warms up toward
     reference_icon: int = 0
+    obj: Any = None                       # the object painted: found again after a rename, unlike a name
     progress_log: list[int] = field(default_factory=list)
 
     @property
@@ -189,7 +190,7 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
 def target_for(obj: Any, refine: bool) -> Target:
     """What to send for one object; in refine mode its current texture and that texture's UVs."""
     if not refine:
-        return Target(obj.name, *mesh_arrays(obj))
+        return Target(obj.name, *mesh_arrays(obj), obj=obj)
     found = existing_texture(obj)
     if found is None:
         raise SceneError(f"{obj.name!r} has no image texture feeding its material's Base Color, so there is "
@@ -198,7 +199,7 @@ def target_for(obj: Any, refine: bool) -> Target:
     fields, arrays = mesh_arrays(obj, uv_map)
     rgba = image_rgba8(image)
     arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
-    return Target(obj.name, fields, arrays)
+    return Target(obj.name, fields, arrays, obj=obj)
 
 
 class TextureSession:
@@ -402,7 +403,7 @@ class TextureSession:
             target.phase, target.eta = str(msg.get("phase")), msg.get("eta_s")
             target.progress_log.append(target.done)
         elif msg.type == protocol.MESH:
-            obj = bpy.data.objects.get(target.name)
+            obj = painted(target)
             uv = msg.arrays["loop_uvs"]
             if obj is not None:
                 target.fields["uv_map"] = add_uv_map(obj, np.frombuffer(uv.data, np.float32).reshape(uv.shape))
@@ -433,7 +434,7 @@ class TextureSession:
             self.close()
 
     def _apply_texture(self, target: Target, msg: protocol.Message) -> None:
-        obj = bpy.data.objects.get(target.name)
+        obj = painted(target)
         if obj is None:  # deleted while the job ran: nothing to paint, and nothing to damage
             return
         rgba = msg.arrays["rgba"]
@@ -458,6 +459,14 @@ class TextureSession:
             if not target.ended:
                 target.status, target.error = status, error
                 self._finish(target)
+
+
+def painted(target: Target) -> Any:
+    """The object a job paints, under whatever name it has now; None once it is deleted."""
+    try:
+        return target.obj if target.obj is not None and target.obj.name else None
+    except ReferenceError:
+        return None
 
 
 def drop_preview(target: Target) -> None:
@@ -571,5 +580,5 @@ class GenerateSession(TextureSession):
             target.preview.update(arr("positions"), arr("colors"), arr("sizes"))
             return
         obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)
-        target.name, target.created = obj.name, True
+        target.name, target.obj, target.created = obj.name, obj, True
         drop_preview(target)

@@ -449,6 +449,16 @@ def test_a_bug_applying_a_result_ends_the_job_with_a_report(kiln, scene, monkeyp
     assert session.targets[0].status == "cancelled"
 
 
+def test_an_object_renamed_mid_job_still_gets_its_texture(kiln, scene) -> None:
+    obj = add_cube(uvs=False)
+    session = run_session(kiln, [obj], steps=2)
+    obj.name = "Renamed"  # before its UVs and first texture arrive
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
+    assert [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
+    assert obj.material_slots[0].material.name == "Kiln Renamed"
+
+
 def link_artist_image(obj) -> np.ndarray:
     """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
     mat = obj.material_slots[0].material
