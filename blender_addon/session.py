@@ -435,7 +435,10 @@ class TextureSession:
 
     def _apply_texture(self, target: Target, msg: protocol.Message) -> None:
         obj = painted(target)
-        if obj is None:  # deleted while the job ran: nothing to paint, and nothing to damage
+        if obj is None:  # deleted while the job ran: nothing to paint, so nothing more to compute
+            if self.client is not None and target.job is not None and not target.error:
+                target.error = "its object was deleted"
+                self.client.send(protocol.CANCEL, {"job": target.job})
             return
         rgba = msg.arrays["rgba"]
         if target.live is None:

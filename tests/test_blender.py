@@ -459,6 +459,17 @@ def test_an_object_renamed_mid_job_still_gets_its_texture(kiln, scene) -> None:
     assert obj.material_slots[0].material.name == "Kiln Renamed"
 
 
+def test_deleting_the_object_mid_job_cancels_its_job(kiln, scene) -> None:
+    obj = add_cube()
+    session = run_session(kiln, [obj], steps=400)
+    pump_until(session, lambda: session.targets[0].live is not None)
+    bpy.data.objects.remove(obj)
+    pump_until(session, lambda: session.finished, timeout=30)
+    target = session.targets[0]
+    assert (target.status, target.error) == ("cancelled", "its object was deleted")
+    assert target.done < target.total
+
+
 def link_artist_image(obj) -> np.ndarray:
     """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
     mat = obj.material_slots[0].material
