@@ -115,13 +115,20 @@ def existing_texture(obj: Any) -> tuple[Any, str] | None:
     return None
 
 
-def image_rgba8(image: Any) -> np.ndarray:
+def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.ndarray:
     """An image's pixels as (H, W, 4) uint8, rows bottom-up, display-referred (sRGB): float
-    images hold linear values and get the sRGB transfer curve first."""
+    images hold linear values and get the sRGB transfer curve first. Images wider than Kiln's
+    largest texture come averaged down by a whole factor (an 8K map would not fit one message, and
+    a job works at ``max_side`` at most), dropping the last few texels of a side that factor does not
+    divide: under one texel of the result."""
     w, h = image.size
     px = np.empty(w * h * 4, np.float32)
     image.pixels.foreach_get(px)
     px = px.reshape(h, w, 4)
+    factor = -(-max(w, h) // max_side)
+    if factor > 1:
+        hs, ws = h // factor, w // factor
+        px = px[:hs * factor, :ws * factor].reshape(hs, factor, ws, factor, 4).mean(axis=(1, 3))
     if image.is_float:
         px[..., :3] = _linear_to_srgb(px[..., :3])
     return (np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)

@@ -501,6 +501,16 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     assert bpy.data.materials["Artist Cube"].use_fake_user  # the original stays
 
 
+def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> None:
+    image = bpy.data.images.new("8K strip", 8192, 16)  # an 8K map would overflow one message
+    px = np.zeros((16, 8192, 4), np.float32)
+    px[..., 0], px[..., 3] = np.linspace(0, 1, 8192), 1.0
+    image.pixels.foreach_set(px.ravel())
+    rgba = kiln.scene_io.image_rgba8(image)
+    assert rgba.shape == (8, 4096, 4)  # aspect kept
+    assert np.abs(rgba[4, :, 0].astype(float) - np.linspace(0, 255, 4096)).max() < 1
+
+
 def test_refine_without_a_texture_says_so(kiln, scene) -> None:
     obj = add_cube()  # its image is not wired into Base Color
     select(obj)
