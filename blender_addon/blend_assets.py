@@ -15,8 +15,8 @@ import re
 import shutil
 import struct
 import zlib
-from pathlib import Path
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import bpy

@@ -5,7 +5,6 @@ session object."""
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 from typing import Callable
 
 import bpy
@@ -20,17 +19,9 @@ from .scene_io import SceneError
 ACTIVE: sessions.TextureSession | None = None
 
 
-@dataclass
-class Refusal:
-    """Why the last press of a job button started nothing, and the fix that would let it."""
-
-    message: str
-    fix: str = ""       # a key of fixes.FIXES, or "" where only the artist can fix it
-    obj: str = ""       # the object's full name (a linked one's includes its library)
-
-
-#: Shown in the panel, with its fix-it button, until a job starts or the fix is made.
-REFUSAL: Refusal | None = None
+#: Why the last press of a job button started nothing: shown in the panel, with its fix-it
+#: button, until a job starts or the fix is made.
+REFUSAL: SceneError | None = None
 
 
 def _running() -> bool:
@@ -66,7 +57,7 @@ class _SessionOperator(_WhenIdle):
         try:
             ACTIVE = self._make_session(context)
         except SceneError as exc:
-            REFUSAL = Refusal(str(exc), exc.fix, exc.obj)
+            REFUSAL = exc.with_traceback(None)  # its frames would keep the scene data they saw
             self.report({"ERROR"}, str(exc))
             return None
         REFUSAL = None

@@ -75,10 +75,10 @@ class KILN_PT_main(bpy.types.Panel):
         row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
 
 
-def draw_refusal(layout: bpy.types.UILayout, refusal: operators.Refusal) -> None:
+def draw_refusal(layout: bpy.types.UILayout, refusal: scene_io.SceneError) -> None:
     """Why the last press started nothing, wrapped (labels do not wrap), and its fix-it button."""
     box = layout.box()
-    for i, line in enumerate(textwrap.wrap(refusal.message, 52)):
+    for i, line in enumerate(textwrap.wrap(str(refusal), 52)):
         box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
     if refusal.fix:
         button = box.operator("kiln.fix", text=fixes.FIXES[refusal.fix][0], icon="TOOL_SETTINGS")
