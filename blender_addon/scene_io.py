@@ -42,6 +42,12 @@ def check_object(obj: Any) -> None:
                          "(Object > Convert > Mesh) or deselect it")
     if obj.mode != "OBJECT":
         raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first", "object_mode", obj)
+
+
+def check_paintable(obj: Any) -> None:
+    """A texturing target gets a material and maybe a UV map, which linked data cannot take (a
+    reference object is only read, so it may be linked)."""
+    check_object(obj)
     linked = obj.library or obj.data.library
     if linked is not None:
         raise SceneError(f"{obj.name!r} is linked from {linked.filepath}, so its materials and UV maps cannot "

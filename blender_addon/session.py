@@ -31,6 +31,7 @@ from .scene_io import (
     SceneError,
     add_uv_map,
     build_object,
+    check_paintable,
     existing_texture,
     finish_texture,
     image_rgba8,
@@ -189,6 +190,7 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
 
 def target_for(obj: Any, refine: bool) -> Target:
     """What to send for one object; in refine mode its current texture and that texture's UVs."""
+    check_paintable(obj)
     if not refine:
         return Target(obj.name, *mesh_arrays(obj), obj=obj)
     found = existing_texture(obj)

@@ -329,6 +329,8 @@ def test_refusals_offer_a_fix_that_lets_the_job_start(kiln, scene, tmp_path, mon
             linked.objects = ["Cube"]
         bpy.context.collection.objects.link(linked.objects[0])
         obj = linked.objects[0]
+        arrays = kiln.scene_io.reference_arrays(obj)[1]  # only read as a reference, it may stay linked
+        assert kiln.backend.protocol.REFERENCE_PREFIX + "positions" in arrays
     bystander = add_cube("Bystander")
     select(obj, bystander)
     with pytest.raises(RuntimeError):
