@@ -229,6 +229,9 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
 def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
     """A new UV map from the backend's unwrap; the object's existing maps are left untouched."""
     mesh = obj.data
+    if obj.mode == "EDIT":  # leaving Edit Mode writes the edit mesh back, without a map added meanwhile
+        raise SceneError(f"{obj.name!r} went into Edit Mode before Kiln could add its UV map: leave Edit Mode "
+                         "and run the job again")
     if loop_uvs.shape[0] != len(mesh.loops):
         raise SceneError(f"{obj.name!r} was edited while Kiln worked ({len(mesh.loops)} face corners now, "
                          f"{loop_uvs.shape[0]} when the job started): run it again")

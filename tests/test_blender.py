@@ -472,6 +472,18 @@ def test_deleting_the_object_mid_job_cancels_its_job(kiln, scene) -> None:
     assert target.done < target.total
 
 
+def test_edit_mode_before_the_uv_map_arrives_fails_cleanly(kiln, scene) -> None:
+    obj = add_cube(uvs=False)
+    select(obj)
+    session = run_session(kiln, [obj], steps=50)
+    bpy.ops.object.mode_set(mode="EDIT")
+    pump_until(session, lambda: session.finished)
+    bpy.ops.object.mode_set(mode="OBJECT")
+    assert "went into Edit Mode" in session.failure
+    assert [uv.name for uv in obj.data.uv_layers] == []
+    assert obj.material_slots[0].material.name == "Artist Cube"
+
+
 def link_artist_image(obj) -> np.ndarray:
     """Wire the artist's image into Base Color and paint it with a gradient; returns its pixels."""
     mat = obj.material_slots[0].material
