@@ -213,7 +213,7 @@ class TextureSession:
         for obj in objects:
             first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
         self._setup([target_for(obj, refine) for obj in first.values()], job_fields, python_preference, shared_arrays)
-        self.notes += [f"Kiln: {obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
+        self.notes += [f"{obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
                        "textured once and both show it" for obj in objects if obj not in first.values()]
 
     def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str,
