@@ -468,10 +468,13 @@ class TextureSession:
 
 def painted(target: Target) -> Any:
     """The object a job paints, under whatever name it has now; None once it is deleted."""
+    if target.obj is None:
+        return None
     try:
-        return target.obj if target.obj is not None and target.obj.name else None
+        target.obj.name  # a deleted (or undone) object's reference raises on any access
     except ReferenceError:
         return None
+    return target.obj
 
 
 def drop_preview(target: Target) -> None:
