@@ -117,11 +117,22 @@ def refine_texture(args: argparse.Namespace, loaded: object):
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
 
 
+def refining(args: argparse.Namespace) -> bool:
+    """--init-texture alone means refining it; --strength without a texture to refine would be
+    silently ignored, so it is refused."""
+    refine = args.refine or args.init_texture is not None
+    if args.strength is not None and not refine:
+        raise JobError(protocol.E_BAD_REQUEST, "--strength sets how far refining may move a texture, and this job "
+                       "starts blank: add --refine (or --init-texture FILE), or drop --strength")
+    return refine
+
+
 def request_from(args: argparse.Namespace, task: str) -> JobRequest:
     return JobRequest.from_fields({
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
-        "method": args.method, "preset": args.preset, "strength": getattr(args, "strength", 0.5),
+        "method": args.method, "preset": args.preset,
+        **({"strength": args.strength} if getattr(args, "strength", None) is not None else {}),
         "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "vae": args.vae,
         "low_vram": args.low_vram, "offline": args.offline,
         "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
@@ -147,7 +158,7 @@ def texture_command(args: argparse.Namespace) -> int:
         out = output_folder(args.out)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
-        init = refine_texture(args, loaded) if args.refine else None
+        init = refine_texture(args, loaded) if refining(args) else None
         with ConsoleEvents() as events:
             run_texture_job(request, mesh, events, ModelCache(), init)
     except (JobError, MeshError, ModelError) as exc:
@@ -275,9 +286,10 @@ def main(argv: list[str] | None = None) -> int:
                      help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")
     tex.add_argument("--refine", action="store_true",
                      help="start from the mesh's existing texture (or --init-texture) instead of blank")
-    tex.add_argument("--init-texture", default=None, help="PNG/JPEG to refine, mapped through the mesh's UVs")
-    tex.add_argument("--strength", type=float, default=0.5,
-                     help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely")
+    tex.add_argument("--init-texture", default=None,
+                     help="PNG/JPEG to refine (implies --refine), mapped through the mesh's UVs")
+    tex.add_argument("--strength", type=float, default=None,
+                     help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely (default 0.5)")
     tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
     index = sub.add_parser("index", help="index asset folders (captions, thumbnails, embeddings) for retrieval")
     index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")

@@ -85,17 +85,19 @@ class JobRequest:
             raise bad(f"texture size {size!r} is out of range: choose {protocol.MIN_TEXTURE_SIZE} to "
                       f"{protocol.MAX_TEXTURE_SIZE} pixels")
         steps = f.get("steps")
-        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= 500):
-            raise bad(f"steps {steps!r} is out of range: choose 1 to 500")
+        if steps is not None and (not isinstance(steps, int) or not 1 <= steps <= protocol.MAX_STEPS):
+            raise bad(f"steps {steps!r} is out of range: choose 1 to {protocol.MAX_STEPS}")
         guidance = f.get("guidance")
-        if guidance is not None and (not isinstance(guidance, (int, float)) or not 0 <= guidance <= 200):
-            raise bad(f"guidance {guidance!r} is out of range: choose 0 to 200")
+        if guidance is not None and (not isinstance(guidance, (int, float))
+                                     or not 0 <= guidance <= protocol.MAX_GUIDANCE):
+            raise bad(f"guidance {guidance!r} is out of range: choose 0 to {protocol.MAX_GUIDANCE:g}")
         seed = f.get("seed", 0)
         if not isinstance(seed, int) or seed < 0:
             raise bad(f"seed {seed!r} must be a whole number ≥ 0")
         strength = f.get("strength", 0.5)
-        if not isinstance(strength, (int, float)) or not 0.05 <= strength <= 1.0:
-            raise bad(f"strength {strength!r} is out of range: choose 0.05 (keep nearly all) to 1 (repaint)")
+        if not isinstance(strength, (int, float)) or not protocol.MIN_STRENGTH <= strength <= protocol.MAX_STRENGTH:
+            raise bad(f"strength {strength!r} is out of range: choose {protocol.MIN_STRENGTH:g} (keep nearly all) to "
+                      f"{protocol.MAX_STRENGTH:g} (repaint)")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")

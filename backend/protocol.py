@@ -34,6 +34,11 @@ MAX_PAYLOAD_BYTES = 256 << 20
 
 # Limits both sides enforce: Blender checks them before sending anything, the backend again.
 MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
+#: Iterations a job may ask for: SIR needs a dozen, SDS and SSD a thousand or more.
+MAX_STEPS = 5000
+MAX_GUIDANCE = 200.0
+#: Refining: how far the result may move from the texture (a fraction of the noise a blank start gets).
+MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0
 #: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).
 MAX_TRIANGLES = 1_000_000
 

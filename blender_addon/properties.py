@@ -110,9 +110,9 @@ class KilnSettings(bpy.types.PropertyGroup):
     refine: BoolProperty(name="Refine Existing Texture", default=False,
                          description="Start from the image on the material's Base Color instead of blank; "
                                      "the original material is kept")
-    strength: FloatProperty(name="Strength", default=0.5, min=0.05, max=1.0,
+    strength: FloatProperty(name="Strength", default=0.5, min=protocol.MIN_STRENGTH, max=protocol.MAX_STRENGTH,
                             description="How far the result may move from the existing texture")
-    steps: IntProperty(name="Steps", default=0, min=0, max=5000,
+    steps: IntProperty(name="Steps", default=0, min=0, max=protocol.MAX_STEPS,
                        description="Iterations of the method; 0 uses the method's preset")
     use_references: BoolProperty(
         name="Use References", default=False,
@@ -133,7 +133,7 @@ class KilnSettings(bpy.types.PropertyGroup):
         name="Delta Denoising", default=False,
         description="SDS/SSD: every few steps, subtract what the model would change on the reference itself, "
                     "keeping the result nearer the reference")
-    guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=200.0,
+    guidance: FloatProperty(name="Guidance", default=0.0, min=0.0, max=protocol.MAX_GUIDANCE,
                             description="Classifier-free guidance; 0 uses the method's preset "
                                         "(SIR and SSD 7.5, SDS 100)")
 

@@ -34,7 +34,8 @@ def parse() -> argparse.Namespace:
     add_shared_options(parser)
     parser.add_argument("--controlnet", default="", help="a depth ControlNet: HF id, folder or .safetensors")
     parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
-    parser.add_argument("--strength", type=float, default=0.5, help="refine only: 0.05 keeps, 1 repaints")
+    parser.add_argument("--strength", type=float, default=None,
+                        help="refine only: 0.05 keeps, 1 repaints (default: the scene's, 0.5 in a new one)")
     parser.add_argument("--objects", nargs="*", help="object names (default: every mesh in the scene)")
     return parser.parse_args(argv)
 
@@ -52,6 +53,20 @@ def enable_kiln() -> str:
     sys.exit("batch_texture.py: the Kiln extension is not installed; install dist/kiln-*.zip first")
 
 
+def assign(settings, values: dict[str, tuple[str, object]], script: str) -> bool:
+    """Set the scene's Kiln settings from ``values`` (property: (option, value)). Blender clamps a
+    number outside a property's limits without a word, so a pipeline would get a job it did not ask
+    for: an out-of-range number is refused instead (False, after saying why on stderr)."""
+    for name, (option, value) in values.items():
+        prop = settings.bl_rna.properties[name]
+        if prop.type in ("INT", "FLOAT") and not prop.hard_min <= value <= prop.hard_max:
+            low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (prop.hard_min, prop.hard_max))
+            print(f"{script}: {option} {value} is out of range: choose {low} to {high}", file=sys.stderr)
+            return False
+        setattr(settings, name, value)
+    return True
+
+
 def configure(args: argparse.Namespace, script: str):
     """Enable Kiln and put the options both batch scripts share into the scene's Kiln settings;
     None (after saying why on stderr) when an option is out of range."""
@@ -60,19 +75,14 @@ def configure(args: argparse.Namespace, script: str):
     if args.backend_python:
         prefs.python_path = args.backend_python
     prefs.low_vram = args.low_vram
-    if not 512 <= args.size <= 4096:
-        print(f"{script}: --size {args.size} is out of range: choose 512 to 4096", file=sys.stderr)
-        return None
     settings = bpy.context.scene.kiln
-    settings.negative_prompt, settings.seed, settings.method = args.negative, args.seed, args.method
-    settings.texture_size, settings.lora, settings.vae = args.size, args.lora, args.vae
-    if args.model:
-        settings.model = args.model
-    if args.steps is not None:
-        settings.steps = args.steps
-    if args.guidance is not None:
-        settings.guidance = args.guidance
-    return settings
+    values = {"negative_prompt": ("--negative", args.negative), "seed": ("--seed", args.seed),
+              "method": ("--method", args.method), "texture_size": ("--size", args.size),
+              "lora": ("--lora", args.lora), "vae": ("--vae", args.vae)}
+    for name, option in (("model", "--model"), ("steps", "--steps"), ("guidance", "--guidance")):
+        if getattr(args, name) is not None:
+            values[name] = (option, getattr(args, name))
+    return settings if assign(settings, values, script) else None
 
 
 def main() -> int:
@@ -80,8 +90,16 @@ def main() -> int:
     settings = configure(args, "batch_texture.py")
     if settings is None:
         return 1
-    settings.prompt, settings.refine, settings.strength = args.prompt, args.refine, args.strength
-    settings.controlnet = args.controlnet
+    if args.strength is not None and not args.refine:
+        print("batch_texture.py: --strength sets how far refining may move a texture, and this job starts blank: "
+              "add --refine, or drop --strength", file=sys.stderr)
+        return 1
+    values = {"prompt": ("--prompt", args.prompt), "refine": ("--refine", args.refine),
+              "controlnet": ("--controlnet", args.controlnet)}
+    if args.strength is not None:
+        values["strength"] = ("--strength", args.strength)
+    if not assign(settings, values, "batch_texture.py"):
+        return 1
     names = args.objects or [o.name for o in bpy.context.scene.objects if o.type == "MESH"]
     missing = [n for n in names if n not in bpy.context.scene.objects]
     if missing or not names:

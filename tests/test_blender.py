@@ -378,6 +378,11 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert ssd.returncode == 0, ssd.stderr[-2000:]
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
+    # Blender would clamp these without a word; a pipeline hears of them instead.
+    clamped = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
+    assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
+    blank = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
+    assert blank.returncode == 1 and "add --refine" in blank.stderr
 
 
 def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, scene) -> None:

@@ -287,6 +287,18 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert result.returncode == 2 and "gone' is not a folder" in result.stderr
 
 
+def test_every_setting_the_panel_accepts_the_backend_accepts_too() -> None:
+    """The panel's limits and the backend's checks come from the protocol's one set of constants.
+    Steps above 500 were refused once, though the panel offered up to 5,000 and SDS's preset runs 1,000."""
+    from backend import protocol
+
+    request = JobRequest.from_fields({"prompt": "a vase", "method": "sds", "steps": protocol.MAX_STEPS,
+                                      "guidance": protocol.MAX_GUIDANCE, "strength": protocol.MIN_STRENGTH,
+                                      "texture_size": protocol.MAX_TEXTURE_SIZE})
+    assert request.config().iterations == protocol.MAX_STEPS
+    assert request.config(refine=True).guidance == protocol.MAX_GUIDANCE
+
+
 def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     first = run_cli("texture", str(VASE), "--prompt", "a vase", "--size", "512", "--steps", "1", "--out",
                     str(tmp_path / "a"))
@@ -300,6 +312,13 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert none.returncode == 2 and "no texture to refine" in none.stderr
     bad = run_cli("texture", str(glb), "--prompt", "a vase", "--refine", "--strength", "3", "--out", str(tmp_path))
     assert bad.returncode == 2 and "strength 3.0 is out of range" in bad.stderr
+    # Options that only refining reads are never dropped without a word: --init-texture refines,
+    # --strength on a blank start is refused. Both fail before any model loads.
+    gone = run_cli("texture", str(glb), "--prompt", "a vase", "--init-texture", str(tmp_path / "gone.png"),
+                   "--out", str(tmp_path / "d"))
+    assert gone.returncode == 2 and "cannot read --init-texture" in gone.stderr
+    blank = run_cli("texture", str(glb), "--prompt", "a vase", "--strength", "0.3", "--out", str(tmp_path / "e"))
+    assert blank.returncode == 2 and "add --refine" in blank.stderr and "loading model" not in blank.stderr
 
 
 def test_single_branch_predictions_match_the_batched_pair() -> None:
