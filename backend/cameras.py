@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-UP_AXES = {"y": np.array([0.0, 1.0, 0.0]), "z": np.array([0.0, 0.0, 1.0])}
+UP_VECTORS = {"y": np.array([0.0, 1.0, 0.0]), "z": np.array([0.0, 0.0, 1.0])}  # one per protocol.UP_AXES
 
 
 @dataclass
@@ -87,7 +87,7 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
     Azimuth 0 looks at the front (from -Y towards +Y for Z-up, from +Z for Y-up), so
     view-dependent prompts ("front view") mean the same thing as Blender's Front view.
     """
-    up = UP_AXES[up_axis]
+    up = UP_VECTORS[up_axis]
     center = np.asarray(center, np.float64)
     distance = radius * margin / math.sin(math.radians(fov_y_deg) / 2)
     proj = perspective(fov_y_deg, max(distance - radius * 1.5, distance * 0.01), distance + radius * 1.5)

@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
                      help="PNG/JPEG to refine (implies --refine), mapped through the mesh's UVs")
     tex.add_argument("--strength", type=float, default=None,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely (default 0.5)")
-    tex.add_argument("--up", choices=["y", "z"], default="y", help="the file's up axis (glTF/OBJ: y)")
+    tex.add_argument("--up", choices=protocol.UP_AXES, default="y", help="the file's up axis (glTF/OBJ: y)")
     index = sub.add_parser("index", help="index asset folders (captions, thumbnails, embeddings) for retrieval")
     index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")
     index.add_argument("--clip", default=None, help="CLIP weights (HF id or folder) for image embeddings")

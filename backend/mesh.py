@@ -13,8 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .cameras import UP_AXES
-from .protocol import MAX_TRIANGLES
+from .protocol import MAX_TRIANGLES, UP_AXES
 
 
 class MeshError(ValueError):

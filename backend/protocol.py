@@ -39,6 +39,8 @@ MAX_STEPS = 5000
 MAX_GUIDANCE = 200.0
 #: Refining: how far the result may move from the texture (a fraction of the noise a blank start gets).
 MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0
+#: A mesh's ``up_axis``: Blender's is z; glTF's and most OBJ files' y.
+UP_AXES = ("y", "z")
 #: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).
 MAX_TRIANGLES = 1_000_000
 

@@ -9,7 +9,8 @@ big for the time limit costs the job, never the server or the artist's scene. Me
 in parallel (one task per piece) and packs into one atlas; the pieces add seams only where a cut
 crosses the surface, one per piece at most.
 
-Run as ``python -m backend.unwrap IN.npz OUT.npy``: the child imports numpy and xatlas only.
+Run as ``python -m backend.unwrap IN.npz OUT.npy``: the child imports numpy and xatlas only (torch's
+import alone took longer than unwrapping a 50k-face mesh), so nothing this module imports may pull torch in.
 """
 
 from __future__ import annotations
