@@ -31,6 +31,9 @@ CPU_TORCH = "torch==2.13.0"
 BLENDER_ENVS = {".venv-blender": "bpy==5.0.1", ".venv-blender-min": "bpy==4.2.23"}
 #: The test runner, in the backend's environment and in each Blender's.
 TEST_TOOLS = ["pytest>=8", "pytest-timeout>=2.3"]
+#: Seconds one test may take (the slowest, the speed bench's smoke run, takes about 140 s here): a
+#: hung test fails with its stack instead of stalling the run.
+TEST_TIMEOUT = "--timeout=900"
 #: What the benches need beyond the backend, in its environment: trimesh's closest-point queries
 #: (exact point-to-surface distances for Chamfer) index triangles with rtree.
 BENCH_TOOLS = ["rtree>=1.3"]
@@ -141,14 +144,14 @@ def test() -> int:
     """The backend's tests in its own environment, then the Blender tests under each Blender, each
     driving a backend subprocess from the backend's environment (the add-on's real arrangement)."""
     backend_python = setup(dev=True, device="auto")
-    codes = [subprocess.run([str(backend_python), "-m", "pytest", "-q", "--durations=12", "tests",
+    codes = [subprocess.run([str(backend_python), "-m", "pytest", "-q", TEST_TIMEOUT, "--durations=12", "tests",
                              "--ignore=tests/test_blender.py"], cwd=ROOT).returncode]
     env = dict(os.environ, KILN_BACKEND_PYTHON=str(backend_python))
     for folder, bpy_pin in BLENDER_ENVS.items():
         blender_python = _venv(ROOT / folder)
         subprocess.run([*_pip_install(blender_python), bpy_pin, *TEST_TOOLS], check=True)
         print(f"Blender tests under {bpy_pin} ({folder}), with the backend in {backend_python}:", flush=True)
-        codes.append(subprocess.run([str(blender_python), "-m", "pytest", "-q", "tests/test_blender.py"],
+        codes.append(subprocess.run([str(blender_python), "-m", "pytest", "-q", TEST_TIMEOUT, "tests/test_blender.py"],
                                     cwd=ROOT, env=env).returncode)
     return next((code for code in codes if code), 0)
 
