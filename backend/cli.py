@@ -279,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server Blender connects to (secret on stdin)")
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on stdout)")
+    serve.add_argument("--connection-file", nargs="?", const=str(protocol.default_connection_file()), default=None,
+                       help="run standing, outside Blender: write the port and a fresh secret to this file "
+                            f"(default {protocol.default_connection_file()}) for Kiln's 'Connect to a Running "
+                            "Backend' preference; keeps models loaded across Blender sessions; Ctrl+C stops it")
     tex = sub.add_parser("texture", help="texture a mesh file from a prompt, without Blender")
     tex.add_argument("mesh", help="OBJ, GLB, PLY, ... (anything trimesh reads)")
     add_job_arguments(tex, PRESETS)
@@ -306,7 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "serve":
         from .server import serve as run_server
-        return run_server(args.port)
+        return run_server(args.port, Path(args.connection_file).expanduser() if args.connection_file else None)
     if args.command == "index":
         return index_command(args)
     if args.command == "search":

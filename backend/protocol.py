@@ -10,7 +10,9 @@ base64, which would cost a third more bytes and a slow decode in Blender.
 
 Authentication is a mutual HMAC challenge: the secret itself never crosses the socket, so a
 process that can connect to the loopback port but did not receive the secret over the backend's
-stdin cannot drive the GPU.
+stdin cannot drive the GPU. A backend started by hand (``serve --connection-file``) makes its own
+secret and writes it, with its port, to a connection file only its user can read: whoever can read
+that file may use it, as with Jupyter's kernels.
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import secrets
 import socket
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
 PROTOCOL_VERSION = 4
@@ -296,3 +300,36 @@ def client_handshake(sock: socket.socket, secret: str, client_name: str = "kiln"
     if reply.type != WELCOME or not digest_matches(secret, my_nonce, "server", reply.get("digest")):
         raise ProtocolError(E_AUTH, "the process on this port could not prove it is the backend Kiln started")
     return reply
+
+
+# --- connection files (a backend started outside Blender) ---------------------------------------
+
+def default_connection_file() -> Path:
+    return Path.home() / ".kiln" / "backend.json"
+
+
+def write_connection_file(path: Path, port: int, secret: str, device: str) -> None:
+    """Readable by this user only, and whole or absent: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        json.dump({"kiln": "backend", "protocol": PROTOCOL_VERSION, "port": port, "secret": secret,
+                   "pid": os.getpid(), "device": device}, fh)
+    os.replace(partial, path)
+
+
+def read_connection_file(path: Path) -> dict[str, Any]:
+    """The port, secret, pid and device a running backend wrote; ValueError naming the fix when
+    there is none or it is not one."""
+    start = "start one with `python -m backend serve --connection-file` in the backend's environment"
+    try:
+        info = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ValueError(f"no backend is running outside Blender: {path} does not exist; {start}") from None
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the backend's connection file {path} ({exc}); {start}") from None
+    if not isinstance(info, dict) or info.get("kiln") != "backend" or not isinstance(info.get("port"), int) \
+            or not isinstance(info.get("secret"), str):
+        raise ValueError(f"{path} is not a Kiln backend's connection file; {start}")
+    return info

@@ -3,7 +3,8 @@
 Threads: one accepts connections; each connection has a reader (requests) and a writer (its
 outbox); one worker runs jobs from a FIFO queue. A protocol fault closes only the connection that
 caused it. The process exits when its parent closes our stdin (Blender quit or crashed), so no
-orphan keeps holding VRAM.
+orphan keeps holding VRAM. Started by hand with a connection file instead, it has no parent to
+follow: it keeps its loaded models across Blender sessions and stops on Ctrl+C or SIGTERM.
 """
 
 from __future__ import annotations
@@ -14,12 +15,14 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import sys
 import threading
 import time
 import traceback
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -389,18 +392,61 @@ def _exit_with_parent() -> None:
         os._exit(0)
 
 
-def serve(port: int = 0) -> int:
-    """Entry point of ``python -m backend serve``: secret on stdin's first line, port on stdout."""
+def serve(port: int = 0, connection_file: Path | None = None) -> int:
+    """Entry point of ``python -m backend serve``: secret on stdin's first line, port on stdout.
+    With ``connection_file``, the backend makes its own secret and writes both there instead."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kiln-backend %(levelname)s %(message)s")
-    secret = sys.stdin.readline().strip()
-    if len(secret) < 32:
-        print("kiln-backend: expected the session secret on stdin's first line (Blender passes it); "
-              "refusing to serve without one", file=sys.stderr)
+    if connection_file is None:
+        secret = sys.stdin.readline().strip()
+        if len(secret) < 32:
+            print("kiln-backend: expected the session secret on stdin's first line (Blender passes it); "
+                  "refusing to serve without one", file=sys.stderr)
+            return 2
+    else:
+        secret = protocol.new_secret()
+        if (other := _standing_at(connection_file)) is not None:
+            print(f"kiln-backend: a backend already runs on port {other} with {connection_file}: stop it first, or "
+                  "pass another --connection-file", file=sys.stderr)
+            return 2
+    try:
+        server = Server(secret, port)
+    except OSError as exc:
+        print(f"kiln-backend: cannot listen on 127.0.0.1:{port} ({exc.strerror}): choose another --port, or 0 for "
+              "any free one", file=sys.stderr)
         return 2
-    server = Server(secret, port)
-    threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
+    if connection_file is not None:  # before the ready line, so whoever reads that finds the file
+        protocol.write_connection_file(connection_file, server.port, secret, server.device)
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
                       "protocol": protocol.PROTOCOL_VERSION, "device": server.device}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)
-    server.serve_forever()
+    if connection_file is None:
+        threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
+        server.serve_forever()
+        return 0
+    log.info("wrote %s: in Blender, set Preferences > Add-ons > Kiln > Backend to 'Connect to a Running "
+             "Backend' with this file. Ctrl+C stops the backend", connection_file)
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if _standing_at(connection_file, mine=secret) is not None:  # never remove a newer backend's file
+            connection_file.unlink(missing_ok=True)
+        log.info("stopped")
     return 0
+
+
+def _standing_at(path: Path, mine: str | None = None) -> int | None:
+    """The port of the backend ``path`` names, if one answers there (``mine``: if it is ours)."""
+    try:
+        info = protocol.read_connection_file(path)
+    except ValueError:
+        return None
+    if mine is not None:
+        return info["port"] if info["secret"] == mine else None
+    try:
+        socket.create_connection(("127.0.0.1", info["port"]), timeout=1).close()
+    except OSError:
+        return None
+    return info["port"]

@@ -1,4 +1,5 @@
-"""Finding, starting and stopping the backend process. No bpy here: plain subprocess work.
+"""Finding, starting and stopping the backend process, or finding one started by hand. No bpy
+here: plain subprocess and socket work.
 
 The backend runs in its own Python environment (made by the README's set-up command), never in
 Blender's: torch in Blender's Python is the leading cause of AI add-on install failures. The
@@ -16,9 +17,12 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .backend import protocol
+from .client import Client
 
 ADDON_DIR = Path(__file__).resolve().parent
 #: Written by ``build.py setup`` so the add-on finds the environment with no configuration.
@@ -45,6 +49,16 @@ def find_python(preference: str) -> Path:
                            "from Kiln's README, or fix Backend Python in Preferences > Add-ons > Kiln")
     raise BackendError("no backend Python is configured: run the set-up command from Kiln's README "
                        "(`python3 build.py setup`), or set Backend Python in Preferences > Add-ons > Kiln")
+
+
+@dataclass(frozen=True)
+class BackendChoice:
+    """Where jobs go, from the preferences: a backend Blender starts with the interpreter
+    ``python_preference`` names (see ``find_python``), or, when ``connection_file`` is not None, one
+    started by hand that wrote that file ("": the default file)."""
+
+    python_preference: str = ""
+    connection_file: str | None = None
 
 
 class BackendProcess:
@@ -120,6 +134,15 @@ class BackendProcess:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    def connect(self, inbox: "queue.Queue[Any]") -> Client:
+        return Client(self.port, self.secret, inbox)
+
+    def describe(self) -> str:
+        if self.device == "cpu":
+            return f"running on the CPU (slow with real models), port {self.port}"
+        where = f"on {self.device}, port" if self.device else "on port"
+        return f"running {where} {self.port}"
+
     def exited(self, grace: float) -> bool:
         """Whether the process has ended, giving it ``grace`` seconds: a dying backend's socket
         closes a moment before its exit status can be read."""
@@ -145,3 +168,49 @@ class BackendProcess:
         except (OSError, subprocess.TimeoutExpired):
             self.proc.kill()
             self.proc.wait(timeout=timeout)
+
+
+class StandingBackend:
+    """A backend started by hand (``python -m backend serve --connection-file``), reached through
+    the port and secret in its connection file. Blender neither starts nor stops it: it keeps its
+    loaded models across Blender sessions, and its output is in the terminal that runs it."""
+
+    stderr_tail: tuple[str, ...] = ()
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        try:
+            self.info = protocol.read_connection_file(path)
+        except ValueError as exc:
+            raise BackendError(f"{exc}, or set Backend to 'Start Its Own' in Preferences > Add-ons > Kiln") from None
+        self.port, self.secret = int(self.info["port"]), str(self.info["secret"])
+        self.device = str(self.info.get("device") or "")
+
+    def connect(self, inbox: "queue.Queue[Any]") -> Client:
+        try:
+            return Client(self.port, self.secret, inbox)
+        except OSError as exc:
+            raise BackendError(f"nothing answers on port {self.port}, which {self.path} names ({exc}): that backend "
+                               "has stopped. Start it again with `python -m backend serve --connection-file`, or "
+                               "set Backend to 'Start Its Own' in Preferences > Add-ons > Kiln") from None
+
+    def alive(self) -> bool:
+        """Whether its file still names it: the backend removes the file when it stops."""
+        try:
+            return protocol.read_connection_file(self.path) == self.info
+        except ValueError:
+            return False
+
+    def exited(self, grace: float) -> bool:
+        return not self.alive()
+
+    def exit_description(self) -> str:
+        return (f"the backend started outside Blender stopped ({self.path} no longer names it); its terminal says "
+                "why")
+
+    def describe(self) -> str:
+        where = f" on {self.device}" if self.device else ""
+        return f"connected{where}, port {self.port} (started outside Blender; Stop leaves it running)"
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Not ours to stop: whoever started it stops it (Ctrl+C in its terminal)."""

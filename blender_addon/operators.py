@@ -11,8 +11,8 @@ import bpy
 
 from . import session as sessions
 from .backend import protocol
-from .backend_process import BackendError
-from .properties import blend_folders, library_fields, preferences
+from .backend_process import BackendError, StandingBackend
+from .properties import backend_choice, blend_folders, library_fields, preferences
 from .scene_io import SceneError
 
 #: The running texture session, if any; one at a time keeps the undo history simple.
@@ -164,7 +164,7 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
         fields, arrays = job_request(context)
         objects = sorted(context.selected_objects, key=lambda o: o.name)
-        return sessions.TextureSession(objects, fields, preferences(context).python_path,
+        return sessions.TextureSession(objects, fields, backend_choice(context),
                                        refine=context.scene.kiln.refine, shared_arrays=arrays)
 
 
@@ -180,7 +180,7 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
             raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene",
                              "object_mode", context.active_object)
         fields, arrays = job_request(context)
-        return sessions.GenerateSession(fields, preferences(context).python_path, context.scene.cursor.location,
+        return sessions.GenerateSession(fields, backend_choice(context), context.scene.cursor.location,
                                         shared_arrays=arrays)
 
 
@@ -194,7 +194,7 @@ class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):
 
     def _make_session(self, context: bpy.types.Context) -> sessions.IndexSession:
         prefs = preferences(context)
-        return sessions.IndexSession(library_fields(prefs), blend_folders(context), prefs.python_path)
+        return sessions.IndexSession(library_fields(prefs), blend_folders(context), backend_choice(context))
 
 
 class KILN_OT_find_references(_SessionOperator, bpy.types.Operator):
@@ -206,7 +206,7 @@ class KILN_OT_find_references(_SessionOperator, bpy.types.Operator):
 
     def _make_session(self, context: bpy.types.Context) -> sessions.SearchSession:
         prefs = preferences(context)
-        return sessions.SearchSession(context.scene.kiln, library_fields(prefs), prefs.python_path)
+        return sessions.SearchSession(context.scene.kiln, library_fields(prefs), backend_choice(context))
 
 
 class KILN_OT_clear_references(bpy.types.Operator):
@@ -277,14 +277,14 @@ def _in_background(work: Callable[[], str]) -> None:
 
 
 class KILN_OT_start_backend(bpy.types.Operator):
-    """Start the Kiln backend now, so the first job does not wait for it"""
+    """Start the Kiln backend now (or connect to the running one), so the first job does not wait"""
 
     bl_idname = "kiln.start_backend"
     bl_label = "Start Backend"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        python, offline = preferences(context).python_path, not getattr(bpy.app, "online_access", True)
-        _in_background(lambda: f"backend running on port {sessions.MANAGER.ensure(python, offline).port}")
+        choice, offline = backend_choice(context), not getattr(bpy.app, "online_access", True)
+        _in_background(lambda: f"backend {sessions.MANAGER.ensure(choice, offline).describe()}")
         return {"FINISHED"}
 
 
@@ -296,8 +296,9 @@ class KILN_OT_stop_backend(_WhenIdle, bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         def stop() -> str:
+            standing = isinstance(sessions.MANAGER.process, StandingBackend)
             sessions.MANAGER.stop()
-            return "backend stopped"
+            return "disconnected; the backend started outside Blender keeps running" if standing else "backend stopped"
         _in_background(stop)
         return {"FINISHED"}
 

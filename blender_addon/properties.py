@@ -14,6 +14,7 @@ from bpy.props import (
 )
 
 from .backend import protocol
+from .backend_process import BackendChoice
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -40,6 +41,15 @@ def _is_mesh(_settings: "KilnSettings", obj: bpy.types.Object) -> bool:
 class KilnPreferences(bpy.types.AddonPreferences):
     bl_idname = __package__
 
+    backend_mode: EnumProperty(name="Backend", default="START", items=[
+        ("START", "Start Its Own", "Blender starts the backend when a job needs it and stops it on quit"),
+        ("CONNECT", "Connect to a Running Backend",
+         "Use a backend you started yourself with `python -m backend serve --connection-file`: its models stay "
+         "loaded across Blender sessions, and its output is in its own terminal")])
+    connection_file: StringProperty(
+        name="Connection File", subtype="FILE_PATH", default="",
+        description="The file the running backend wrote its port and secret to. Empty: "
+                    "~/.kiln/backend.json, the backend's default")
     python_path: StringProperty(
         name="Backend Python", subtype="FILE_PATH",
         description="Python of the environment made by Kiln's set-up command. Empty: use $KILN_PYTHON, "
@@ -61,12 +71,18 @@ class KilnPreferences(bpy.types.AddonPreferences):
     def draw(self, context: bpy.types.Context) -> None:
         from .backend_process import BackendError, find_python
         layout = self.layout
-        layout.prop(self, "python_path")
+        layout.prop(self, "backend_mode")
+        if self.backend_mode == "CONNECT":
+            layout.prop(self, "connection_file")
+            layout.label(text="Start it in the backend's environment: python -m backend serve --connection-file",
+                         icon="INFO")
+        else:
+            layout.prop(self, "python_path")
+            try:
+                layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
+            except BackendError as exc:
+                layout.label(text=str(exc)[:120], icon="ERROR")
         layout.prop(self, "low_vram")
-        try:
-            layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
-        except BackendError as exc:
-            layout.label(text=str(exc)[:120], icon="ERROR")
         box = layout.box()
         box.label(text="Asset libraries (references for Use References)", icon="ASSET_MANAGER")
         for i, library in enumerate(self.libraries):
@@ -151,6 +167,13 @@ def unregister() -> None:
 
 def preferences(context: bpy.types.Context) -> KilnPreferences:
     return context.preferences.addons[__package__].preferences
+
+
+def backend_choice(context: bpy.types.Context) -> BackendChoice:
+    prefs = preferences(context)
+    if prefs.backend_mode == "CONNECT":
+        return BackendChoice(connection_file=bpy.path.abspath(prefs.connection_file.strip()))
+    return BackendChoice(python_preference=prefs.python_path)
 
 
 def kiln_folders(prefs: KilnPreferences) -> list[str]:

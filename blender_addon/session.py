@@ -21,7 +21,7 @@ import numpy as np
 
 from . import blend_assets
 from .backend import protocol
-from .backend_process import BackendError, BackendProcess, find_python
+from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
 from .client import Client, Disconnected
 from .scene_io import (
     UV_MAP_NAME,
@@ -43,23 +43,38 @@ from .scene_io import (
 
 
 class BackendManager:
-    """The one backend process of this Blender session; restarted when it has died."""
+    """The one backend of this Blender session: a process it starts (restarted when it has died),
+    or one started by hand that it connects to."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.process: BackendProcess | None = None
+        self.process: BackendProcess | StandingBackend | None = None
 
-    def ensure(self, python_preference: str, offline: bool) -> BackendProcess:
-        python = find_python(python_preference)  # raises if the configured interpreter is gone
+    def ensure(self, choice: BackendChoice, offline: bool) -> BackendProcess | StandingBackend:
+        if choice.connection_file is not None:
+            path = Path(choice.connection_file).expanduser() if choice.connection_file else \
+                protocol.default_connection_file()
+            standing = StandingBackend(path)  # read afresh: a restarted backend has a new port and secret
+            standing.connect(queue.Queue()).close()  # fails here, with the fix, when nothing answers
+            self._replace(standing)
+            return standing
+        python = find_python(choice.python_preference)  # raises if the configured interpreter is gone
         with self.lock:
             current = self.process
-            if current is None or not current.alive() or (current.python, current.offline) != (python, offline):
+            if not isinstance(current, BackendProcess) or not current.alive() \
+                    or (current.python, current.offline) != (python, offline):
                 if current is not None:
                     current.stop()
                 process = BackendProcess(python, offline)
                 process.start()
                 self.process = process
             return self.process
+
+    def _replace(self, backend: StandingBackend) -> None:
+        with self.lock:
+            if self.process is not None:
+                self.process.stop()  # a process of ours, when switching to a standing backend
+            self.process = backend
 
     def stop(self) -> None:
         with self.lock:
@@ -73,7 +88,10 @@ class BackendManager:
         if process is None or not process.alive():
             return "the backend is not running: no models are loaded"
         inbox: queue.Queue[Any] = queue.Queue()
-        client = Client(process.port, process.secret, inbox)
+        try:
+            client = process.connect(inbox)
+        except BackendError as exc:
+            return str(exc)
         try:
             client.send(protocol.UNLOAD)
             while True:
@@ -93,10 +111,7 @@ class BackendManager:
             return "stopped"
         if not process.alive():
             return "exited"
-        if process.device == "cpu":
-            return f"running on the CPU (slow with real models), port {process.port}"
-        where = f"on {process.device}, port" if process.device else "on port"
-        return f"running {where} {process.port}"
+        return process.describe()
 
 
 MANAGER = BackendManager()
@@ -205,24 +220,24 @@ def target_for(obj: Any, refine: bool) -> Target:
 
 
 class TextureSession:
-    def __init__(self, objects: list[Any], job_fields: dict[str, Any], python_preference: str,
+    def __init__(self, objects: list[Any], job_fields: dict[str, Any], backend: BackendChoice,
                  refine: bool = False, shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
         first: dict[int, Any] = {}  # linked duplicates share one mesh, its UV maps and its materials
         for obj in objects:
             first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
-        self._setup([target_for(obj, refine) for obj in first.values()], job_fields, python_preference, shared_arrays)
+        self._setup([target_for(obj, refine) for obj in first.values()], job_fields, backend, shared_arrays)
         self.notes += [f"{obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
                        "textured once and both show it" for obj in objects if obj not in first.values()]
 
-    def _setup(self, targets: list[Target], job_fields: dict[str, Any], python_preference: str,
+    def _setup(self, targets: list[Target], job_fields: dict[str, Any], backend: BackendChoice,
                shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         """``shared_arrays`` go with every target's job (the reference object's mesh and texture)."""
         self.job_fields = dict(job_fields)
         self.shared_arrays = shared_arrays or {}
         self.job_fields["offline"] = not getattr(bpy.app, "online_access", True)
-        self.python_preference = python_preference
+        self.backend = backend
         self.targets = targets
         self.inbox: queue.Queue[Any] = queue.Queue()
         self.client: Client | None = None
@@ -239,10 +254,15 @@ class TextureSession:
 
     def _connect_and_submit(self) -> None:
         try:
-            process = MANAGER.ensure(self.python_preference, self.job_fields["offline"])
-            client = Client(process.port, process.secret, self.inbox)
+            process = MANAGER.ensure(self.backend, self.job_fields["offline"])
+            client = process.connect(self.inbox)
         except (BackendError, OSError, protocol.ProtocolError) as exc:
             self.inbox.put(_StartFailed(str(exc)))
+            return
+        except Exception as exc:  # a bug here must end the job, not leave it "starting" for ever
+            traceback.print_exc()
+            self.inbox.put(_StartFailed(f"a bug in Kiln stopped the job from starting ({type(exc).__name__}: {exc}); "
+                                        "please report it with the console output"))
             return
         with self._lock:
             if self._abandoned:
@@ -501,14 +521,14 @@ class IndexSession(TextureSession):
     folders and the exports; progress in the panel, the outcome in the report. The scene is not
     touched (what exporting appends is removed at once)."""
 
-    def __init__(self, library: dict[str, Any], blend_folders: list[str], python_preference: str) -> None:
+    def __init__(self, library: dict[str, Any], blend_folders: list[str], backend: BackendChoice) -> None:
         self.blends = blend_assets.blend_files(blend_folders)
         libraries = [f for f in library["libraries"] if Path(f) != blend_assets.cache_root()]
         if not libraries and not self.blends:
             raise SceneError("no asset library to index: add your asset folders in Preferences > Add-ons > Kiln")
         exports = [str(blend_assets.cache_root())] if self.blends else []
         self._setup([Target("Asset libraries", {"task": protocol.TASK_INDEX}, {})],
-                    {**library, "libraries": libraries + exports}, python_preference)
+                    {**library, "libraries": libraries + exports}, backend)
         self.pending = [b for b in self.blends if not blend_assets.is_current(b)]
 
     def start(self) -> None:
@@ -544,14 +564,14 @@ class SearchSession(TextureSession):
     """A search of the artist's libraries for the prompt: its hits replace the scene's list of
     found references (all ticked), with thumbnails as icons. The scene is otherwise untouched."""
 
-    def __init__(self, settings: Any, library: dict[str, Any], python_preference: str) -> None:
+    def __init__(self, settings: Any, library: dict[str, Any], backend: BackendChoice) -> None:
         if not settings.prompt.strip():
             raise SceneError("the prompt is empty: type what to find references for in the Kiln panel")
         if not library["libraries"]:
             raise SceneError("no asset library to search: add your asset folders in Preferences > Add-ons > Kiln "
                              "and press Index Libraries")
         self._setup([Target("Search", {"task": protocol.TASK_SEARCH}, {})],
-                    {"prompt": settings.prompt.strip(), **library}, python_preference)
+                    {"prompt": settings.prompt.strip(), **library}, backend)
         self.settings = settings
 
     def _apply_hits(self, msg: protocol.Message) -> None:
@@ -569,12 +589,12 @@ class GenerateSession(TextureSession):
     """One generation job: a point preview at ``location`` while the Gaussians optimise, then the
     object with its UV map, then its textures through the texturing path's live material."""
 
-    def __init__(self, job_fields: dict[str, Any], python_preference: str, location: Any,
+    def __init__(self, job_fields: dict[str, Any], backend: BackendChoice, location: Any,
                  shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         fields = {k: v for k, v in job_fields.items() if k not in ("controlnet", "strength")}  # texturing only
         target = Target(object_name(job_fields["prompt"]), {"task": protocol.TASK_GENERATE, "uv_map": UV_MAP_NAME},
                         {})
-        self._setup([target], fields, python_preference, shared_arrays)
+        self._setup([target], fields, backend, shared_arrays)
         self.location = tuple(location)
 
     def _apply_generated(self, target: Target, msg: protocol.Message) -> None:

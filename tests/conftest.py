@@ -58,6 +58,18 @@ class BackendServer:
                 self.proc.kill()
 
 
+def start_standing_backend(path: Path) -> tuple[subprocess.Popen, dict | None]:
+    """``python -m backend serve --connection-file PATH`` as a person starts it in a terminal, with
+    its ready line (None if it refused to start); stdin is closed, as it may be for a backend left
+    running."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([BACKEND_PYTHON, "-m", "backend", "serve", "--connection-file", str(path)], cwd=ROOT,
+                            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    line = proc.stdout.readline()
+    return proc, json.loads(line) if line else None
+
+
 @pytest.fixture(scope="module")
 def server() -> Iterator[BackendServer]:
     srv = BackendServer()

@@ -18,7 +18,7 @@ import pytest
 
 bpy = pytest.importorskip("bpy")
 
-from conftest import BACKEND_PYTHON, ROOT  # noqa: E402
+from conftest import BACKEND_PYTHON, ROOT, start_standing_backend  # noqa: E402
 
 import build  # noqa: E402
 
@@ -179,7 +179,8 @@ def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
 def run_session(kiln, objects, steps: int):
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = steps
-    session = kiln.session.TextureSession(list(objects), fields, BACKEND_PYTHON, refine=bpy.context.scene.kiln.refine)
+    session = kiln.session.TextureSession(list(objects), fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON),
+                                          refine=bpy.context.scene.kiln.refine)
     session.start()
     return session
 
@@ -385,6 +386,39 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert blank.returncode == 1 and "add --refine" in blank.stderr
 
 
+def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None:
+    """Preferences > Backend: Connect to a Running Backend. Jobs go to the backend a person started
+    (its models stay loaded across Blender sessions); Stop leaves it running; no backend, or a dead
+    one, is a refusal that says how to start it."""
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    path = tmp_path / "backend.json"
+    prefs.backend_mode, prefs.connection_file = "CONNECT", str(tmp_path / "none.json")
+    obj = add_cube()
+    select(obj)
+    proc = None
+    try:
+        with pytest.raises(RuntimeError, match=r"none.json does not exist; start one with `python -m backend serve"):
+            bpy.ops.kiln.texture_selected()
+        proc, ready = start_standing_backend(path)
+        prefs.connection_file = str(path)
+        bpy.ops.kiln.texture_selected()
+        assert kiln.operators.ACTIVE.succeeded and obj.material_slots[0].material.name.startswith("Kiln")
+        status = kiln.session.MANAGER.status()
+        assert status.startswith("connected") and f"port {ready['port']}" in status, status
+        kiln.session.MANAGER.stop()
+        assert proc.poll() is None  # not Blender's to stop
+        proc.kill()  # a crash leaves its file behind
+        proc.wait()
+        with pytest.raises(RuntimeError, match=rf"nothing answers on port {ready['port']}.*serve --connection-file"):
+            bpy.ops.kiln.texture_selected()
+    finally:
+        prefs.backend_mode = "START"
+        kiln.session.MANAGER.stop()
+        if proc is not None:
+            proc.kill()
+            proc.wait()
+
+
 def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, scene) -> None:
     bpy.ops.wm.read_homefile(use_empty=True)  # never saved: no folder to write next to
     bpy.context.scene.kiln.prompt, bpy.context.scene.kiln.model = "a crate", "tiny"
@@ -454,6 +488,11 @@ def test_a_bug_applying_a_result_ends_the_job_with_a_report(kiln, scene, monkeyp
     pump_until(session, lambda: session.finished)
     assert "a bug in Kiln" in session.failure and "injected" in session.failure
     assert session.targets[0].status == "cancelled"
+    # A bug while starting (on the starting thread) ends the job too, instead of leaving it starting.
+    monkeypatch.setattr(kiln.session.BackendManager, "ensure", broken)
+    session = run_session(kiln, [add_cube("Other")], steps=1)
+    pump_until(session, lambda: session.finished, timeout=30)
+    assert "stopped the job from starting (TypeError: injected)" in session.failure
 
 
 def test_an_object_renamed_mid_job_still_gets_its_texture(kiln, scene) -> None:
@@ -577,7 +616,7 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) ->
     before = set(bpy.data.objects.keys())
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = 200
-    session = kiln.session.GenerateSession(fields, BACKEND_PYTHON, (0.0, 0.0, 0.0))
+    session = kiln.session.GenerateSession(fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON), (0.0, 0.0, 0.0))
     session.start()
     target = session.targets[0]
     pump_until(session, lambda: target.preview is not None)
@@ -796,7 +835,8 @@ def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path)
 
     write_asset_blend(folder / "extra.blend")  # cancelled while exporting: nothing exported, nothing sent
     session = kiln.session.IndexSession(kiln.properties.library_fields(prefs),
-                                        kiln.properties.blend_folders(bpy.context), prefs.python_path)
+                                        kiln.properties.blend_folders(bpy.context),
+                                        kiln.properties.backend_choice(bpy.context))
     session.start()
     session.cancel()
     session.pump()

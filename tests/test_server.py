@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import stat
 import struct
 import subprocess
 import time
@@ -10,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import BackendServer, cube_arrays, read_until, submit
+from conftest import BackendServer, cube_arrays, read_until, start_standing_backend, submit
 
 from backend import protocol
 
@@ -196,6 +199,36 @@ def test_shutdown_message_stops_the_backend() -> None:
     sock = srv.connect()
     protocol.send(sock, protocol.SHUTDOWN)
     assert srv.proc.wait(timeout=10) == 0
+
+
+def test_a_standing_backend_is_found_through_its_connection_file(tmp_path) -> None:
+    """Started by hand, the backend makes its own secret and writes it with its port to a file only
+    its user can read; it outlives its terminal's stdin, refuses a second backend on the same file,
+    and removes the file when stopped."""
+    path = tmp_path / "kiln" / "backend.json"
+    proc, ready = start_standing_backend(path)
+    try:
+        info = protocol.read_connection_file(path)
+        assert (info["port"], info["pid"]) == (ready["port"], proc.pid)
+        if os.name == "posix":
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        sock = socket.create_connection(("127.0.0.1", info["port"]), timeout=30)
+        protocol.client_handshake(sock, info["secret"])
+        protocol.send(sock, protocol.PING, {"t": 1})
+        assert protocol.recv(sock).type == protocol.PONG
+        sock.close()
+        with pytest.raises(protocol.ProtocolError, match="wrong secret"):
+            protocol.client_handshake(socket.create_connection(("127.0.0.1", info["port"]), timeout=30),
+                                      protocol.new_secret())
+        second, _ = start_standing_backend(path)
+        assert second.wait(timeout=60) == 2 and f"already runs on port {info['port']}" in second.stderr.read()
+        assert protocol.read_connection_file(path) == info
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+        assert not path.exists()
+    finally:
+        proc.kill()
+        proc.wait()
 
 
 def test_outbox_drops_stale_previews_instead_of_blocking_the_job() -> None:
