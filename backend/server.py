@@ -415,7 +415,12 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
               "any free one", file=sys.stderr)
         return 2
     if connection_file is not None:  # before the ready line, so whoever reads that finds the file
-        protocol.write_connection_file(connection_file, server.port, secret, server.device)
+        try:
+            protocol.write_connection_file(connection_file, server.port, secret, server.device)
+        except OSError as exc:
+            print(f"kiln-backend: cannot write the connection file {connection_file} ({exc.strerror}): pass "
+                  "another --connection-file", file=sys.stderr)
+            return 2
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
                       "protocol": protocol.PROTOCOL_VERSION, "device": server.device}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)

@@ -226,6 +226,9 @@ def test_a_standing_backend_is_found_through_its_connection_file(tmp_path) -> No
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=30) == 0
         assert not path.exists()
+        path.write_text("")  # a file where the next backend's folder would go
+        blocked, _ = start_standing_backend(path / "backend.json")
+        assert blocked.wait(timeout=60) == 2 and "cannot write the connection file" in blocked.stderr.read()
     finally:
         proc.kill()
         proc.wait()
