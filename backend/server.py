@@ -347,6 +347,9 @@ class Server:
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled", "seconds": 0.0})
             return
         from .prior import ModelError
+        request = job.request
+        log.info("job %d: %s %r with %s (%s) from %s", job.id, request.task, request.prompt, request.model,
+                 request.method, job.conn.peer)
         try:
             if job.request.task == protocol.TASK_GENERATE:
                 run_generate_job(job.request, JobEvents(job), self.models, job.reference)
@@ -358,13 +361,17 @@ class Server:
                 run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture, job.reference)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
+            log.info("job %d finished in %.1f s", job.id, time.monotonic() - started)
         except Cancelled:
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled",
                                     "seconds": round(time.monotonic() - started, 3)})
+            log.info("job %d cancelled", job.id)
         except (JobError, ModelError) as exc:
             out.put(protocol.ERROR, {"job": job.id, "code": exc.code, "message": str(exc)})
+            log.info("job %d refused: %s", job.id, exc)
         except MeshError as exc:
             out.put(protocol.ERROR, {"job": job.id, "code": protocol.E_BAD_MESH, "message": str(exc)})
+            log.info("job %d refused: %s", job.id, exc)
         except Exception as exc:  # the server outlives any one job's failure
             out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc)})
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())

@@ -23,6 +23,10 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--backend-python", default=None, help="default: the add-on's preference")
+    parser.add_argument("--connection-file", nargs="?", const="", default=None,
+                        help="use the backend already running with this file (`python -m backend serve "
+                             "--connection-file`; default file ~/.kiln/backend.json): many batch runs then share "
+                             "one loaded model")
     parser.add_argument("--low-vram", action="store_true", help="bound GPU memory for 6 GB cards")
     parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
 
@@ -74,6 +78,8 @@ def configure(args: argparse.Namespace, script: str):
     prefs = bpy.context.preferences.addons[package].preferences
     if args.backend_python:
         prefs.python_path = args.backend_python
+    if args.connection_file is not None:
+        prefs.backend_mode, prefs.connection_file = "CONNECT", args.connection_file
     prefs.low_vram = args.low_vram
     settings = bpy.context.scene.kiln
     values = {"negative_prompt": ("--negative", args.negative), "seed": ("--seed", args.seed),

@@ -379,6 +379,16 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert ssd.returncode == 0, ssd.stderr[-2000:]
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
+    # Many batch runs can share one backend, and its loaded model, started by hand.
+    proc, _ = start_standing_backend(tmp_path / "backend.json")
+    try:
+        shared = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
+                           "--connection-file", str(tmp_path / "backend.json"))
+        assert shared.returncode == 0, shared.stderr[-2000:]
+    finally:
+        proc.terminate()
+        proc.wait()
+    assert "job 1: texture 'a crate' with tiny (sir)" in proc.stderr.read()  # its terminal shows the job
     # Blender would clamp these without a word; a pipeline hears of them instead.
     clamped = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
     assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
