@@ -10,6 +10,9 @@ backend runs from the backend's environment (``.venv``, or ``KILN_BACKEND_PYTHON
 2. The tiny-model texture job end to end from the operator: cold (backend start included) and
    warm (backend running, model cached).
 3. The same job from the CLI, without Blender.
+4. The batch script (``examples/batch_texture.py``), one fresh Blender process per run as a
+   pipeline runs it: with its own backend each time, and with a standing backend
+   (``serve --connection-file``) that keeps the model loaded between runs.
 
 Prints a table and writes ``bench/results/slice.json``.
 """
@@ -91,6 +94,37 @@ def cli_job(size: int, steps: int) -> float:
     return time.perf_counter() - start
 
 
+def batch_runs(repeats: int, steps: int) -> dict[str, float]:
+    """Seconds per batch run, median of ``repeats``: its own backend, and a standing one (whose
+    first run, which loads the model, is reported apart)."""
+    folder = Path(tempfile.mkdtemp(prefix="kiln-bench-batch-"))
+    blend, connection = folder / "batch.blend", folder / "backend.json"
+    bpy.ops.wm.read_homefile()  # the default cube
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend))
+    script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); sys.argv = ['blender', '--'] "
+              f"+ sys.argv[2:]; runpy.run_path({str(ROOT / 'examples' / 'batch_texture.py')!r}, run_name='__main__')")
+
+    def run(*extra: str) -> float:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", script, str(blend), "--prompt", "a crate", "--model", "tiny", "--size",
+                        "1024", "--steps", str(steps), "--backend-python", BACKEND_PYTHON, *extra],
+                       check=True, capture_output=True)
+        return time.perf_counter() - start
+
+    standing = subprocess.Popen([BACKEND_PYTHON, "-m", "backend", "serve", "--connection-file", str(connection)],
+                                cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)), stdin=subprocess.DEVNULL,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    try:
+        standing.stdout.readline()  # its ready line: the connection file is written
+        own = [run() for _ in range(repeats)]
+        shared = [run("--connection-file", str(connection)) for _ in range(repeats + 1)]
+    finally:
+        standing.terminate()
+        standing.wait()
+    return {"own_backend_s": statistics.median(own), "standing_first_s": shared[0],
+            "standing_s": statistics.median(shared[1:])}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=5)
@@ -102,11 +136,17 @@ def main() -> None:
     warm = operator_job(kiln, 1024, args.steps)
     cli = cli_job(1024, args.steps)
     kiln.session.MANAGER.stop()
+    batch = batch_runs(args.repeats, args.steps)
     rows = [(f"apply {s}² texture update in Blender (median of {args.repeats})", f"{ms:.1f} ms")
             for s, ms in updates.items()]
     rows += [(f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, cold backend", f"{cold:.1f} s"),
              (f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, warm backend", f"{warm:.1f} s"),
-             (f"tiny job, vase.obj, 1024², {args.steps} iterations, CLI (process start included)", f"{cli:.1f} s")]
+             (f"tiny job, vase.obj, 1024², {args.steps} iterations, CLI (process start included)", f"{cli:.1f} s"),
+             (f"batch script run, cube, 1024², {args.steps} iterations, its own backend (median of {args.repeats})",
+              f"{batch['own_backend_s']:.1f} s"),
+             ("  the same with a standing backend: first run (loads the model)", f"{batch['standing_first_s']:.1f} s"),
+             (f"  the same with a standing backend: later runs (median of {args.repeats})",
+              f"{batch['standing_s']:.1f} s")]
     width = max(len(r[0]) for r in rows)
     print(f"Kiln vertical slice — {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
           f"Blender {bpy.app.version_string}")
@@ -116,7 +156,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "slice.json").write_text(json.dumps({
         "blender": bpy.app.version_string, "cpu_count": os.cpu_count(), "steps": args.steps,
-        "texture_update_ms": updates, "operator_cold_s": cold, "operator_warm_s": warm, "cli_s": cli,
+        "texture_update_ms": updates, "operator_cold_s": cold, "operator_warm_s": warm, "cli_s": cli, "batch": batch,
         "date": time.strftime("%Y-%m-%d")}, indent=2))
 
 
