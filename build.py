@@ -22,10 +22,10 @@ import zipfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+from backend.environment import create, make_venv, pip_install, venv_python  # noqa: E402  (stdlib only)
+
 VENV = ROOT / ".venv"
-POINTER_FILE = Path.home() / ".kiln" / "backend-python"
-#: The CPU build of torch this project is tested with; an unpinned torch pulls GBs of CUDA wheels.
-CPU_TORCH = "torch==2.13.0"
 #: The Blenders the add-on is tested in, each in its own environment beside the backend's: a bpy
 #: pins its own numpy (5.0.1's < 2), which must not decide what the backend is tested with.
 BLENDER_ENVS = {".venv-blender": "bpy==5.0.1", ".venv-blender-min": "bpy==4.2.23"}
@@ -50,7 +50,7 @@ def manifest_version() -> str:
 def _package_files() -> list[tuple[Path, str]]:
     files = [(ROOT / "blender_manifest.toml", "blender_manifest.toml"), (ROOT / "README.md", "README.md")]
     for src, prefix in ((ROOT / "blender_addon", ""), (ROOT / "backend", "backend/")):
-        for path in sorted(src.rglob("*.py")):
+        for path in sorted([*src.rglob("*.py"), *src.glob("requirements*.txt")]):  # the add-on's Set Up
             if "__pycache__" not in path.parts:
                 files.append((path, prefix + path.relative_to(src).as_posix()))
     return files
@@ -100,44 +100,9 @@ def validate(zip_path: Path) -> bool:
     return True
 
 
-def _has_nvidia_gpu() -> bool:
-    return shutil.which("nvidia-smi") is not None and \
-        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
-
-
-def venv_python(path: Path) -> Path:
-    return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-def _venv(path: Path) -> Path:
-    python = venv_python(path)
-    if not python.exists():
-        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
-    return python
-
-
-def _pip_install(python: Path) -> list[str]:
-    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
-
-
 def setup(dev: bool, device: str) -> Path:
     """Create .venv with the backend's dependencies and record it for the add-on."""
-    if sys.version_info < (3, 10):
-        sys.exit("build.py setup: Python 3.10 or newer is needed for the backend")
-    python = _venv(VENV)
-    if device == "auto":
-        device = "cuda" if _has_nvidia_gpu() else "cpu"
-    pip = _pip_install(python)
-    torch = "torch" if device == "cuda" else CPU_TORCH
-    subprocess.run([*pip, torch, "-r", str(ROOT / "requirements.txt")], check=True)
-    if device == "cuda":
-        subprocess.run([*pip, "-r", str(ROOT / "requirements-cuda.txt")], check=True)
-    if dev:
-        subprocess.run([*pip, *TEST_TOOLS, *BENCH_TOOLS], check=True)
-    POINTER_FILE.parent.mkdir(parents=True, exist_ok=True)
-    POINTER_FILE.write_text(str(python), encoding="utf-8")
-    print(f"Kiln backend environment ready ({device}): {python}\nRecorded in {POINTER_FILE} for the add-on.")
-    return python
+    return create(VENV, device, [*TEST_TOOLS, *BENCH_TOOLS] if dev else [])
 
 
 def test() -> int:
@@ -148,8 +113,8 @@ def test() -> int:
                              "--ignore=tests/test_blender.py"], cwd=ROOT).returncode]
     env = dict(os.environ, KILN_BACKEND_PYTHON=str(backend_python))
     for folder, bpy_pin in BLENDER_ENVS.items():
-        blender_python = _venv(ROOT / folder)
-        subprocess.run([*_pip_install(blender_python), bpy_pin, *TEST_TOOLS], check=True)
+        blender_python = make_venv(ROOT / folder)
+        subprocess.run([*pip_install(blender_python), bpy_pin, *TEST_TOOLS], check=True)
         print(f"Blender tests under {bpy_pin} ({folder}), with the backend in {backend_python}:", flush=True)
         codes.append(subprocess.run([str(blender_python), "-m", "pytest", "-q", TEST_TIMEOUT, "tests/test_blender.py"],
                                     cwd=ROOT, env=env).returncode)

@@ -40,7 +40,7 @@ ELEVATION_RANGE = (-30.0, 75.0)
 
 def cache_dir() -> Path:
     """``$KILN_CACHE``, else ~/.kiln/cache: trained LoRAs, reused across jobs and sessions."""
-    return Path(os.environ.get("KILN_CACHE") or Path.home() / ".kiln" / "cache")
+    return Path(os.environ.get("KILN_CACHE") or protocol.user_folder() / "cache")
 
 
 def fingerprint(model: str, chosen: list["Chosen"], cfg: Adaptation, resolution: int, background: float) -> str:

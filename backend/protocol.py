@@ -304,8 +304,14 @@ def client_handshake(sock: socket.socket, secret: str, client_name: str = "kiln"
 
 # --- connection files (a backend started outside Blender) ---------------------------------------
 
+def user_folder() -> Path:
+    """Where Kiln keeps what outlives a session (the environment's record, connection files, the
+    LoRA cache): ~/.kiln, or $KILN_HOME (tests point it at a temporary folder)."""
+    return Path(os.environ.get("KILN_HOME") or Path.home() / ".kiln")
+
+
 def default_connection_file() -> Path:
-    return Path.home() / ".kiln" / "backend.json"
+    return user_folder() / "backend.json"
 
 
 def write_connection_file(path: Path, port: int, secret: str, device: str) -> None:

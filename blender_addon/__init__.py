@@ -25,6 +25,7 @@ def unregister() -> None:
         bpy.app.handlers.load_pre.remove(operators.on_file_load)
     if operators.ACTIVE is not None:
         operators.ACTIVE.cancel()
+    operators.stop_setup()
     session.MANAGER.stop()
     scene_io.ReferenceIcon.free()
     properties.unregister()

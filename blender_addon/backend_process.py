@@ -22,11 +22,10 @@ from pathlib import Path
 from typing import Any
 
 from .backend import protocol
+from .backend.environment import POINTER_FILE, venv_python
 from .client import Client
 
 ADDON_DIR = Path(__file__).resolve().parent
-#: Written by ``build.py setup`` so the add-on finds the environment with no configuration.
-POINTER_FILE = Path.home() / ".kiln" / "backend-python"
 START_TIMEOUT_S = 120.0
 
 
@@ -214,3 +213,49 @@ class StandingBackend:
 
     def stop(self, timeout: float = 5.0) -> None:
         """Not ours to stop: whoever started it stops it (Ctrl+C in its terminal)."""
+
+
+class EnvironmentSetup:
+    """The Set Up Backend button's work: ``python -m backend.environment FOLDER`` run by Blender's
+    own Python from the installed extension (the zip carries that module and the requirements), on
+    a thread so Blender stays responsive through a download of several GB. ``status`` is its latest
+    step; once ``done`` is set, ``python`` is the new environment's interpreter, or ``error`` says
+    why there is none."""
+
+    def __init__(self, folder: Path, base_python: str = sys.executable) -> None:
+        self.folder = folder
+        self.lines: collections.deque[str] = collections.deque(maxlen=200)
+        self.status = "starting"
+        self.python: Path | None = None
+        self.error = ""
+        self.done = threading.Event()
+        env = dict(os.environ, PYTHONPATH=str(ADDON_DIR), PYTHONUNBUFFERED="1")
+        try:
+            self.proc = subprocess.Popen([base_python, "-m", "backend.environment", str(folder)], cwd=str(ADDON_DIR),
+                                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, text=True, errors="replace",
+                                         creationflags=subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0)
+        except OSError as exc:
+            raise BackendError(f"could not run {base_python} to set up the backend: {exc}") from None
+        threading.Thread(target=self._follow, name="kiln-setup", daemon=True).start()
+
+    def _follow(self) -> None:
+        assert self.proc.stdout
+        for raw in self.proc.stdout:
+            line = raw.rstrip()
+            self.lines.append(line)
+            print(line, file=sys.stderr)
+            if line.startswith("kiln-setup: step"):
+                self.status = line.removeprefix("kiln-setup: ")
+        code = self.proc.wait()
+        if code == 0:
+            self.python, self.status = venv_python(self.folder), "done"
+        else:
+            tail = "\n".join(list(self.lines)[-6:])
+            self.error = f"setting up the backend failed (exit code {code}) at {self.status}. Last output:\n{tail}"
+            self.status = "failed"
+        self.done.set()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()

@@ -4,14 +4,16 @@ session object."""
 
 from __future__ import annotations
 
+import atexit
 import threading
+from pathlib import Path
 from typing import Callable
 
 import bpy
 
 from . import session as sessions
 from .backend import protocol
-from .backend_process import BackendError, StandingBackend
+from .backend_process import BackendError, EnvironmentSetup, StandingBackend
 from .properties import backend_choice, blend_folders, library_fields, preferences
 from .scene_io import SceneError
 
@@ -314,6 +316,90 @@ class KILN_OT_unload_models(_WhenIdle, bpy.types.Operator):
         return {"FINISHED"}
 
 
+#: The Set Up Backend button's install, while it runs and after (the preferences show its outcome).
+SETUP: EnvironmentSetup | None = None
+
+
+def setup_folder() -> Path:
+    """The backend's environment made by the button: in Kiln's user folder, which outlives add-on
+    updates (the add-on's own folder is replaced on each)."""
+    return Path(bpy.utils.extension_path_user(__package__, path="backend-env", create=True))
+
+
+class KILN_OT_setup_backend(bpy.types.Operator):
+    """Download and install the backend's Python environment: PyTorch, diffusers and Kiln's other
+    dependencies, several GB. Kiln then starts its backend from it"""
+
+    bl_idname = "kiln.setup_backend"
+    bl_label = "Set Up Backend"
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if SETUP is not None and not SETUP.done.is_set():
+            cls.poll_message_set("The backend is being set up")
+            return False
+        return True
+
+    def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
+        return context.window_manager.invoke_confirm(
+            self, event, title="Set Up Kiln's Backend", confirm_text="Download and Install", icon="IMPORT",
+            message=f"Download PyTorch, diffusers and Kiln's other dependencies (several GB) into {setup_folder()}?")
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        global SETUP
+        if not bpy.app.online_access:
+            self.report({"ERROR"}, "Blender is set to work offline, and setting up the backend downloads several GB: "
+                                   "allow it in Preferences > System > Network, or run `python3 build.py setup` from "
+                                   "Kiln's source")
+            return {"CANCELLED"}
+        try:
+            SETUP = EnvironmentSetup(setup_folder())
+        except BackendError as exc:
+            self.report({"ERROR"}, str(exc))
+            return {"CANCELLED"}
+        if not bpy.app.background:
+            bpy.app.timers.register(_watch_setup, first_interval=0.5)
+            return {"FINISHED"}
+        SETUP.done.wait()  # scripts and background mode: the call returns when the install has ended
+        if not _adopt_setup(context):
+            self.report({"ERROR"}, SETUP.error)
+            return {"CANCELLED"}
+        self.report({"INFO"}, f"Kiln's backend is set up: {SETUP.python}")
+        return {"FINISHED"}
+
+
+def stop_setup() -> None:
+    """Blender quits or Kiln is disabled: no install carries on unseen (the next one completes it)."""
+    if bpy.app.timers.is_registered(_watch_setup):
+        bpy.app.timers.unregister(_watch_setup)
+    if SETUP is not None:
+        SETUP.stop()
+
+
+atexit.register(lambda: SETUP.stop() if SETUP is not None else None)
+
+
+def _adopt_setup(context: bpy.types.Context) -> bool:
+    """Point the add-on at the environment the button made; False when the install failed."""
+    if SETUP is None or SETUP.python is None:
+        return False
+    preferences(context).python_path = str(SETUP.python)
+    sessions.MANAGER.stop()  # a backend from another environment gives way to the new one at the next job
+    return True
+
+
+def _watch_setup() -> float | None:
+    """Timer: keep the preferences' progress line fresh; adopt the environment when it is ready."""
+    for window in bpy.context.window_manager.windows:
+        for area in window.screen.areas:
+            if area.type == "PREFERENCES":
+                area.tag_redraw()
+    if SETUP is None or not SETUP.done.is_set():
+        return 0.5
+    print(f"Kiln: backend set up: {SETUP.python}" if _adopt_setup(bpy.context) else f"Kiln: {SETUP.error}")
+    return None
+
+
 class KILN_OT_copy_diagnostics(bpy.types.Operator):
     """Copy the backend's recent console output, for a bug report"""
 
@@ -331,4 +417,5 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
 
 CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_find_references,
            KILN_OT_clear_references, KILN_OT_add_library, KILN_OT_remove_library, KILN_OT_cancel,
-           KILN_OT_start_backend, KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_copy_diagnostics)
+           KILN_OT_start_backend, KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_setup_backend,
+           KILN_OT_copy_diagnostics)

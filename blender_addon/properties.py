@@ -80,8 +80,11 @@ class KilnPreferences(bpy.types.AddonPreferences):
             layout.prop(self, "python_path")
             try:
                 layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
+                found = True
             except BackendError as exc:
                 layout.label(text=str(exc)[:120], icon="ERROR")
+                found = False
+            draw_setup(layout, found)
         layout.prop(self, "low_vram")
         box = layout.box()
         box.label(text="Asset libraries (references for Use References)", icon="ASSET_MANAGER")
@@ -163,6 +166,23 @@ def register() -> None:
 
 def unregister() -> None:
     del bpy.types.Scene.kiln
+
+
+def draw_setup(layout: bpy.types.UILayout, found: bool) -> None:
+    """The Set Up Backend button, and how its install is going or went."""
+    from . import operators
+    setup = operators.SETUP
+    row = layout.row()
+    row.operator("kiln.setup_backend", text="Set Up Backend…" if not found else "Reinstall Backend…", icon="IMPORT")
+    if setup is None:
+        return
+    if not setup.done.is_set():
+        row.label(text=f"Setting up: {setup.status}", icon="TIME")
+    elif setup.error:
+        for line in [setup.error.splitlines()[0], *list(setup.lines)[-3:]]:
+            layout.label(text=line[:140], icon="ERROR")
+    else:
+        row.label(text=f"Set up: {setup.python}", icon="CHECKMARK")
 
 
 def preferences(context: bpy.types.Context) -> KilnPreferences:

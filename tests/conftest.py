@@ -1,5 +1,6 @@
 """Shared fixtures. Nothing here reaches the network: the hub is forced offline, and Blender's
-user folders live in a temporary directory so installing the extension touches nothing real."""
+user folders and Kiln's own (``KILN_HOME``) live in temporary directories, so installing the
+extension or setting up an environment touches nothing real."""
 
 from __future__ import annotations
 
@@ -24,6 +25,9 @@ if "BLENDER_USER_RESOURCES" not in os.environ:
     # Kept referenced so that it is removed when the run ends (a run used to leave one behind).
     _BLENDER_USER = tempfile.TemporaryDirectory(prefix="kiln-blender-user-", ignore_cleanup_errors=True)
     os.environ["BLENDER_USER_RESOURCES"] = _BLENDER_USER.name
+if "KILN_HOME" not in os.environ:  # what Kiln records for later sessions stays out of the real ~/.kiln
+    _KILN_HOME = tempfile.TemporaryDirectory(prefix="kiln-home-", ignore_cleanup_errors=True)
+    os.environ["KILN_HOME"] = _KILN_HOME.name
 
 from backend import protocol  # noqa: E402
 

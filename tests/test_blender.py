@@ -396,6 +396,36 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert blank.returncode == 1 and "add --refine" in blank.stderr
 
 
+def test_set_up_backend_installs_the_environment_or_says_why_not(kiln, scene, tmp_path, monkeypatch) -> None:
+    """The Set Up Backend button runs the recipe ``build.py setup`` runs (backend/environment.py),
+    with Blender's Python from the installed extension. Offline Blender refuses it; a failed install
+    (here, no package index) says so with pip's last words and changes nothing; a finished one
+    becomes the backend Python (completing the tests' own environment is quick and needs no index)."""
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    system = bpy.context.preferences.system
+    online = system.use_online_access
+    try:
+        system.use_online_access = False
+        with pytest.raises(RuntimeError, match="set to work offline"):
+            bpy.ops.kiln.setup_backend()
+        system.use_online_access = True
+        monkeypatch.setenv("PIP_NO_INDEX", "1")
+        monkeypatch.setenv("PIP_FIND_LINKS", str(tmp_path))  # an empty folder: nothing to install from
+        with pytest.raises(RuntimeError, match=r"setting up the backend failed \(exit code 1\) at step 2/3"):
+            bpy.ops.kiln.setup_backend()
+        assert prefs.python_path == BACKEND_PYTHON
+        backend_env = Path(BACKEND_PYTHON).parents[1]
+        monkeypatch.setattr(kiln.operators, "setup_folder", lambda: backend_env)
+        prefs.python_path = ""
+        assert bpy.ops.kiln.setup_backend() == {"FINISHED"}
+        assert Path(prefs.python_path) == Path(BACKEND_PYTHON)
+        pointer = Path(os.environ["KILN_HOME"]) / "backend-python"
+        assert Path(pointer.read_text()) == Path(BACKEND_PYTHON)  # found with the preference empty too
+    finally:
+        system.use_online_access = online
+        prefs.python_path = BACKEND_PYTHON
+
+
 def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None:
     """Preferences > Backend: Connect to a Running Backend. Jobs go to the backend a person started
     (its models stay loaded across Blender sessions); Stop leaves it running; no backend, or a dead

@@ -1,0 +1,93 @@
+"""The backend's Python environment: a venv with Kiln's dependencies. One recipe, used by
+``build.py setup`` in a checkout and by the add-on's Set Up Backend button, which runs this module
+with Blender's own Python from the installed extension (whose zip carries it and the requirements).
+
+    python -m backend.environment VENV [--device auto|cpu|cuda] [--extra PACKAGE ...]
+
+Standard library only: it runs before any dependency exists. Each step prints a ``kiln-setup:``
+line (the add-on shows the latest); a failed step exits 1 with pip's own output above it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from .protocol import user_folder
+
+HERE = Path(__file__).resolve().parent
+#: Read by the add-on (``backend_process.find_python``) when its Backend Python preference is empty.
+POINTER_FILE = user_folder() / "backend-python"
+#: The CPU build of torch Kiln is tested with; an unpinned torch pulls GBs of CUDA wheels.
+CPU_TORCH = "torch==2.13.0"
+
+
+def venv_python(path: Path) -> Path:
+    return path / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
+
+
+def make_venv(path: Path) -> Path:
+    """``path``'s interpreter, creating the venv (from this Python) if there is none."""
+    python = venv_python(path)
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", str(path)], check=True)
+    return python
+
+
+def pip_install(python: Path) -> list[str]:
+    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+
+
+def has_nvidia_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and \
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def create(venv: Path, device: str = "auto", extra: Sequence[str] = ()) -> Path:
+    """Make (or complete) the environment, record it for the add-on, and return its Python."""
+    if sys.version_info < (3, 10):
+        sys.exit("kiln-setup: Python 3.10 or newer is needed for the backend")
+    if device == "auto":
+        device = "cuda" if has_nvidia_gpu() else "cpu"
+    step(1, f"creating the environment in {venv}")
+    python = make_venv(venv)
+    pip = pip_install(python)
+    step(2, f"installing PyTorch ({device}) and Kiln's dependencies: several GB the first time, minutes")
+    subprocess.run([*pip, "torch" if device == "cuda" else CPU_TORCH, "-r", str(HERE / "requirements.txt"),
+                    *extra], check=True)
+    if device == "cuda":
+        subprocess.run([*pip, "-r", str(HERE / "requirements-cuda.txt")], check=True)
+    step(3, "recording it for the add-on")
+    POINTER_FILE.parent.mkdir(parents=True, exist_ok=True)
+    POINTER_FILE.write_text(str(python), encoding="utf-8")
+    print(f"Kiln backend environment ready ({device}): {python}\nRecorded in {POINTER_FILE} for the add-on.",
+          flush=True)
+    return python
+
+
+def step(number: int, what: str) -> None:
+    print(f"kiln-setup: step {number}/3: {what}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m backend.environment", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("venv", type=Path)
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    parser.add_argument("--extra", nargs="*", default=[], help="more packages to install with the dependencies")
+    args = parser.parse_args(argv)
+    try:
+        create(args.venv, args.device, args.extra)
+    except (subprocess.CalledProcessError, OSError) as exc:
+        print(f"kiln-setup: failed: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
