@@ -29,6 +29,10 @@ ADDON_DIR = Path(__file__).resolve().parent
 START_TIMEOUT_S = 120.0
 
 
+#: How to get a backend environment, for every message that finds none.
+SET_UP = "press Set Up Backend in Preferences > Add-ons > Kiln (or run `python3 build.py setup` from Kiln's source)"
+
+
 class BackendError(Exception):
     """The backend cannot be found, started or reached; the message says what to do."""
 
@@ -44,10 +48,9 @@ def find_python(preference: str) -> Path:
         path = Path(value).expanduser()
         if path.is_file():
             return path
-        raise BackendError(f"the backend Python set in {source} does not exist: {path}. Run the set-up command "
-                           "from Kiln's README, or fix Backend Python in Preferences > Add-ons > Kiln")
-    raise BackendError("no backend Python is configured: run the set-up command from Kiln's README "
-                       "(`python3 build.py setup`), or set Backend Python in Preferences > Add-ons > Kiln")
+        raise BackendError(f"the backend Python set in {source} does not exist: {path}; {SET_UP}, "
+                           "or fix Backend Python in the same preferences")
+    raise BackendError(f"no backend is set up yet: {SET_UP}, or set Backend Python in the same preferences")
 
 
 @dataclass(frozen=True)
@@ -126,8 +129,8 @@ class BackendProcess:
         time.sleep(0.1)  # let the stderr reader catch the last lines of a dying process
         tail = "\n".join(list(self.stderr_tail)[-8:])
         if "No module named" in tail:
-            return (f"The backend Python {self.python} lacks Kiln's dependencies: run the set-up command from "
-                    f"the README, or point Backend Python at its environment. Last output:\n{tail}")
+            return (f"The backend Python {self.python} lacks Kiln's dependencies: {SET_UP}, or point Backend "
+                    f"Python at its environment. Last output:\n{tail}")
         return f"Last output:\n{tail}" if tail else "It printed nothing."
 
     def alive(self) -> bool:

@@ -247,8 +247,8 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("unknown lora", "unknown LoRA"),
     ("unknown vae", "unknown VAE"),
     ("weights offline", "Allow Online Access"),
-    ("backend missing", "does not exist"),
-    ("backend without dependencies", "lacks Kiln's dependencies"),
+    ("backend missing", "does not exist.*press Set Up Backend in Preferences"),
+    ("backend without dependencies", "lacks Kiln's dependencies: press Set Up Backend"),
 ])
 def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tmp_path, case, fragment) -> None:
     obj = add_cube()
