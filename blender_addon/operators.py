@@ -392,7 +392,7 @@ def _watch_setup() -> float | None:
     """Timer: keep the preferences' progress line fresh; adopt the environment when it is ready."""
     for window in bpy.context.window_manager.windows:
         for area in window.screen.areas:
-            if area.type == "PREFERENCES":
+            if area.type in ("PREFERENCES", "VIEW_3D"):  # the preferences and the panel show its step
                 area.tag_redraw()
     if SETUP is None or not SETUP.done.is_set():
         return 0.5

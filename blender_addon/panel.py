@@ -6,7 +6,7 @@ import textwrap
 
 import bpy
 
-from . import fixes, operators, scene_io, session
+from . import fixes, operators, properties, scene_io, session
 
 
 class KILN_PT_main(bpy.types.Panel):
@@ -73,6 +73,10 @@ class KILN_PT_main(bpy.types.Panel):
         row = box.row(align=True)
         row.operator("kiln.unload_models", icon="TRASH")
         row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+        prefs = properties.preferences(context)
+        if prefs.backend_mode == "START" and not properties.backend_found(prefs):  # the first job would fail
+            box.label(text="No backend environment yet", icon="ERROR")
+            properties.draw_setup(box, found=False)
 
 
 def draw_refusal(layout: bpy.types.UILayout, refusal: scene_io.SceneError) -> None:

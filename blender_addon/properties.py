@@ -14,7 +14,7 @@ from bpy.props import (
 )
 
 from .backend import protocol
-from .backend_process import BackendChoice
+from .backend_process import BackendChoice, BackendError, find_python
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
@@ -69,7 +69,6 @@ class KilnPreferences(bpy.types.AddonPreferences):
                     "libraries are then also searched by what the assets look like. Re-index after changing it")
 
     def draw(self, context: bpy.types.Context) -> None:
-        from .backend_process import BackendError, find_python
         layout = self.layout
         layout.prop(self, "backend_mode")
         if self.backend_mode == "CONNECT":
@@ -80,11 +79,9 @@ class KilnPreferences(bpy.types.AddonPreferences):
             layout.prop(self, "python_path")
             try:
                 layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
-                found = True
             except BackendError as exc:
                 layout.label(text=str(exc)[:120], icon="ERROR")
-                found = False
-            draw_setup(layout, found)
+            draw_setup(layout, backend_found(self))
         layout.prop(self, "low_vram")
         box = layout.box()
         box.label(text="Asset libraries (references for Use References)", icon="ASSET_MANAGER")
@@ -166,6 +163,14 @@ def register() -> None:
 
 def unregister() -> None:
     del bpy.types.Scene.kiln
+
+
+def backend_found(prefs: KilnPreferences) -> bool:
+    try:
+        find_python(prefs.python_path)
+    except BackendError:
+        return False
+    return True
 
 
 def draw_setup(layout: bpy.types.UILayout, found: bool) -> None:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+import types
 import venv
 import zipfile
 from pathlib import Path
@@ -394,6 +395,74 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
     blank = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
     assert blank.returncode == 1 and "add --refine" in blank.stderr
+
+
+class DrawnLayout:
+    """Stands in for a UILayout, which Blender makes only when it draws a window (never in
+    background mode), so that the add-on's draw code runs here: it records what a draw shows and
+    checks it against real data, so a property or operator name that does not exist fails."""
+
+    def __init__(self, shown: list) -> None:
+        self.shown = shown
+
+    def prop(self, data, name: str, **_: object) -> None:
+        assert name in data.bl_rna.properties, f"{type(data).__name__} has no property {name!r}"
+        self.shown.append(("prop", name))
+
+    def operator(self, idname: str, **kw: object) -> types.SimpleNamespace:
+        module, name = idname.split(".")
+        assert hasattr(getattr(bpy.ops, module), name) and getattr(getattr(bpy.ops, module), name).get_rna_type()
+        self.shown.append(("operator", idname, kw.get("text")))
+        return types.SimpleNamespace()
+
+    def label(self, text: str = "", **_: object) -> None:
+        self.shown.append(("label", text))
+
+    def __getattr__(self, name: str):
+        def sub_layout(*_: object, **__: object) -> "DrawnLayout":  # row, box, column, progress, ...
+            return DrawnLayout(self.shown)
+        return sub_layout
+
+
+def drawn(draw, owner, context, **attributes) -> list:
+    shown: list = []
+    draw(types.SimpleNamespace(layout=DrawnLayout(shown), **attributes) if owner is None else owner(shown), context)
+    return shown
+
+
+def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_found(kiln, scene, monkeypatch) -> None:
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+
+    class PreferencesView:  # the preferences' draw reads its own properties through ``self``
+        def __init__(self, shown: list) -> None:
+            self.layout = DrawnLayout(shown)
+
+        def __getattr__(self, name: str):
+            return getattr(prefs, name)
+
+    shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    assert ("prop", "prompt") in shown and ("operator", "kiln.texture_selected", None) in shown
+    assert not any(item[0] == "operator" and item[1] == "kiln.setup_backend" for item in shown)
+    refusal = kiln.scene_io.SceneError("switch to Object Mode first", "object_mode", add_cube())
+    monkeypatch.setattr(kiln.operators, "REFUSAL", refusal)
+    scene.use_references = True
+    shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    assert ("operator", "kiln.fix", "Switch to Object Mode") in shown
+    assert ("operator", "kiln.find_references", None) in shown
+    assert ("operator", "kiln.setup_backend", "Reinstall Backend…") in \
+        drawn(kiln.properties.KilnPreferences.draw, PreferencesView, bpy.context)
+    try:
+        prefs.python_path = ""  # and nothing recorded (KILN_HOME is a fresh folder) nor in $KILN_PYTHON
+        monkeypatch.delenv("KILN_PYTHON", raising=False)
+        monkeypatch.setattr(kiln.backend_process, "POINTER_FILE", Path(os.environ["KILN_HOME"]) / "none")
+        shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+        assert ("label", "No backend environment yet") in shown
+        assert ("operator", "kiln.setup_backend", "Set Up Backend…") in shown
+        prefs.backend_mode = "CONNECT"
+        shown = drawn(kiln.properties.KilnPreferences.draw, PreferencesView, bpy.context)
+        assert ("prop", "connection_file") in shown and ("prop", "python_path") not in shown
+    finally:
+        prefs.backend_mode, prefs.python_path = "START", BACKEND_PYTHON
 
 
 def test_set_up_backend_installs_the_environment_or_says_why_not(kiln, scene, tmp_path, monkeypatch) -> None:
