@@ -407,11 +407,9 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
     bl_label = "Copy Diagnostics"
 
     def execute(self, context: bpy.types.Context) -> set[str]:
-        process = sessions.MANAGER.process
-        lines = list(process.stderr_tail) if process else []
-        context.window_manager.clipboard = "\n".join(
-            [f"Kiln backend: {sessions.MANAGER.status()}", *(lines or ["(no backend output)"])])
-        self.report({"INFO"}, f"Copied {len(lines)} lines of backend output")
+        text = sessions.MANAGER.diagnostics()
+        context.window_manager.clipboard = text
+        self.report({"INFO"}, f"Copied the backend's status and its last {len(text.splitlines()) - 1} lines of output")
         return {"FINISHED"}
 
 

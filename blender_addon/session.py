@@ -105,6 +105,14 @@ class BackendManager:
         finally:
             client.close()
 
+    def diagnostics(self) -> str:
+        """The status and the backend's recent output, for a bug report."""
+        process = self.process
+        lines = list(process.stderr_tail) if process else []
+        none = "(started outside Blender: its output is in its own terminal)" \
+            if isinstance(process, StandingBackend) else "(no backend output)"
+        return "\n".join([f"Kiln backend: {self.status()}", *(lines or [none])])
+
     def status(self) -> str:
         process = self.process
         if process is None:

@@ -514,6 +514,8 @@ def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None
         assert kiln.operators.ACTIVE.succeeded and obj.material_slots[0].material.name.startswith("Kiln")
         status = kiln.session.MANAGER.status()
         assert status.startswith("connected") and f"port {ready['port']}" in status, status
+        assert bpy.ops.kiln.copy_diagnostics() == {"FINISHED"}  # the clipboard is Blender's UI's: not here
+        assert "its output is in its own terminal" in kiln.session.MANAGER.diagnostics()
         kiln.session.MANAGER.stop()
         assert proc.poll() is None  # not Blender's to stop
         proc.kill()  # a crash leaves its file behind
