@@ -25,6 +25,9 @@ HERE = Path(__file__).resolve().parent
 POINTER_FILE = user_folder() / "backend-python"
 #: The CPU build of torch Kiln is tested with; an unpinned torch pulls GBs of CUDA wheels.
 CPU_TORCH = "torch==2.13.0"
+#: PyPI's torch for Windows is CPU-only; PyTorch's own index has the CUDA builds (their versions'
+#: local label, ``+cu128``, ranks them above PyPI's, so pip takes them with PyPI still consulted).
+CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
 
 
 def venv_python(path: Path) -> Path:
@@ -48,6 +51,13 @@ def has_nvidia_gpu() -> bool:
         subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+def torch_requirement(device: str, platform: str = sys.platform) -> list[str]:
+    """pip's arguments for torch: the pinned CPU build, or a CUDA build for this platform."""
+    if device != "cuda":
+        return [CPU_TORCH]
+    return ["torch", "--extra-index-url", CUDA_TORCH_INDEX] if platform == "win32" else ["torch"]
+
+
 def create(venv: Path, device: str = "auto", extra: Sequence[str] = ()) -> Path:
     """Make (or complete) the environment, record it for the add-on, and return its Python."""
     if sys.version_info < (3, 10):
@@ -58,8 +68,7 @@ def create(venv: Path, device: str = "auto", extra: Sequence[str] = ()) -> Path:
     python = make_venv(venv)
     pip = pip_install(python)
     step(2, f"installing PyTorch ({device}) and Kiln's dependencies: several GB the first time, minutes")
-    subprocess.run([*pip, "torch" if device == "cuda" else CPU_TORCH, "-r", str(HERE / "requirements.txt"),
-                    *extra], check=True)
+    subprocess.run([*pip, *torch_requirement(device), "-r", str(HERE / "requirements.txt"), *extra], check=True)
     if device == "cuda":
         subprocess.run([*pip, "-r", str(HERE / "requirements-cuda.txt")], check=True)
     step(3, "recording it for the add-on")
