@@ -42,8 +42,11 @@ def make_venv(path: Path) -> Path:
     return python
 
 
-def pip_install(python: Path) -> list[str]:
-    return [str(python), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+def pip_install(python: Path, progress: bool = False) -> list[str]:
+    """pip, quiet; or with ``progress``, a line per package it fetches and installs (no bars: the
+    add-on shows the latest line)."""
+    return [str(python), "-m", "pip", "install", "--disable-pip-version-check",
+            *(["--progress-bar", "off"] if progress else ["-q"])]
 
 
 def has_nvidia_gpu() -> bool:
@@ -58,7 +61,7 @@ def torch_requirement(device: str, platform: str = sys.platform) -> list[str]:
     return ["torch", "--extra-index-url", CUDA_TORCH_INDEX] if platform == "win32" else ["torch"]
 
 
-def create(venv: Path, device: str = "auto", extra: Sequence[str] = ()) -> Path:
+def create(venv: Path, device: str = "auto", extra: Sequence[str] = (), progress: bool = False) -> Path:
     """Make (or complete) the environment, record it for the add-on, and return its Python."""
     if sys.version_info < (3, 10):
         sys.exit("kiln-setup: Python 3.10 or newer is needed for the backend")
@@ -66,7 +69,7 @@ def create(venv: Path, device: str = "auto", extra: Sequence[str] = ()) -> Path:
         device = "cuda" if has_nvidia_gpu() else "cpu"
     step(1, f"creating the environment in {venv}")
     python = make_venv(venv)
-    pip = pip_install(python)
+    pip = pip_install(python, progress)
     step(2, f"installing PyTorch ({device}) and Kiln's dependencies: several GB the first time, minutes")
     subprocess.run([*pip, *torch_requirement(device), "-r", str(HERE / "requirements.txt"), *extra], check=True)
     if device == "cuda":
@@ -89,9 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("venv", type=Path)
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     parser.add_argument("--extra", nargs="*", default=[], help="more packages to install with the dependencies")
+    parser.add_argument("--progress", action="store_true", help="pip names each package as it goes")
     args = parser.parse_args(argv)
     try:
-        create(args.venv, args.device, args.extra)
+        create(args.venv, args.device, args.extra, args.progress)
     except (subprocess.CalledProcessError, OSError) as exc:
         print(f"kiln-setup: failed: {exc}", file=sys.stderr, flush=True)
         return 1

@@ -222,19 +222,20 @@ class EnvironmentSetup:
     """The Set Up Backend button's work: ``python -m backend.environment FOLDER`` run by Blender's
     own Python from the installed extension (the zip carries that module and the requirements), on
     a thread so Blender stays responsive through a download of several GB. ``status`` is its latest
-    step; once ``done`` is set, ``python`` is the new environment's interpreter, or ``error`` says
-    why there is none."""
+    step and what pip is fetching or installing in it; once ``done`` is set, ``python`` is the new
+    environment's interpreter, or ``error`` says why there is none."""
 
     def __init__(self, folder: Path, base_python: str = sys.executable) -> None:
         self.folder = folder
         self.lines: collections.deque[str] = collections.deque(maxlen=200)
-        self.status = "starting"
+        self.status = self.step = "starting"
         self.python: Path | None = None
         self.error = ""
         self.done = threading.Event()
         env = dict(os.environ, PYTHONPATH=str(ADDON_DIR), PYTHONUNBUFFERED="1")
         try:
-            self.proc = subprocess.Popen([base_python, "-m", "backend.environment", str(folder)], cwd=str(ADDON_DIR),
+            self.proc = subprocess.Popen([base_python, "-m", "backend.environment", str(folder), "--progress"],
+                                         cwd=str(ADDON_DIR),
                                          env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                          stderr=subprocess.STDOUT, text=True, errors="replace",
                                          creationflags=subprocess.CREATE_NO_WINDOW if sys.platform == "win32" else 0)
@@ -249,13 +250,15 @@ class EnvironmentSetup:
             self.lines.append(line)
             print(line, file=sys.stderr)
             if line.startswith("kiln-setup: step"):
-                self.status = line.removeprefix("kiln-setup: ")
+                self.step = self.status = line.removeprefix("kiln-setup: ")
+            elif line.startswith(("Collecting ", "Downloading ", "Installing collected packages")):
+                self.status = f"{self.step} · {line[:80]}"  # what a long step is fetching now
         code = self.proc.wait()
         if code == 0:
             self.python, self.status = venv_python(self.folder), "done"
         else:
             tail = "\n".join(list(self.lines)[-6:])
-            self.error = f"setting up the backend failed (exit code {code}) at {self.status}. Last output:\n{tail}"
+            self.error = f"setting up the backend failed (exit code {code}) at {self.step}. Last output:\n{tail}"
             self.status = "failed"
         self.done.set()
 

@@ -488,6 +488,7 @@ def test_set_up_backend_installs_the_environment_or_says_why_not(kiln, scene, tm
         prefs.python_path = ""
         assert bpy.ops.kiln.setup_backend() == {"FINISHED"}
         assert Path(prefs.python_path) == Path(BACKEND_PYTHON)
+        assert any(line.startswith("Requirement already satisfied: torch") for line in kiln.operators.SETUP.lines)
         pointer = Path(os.environ["KILN_HOME"]) / "backend-python"
         assert Path(pointer.read_text()) == Path(BACKEND_PYTHON)  # found with the preference empty too
     finally:
