@@ -10,6 +10,7 @@ follow: it keeps its loaded models across Blender sessions and stops on Ctrl+C o
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import json
 import logging
@@ -351,14 +352,14 @@ class Server:
         log.info("job %d: %s %r with %s (%s) from %s", job.id, request.task, request.prompt, request.model,
                  request.method, job.conn.peer)
         try:
-            if job.request.task == protocol.TASK_GENERATE:
-                run_generate_job(job.request, JobEvents(job), self.models, job.reference)
-            elif job.request.task == protocol.TASK_INDEX:
-                run_index_job(job.request, JobEvents(job))
-            elif job.request.task == protocol.TASK_SEARCH:
-                run_search_job(job.request, JobEvents(job))
+            if request.task == protocol.TASK_GENERATE:
+                run_generate_job(request, JobEvents(job), self.models, job.reference)
+            elif request.task == protocol.TASK_INDEX:
+                run_index_job(request, JobEvents(job))
+            elif request.task == protocol.TASK_SEARCH:
+                run_search_job(request, JobEvents(job))
             else:
-                run_texture_job(job.request, job.mesh, JobEvents(job), self.models, job.init_texture, job.reference)
+                run_texture_job(request, job.mesh, JobEvents(job), self.models, job.init_texture, job.reference)
             out.put(protocol.DONE, {"job": job.id, "status": "finished",
                                     "seconds": round(time.monotonic() - started, 3)})
             log.info("job %d finished in %.1f s", job.id, time.monotonic() - started)
@@ -366,11 +367,9 @@ class Server:
             out.put(protocol.DONE, {"job": job.id, "status": "cancelled",
                                     "seconds": round(time.monotonic() - started, 3)})
             log.info("job %d cancelled", job.id)
-        except (JobError, ModelError) as exc:
-            out.put(protocol.ERROR, {"job": job.id, "code": exc.code, "message": str(exc)})
-            log.info("job %d refused: %s", job.id, exc)
-        except MeshError as exc:
-            out.put(protocol.ERROR, {"job": job.id, "code": protocol.E_BAD_MESH, "message": str(exc)})
+        except (JobError, ModelError, MeshError) as exc:  # MeshError carries no code of its own
+            out.put(protocol.ERROR, {"job": job.id, "code": getattr(exc, "code", protocol.E_BAD_MESH),
+                                     "message": str(exc)})
             log.info("job %d refused: %s", job.id, exc)
         except Exception as exc:  # the server outlives any one job's failure
             out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc)})
@@ -443,20 +442,19 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        if _standing_at(connection_file, mine=secret) is not None:  # never remove a newer backend's file
-            connection_file.unlink(missing_ok=True)
+        with contextlib.suppress(ValueError):  # the file is gone or unreadable: nothing to remove
+            if protocol.read_connection_file(connection_file)["secret"] == secret:  # not a newer backend's file
+                connection_file.unlink(missing_ok=True)
         log.info("stopped")
     return 0
 
 
-def _standing_at(path: Path, mine: str | None = None) -> int | None:
-    """The port of the backend ``path`` names, if one answers there (``mine``: if it is ours)."""
+def _standing_at(path: Path) -> int | None:
+    """The port of the backend ``path`` names, if one answers there."""
     try:
         info = protocol.read_connection_file(path)
     except ValueError:
         return None
-    if mine is not None:
-        return info["port"] if info["secret"] == mine else None
     try:
         socket.create_connection(("127.0.0.1", info["port"]), timeout=1).close()
     except OSError:

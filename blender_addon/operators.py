@@ -5,6 +5,7 @@ session object."""
 from __future__ import annotations
 
 import atexit
+import queue
 import threading
 from pathlib import Path
 from typing import Callable
@@ -286,7 +287,12 @@ class KILN_OT_start_backend(bpy.types.Operator):
 
     def execute(self, context: bpy.types.Context) -> set[str]:
         choice, offline = backend_choice(context), not getattr(bpy.app, "online_access", True)
-        _in_background(lambda: f"backend {sessions.MANAGER.ensure(choice, offline).describe()}")
+
+        def start() -> str:
+            backend = sessions.MANAGER.ensure(choice, offline)
+            backend.connect(queue.Queue()).close()  # a standing one named by a stale file fails here, with the fix
+            return f"backend {backend.describe()}"
+        _in_background(start)
         return {"FINISHED"}
 
 

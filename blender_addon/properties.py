@@ -79,9 +79,11 @@ class KilnPreferences(bpy.types.AddonPreferences):
             layout.prop(self, "python_path")
             try:
                 layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
+                found = True
             except BackendError as exc:
                 layout.label(text=str(exc)[:120], icon="ERROR")
-            draw_setup(layout, backend_found(self))
+                found = False
+            draw_setup(layout, found)
         layout.prop(self, "low_vram")
         box = layout.box()
         box.label(text="Asset libraries (references for Use References)", icon="ASSET_MANAGER")

@@ -55,7 +55,6 @@ class BackendManager:
             path = Path(choice.connection_file).expanduser() if choice.connection_file else \
                 protocol.default_connection_file()
             standing = StandingBackend(path)  # read afresh: a restarted backend has a new port and secret
-            standing.connect(queue.Queue()).close()  # fails here, with the fix, when nothing answers
             self._replace(standing)
             return standing
         python = find_python(choice.python_preference)  # raises if the configured interpreter is gone
