@@ -60,6 +60,9 @@ class ExactPrior:
     def stack_prompts(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         return prompts[0]
 
+    def latent_shape(self, images: torch.Tensor) -> torch.Size:
+        return images.shape
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return images * 2 - 1
 

@@ -64,6 +64,10 @@ class Prior(Protocol):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """(K, 3, H, W) images in [0, 1] → the space the diffusion runs in; differentiable."""
 
+    # Optional: ``latent_shape(images)``, the shape ``encode(images)`` would return. A sampler that
+    # starts from pure noise needs only that, and a prior without it is asked to encode instead
+    # (``latent_shape`` below).
+
     def decode(self, x: torch.Tensor) -> torch.Tensor:
         """The inverse of ``encode``, to images in [0, 1]."""
 
@@ -72,6 +76,16 @@ class Prior(Protocol):
         """(ε_uncond, ε_cond) for noisy x_t at timestep t; ``branches`` 'uncond' or 'cond' computes
         only that one (DDIM inversion needs no prompt, guidance-free models no negative) and
         returns None for the other."""
+
+
+def latent_shape(prior: Prior, images: torch.Tensor) -> torch.Size:
+    """The shape of ``prior.encode(images)`` without an encoder pass where the prior can say it
+    (a VAE encode of K views costs as much as a few UNet calls); plug-ins without
+    ``latent_shape`` still work, at one encode's cost."""
+    if hasattr(prior, "latent_shape"):
+        return prior.latent_shape(images)
+    with torch.no_grad():
+        return prior.encode(images).shape
 
 
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
@@ -146,6 +160,10 @@ class LatentDiffusionPrior:
     def stack_prompts(self, prompts: list[torch.Tensor]) -> torch.Tensor:
         """(2, K, L, D): negative and prompt embeddings per view."""
         return torch.stack(prompts, 1)
+
+    def latent_shape(self, images: torch.Tensor) -> torch.Size:
+        k, _, h, w = images.shape
+        return torch.Size((k, self.vae.config.latent_channels, h // self.latent_factor, w // self.latent_factor))
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         out = self.vae.encode((images * 2 - 1).to(self.dtype))

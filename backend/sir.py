@@ -15,7 +15,7 @@ import torch
 from . import diffusion
 from .cameras import Cameras
 from .presets import SIRConfig
-from .prior import COND, UNCOND, Prior, Views
+from .prior import COND, UNCOND, Prior, Views, latent_shape
 from .texture import image_mask
 from .texturing import MeshTexturer, facing_weights
 
@@ -53,11 +53,12 @@ def denoise(prior: Prior, cfg: SIRConfig, images: torch.Tensor, t2: float, condi
         uncond, cond = prior.predict_eps(x, t, prompt, conditioning)
         return uncond + cfg.guidance * (cond - uncond)
 
-    x0 = prior.encode(images)
-    noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-    if t2 >= schedule.num_train_timesteps:
-        start, x = schedule.grid(steps)[-1], noise
+    if t2 >= schedule.num_train_timesteps:  # the views' content plays no part: no encoder pass
+        start = schedule.grid(steps)[-1]
+        x = torch.randn(latent_shape(prior, images), generator=generator, device=images.device)
     else:
+        x0 = prior.encode(images)
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         start = schedule.snap(t2, steps)
         t1 = min(schedule.snap(cfg.t1_ratio * t2, steps), start)
         x = schedule.add_noise(x0, noise, t1)

@@ -347,6 +347,48 @@ def test_single_branch_predictions_match_the_batched_pair() -> None:
     assert torch.allclose(only_uncond[0], uncond, atol=1e-5) and torch.allclose(only_cond[1], cond, atol=1e-5)
 
 
+def test_sampling_from_pure_noise_skips_the_encoder_and_draws_the_same_targets() -> None:
+    """SIR's first pass starts from noise, so it needs only the latents' shape: no VAE encode. A
+    plug-in prior that cannot say the shape is asked to encode instead, with the same targets."""
+    from backend.cameras import orbit
+    from backend.prior import Views
+    from backend.sir import denoise
+
+    prior = load_prior("tiny", torch.device("cpu"))
+    images = torch.rand(2, 3, prior.resolution, prior.resolution, generator=torch.Generator().manual_seed(1))
+    assert prior.latent_shape(images) == prior.encode(images).shape
+
+    class Counting:
+        """The tiny prior, counting encoder passes; without ``latent_shape`` unless told."""
+
+        def __init__(self, shape: bool) -> None:
+            self.encodes, self.shape = 0, shape
+
+        def __getattr__(self, name: str):
+            if name == "latent_shape" and not self.shape:
+                raise AttributeError(name)
+            return getattr(prior, name)
+
+        def encode(self, x: torch.Tensor) -> torch.Tensor:
+            self.encodes += 1
+            return prior.encode(x)
+
+    cfg = PRESETS["sir"]["pipeline-check"]
+    views = Views(orbit(np.array([[-1, -1, -1], [1, 1, 1]], np.float32), [0.0, 180.0], [0.0] * 2, "y"))
+    embeds = prior.stack_prompts([prior.encode_prompt("a vase", "")] * 2)
+    targets = {}
+    for shape in (True, False):
+        counting = Counting(shape)
+        targets[shape] = denoise(counting, cfg, images, float(prior.schedule.num_train_timesteps), views, embeds,
+                                 torch.Generator().manual_seed(7), lambda: False)
+        assert counting.encodes == (0 if shape else 1)
+    assert torch.equal(targets[True], targets[False])
+    counting = Counting(True)
+    denoise(counting, cfg, images, 0.5 * prior.schedule.num_train_timesteps, views, embeds,
+            torch.Generator().manual_seed(7), lambda: False)
+    assert counting.encodes == 1  # from a partly noised view the encoder is needed
+
+
 def test_turbo_preset_runs_guidance_free() -> None:
     request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512,
                                           "preset": "turbo", "steps": 1})
