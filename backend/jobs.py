@@ -4,7 +4,6 @@ mesh, generating an object)."""
 from __future__ import annotations
 
 import contextlib
-import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -401,6 +400,5 @@ def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCa
 
 
 def object_name(prompt: str) -> str:
-    """A short object name from the prompt's first words ("a red chair, ornate" → "red_chair")."""
-    words = [w for w in re.findall(r"[A-Za-z0-9]+", prompt.split(",")[0].lower()) if w not in ("a", "an", "the")]
-    return "_".join(words[:3]) or "kiln_object"
+    """A file-safe object name ("a red chair, ornate" → "red_chair")."""
+    return "_".join(w.lower() for w in protocol.prompt_words(prompt)) or "kiln_object"

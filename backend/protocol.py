@@ -22,6 +22,7 @@ import hmac
 import json
 import math
 import os
+import re
 import secrets
 import socket
 import struct
@@ -303,6 +304,14 @@ def client_handshake(sock: socket.socket, secret: str, client_name: str = "kiln"
 
 
 # --- connection files (a backend started outside Blender) ---------------------------------------
+
+def prompt_words(prompt: str, count: int = 3) -> list[str]:
+    """The first words of a prompt's first clause, articles dropped ("a red chair, ornate" → red,
+    chair): one rule for the name of a generated object, in Blender ("Kiln red chair") and in the
+    CLI's file names ("red_chair")."""
+    words = re.findall(r"[^\W_]+", prompt.split(",")[0])
+    return [w for w in words if w.lower() not in ("a", "an", "the")][:count]
+
 
 def user_folder() -> Path:
     """Where Kiln keeps what outlives a session (the environment's record, connection files, the

@@ -513,8 +513,7 @@ def drop_preview(target: Target) -> None:
 def object_name(prompt: str) -> str:
     """A readable object name from the prompt ("a red chair, ornate" → "Kiln red chair"), made
     unique the way Blender would."""
-    words = [w for w in prompt.split(",")[0].split() if w.lower() not in ("a", "an", "the")][:3]
-    base = "Kiln " + (" ".join(words) or "object")
+    base = "Kiln " + (" ".join(protocol.prompt_words(prompt)) or "object")
     name, counter = base, 1
     while name in bpy.data.objects:
         name = f"{base}.{counter:03d}"

@@ -120,3 +120,18 @@ def test_protocol_module_is_stdlib_only() -> None:
     names |= {node.module.split(".")[0] for node in ast.walk(tree)
               if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
     assert names <= set(sys.stdlib_module_names) | {"__future__"}, names
+
+
+@pytest.mark.parametrize("prompt, words, file_name", [
+    ("a red chair, ornate", ["red", "chair"], "red_chair"),
+    ("The Old-Oak table with carved legs", ["Old", "Oak", "table"], "old_oak_table"),
+    ("an_odd  name!", ["odd", "name"], "odd_name"),
+    ("赤い椅子", ["赤い椅子"], "赤い椅子"),
+    (", only a clause", [], "kiln_object"),
+])
+def test_one_naming_rule_for_generated_objects(prompt: str, words: list[str], file_name: str) -> None:
+    """Blender's object ("Kiln red chair") and the CLI's files ("red_chair") take the same words."""
+    from backend.jobs import object_name
+
+    assert protocol.prompt_words(prompt) == words
+    assert object_name(prompt) == file_name
