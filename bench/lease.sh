@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU measurements of issue 6 (speed and VRAM of the SIR presets, unwrapping, renderers) in one device call,
+# because a lease is 15 minutes of device time in all and a fresh machine has none of Kiln's
+# packages beyond torch. Two halves:
+#
+#   bash bench/lease.sh --fetch     here, once: download the wheels the GPU machine lacks into .whl/
+#   bash bench/lease.sh             there: device run(command="bash bench/lease.sh", carry=[".whl"],
+#                                   timeout_s=590); its steps' limits add up to 540 s; logs and
+#                                   JSON come back under $OUT
+#
+# Steps run most important first, each under its own time limit, so a slow JIT build costs the
+# later steps and not the whole call; every log is written to $OUT as it goes.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 1
+
+# What the device image lacks (its package list: /work/.library/device/KINDS.md), pinned to the
+# versions CI tests with.
+WHEELS=(diffusers==0.42.1 gsplat==1.5.3 diffrp-nvdiffrast==0.3.3.1 trimesh==5.2.0 xatlas==0.0.11
+        fast-simplification==0.2.0)
+
+if [[ "${1:-}" == "--fetch" ]]; then
+    mkdir -p .whl
+    grep -qx "/.whl/" .gitignore || { echo "lease.sh: .whl/ must be git-ignored" >&2; exit 1; }
+    platforms=()
+    for p in manylinux_2_28_x86_64 manylinux_2_27_x86_64 manylinux_2_24_x86_64 manylinux_2_17_x86_64 \
+             manylinux2014_x86_64 manylinux1_x86_64; do platforms+=(--platform "$p"); done
+    exec python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        "${platforms[@]}" -d .whl "${WHEELS[@]}"
+fi
+
+OUT="${OUT:-bench/results/lease}"
+mkdir -p "$OUT"
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    || { echo "lease.sh: no wheels in .whl/ (run bash bench/lease.sh --fetch here, carry .whl)" >&2; exit 1; }
+MAX_JOBS=$(nproc)
+export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS
+started=$(date +%s)
+
+step() {  # step NAME SECONDS COMMAND...: run one step with a limit, log it to $OUT/NAME.log
+    local name=$1 limit=$2
+    shift 2
+    echo "== $name (limit ${limit} s, $(( $(date +%s) - started )) s in)"
+    rm -f bench/results/speed.json
+    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$?
+    tail -n 25 "$OUT/$name.log"
+    echo "== $name: exit $rc"
+    [[ -f bench/results/speed.json ]] && mv bench/results/speed.json "$OUT/$name.json"
+    return 0
+}
+
+step device 20 bash -c "nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
+# The CUDA-only tests build nvdiffrast's and gsplat's kernels: the JIT cost is paid here, once.
+step cuda-tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_render.py tests/test_generate.py \
+    -k "cuda or gsplat or nvdiffrast"
+# Issue 6's targets: the 50k-face, 2048² texturing jobs (few-step and quality, with the model's
+# VAE and with TAESD, low-VRAM), generation, and the VAE alone.
+step jobs 240 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
+# Unwrapping since the child stopped importing torch, and the renderers, at every size.
+step renderers 80 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
+echo "lease.sh: done in $(( $(date +%s) - started )) s; logs and JSON in $OUT"
