@@ -81,13 +81,15 @@ def test_faint_gaussians_are_extracted_lower_and_none_at_all_refused() -> None:
         surface(np.zeros((8, 8, 8)), extraction_level(np.zeros((8, 8, 8)), 1.0))
 
 
-def test_density_grid_matches_the_closed_form_of_one_gaussian() -> None:
-    """The Gaussian as the grid samples it: each σ widened in quadrature by the filter's cells."""
+@pytest.mark.parametrize("thickness_filter", [0.0, 1.25])
+def test_density_grid_matches_the_closed_form_of_one_gaussian(thickness_filter: float) -> None:
+    """The Gaussian as the grid samples it: each σ widened in quadrature by the filter's cells and
+    by a multiple of its own smallest σ."""
     params = one_gaussian([0.2, 0.0, -0.1], [0.1, 0.2, 0.3])
-    grid = density_grid(params, 32, 0.7)
+    grid = density_grid(params, 32, 0.7, thickness_filter)
     axis = (np.arange(32) + 0.5) / 32 * 2 - 1
     x, y, z = np.meshgrid(axis, axis, axis, indexing="ij")
-    var = np.array([0.1, 0.2, 0.3]) ** 2 + (0.7 * 2 / 32) ** 2
+    var = np.array([0.1, 0.2, 0.3]) ** 2 + (0.7 * 2 / 32) ** 2 + (thickness_filter * 0.1) ** 2
     q = (x - 0.2) ** 2 / var[0] + y ** 2 / var[1] + (z + 0.1) ** 2 / var[2]
     expected = 1 / (1 + math.exp(-2.0)) * np.exp(-0.5 * q)
     assert np.abs(grid - expected).max() < 1e-5
@@ -114,6 +116,12 @@ def test_gaussians_thinner_than_a_cell_are_not_lost_between_its_samples() -> Non
     parts = trimesh.Trimesh(mesh.positions, mesh.triangles).split(only_watertight=False)
     assert len(parts) == 1 and np.ptp(mesh.positions[:, :2], axis=0).min() > 0.6
     assert np.abs(mesh.positions[:, 2]).max() < 0.06
+    # Widening each Gaussian by its own thickness (SIR's preset) leaves flat discs as thin as they were.
+    sir = GENERATE_PRESETS["sir"]["quality"].mesh
+    assert sir.thickness_filter > 0
+    thickness = [np.ptp(extract(sheet, replace(sir, face_budget=20_000, thickness_filter=k), "sail", 64)[0]
+                        .positions[:, 2]) for k in (0.0, sir.thickness_filter)]
+    assert thickness[1] == pytest.approx(thickness[0], abs=1e-3)
     on_layer = density_grid(flat_sheet(1 / 128), 128, cfg.density_filter).max()  # on a layer of cell centres
     assert density_grid(sheet, 128, cfg.density_filter).max() > 0.5 * on_layer
     assert density_grid(sheet, 128, 0.0).max() < 0.01 * density_grid(flat_sheet(1 / 128), 128, 0.0).max()
@@ -238,10 +246,10 @@ def test_extracted_surface_sits_where_the_renders_silhouette_is() -> None:
 
     assert radius(MeshConfig().density_threshold) == pytest.approx(silhouette, abs=0.01)
     assert radius(1.0) < silhouette - 0.025
-    # SIR's preset (a cell's filter, level 0.5) keeps nearer its wide Gaussians' own extent: less than a
-    # grid cell (0.016) inside the silhouette, and well outside where DreamGaussian's level puts it.
+    # SIR's preset (its own filters, level 0.5) puts the mesh within a grid cell (0.016) of the
+    # silhouette too, and well outside where DreamGaussian's level puts it.
     sir = GENERATE_PRESETS["sir"]["quality"].mesh
-    assert silhouette - 2 / sir.grid < radius(sir.density_threshold, sir) < silhouette
+    assert radius(sir.density_threshold, sir) == pytest.approx(silhouette, abs=2 / sir.grid)
     assert radius(sir.density_threshold, sir) > radius(1.0) + 0.01
 
 
