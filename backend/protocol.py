@@ -303,7 +303,7 @@ def client_handshake(sock: socket.socket, secret: str, client_name: str = "kiln"
     return reply
 
 
-# --- connection files (a backend started outside Blender) ---------------------------------------
+# --- names both sides give generated objects ----------------------------------------------------
 
 def prompt_words(prompt: str, count: int = 3) -> list[str]:
     """The first words of a prompt's first clause, articles dropped ("a red chair, ornate" → red,
@@ -312,6 +312,8 @@ def prompt_words(prompt: str, count: int = 3) -> list[str]:
     words = re.findall(r"[^\W_]+", prompt.split(",")[0])
     return [w for w in words if w.lower() not in ("a", "an", "the")][:count]
 
+
+# --- connection files (a backend started outside Blender) ---------------------------------------
 
 def user_folder() -> Path:
     """Where Kiln keeps what outlives a session (the environment's record, connection files, the
