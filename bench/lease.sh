@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# The GPU measurements of issue 6 (speed and VRAM of the SIR presets, unwrapping, renderers) in one device call,
-# because a lease is 15 minutes of device time in all and a fresh machine has none of Kiln's
-# packages beyond torch. Two halves:
+# The GPU measurements of issues 6 and 3 (speed and VRAM of the SIR presets and of every model
+# family, unwrapping, renderers) in one device call, because a lease is 15 minutes of device time
+# in all and a fresh machine has none of Kiln's packages beyond torch. Two halves:
 #
 #   bash bench/lease.sh --fetch     here, once: download the wheels the GPU machine lacks into .whl/
 #   bash bench/lease.sh             there: device run(command="bash bench/lease.sh", carry=[".whl"],
-#                                   timeout_s=590); its steps' limits add up to 540 s; logs and
+#                                   timeout_s=590); its steps' limits add up to 575 s; logs and
 #                                   JSON come back under $OUT
 #
 # Steps run most important first, each under its own time limit, so a slow JIT build costs the
@@ -49,13 +49,16 @@ step() {  # step NAME SECONDS COMMAND...: run one step with a limit, log it to $
     return 0
 }
 
-step device 20 bash -c "nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
+step device 15 bash -c "nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
 # The CUDA-only tests build nvdiffrast's and gsplat's kernels: the JIT cost is paid here, once.
-step cuda-tests 200 python3 -m pytest -q -p no:cacheprovider tests/test_render.py tests/test_generate.py \
+step cuda-tests 190 python3 -m pytest -q -p no:cacheprovider tests/test_render.py tests/test_generate.py \
     -k "cuda or gsplat or nvdiffrast"
 # Issue 6's targets: the 50k-face, 2048² texturing jobs (few-step and quality, with the model's
 # VAE and with TAESD, low-VRAM), generation, and the VAE alone.
-step jobs 240 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
+step jobs 200 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
+# Issue 3's peak VRAM per model family on the same default job (SD 1.5's is the jobs step's).
+step models 120 python3 bench/speed.py --parts models --faces 50000 --sizes 2048 \
+    --families sd15-controlnet-depth,sd2-depth,sd-turbo,sd15-lcm-lora,sd21
 # Unwrapping since the child stopped importing torch, and the renderers, at every size.
-step renderers 80 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
+step renderers 50 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
 echo "lease.sh: done in $(( $(date +%s) - started )) s; logs and JSON in $OUT"

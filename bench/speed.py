@@ -25,6 +25,7 @@ import platform
 import sys
 import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -46,42 +47,78 @@ from backend.mesh import Mesh  # noqa: E402
 from backend.prior import LatentDiffusionPrior, load_prior, set_low_vram  # noqa: E402
 from backend.unwrap import Unwrapping  # noqa: E402
 
-# Stable Diffusion UNet architectures from their published configs (weights do not change speed).
-SD_UNETS = {
-    "sd15": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+# Stable Diffusion's architectures from their published configs (weights do not change speed).
+SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
                  block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768, attention_head_dim=8,
                  down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-    "sd21": dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
-                 block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=1024,
-                 attention_head_dim=(5, 10, 20, 20), use_linear_projection=True,
-                 down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3),
-}
+                 up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3)
+SD2_UNET = dict(SD15_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True)
 SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(128, 256, 512, 512),
               layers_per_block=2, down_block_types=("DownEncoderBlock2D",) * 4,
               up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512)
 # TAESD's published architecture (madebyollin/taesd, diffusers' AutoencoderTiny defaults) per level.
 TAESD_BLOCKS = ((64, 1), (64, 3), (64, 3), (64, 3))
-SD_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-               num_attention_heads=12, max_position_embeddings=77)
+# CLIP ViT-L/14's text tower (SD 1.x) and OpenCLIP ViT-H/14's without its last layer (SD 2.x).
+SD15_TEXT = dict(vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                 num_attention_heads=12, max_position_embeddings=77, hidden_act="quick_gelu")
+SD2_TEXT = dict(SD15_TEXT, hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                hidden_act="gelu")
 
 
-def full_size_prior(name: str, device: torch.device) -> LatentDiffusionPrior:
-    """SD 1.5 / 2.1 at full size, random weights, fp16, with the tiny model's tokenizer (token
-    ids do not change the text encoder's cost)."""
-    from diffusers import AutoencoderKL, UNet2DConditionModel
+@dataclass(frozen=True)
+class Family:
+    """A kind of model Kiln loads, as the bench rebuilds it: SD 1.x's or SD 2.x's networks at the
+    family's native resolution, its depth conditioning, and the SIR schedule the product picks for it
+    (``jobs.default_preset`` from the model's few-step kind)."""
+
+    sd2: bool
+    resolution: int
+    depth: str | None = None      # "controlnet" (a depth ControlNet beside the UNet) or "channel" (SD 2 depth)
+    few_step: str | None = None   # "turbo" or "lcm"
+
+
+FAMILIES = {  # in the order a short lease should measure them: SD 2.1 at 768² costs the most
+    "sd15": Family(sd2=False, resolution=512),
+    "sd15-controlnet-depth": Family(sd2=False, resolution=512, depth="controlnet"),
+    "sd2-depth": Family(sd2=True, resolution=512, depth="channel"),
+    "sd-turbo": Family(sd2=True, resolution=512, few_step="turbo"),
+    "sd15-lcm-lora": Family(sd2=False, resolution=512, few_step="lcm"),  # the LoRA is fused: SD 1.5's networks
+    "sd21": Family(sd2=True, resolution=768),
+}
+
+
+def family_prior(name: str, device: torch.device, small: bool = False) -> LatentDiffusionPrior:
+    """The family's prior with random weights: full size in fp16, built on ``device``; or, with
+    ``small``, the tiny model changed the way the family differs from SD 1.5 (depth channel,
+    ControlNet, few-step kind), so the CPU runs the same code paths. The tokenizer is the tiny
+    model's: token ids do not change the text encoder's cost."""
+    from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    tiny = load_prior("tiny", torch.device("cpu"))
-    unet_config = SD_UNETS[name]
-    text = dict(SD_TEXT, hidden_size=unet_config["cross_attention_dim"],
-                num_attention_heads=unet_config["cross_attention_dim"] // 64)
-    unet = UNet2DConditionModel(**unet_config).to(device, torch.float16).eval()
-    vae = AutoencoderKL(**SD_VAE).to(device, torch.float16).eval()
-    encoder = CLIPTextModel(CLIPTextConfig(**text)).to(device, torch.float16).eval()
-    return LatentDiffusionPrior(name, unet, vae, encoder, tiny.tokenizer, "epsilon", tiny.schedule, device,
-                                torch.float16)
+    family = FAMILIES[name]
+    tiny = load_prior("tiny", device if small else torch.device("cpu"))
+    if small:
+        prior = tiny
+        if family.depth == "channel":
+            prior.unet = UNet2DConditionModel(**{**tiny.unet.config, "in_channels": 5}).to(device).eval()
+    else:
+        unet_config = dict(SD2_UNET if family.sd2 else SD15_UNET, sample_size=family.resolution // 8,
+                           in_channels=5 if family.depth == "channel" else 4)
+        with torch.device(device):  # random initialisation on the GPU: seconds, not a minute on the CPU
+            unet = UNet2DConditionModel(**unet_config).half().eval()
+            vae = AutoencoderKL(**SD_VAE).half().eval()
+            encoder = CLIPTextModel(CLIPTextConfig(**(SD2_TEXT if family.sd2 else SD15_TEXT))).half().eval()
+        prior = LatentDiffusionPrior(name, unet, vae, encoder, tiny.tokenizer,
+                                     "v_prediction" if family.resolution == 768 else "epsilon", tiny.schedule,
+                                     device, torch.float16)
+    if family.depth == "controlnet":
+        # The depth embedding's widths: diffusers' default for SD's 8× latents, three for the tiny model's 4×.
+        channels = (16, 32, 96) if small else (16, 32, 96, 256)
+        with torch.device(device):
+            net = ControlNetModel.from_unet(prior.unet, conditioning_embedding_out_channels=channels)
+        prior.controlnet = (net.half() if prior.dtype == torch.float16 else net).eval()
+    prior.few_step = family.few_step
+    return prior
 
 
 def taesd_like(prior: LatentDiffusionPrior) -> Any:
@@ -356,6 +393,40 @@ def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any
     return out
 
 
+CONSUMER_CARD_GIB = 8  # the issues' bound for the texturing default; above it a family is timed in low-VRAM mode too
+
+
+def family_times(device: torch.device, name: str, faces: int, size: int, small: bool = False) -> list[dict[str, Any]]:
+    """One model family's default texturing job (SIR with the schedule the product picks for it) on
+    a fresh prior: seconds, images denoised, peak VRAM and the weights' part of it; again in
+    low-VRAM mode if the peak passes a consumer card's memory, to say whether that mode fits."""
+    import gc
+
+    from backend.presets import default_preset
+
+    prior = family_prior(name, device, small)
+    nets = [m for m in (prior.unet, prior.vae, prior.text_encoder, prior.controlnet) if m is not None]
+    weights = sum(p.numel() * p.element_size() for net in nets for p in net.parameters())
+    preset = default_preset("sir", name, few_step=prior.few_step)
+    if small and preset == "quality":
+        preset = "pipeline-check"  # the tiny model's toy sizes
+    rows = []
+    for low_vram in (False, True):
+        row = run_job(prior, "sir", preset, faces, size, device, low_vram)
+        rows.append({"family": name, "resolution": prior.resolution, "depth": FAMILIES[name].depth,
+                     "weights_gib": round(weights / 2**30, 2), **row})
+        print(f"  {name:<22} {preset + (' low-VRAM' if low_vram else ''):<18} {prior.resolution:>4}²  "
+              f"{row['seconds']:7.2f} s  {row['images_denoised']:>5} images  UNet {row['unet_share']:.0%}  "
+              f"weights {weights / 2**30:5.2f} GiB  peak VRAM {row['peak_vram_gib']}", flush=True)
+        if (row["peak_vram_gib"] or 0) <= CONSUMER_CARD_GIB:
+            break
+    del prior, nets
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows
+
+
 def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.device) -> None:
     """torch.profiler over one SIR job (after the timed runs, so nothing is cold): the operators
     that cost most device time, and the job's total, to say where the time outside the UNet goes."""
@@ -371,7 +442,7 @@ def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.de
     (RESULTS / "speed_profile.txt").write_text(table)
 
 
-PARTS = ("jobs", "vae", "unwrap", "raster", "splat", "generate")
+PARTS = ("jobs", "models", "vae", "unwrap", "raster", "splat", "generate")
 
 
 def attempt(failures: list[str], what: str, run: Callable[[], Any]) -> Any:
@@ -390,7 +461,10 @@ def attempt(failures: list[str], what: str, run: Callable[[], Any]) -> Any:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--cpu-small", action="store_true", help="tiny model, small meshes and textures, CPU")
-    parser.add_argument("--model", choices=sorted(SD_UNETS), default="sd15", help="GPU runs: which architecture")
+    parser.add_argument("--model", choices=list(FAMILIES), default="sd15",
+                        help="GPU runs: which architecture the other parts use")
+    parser.add_argument("--families", default=",".join(FAMILIES),
+                        help="the models part: comma-separated families, each timed on the default job")
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {', '.join(PARTS)}")
     parser.add_argument("--faces", help="comma-separated face counts of the job grid (5000, 50000, 500000)")
     parser.add_argument("--sizes", help="comma-separated texture sizes of the job grid")
@@ -404,16 +478,28 @@ def main() -> None:
     parts = set(args.parts.split(","))
     if parts - set(PARTS):
         parser.error(f"--parts: unknown {sorted(parts - set(PARTS))}; choose from {', '.join(PARTS)}")
+    families = args.families.split(",")
+    if set(families) - set(FAMILIES):
+        parser.error(f"--families: unknown {sorted(set(families) - set(FAMILIES))}; choose from {', '.join(FAMILIES)}")
     device = torch.device("cpu" if args.cpu_small or not torch.cuda.is_available() else "cuda")
     if args.cpu_small:
-        prior, faces_list, sizes, presets = load_prior("tiny", device), [5_000], [512, 1024], "pipeline-check"
+        faces_list, sizes, presets = [5_000], [512, 1024], "pipeline-check"
     else:
-        prior, faces_list, sizes, presets = full_size_prior(args.model, device), [5_000, 50_000, 500_000], \
-            [1024, 2048, 4096], None
+        faces_list, sizes, presets = [5_000, 50_000, 500_000], [1024, 2048, 4096], None
     faces_list = [int(f) for f in args.faces.split(",")] if args.faces else faces_list
     sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else sizes
     # The default job: the issue's 50k faces at 2048² on a GPU, the smallest grid point here.
     default_faces, default_size = faces_list[min(1, len(faces_list) - 1)], sizes[min(1, len(sizes) - 1)]
+    failures: list[str] = []
+    family_rows = []
+    if "models" in parts:  # first, while the GPU holds no other model, so each peak is the family's own
+        print("each model family's default job:")
+        for name in families:
+            family_rows += attempt(failures, f"family {name}", lambda name=name: family_times(
+                device, name, default_faces, default_size, args.cpu_small)) or []
+    prior = None
+    if parts & {"jobs", "generate"} or args.profile:
+        prior = load_prior("tiny", device) if args.cpu_small else family_prior(args.model, device)
     methods = args.methods.split(",")
 
     def presets_of(method: str) -> list[str]:
@@ -430,8 +516,7 @@ def main() -> None:
         plan += [("sir", preset, default_faces, default_size, False, True) for preset in presets_of("sir")]
     if "sir" in methods and not args.no_low_vram:
         plan.append(("sir", presets or "quality", default_faces, default_size, True, False))  # low-VRAM mode
-    failures: list[str] = []
-    if args.compile:
+    if args.compile and prior is not None:
         compile_prior(prior, args.compile)
         for preset in presets_of("sir"):  # every shape the SIR jobs feed the networks
             started = time.perf_counter()
@@ -498,7 +583,8 @@ def main() -> None:
     (RESULTS / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
                                                 "compile": args.compile,
-                                                "jobs": rows, "vae": vaes, "unwrap": unwraps, "rasterisers": rasters,
+                                                "jobs": rows, "models": family_rows, "vae": vaes, "unwrap": unwraps,
+                                                "rasterisers": rasters,
                                                 "splats": splats, "generate": generated, "failures": failures},
                                                indent=2))
     print(f"\nwrote {RESULTS / 'speed.json'} ({device_name})")

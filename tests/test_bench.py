@@ -30,10 +30,18 @@ def test_quality_bench_quick_run_writes_its_table() -> None:
 
 def test_speed_bench_cpu_small_reports_every_stage() -> None:
     # Its unwrap part (500k faces, about two minutes here) is checked on small meshes below.
-    result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,vae,raster,splat,generate")
+    result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,models,vae,raster,splat,generate",
+                       "--families", "sd15-controlnet-depth,sd2-depth,sd15-lcm-lora")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((ROOT / "bench" / "results" / "speed.json").read_text())
     assert report["unwrap"] == []
+    # Every way a family differs from SD 1.5 runs through a real job: a ControlNet, a depth channel, a few-step kind.
+    assert [(r["family"], r["depth"], r["preset"]) for r in report["models"]] == [
+        ("sd15-controlnet-depth", "controlnet", "pipeline-check"), ("sd2-depth", "channel", "pipeline-check"),
+        ("sd15-lcm-lora", None, "lcm")]
+    for row in report["models"]:
+        assert row["images_denoised"] > 0 and 0 < row["unet_share"] < 1 and row["weights_gib"] > 0
+        assert "rendering" in row["stages"] and row["peak_vram_gib"] is None  # no VRAM on a CPU
     assert {job["method"] for job in report["jobs"]} == {"sir", "sds", "ssd"}
     for job in report["jobs"]:
         assert job["unet_calls"] > 0 and 0 < job["unet_share"] < 1
