@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # The GPU measurements of issues 6 and 3 (speed and VRAM of the SIR presets and of every model
-# family, unwrapping, renderers) in one device call, because a lease is 15 minutes of device time
-# in all and a fresh machine has none of Kiln's packages beyond torch. Two halves:
+# family, the quality bench, unwrapping, renderers) in one device call, because a lease is 15
+# minutes of device time in all and a fresh machine has none of Kiln's packages beyond torch.
+# Two halves:
 #
 #   bash bench/lease.sh --fetch     here, once: download the wheels the GPU machine lacks into .whl/
 #   bash bench/lease.sh             there: device run(command="bash bench/lease.sh", carry=[".whl"],
-#                                   timeout_s=590); its steps' limits add up to 575 s; logs and
-#                                   JSON come back under $OUT
+#                                   timeout_s=590); its steps' limits add up to 570 s; one log,
+#                                   JSON and CSV come back under $OUT
 #
 # Steps run most important first, each under its own time limit, so a slow JIT build costs the
-# later steps and not the whole call; every log is written to $OUT as it goes.
+# later steps and not the whole call; the log is written to $OUT as it goes.
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -36,29 +37,32 @@ MAX_JOBS=$(nproc)
 export PYTHONPATH=/tmp/site PYTHONUNBUFFERED=1 TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS
 started=$(date +%s)
 
-step() {  # step NAME SECONDS COMMAND...: run one step with a limit, log it to $OUT/NAME.log
+step() {  # step NAME SECONDS COMMAND...: run one step with a limit, its output appended to $OUT/lease.log
     local name=$1 limit=$2
     shift 2
-    echo "== $name (limit ${limit} s, $(( $(date +%s) - started )) s in)"
+    echo "== $name (limit ${limit} s, $(( $(date +%s) - started )) s in)" | tee -a "$OUT/lease.log"
     rm -f bench/results/speed.json
-    timeout "$limit" "$@" > "$OUT/$name.log" 2>&1
+    # One log for all steps (a call brings back 8 files at most), written as it goes.
+    timeout "$limit" "$@" 2>&1 | tee -a "$OUT/lease.log" > /tmp/kiln-step.log
     local rc=$?
-    tail -n 25 "$OUT/$name.log"
-    echo "== $name: exit $rc"
+    tail -n 25 /tmp/kiln-step.log
+    echo "== $name: exit $rc" | tee -a "$OUT/lease.log"
     [[ -f bench/results/speed.json ]] && mv bench/results/speed.json "$OUT/$name.json"
     return 0
 }
 
-step device 15 bash -c "nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
+step device 10 bash -c "nvidia-smi; python3 -c 'import torch; print(torch.__version__, torch.cuda.get_device_name())'"
 # The CUDA-only tests build nvdiffrast's and gsplat's kernels: the JIT cost is paid here, once.
-step cuda-tests 190 python3 -m pytest -q -p no:cacheprovider tests/test_render.py tests/test_generate.py \
+step cuda-tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_render.py tests/test_generate.py \
     -k "cuda or gsplat or nvdiffrast"
 # Issue 6's targets: the 50k-face, 2048² texturing jobs (few-step and quality, with the model's
 # VAE and with TAESD, low-VRAM), generation, and the VAE alone.
-step jobs 200 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
+step jobs 190 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
 # Issue 3's peak VRAM per model family on the same default job (SD 1.5's is the jobs step's).
-step models 120 python3 bench/speed.py --parts models --faces 50000 --sizes 2048 \
+step models 110 python3 bench/speed.py --parts models --faces 50000 --sizes 2048 \
     --families sd15-controlnet-depth,sd2-depth,sd-turbo,sd15-lcm-lora,sd21
+# Issue 3's quality bench on the GPU (30 s on two CPU cores): its figures and their wall time there.
+step quality 40 bash -c "python3 bench/quality.py --device cuda && cp bench/results/quality_summary.csv '$OUT'/"
 # Unwrapping since the child stopped importing torch, and the renderers, at every size.
-step renderers 50 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
-echo "lease.sh: done in $(( $(date +%s) - started )) s; logs and JSON in $OUT"
+step renderers 40 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
+echo "lease.sh: done in $(( $(date +%s) - started )) s; lease.log, JSON and CSV in $OUT"
