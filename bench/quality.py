@@ -110,13 +110,14 @@ class Case:
     name: str
     mesh: Mesh
     variants: list[torch.Tensor]
+    device: str = "cpu"  # where the prior, the methods and the scoring run
     prior: ExactPrior = field(init=False)
 
     def __post_init__(self) -> None:
         others = [pattern(2.1, 0.55), pattern(4.0, 0.8)]  # a second prompt: the unconditional mixture
         refs = [Reference("target", self.mesh, t) for t in self.variants]
         refs += [Reference("other", self.mesh, t) for t in others]
-        self.prior = ExactPrior(refs, resolution=RESOLUTION)
+        self.prior = ExactPrior(refs, resolution=RESOLUTION, device=self.device)
 
 
 # --- measurement ---------------------------------------------------------------------------
@@ -145,7 +146,7 @@ def gaussian_window(size: int = 7, sigma: float = 1.5) -> torch.Tensor:
 
 def ssim(a: torch.Tensor, b: torch.Tensor) -> float:
     """Mean SSIM (Gaussian window 7, σ 1.5) of (K, 3, H, W) images in [0, 1]."""
-    w = gaussian_window()
+    w = gaussian_window().to(a.device)
     mu_a, mu_b = F.conv2d(a, w, groups=3), F.conv2d(b, w, groups=3)
     var_a = F.conv2d(a * a, w, groups=3) - mu_a ** 2
     var_b = F.conv2d(b * b, w, groups=3) - mu_b ** 2
@@ -167,13 +168,13 @@ def saturation(images: torch.Tensor, mask: torch.Tensor) -> float:
 
 class Scorer:
     def __init__(self, case: Case) -> None:
-        mesh = case.mesh
-        cams = orbit(mesh.positions, *HELD_OUT, mesh.up_axis)
-        self.raster = rasterize_views(torch.as_tensor(mesh.positions), torch.as_tensor(mesh.triangles), cams.mvp,
-                                      RESOLUTION)
-        self.uvs = torch.as_tensor(mesh.corner_uvs)
+        mesh, device = case.mesh, case.prior.device
+        cams = orbit(mesh.positions, *HELD_OUT, mesh.up_axis, device=device)
+        self.raster = rasterize_views(torch.as_tensor(mesh.positions, device=device),
+                                      torch.as_tensor(mesh.triangles, device=device), cams.mvp, RESOLUTION)
+        self.uvs = torch.as_tensor(mesh.corner_uvs, device=device)
         self.mask = image_mask(self.raster).float()
-        self.truths = [render(lambda uv, t=t: sample_image(t, uv), self.uvs, self.raster, 1.0)
+        self.truths = [render(lambda uv, t=t.to(device): sample_image(t, uv), self.uvs, self.raster, 1.0)
                        for t in case.variants]
 
     def views(self, sampler) -> torch.Tensor:
@@ -202,7 +203,8 @@ def seam_error(mesh: Mesh, texture: torch.Tensor) -> float:
         return 0.0
     ts = np.linspace(0.1, 0.9, 5)[:, None]
     p = np.stack([[s[0] * (1 - ts) + s[1] * ts for s in pair] for pair in pairs])  # (E, 2, 5, 2)
-    colours = sample_image(texture, torch.as_tensor(p.reshape(-1, 2), dtype=torch.float32)).view(len(pairs), 2, 5, 3)
+    points = torch.as_tensor(p.reshape(-1, 2), dtype=torch.float32, device=texture.device)
+    colours = sample_image(texture, points).view(len(pairs), 2, 5, 3)
     return float((colours[:, 0] - colours[:, 1]).abs().mean())
 
 
@@ -243,8 +245,8 @@ class Run:
     views: torch.Tensor | None = None
 
 
-def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, device: str, eval_every: int,
-        seed: int = 0, reference: ReferenceViews | None = None, delta_denoising: bool = False) -> Run:
+def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, eval_every: int, seed: int = 0,
+        reference: ReferenceViews | None = None, delta_denoising: bool = False) -> Run:
     torch.manual_seed(seed)
     prior = CountingPrior(case.prior)
     scorer = Scorer(case)
@@ -281,7 +283,7 @@ def contact_sheet(runs: list[Run], cases: dict[str, Case], path: Path) -> None:
     from PIL import Image, ImageDraw
 
     def tile(img: torch.Tensor) -> Image.Image:
-        arr = (img.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
+        arr = (img.clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255).astype(np.uint8)
         return Image.fromarray(arr).resize((128, 128), Image.NEAREST)
 
     rows = [(f"{name}: reference", Scorer(case).truths[0][:4]) for name, case in cases.items()]
@@ -328,12 +330,12 @@ def main() -> None:
                   stream_every=5)
     sds = replace(PRESETS["sds"]["quality"], iterations=distill_steps, views=views, lr=0.03, pad_texels=4,
                   stream_every=5)
-    unimodal = {"crate": Case("crate", box_with_own_uvs(), [pattern(0.7, 0.1)])}
+    unimodal = {"crate": Case("crate", box_with_own_uvs(), [pattern(0.7, 0.1)], args.device)}
     if not args.quick:
-        unimodal["vase"] = Case("vase", vase(), [pattern(1.3, 0.3)])
-        unimodal["table"] = Case("table", table(), [pattern(0.2, 0.7)])
+        unimodal["vase"] = Case("vase", vase(), [pattern(1.3, 0.3)], args.device)
+        unimodal["table"] = Case("table", table(), [pattern(0.2, 0.7)], args.device)
     multimodal = Case("crate-multimodal", unimodal["crate"].mesh,
-                      [pattern(0.7, 0.1), pattern(2.4, 0.45), pattern(3.9, 0.75)])
+                      [pattern(0.7, 0.1), pattern(2.4, 0.45), pattern(3.9, 0.75)], args.device)
     plan: list[tuple[Case, str, SIRConfig | DistillConfig]] = []
     for case in unimodal.values():
         plan += [(case, "SIR", sir), (case, "SDS cfg100", sds)]
@@ -348,7 +350,7 @@ def main() -> None:
     runs = []
     for case, label, cfg in plan:
         started = time.perf_counter()
-        runs.append(run(case, label, cfg, args.device, eval_every=16))
+        runs.append(run(case, label, cfg, eval_every=16))
         print(f"  {case.name:<17} {label:<11} done in {time.perf_counter() - started:5.1f} s", flush=True)
 
     out = ROOT / "bench" / "results"

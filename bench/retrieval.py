@@ -123,7 +123,7 @@ def warmup_runs(folder: Path, quick: bool) -> list[dict]:
         for label, ref in ((("none", None),) if not delta else ()) + tuple(references.items()):
             reference = None if ref is None else ReferenceViews(ref[0], cfg.warmup, case.prior.resolution,
                                                                 cfg.background)
-            result = run(case, f"{method} / {label}", cfg, "cpu", eval_every=10_000, reference=reference,
+            result = run(case, f"{method} / {label}", cfg, eval_every=10_000, reference=reference,
                          delta_denoising=delta)
             rows.append({"method": method, "reference": label, "images_denoised": result.final["images_denoised"],
                          "psnr": result.final["psnr"], "ssim": result.final["ssim"],
