@@ -15,7 +15,8 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .prior import Prior, Prompts, Views
 from .raster import Raster, interpolate, rasterize_views
-from .texture import PyramidTexture, image_rows, inpaint, pad_islands, render, seen_texels, to_rgba8, uv_coverage
+from .texture import (PixelLookup, PyramidTexture, image_rows, inpaint, pad_islands, seen_texels, to_rgba8,
+                      uv_coverage)
 
 if TYPE_CHECKING:
     from .reference import ReferenceViews
@@ -82,6 +83,7 @@ class MeshTexturer:
         self.done = 0
         self.total = cfg.total_work(self.refine)
         self.last_sent = 0.0
+        self._lookup: tuple[Raster, PixelLookup] | None = None
 
     def run(self) -> torch.Tensor:
         """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
@@ -118,7 +120,10 @@ class MeshTexturer:
         return self.reference is not None and self.reference.active(self.done, self.total)
 
     def render(self, raster: Raster) -> torch.Tensor:
-        return render(self.texture.sample, self.corner_uvs, raster, self.cfg.background)
+        """The texture seen in ``raster``'s views; its pixels are looked up once per set of views."""
+        if self._lookup is None or self._lookup[0] is not raster:
+            self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
+        return self._lookup[1].render(self.texture.sample, self.cfg.background)
 
     def step_done(self) -> None:
         """Count one texture update; stream the texture now and then, at most four times a
