@@ -61,6 +61,21 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
         assert row["images_denoised"] > 0 and row["triangles"] > 0
 
 
+def test_speed_bench_times_a_job_again_without_its_stage_clock() -> None:
+    """The plain run (the lease's figure for the targets) is a whole job again: UVs unwrapped anew,
+    low-VRAM mode on for it and off afterwards."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import torch
+    from speed import run_job
+
+    from backend.prior import load_prior
+
+    prior = load_prior("tiny", torch.device("cpu"))
+    row = run_job(prior, "sir", "pipeline-check", 5_000, 512, torch.device("cpu"), low_vram=True, plain=True)
+    assert row["seconds_plain"] > row["stages"]["UV unwrap"] > 0 and row["images_denoised"] > 0
+    assert prior.batch_limit is None
+
+
 def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from speed import unwrap_times
