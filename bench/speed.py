@@ -543,8 +543,9 @@ def main() -> None:
     for method, preset, faces, size, low_vram, taesd in plan if "jobs" in parts else []:
         label = preset + (" low-VRAM" if low_vram else "") + (" TAESD" if taesd else "")
         # The targets' jobs also run without the stage clock on CUDA (where it costs time); SDS/SSD
-        # take minutes there, so only SIR's.
-        plain = device.type == "cuda" and method == "sir" and (faces, size) == (default_faces, default_size)
+        # take minutes there, so only SIR's; low-VRAM mode has a memory target, not a time.
+        plain = device.type == "cuda" and method == "sir" and (faces, size) == (default_faces, default_size) \
+            and not low_vram
         with vae_in_use(prior, taesd) as vae:
             row = attempt(failures, f"{method} {label} {faces} faces {size}²",
                           lambda: run_job(prior, method, preset, faces, size, device, low_vram, plain))
