@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .raster import Raster, interpolate, rasterize
+from .raster import Raster, rasterize
 
 _COARSEST = 1
 
@@ -147,11 +147,10 @@ def inpaint(image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     return torch.where(known[None], image, filled[0])
 
 
-def seen_texels(corner_uvs: torch.Tensor, raster: Raster, size: int) -> torch.Tensor:
-    """Which cells of a size² grid over UV space the covered pixels of ``raster`` land in."""
-    uv = interpolate(corner_uvs, raster)[raster.mask]
-    idx = (uv.clamp(0, 1 - 1e-6) * size).long()
-    seen = torch.zeros(size, size, dtype=torch.bool, device=uv.device)
+def seen_texels(pixels: PixelLookup, size: int) -> torch.Tensor:
+    """Which cells of a size² grid over UV space the covered pixels of a set of views land in."""
+    idx = (pixels.uv.clamp(0, 1 - 1e-6) * size).long()
+    seen = torch.zeros(size, size, dtype=torch.bool, device=idx.device)
     seen[idx[:, 1], idx[:, 0]] = True
     return seen
 

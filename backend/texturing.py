@@ -111,7 +111,8 @@ class MeshTexturer:
         az, el = ring(count, self.cfg.elevations, self.rng, self.cfg.elevation_jitter)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
-        self.seen |= seen_texels(self.corner_uvs, raster, self.seen.shape[0])
+        self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
+        self.seen |= seen_texels(self._lookup[1], self.seen.shape[0])
         depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
             else None
         return Views(cams, depth=depth), raster
