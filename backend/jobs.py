@@ -239,22 +239,20 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")
-    # xatlas starts in its child process now, and works while the model loads.
+    # xatlas starts in its child process now, and works while the model loads, references are
+    # found and the method starts: SIR's first views, sampled from noise, need no UVs.
     with Unwrapping(mesh) if mesh.corner_uvs is None else contextlib.nullcontext() as unwrapping:
         prior = models.get(request, events)
         cfg = request.config(refine, getattr(prior, "few_step", None))
         total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
-        if unwrapping is not None:
-            events.progress(0, total, "unwrapping UVs (xatlas)")
-            events.uvs(unwrapping.apply(events.cancelled), mesh.corner_uvs)
-    reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,
-                                       events)
-    extra = {"delta_denoising": request.delta_denoising} if request.method != "sir" else {}
-    with adaptation(request, prior, chosen, cfg, events, total):
-        method = SIRTexturer if request.method == "sir" else DistillTexturer
-        return method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
-                      request.seed, events, init_texture=init_texture, strength=request.strength,
-                      reference=reference, **extra).run()
+        reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,
+                                           events)
+        extra = {"delta_denoising": request.delta_denoising} if request.method != "sir" else {}
+        with adaptation(request, prior, chosen, cfg, events, total):
+            method = SIRTexturer if request.method == "sir" else DistillTexturer
+            return method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
+                          request.seed, events, init_texture=init_texture, strength=request.strength,
+                          reference=reference, unwrapping=unwrapping, **extra).run()
 
 
 def check_reference_options(request: JobRequest, own_reference: bool) -> None:

@@ -87,10 +87,17 @@ class SIRTexturer(MeshTexturer):
         self._reconstruct(raster, conditioning.cameras, target, mask, steps)
 
     def targets(self, raster, conditioning: Views, t2: float) -> torch.Tensor:
-        """The images the texture is fitted to for a while: the current views, denoised."""
+        """The images the texture is fitted to for a while: the current views, denoised. Views
+        sampled from pure noise need no render of the texture, so they need no UVs either: a mesh
+        still being unwrapped gets its first targets meanwhile."""
         self.events.progress(self.done, self.total, "denoising views")
-        return denoise(self.prior, self.cfg, self.render(raster), t2, conditioning,
-                       self.prompts.for_views(conditioning.cameras), self.generator, self.events.cancelled)
+        if t2 >= self.schedule.num_train_timesteps:
+            views = torch.full((len(conditioning.cameras), 3, self.prior.resolution, self.prior.resolution),
+                               self.cfg.background, device=self.device)
+        else:
+            views = self.render(raster)
+        return denoise(self.prior, self.cfg, views, t2, conditioning, self.prompts.for_views(conditioning.cameras),
+                       self.generator, self.events.cancelled)
 
     def _reconstruct(self, raster, cams: Cameras, target: torch.Tensor, mask: torch.Tensor, steps: int) -> None:
         optimiser = torch.optim.Adam(self.texture.parameters(), lr=self.cfg.lr)

@@ -20,6 +20,7 @@ from .texture import (PixelLookup, PyramidTexture, image_rows, inpaint, pad_isla
 
 if TYPE_CHECKING:
     from .reference import ReferenceViews
+    from .unwrap import Unwrapping
 
 
 def depth_maps(positions: torch.Tensor, triangles: torch.Tensor, cams: Cameras, raster: Raster) -> torch.Tensor:
@@ -56,12 +57,15 @@ def facing_weights(positions: torch.Tensor, triangles: torch.Tensor, cams: Camer
 class MeshTexturer:
     def __init__(self, mesh: Mesh, prior: Prior, cfg: Any, texture_size: int, prompt: str, negative: str,
                  seed: int, events: TextureEvents, init_texture: torch.Tensor | None = None,
-                 strength: float = 1.0, reference: "ReferenceViews | None" = None) -> None:
+                 strength: float = 1.0, reference: "ReferenceViews | None" = None,
+                 unwrapping: "Unwrapping | None" = None) -> None:
         """``init_texture`` (3, H, W) in [0, 1], rows bottom-up, turns on refine mode: the method
         starts from it, and ``strength`` in (0, 1] scales how much noise it may add (how far
         the result may move from it). ``reference``: an asset placed on the mesh whose views the
-        first updates are also pulled toward (ReDream's warm-up; ``cfg.warmup``)."""
-        if mesh.corner_uvs is None:
+        first updates are also pulled toward (ReDream's warm-up; ``cfg.warmup``). ``unwrapping``:
+        xatlas still at work on a mesh without UVs; the method starts without them (SIR's views
+        sampled from pure noise need none) and waits for them at its first render."""
+        if mesh.corner_uvs is None and unwrapping is None:
             raise ValueError("the mesh needs UVs before texturing (unwrap it first)")
         self.mesh, self.prior, self.cfg, self.events = mesh, prior, cfg, events
         self.reference = reference
@@ -72,7 +76,11 @@ class MeshTexturer:
         self.prompts = Prompts(prior, prompt, negative)
         self.positions = torch.as_tensor(mesh.positions, device=self.device)
         self.triangles = torch.as_tensor(mesh.triangles, device=self.device)
-        self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
+        self.unwrapping = unwrapping
+        self.corner_uvs: torch.Tensor | None = None
+        self.unseen: list[Raster] = []  # views rasterised before the UVs came, counted in ``seen`` then
+        if unwrapping is None:
+            self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
         self.texture = PyramidTexture(texture_size, self.device, init=init_texture)
         self.refine = init_texture is not None
         self.strength = strength if self.refine else 1.0
@@ -88,6 +96,7 @@ class MeshTexturer:
     def run(self) -> torch.Tensor:
         """Texture the mesh; returns the final padded texture (3, S, S) in [0, 1]."""
         self.optimise()
+        self.wait_for_uvs()
         islands = uv_coverage(self.corner_uvs, self.texture.size)
         final = self.texture.compose()
         if not self.refine:  # a refined texture already has colour where no view looked
@@ -111,8 +120,10 @@ class MeshTexturer:
         az, el = ring(count, self.cfg.elevations, self.rng, self.cfg.elevation_jitter)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
-        self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
-        self.seen |= seen_texels(self._lookup[1], self.seen.shape[0])
+        if self.corner_uvs is None:
+            self.unseen.append(raster)
+        else:
+            self._see(raster)
         depth = depth_maps(self.positions, self.triangles, cams, raster) if getattr(self.prior, "wants_depth", False) \
             else None
         return Views(cams, depth=depth), raster
@@ -120,8 +131,27 @@ class MeshTexturer:
     def warming_up(self) -> bool:
         return self.reference is not None and self.reference.active(self.done, self.total)
 
+    def _see(self, raster: Raster) -> None:
+        """Look up the views' pixels (for rendering them) and count the texels they cover."""
+        self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
+        self.seen |= seen_texels(self._lookup[1], self.seen.shape[0])
+
+    def wait_for_uvs(self) -> None:
+        """The UVs xatlas has been making while the method started: wait for them (the artist sees
+        so only if they are not there yet), send them, and count the texels earlier views saw."""
+        if self.corner_uvs is not None:
+            return
+        if not self.unwrapping.done():
+            self.events.progress(self.done, self.total, "unwrapping UVs (xatlas)")
+        self.events.uvs(self.unwrapping.apply(self.events.cancelled), self.mesh.corner_uvs)
+        self.corner_uvs = torch.as_tensor(self.mesh.corner_uvs, dtype=torch.float32, device=self.device)
+        for raster in self.unseen:
+            self._see(raster)
+        self.unseen.clear()
+
     def render(self, raster: Raster) -> torch.Tensor:
         """The texture seen in ``raster``'s views; its pixels are looked up once per set of views."""
+        self.wait_for_uvs()
         if self._lookup is None or self._lookup[0] is not raster:
             self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
         return self._lookup[1].render(self.texture.sample, self.cfg.background)

@@ -116,6 +116,10 @@ class Unwrapping:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def done(self) -> bool:
+        """Whether the child has finished (its UVs, or its failure, are ready to read)."""
+        return self.child.poll() is not None
+
     def close(self) -> None:
         if self.child.poll() is None:
             self.child.kill()

@@ -211,6 +211,36 @@ def test_tiny_job_is_deterministic_for_a_seed_and_changes_with_it() -> None:
     assert done == sorted(done) and done[-1] == a.progress_calls[-1][1]
 
 
+def test_sir_denoises_its_first_views_while_xatlas_unwraps_and_ends_as_if_it_had_waited() -> None:
+    """Views sampled from pure noise need no UVs, so SIR starts on them while xatlas still runs; the
+    result is the one the same job gets with those UVs given up front."""
+    class Ordered(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.order: list[str] = []
+
+        def progress(self, done, total, phase):
+            super().progress(done, total, phase)
+            self.order.append(phase)
+
+        def uvs(self, loop_uvs, corner_uvs):
+            super().uvs(loop_uvs, corner_uvs)
+            self.order.append("UVs")
+
+    models = ModelCache()
+    request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512, "steps": 1,
+                                      "seed": 5})
+    unwrapped, overlapped = grid_mesh(), Ordered()
+    assert unwrapped.corner_uvs is None
+    run_texture_job(request, unwrapped, overlapped, models)
+    assert overlapped.uv_updates == 1 and overlapped.order.index("denoising views") < overlapped.order.index("UVs")
+    given, waited = grid_mesh(), Recorder()
+    given.corner_uvs = unwrapped.corner_uvs.copy()
+    run_texture_job(request, given, waited, models)
+    assert waited.uv_updates == 0
+    assert np.array_equal(overlapped.textures[-1][0], waited.textures[-1][0])
+
+
 def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> None:
     with pytest.raises(ModelError) as err:
         load_prior("not a model", torch.device("cpu"))
