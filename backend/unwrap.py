@@ -91,8 +91,9 @@ def _child(source: str, target: str) -> None:
 class Unwrapping:
     """xatlas at work on one mesh in its child process, started on construction so that the job
     can load the model and start its method meanwhile (a first job's model load takes seconds, as
-    does unwrapping a big mesh); ``corner_uvs`` or ``apply`` waits for it. Use it as a context manager: leaving kills a
-    child still running (a failed model load, a cancel) and removes its files."""
+    does unwrapping a big mesh); ``corner_uvs`` or ``apply`` waits for it. Use it as a context
+    manager: leaving kills a child still running (a failed model load, a cancel) and removes its
+    files."""
 
     def __init__(self, mesh: Mesh, time_limit: float = TIME_LIMIT_S) -> None:
         self.mesh, self.time_limit = mesh, time_limit
