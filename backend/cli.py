@@ -20,7 +20,7 @@ import numpy as np
 from . import protocol
 from .assets import base_colour_image
 from .events import TextureEvents
-from .jobs import JobError, JobRequest, ModelCache, run_generate_job, run_texture_job
+from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
@@ -151,6 +151,16 @@ def finish(request: JobRequest, out: Path, started: float, files: dict[str, str]
     return 0
 
 
+def out_of_memory(exc: Exception, low_vram: bool) -> int:
+    """Exit code 2 with the fix (Low VRAM first) when the GPU ran out of memory, which a pipeline
+    can act on; any other exception is a bug and goes on with its traceback."""
+    failure = describe_failure(exc, low_vram)
+    if failure["code"] != protocol.E_OUT_OF_MEMORY:
+        raise exc
+    print(f"kiln: error: {failure['message']}", file=sys.stderr)
+    return 2
+
+
 def texture_command(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
@@ -164,6 +174,8 @@ def texture_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - out of GPU memory gets its fix; anything else is re-raised
+        return out_of_memory(exc, args.low_vram)
     return finish(request, out, started, write_result(mesh, events.final, out), **events.used())
 
 
@@ -177,6 +189,8 @@ def generate_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - out of GPU memory gets its fix; anything else is re-raised
+        return out_of_memory(exc, args.low_vram)
     # glTF is Y-up; the object was made Z-up (Blender's convention): (x, y, z) → (x, z, −y).
     mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
     files = write_result(mesh, events.final, out)

@@ -37,6 +37,21 @@ class JobError(Exception):
         self.code = code
 
 
+def describe_failure(exc: BaseException, low_vram: bool) -> dict[str, str]:
+    """An unexpected exception as an error code and a message with the fix where one is known. Out
+    of GPU memory, the first fix is Low VRAM mode unless the job already had it."""
+    text = f"{type(exc).__name__}: {exc}"
+    if "out of memory" in text.lower():
+        fixes = "choose a smaller texture size, close other GPU programs, or press Unload Models and try again"
+        if not low_vram:
+            fixes = ("turn on Low VRAM (Preferences > Add-ons > Kiln; --low-vram in the CLI and batch scripts), "
+                     f"or {fixes}")
+        return {"code": protocol.E_OUT_OF_MEMORY,
+                "message": f"the GPU ran out of memory{' even in Low VRAM mode' if low_vram else ''}: {fixes} "
+                           f"({text[:200]})"}
+    return {"code": protocol.E_JOB_FAILED, "message": f"the job failed: {text[:500]}"}
+
+
 @dataclass(frozen=True)
 class JobRequest:
     prompt: str

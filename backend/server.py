@@ -34,6 +34,7 @@ from .jobs import (
     JobError,
     JobRequest,
     ModelCache,
+    describe_failure,
     mesh_from_message,
     run_generate_job,
     run_index_job,
@@ -372,20 +373,10 @@ class Server:
                                      "message": str(exc)})
             log.info("job %d refused: %s", job.id, exc)
         except Exception as exc:  # the server outlives any one job's failure
-            out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc)})
+            out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc, request.low_vram)})
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())
         finally:
             job.conn.jobs.pop(job.id, None)
-
-
-def describe_failure(exc: BaseException) -> dict[str, str]:
-    """Map an unexpected exception to an error code and a message with a fix where one is known."""
-    text = f"{type(exc).__name__}: {exc}"
-    if "out of memory" in text.lower():
-        return {"code": protocol.E_OUT_OF_MEMORY,
-                "message": "the GPU ran out of memory: choose a smaller texture size, close other GPU "
-                           f"programs, or press Unload Models and try again ({text[:200]})"}
-    return {"code": protocol.E_JOB_FAILED, "message": f"the job failed: {text[:500]}"}
 
 
 def _exit_with_parent() -> None:

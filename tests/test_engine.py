@@ -326,6 +326,34 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert result.returncode == 2 and "gone' is not a folder" in result.stderr
 
 
+def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_traceback(
+        tmp_path, monkeypatch, capsys) -> None:
+    """The CLI (and the server, through the same ``describe_failure``) turns a CUDA out-of-memory
+    failure into exit code 2 and the fix; Low VRAM comes first unless the job already had it."""
+    import torch
+
+    from backend import cli
+
+    def oom(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(cli, "run_texture_job", oom)
+    job = ["texture", str(VASE), "--prompt", "x", "--out", str(tmp_path)]
+    assert cli.main(job) == 2
+    err = capsys.readouterr().err
+    assert "ran out of memory: turn on Low VRAM" in err and "--low-vram" in err and "Tried to allocate" in err
+    assert cli.main([*job, "--low-vram"]) == 2
+    err = capsys.readouterr().err
+    assert "even in Low VRAM mode: choose a smaller texture size" in err and "turn on" not in err
+
+    def bug(*_args, **_kwargs):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(cli, "run_texture_job", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(job)
+
+
 def test_every_setting_the_panel_accepts_the_backend_accepts_too() -> None:
     """The panel's limits and the backend's checks come from the protocol's one set of constants.
     Steps above 500 were refused once, though the panel offered up to 5,000 and SDS's preset runs 1,000."""
