@@ -457,6 +457,34 @@ def profile_job(prior: Any, preset: str, faces: int, size: int, device: torch.de
     (RESULTS / "speed_profile.txt").write_text(table)
 
 
+def target_lines(rows: list[dict[str, Any]], generated: list[dict[str, Any]], faces: int, size: int) -> list[str]:
+    """Issue 6's targets against this run's rows (the unclocked time where there is one), so a
+    lease's log answers them directly."""
+    def seconds(row: dict[str, Any]) -> float:
+        return row.get("seconds_plain", row["seconds"])
+
+    def verdict(value: float, bound: float) -> str:
+        return "met" if value <= bound else f"missed by {value / bound - 1:.0%}"
+
+    lines = []
+    for preset, bound in (("turbo", 3.0), ("quality", 10.0)):
+        for row in (r for r in rows if r["method"] == "sir" and r["preset"] == preset and not r["low_vram"]
+                    and (r["faces"], r["texture"]) == (faces, size)):
+            lines.append(f"SIR {preset}, {row['vae']} VAE, {faces} faces, {size}²: {seconds(row):.2f} s, target ≤ "
+                         f"{bound:g} s: {verdict(seconds(row), bound)}")
+            if preset == "quality" and row["vae"] == "model's":
+                lines.append(f"  UNet share {row['unet_share']:.0%} (target ≥ 80 %); peak VRAM "
+                             f"{row['peak_vram_gib']} GiB (target ≤ 8)")
+    for row in (r for r in rows if r["low_vram"] and r["peak_vram_gib"] is not None):
+        lines.append(f"SIR {row['preset']} low-VRAM: peak VRAM {row['peak_vram_gib']} GiB, target ≤ 6: "
+                     f"{verdict(row['peak_vram_gib'], 6.0)}")
+    for row in generated:
+        vram = f", peak VRAM {row['peak_vram_gib']} GiB (target ≤ 12)" if row["peak_vram_gib"] is not None else ""
+        lines.append(f"generate, {row['method']} {row['preset']}, {row['vae']} VAE: {row['seconds']:.2f} s, target ≤ "
+                     f"15 s: {verdict(row['seconds'], 15.0)}{vram}")
+    return lines
+
+
 PARTS = ("jobs", "models", "vae", "unwrap", "raster", "splat", "generate")
 
 
@@ -607,6 +635,9 @@ def main() -> None:
                                                 "rasterisers": rasters,
                                                 "splats": splats, "generate": generated, "failures": failures},
                                                indent=2))
+    lines = [] if args.cpu_small else target_lines(rows, generated, default_faces, default_size)
+    if lines:  # the targets are for full-size models, not the tiny one
+        print("\nTargets (issue 6; this run, " + device_name + "):\n  " + "\n  ".join(lines))
     print(f"\nwrote {RESULTS / 'speed.json'} ({device_name})")
     if failures:
         sys.exit("speed bench: " + str(len(failures)) + " measurement(s) failed:\n  " + "\n  ".join(failures))

@@ -76,6 +76,27 @@ def test_speed_bench_times_a_job_again_without_its_stage_clock() -> None:
     assert prior.batch_limit is None
 
 
+def test_speed_bench_judges_the_targets_on_the_unclocked_time() -> None:
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import target_lines
+
+    def row(preset: str, seconds: float, vae: str = "model's", low_vram: bool = False, **extra) -> dict:
+        return {"method": "sir", "preset": preset, "vae": vae, "low_vram": low_vram, "faces": 50_000,
+                "texture": 2048, "seconds": seconds, "unet_share": 0.5, "peak_vram_gib": 6.25, **extra}
+
+    jobs = [row("turbo", 3.63, seconds_plain=2.7), row("quality", 11.99), row("quality", 12.0, "TAESD"),
+            row("quality", 24.0, low_vram=True, peak_vram_gib=2.86), row("quality", 9.0) | {"faces": 5000}]
+    generated = [{"method": "sir", "preset": "turbo", "vae": "model's", "seconds": 11.7, "peak_vram_gib": 5.68}]
+    lines = target_lines(jobs, generated, 50_000, 2048)
+    assert lines == [
+        "SIR turbo, model's VAE, 50000 faces, 2048²: 2.70 s, target ≤ 3 s: met",
+        "SIR quality, model's VAE, 50000 faces, 2048²: 11.99 s, target ≤ 10 s: missed by 20%",
+        "  UNet share 50% (target ≥ 80 %); peak VRAM 6.25 GiB (target ≤ 8)",
+        "SIR quality, TAESD VAE, 50000 faces, 2048²: 12.00 s, target ≤ 10 s: missed by 20%",
+        "SIR quality low-VRAM: peak VRAM 2.86 GiB, target ≤ 6: met",
+        "generate, sir turbo, model's VAE: 11.70 s, target ≤ 15 s: met, peak VRAM 5.68 GiB (target ≤ 12)"]
+
+
 def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> None:
     sys.path.insert(0, str(ROOT / "bench"))
     from speed import unwrap_times
