@@ -59,10 +59,10 @@ step cuda-tests 180 python3 -m pytest -q -p no:cacheprovider tests/test_render.p
 # VAE and with TAESD, low-VRAM), generation, and the VAE alone.
 step jobs 190 python3 bench/speed.py --parts jobs,vae,generate --methods sir --faces 50000 --sizes 2048
 # Issue 3's peak VRAM per model family on the same default job (SD 1.5's is the jobs step's).
-step models 110 python3 bench/speed.py --parts models --faces 50000 --sizes 2048 \
+step models 120 python3 bench/speed.py --parts models --faces 50000 --sizes 2048 \
     --families sd15-controlnet-depth,sd2-depth,sd-turbo,sd15-lcm-lora,sd21
 # Issue 3's quality bench on the GPU (30 s on two CPU cores): its figures and their wall time there.
-step quality 40 bash -c "python3 bench/quality.py --device cuda && cp bench/results/quality_summary.csv '$OUT'/"
+step quality 35 bash -c "python3 bench/quality.py --device cuda && cp bench/results/quality_summary.csv '$OUT'/"
 # Unwrapping since the child stopped importing torch, and the renderers, at every size.
-step renderers 40 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
+step renderers 35 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000
 echo "lease.sh: done in $(( $(date +%s) - started )) s; lease.log, JSON and CSV in $OUT"
