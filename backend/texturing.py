@@ -131,10 +131,15 @@ class MeshTexturer:
     def warming_up(self) -> bool:
         return self.reference is not None and self.reference.active(self.done, self.total)
 
+    def _pixels(self, raster: Raster) -> PixelLookup:
+        """The pixels ``raster``'s views cover, looked up once per set of views."""
+        if self._lookup is None or self._lookup[0] is not raster:
+            self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
+        return self._lookup[1]
+
     def _see(self, raster: Raster) -> None:
-        """Look up the views' pixels (for rendering them) and count the texels they cover."""
-        self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
-        self.seen |= seen_texels(self._lookup[1], self.seen.shape[0])
+        """Count the texels the views cover."""
+        self.seen |= seen_texels(self._pixels(raster), self.seen.shape[0])
 
     def wait_for_uvs(self) -> None:
         """The UVs xatlas has been making while the method started: wait for them (the artist sees
@@ -150,11 +155,9 @@ class MeshTexturer:
         self.unseen.clear()
 
     def render(self, raster: Raster) -> torch.Tensor:
-        """The texture seen in ``raster``'s views; its pixels are looked up once per set of views."""
+        """The texture seen in ``raster``'s views."""
         self.wait_for_uvs()
-        if self._lookup is None or self._lookup[0] is not raster:
-            self._lookup = (raster, PixelLookup(self.corner_uvs, raster))
-        return self._lookup[1].render(self.texture.sample, self.cfg.background)
+        return self._pixels(raster).render(self.texture.sample, self.cfg.background)
 
     def step_done(self) -> None:
         """Count one texture update; stream the texture now and then, at most four times a
