@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from . import protocol
+from . import protocol, unwrap
 from .events import Cancelled, TextureEvents
 from .jobs import (
     JobError,
@@ -386,6 +386,7 @@ def _exit_with_parent() -> None:
             pass
     finally:
         log.info("parent closed stdin; exiting")
+        unwrap.discard_spare()  # os._exit runs no atexit hooks
         os._exit(0)
 
 
@@ -421,6 +422,7 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
                       "protocol": protocol.PROTOCOL_VERSION, "device": server.device}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)
+    unwrap.keep_spare()  # each job on a mesh without UVs then finds xatlas's child already started
     if connection_file is None:
         threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
         server.serve_forever()

@@ -9,16 +9,22 @@ big for the time limit costs the job, never the server or the artist's scene. Me
 in parallel (one task per piece) and packs into one atlas; the pieces add seams only where a cut
 crosses the surface, one per piece at most.
 
-Run as ``python -m backend.unwrap IN.npz OUT.npy``: the child imports numpy and xatlas only (torch's
-import alone took longer than unwrapping a 50k-face mesh), so nothing this module imports may pull torch in.
+Run as ``python -m backend.unwrap FOLDER``: the child imports numpy and xatlas only (torch's import
+alone took longer than unwrapping a 50k-face mesh), so nothing this module imports may pull torch in;
+then it waits for a line on stdin before it reads ``FOLDER/mesh.npz`` and writes ``FOLDER/uvs.npy``.
+Starting Python and those imports cost about a second on the GPU machine (5k and 50k faces both took
+1.1 s there, 2026-12-04), so a long-lived backend keeps one child started ahead (``keep_spare``) and
+a job only writes its mesh and says go.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -78,14 +84,81 @@ def _parametrize(positions: np.ndarray, triangles: np.ndarray, pieces: list[np.n
     return corner
 
 
-def _child(source: str, target: str) -> None:
+def _child(folder: str) -> None:
     if hasattr(os, "nice"):  # POSIX; on Windows the parent starts the child at below-normal priority
         os.nice(NICENESS)
-    data = np.load(source)
+    import xatlas  # noqa: F401  (now, so that a spare has paid for it before its job comes)
+
+    if not sys.stdin.readline():  # EOF: a spare the backend no longer needs
+        return
+    data = np.load(Path(folder) / "mesh.npz")
     triangles = data["triangles"]
     bounds = data["bounds"]
     pieces = [data["order"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    np.save(target, _parametrize(data["positions"], triangles, pieces))
+    np.save(Path(folder) / "uvs.npy", _parametrize(data["positions"], triangles, pieces))
+
+
+class _Child:
+    """A started child with its own folder, waiting on stdin for the go."""
+
+    def __init__(self) -> None:
+        self.folder = tempfile.TemporaryDirectory(prefix="kiln-unwrap-")
+        folder = Path(self.folder.name)
+        self.source, self.target, self.errors = folder / "mesh.npz", folder / "uvs.npy", folder / "stderr.txt"
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
+        with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
+            self.process = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(folder)], env=env,
+                                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
+                                            creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0))
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        self.process.wait()
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        self.folder.cleanup()
+
+
+_spare: _Child | None = None
+_keeping = False
+_lock = threading.Lock()
+
+
+def keep_spare() -> None:
+    """From now on keep one child started ahead of the next job (the server calls this; a one-job
+    CLI run starts its child while the model loads, which hides the start anyway)."""
+    global _keeping, _spare
+    with _lock:
+        if not _keeping:
+            atexit.register(discard_spare)
+        _keeping = True
+        if _spare is None:
+            _spare = _Child()
+
+
+def discard_spare() -> None:
+    """Stop the spare child (backend exit); a spare also exits by itself when its stdin closes."""
+    global _keeping, _spare
+    with _lock:
+        _keeping = False
+        if _spare is not None:
+            _spare.close()
+            _spare = None
+
+
+def _take_child() -> _Child:
+    """The spare if one is alive (and another started for the next job), else a new child."""
+    global _spare
+    with _lock:
+        child, _spare = _spare, None
+        if child is not None and child.process.poll() is not None:
+            child.close()
+            child = None
+        if _keeping:
+            _spare = _Child()
+    return child or _Child()
 
 
 class Unwrapping:
@@ -98,17 +171,17 @@ class Unwrapping:
     def __init__(self, mesh: Mesh, time_limit: float = TIME_LIMIT_S) -> None:
         self.mesh, self.time_limit = mesh, time_limit
         pieces = mesh_pieces(mesh)
-        self.folder = tempfile.TemporaryDirectory(prefix="kiln-unwrap-")
-        folder = Path(self.folder.name)
-        source, self.target, self.errors = folder / "mesh.npz", folder / "uvs.npy", folder / "stderr.txt"
-        np.savez(source, positions=mesh.positions.astype(np.float32), triangles=mesh.triangles.astype(np.int64),
-                 order=np.concatenate(pieces), bounds=np.cumsum([0] + [len(p) for p in pieces]))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-            [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
-        with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
-            self.child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(source), str(self.target)],
-                                          env=env, stdout=subprocess.DEVNULL, stderr=errors,
-                                          creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0))
+        self._owner = _take_child()
+        self.child, self.folder = self._owner.process, self._owner.folder
+        self.target, self.errors = self._owner.target, self._owner.errors
+        np.savez(self._owner.source, positions=mesh.positions.astype(np.float32),
+                 triangles=mesh.triangles.astype(np.int64), order=np.concatenate(pieces),
+                 bounds=np.cumsum([0] + [len(p) for p in pieces]))
+        try:
+            self.child.stdin.write(b"go\n")
+            self.child.stdin.close()
+        except OSError:  # the child died before its go; corner_uvs reports how
+            pass
         self.deadline = time.monotonic() + time_limit
 
     def __enter__(self) -> "Unwrapping":
@@ -122,10 +195,7 @@ class Unwrapping:
         return self.child.poll() is not None
 
     def close(self) -> None:
-        if self.child.poll() is None:
-            self.child.kill()
-            self.child.wait()
-        self.folder.cleanup()
+        self._owner.close()
 
     def corner_uvs(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
         """xatlas's UVs per triangle corner, (T, 3, 2). Raises ``Cancelled`` when ``cancelled()``
@@ -178,4 +248,4 @@ def unwrap(mesh: Mesh, cancelled: Callable[[], bool] = lambda: False,
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], sys.argv[2])
+    _child(sys.argv[1])

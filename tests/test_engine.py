@@ -134,6 +134,45 @@ def test_unwrap_failures_cost_the_job_not_the_backend(tmp_path) -> None:
     assert mesh.corner_uvs.shape == (mesh.triangle_count, 3, 2)
 
 
+def test_a_kept_spare_child_takes_the_next_job_and_a_new_one_waits_behind_it() -> None:
+    """The server keeps an xatlas child started ahead: a job hands its mesh to that process (Python
+    and the imports already paid), the next spare starts at once, a dead spare is replaced, and
+    the UVs are the ones a fresh child gives."""
+    from backend import unwrap as unwrapping
+
+    fresh = grid_mesh()
+    unwrap(fresh)
+    unwrapping.keep_spare()
+    try:
+        spare = unwrapping._spare
+        mesh = grid_mesh()
+        with Unwrapping(mesh) as job:
+            assert job.child is spare.process and unwrapping._spare is not spare
+            job.apply()
+        assert np.array_equal(mesh.corner_uvs, fresh.corner_uvs)
+        assert not os.path.exists(spare.folder.name)
+        unwrapping._spare.process.kill()  # a spare that died waiting is not handed a job
+        unwrapping._spare.process.wait()
+        again = grid_mesh()
+        unwrap(again)
+        assert np.array_equal(again.corner_uvs, fresh.corner_uvs)
+        last = unwrapping._spare
+        assert last.process.poll() is None
+    finally:
+        unwrapping.discard_spare()
+    assert unwrapping._spare is None and last.process.poll() is not None and not os.path.exists(last.folder.name)
+    with Unwrapping(grid_mesh()):
+        assert unwrapping._spare is None  # no longer kept: a job starts its own child and no spare
+
+
+def test_a_spare_child_exits_when_the_backend_goes_without_a_word(tmp_path) -> None:
+    """A backend killed outright closes its end of the spare's stdin: the spare exits, not lingers."""
+    child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(tmp_path)], cwd=ROOT,
+                             stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    child.stdin.close()
+    assert child.wait(timeout=30) == 0 and not (tmp_path / "uvs.npy").exists()
+
+
 def test_an_xatlas_crash_is_a_clear_error_and_splitting_avoids_it(monkeypatch) -> None:
     import trimesh
 
