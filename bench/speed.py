@@ -45,7 +45,7 @@ from backend.events import TextureEvents  # noqa: E402
 from backend.jobs import JobRequest, ModelCache  # noqa: E402
 from backend.mesh import Mesh  # noqa: E402
 from backend.prior import LatentDiffusionPrior, load_prior, set_low_vram  # noqa: E402
-from backend.unwrap import Unwrapping  # noqa: E402
+from backend.unwrap import Unwrapping, keep_spare  # noqa: E402
 
 # Stable Diffusion's architectures from their published configs (weights do not change speed).
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -266,10 +266,11 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
            "peak_vram_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None}
     if plain:
         set_low_vram(prior, low_vram)
+        mesh = torus_mesh(faces)
         try:
             clock.sync()
             start = time.perf_counter()
-            jobs.run_texture_job(request, torus_mesh(faces), TextureEvents(), models)
+            jobs.run_texture_job(request, mesh, TextureEvents(), models)
             clock.sync()
             row["seconds_plain"] = round(time.perf_counter() - start, 3)
         finally:
@@ -309,9 +310,10 @@ def rasteriser_times(device: torch.device, faces_list: list[int], size: int) -> 
 
 def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, Any]]:
     """UV unwrapping alone, smooth and rough, on this machine's CPU cores (it never uses the GPU):
-    Kiln's way (xatlas in a child process, in pieces above 20k faces) and, as the before for meshes
-    it splits, xatlas on the whole mesh in one piece, up to ``one_piece_up_to`` faces (stopped after
-    120 s)."""
+    Kiln's way (xatlas in a child process, in pieces above 20k faces), with the child started for
+    the job and, up to 50k faces, with the backend's spare started ahead (``keep_spare``); and, as the before for
+    meshes it splits, xatlas on the whole mesh in one piece, up to ``one_piece_up_to`` faces
+    (stopped after 120 s)."""
     import os
 
     from backend import unwrap as unwrapping
@@ -321,11 +323,19 @@ def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, 
     for faces in faces_list:
         for rough in (False, True):
             split = faces > unwrapping.SINGLE_PIECE_FACES
-            for pieces in ("kiln", "one") if split and faces <= one_piece_up_to else ("kiln",):
+            # The spare saves the child's start, a second at most: worth a row where the unwrap is short.
+            ways = [("kiln", False)] + ([("kiln", True)] if faces <= 50_000 else []) \
+                + ([("one", False)] if split and faces <= one_piece_up_to else [])
+            for pieces, spare in ways:
                 mesh = torus_mesh(faces, rough)
                 single = unwrapping.SINGLE_PIECE_FACES
                 if pieces == "one":
                     unwrapping.SINGLE_PIECE_FACES = faces
+                if spare:
+                    unwrapping.keep_spare()
+                    time.sleep(2)  # a backend between jobs: the spare has started
+                else:
+                    unwrapping.discard_spare()
                 start = time.perf_counter()
                 try:
                     count = len(unwrapping.mesh_pieces(mesh))
@@ -336,8 +346,10 @@ def unwrap_times(faces_list: list[int], one_piece_up_to: int) -> list[dict[str, 
                 finally:
                     unwrapping.SINGLE_PIECE_FACES = single
                 out.append({"faces": faces, "surface": "rough" if rough else "smooth", "pieces": count,
+                            "child": "spare" if spare else "started for the job",
                             "seconds": round(time.perf_counter() - start, 2), "uv_area_used": used,
                             "cpu_cores": os.cpu_count()})
+    unwrapping.discard_spare()
     return out
 
 
@@ -405,6 +417,51 @@ def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any
         out.append({"vae": name, "views": views, "size": size, "encode_ms": round(encode * 1000, 1),
                     "decode_ms": round(decode * 1000, 1),
                     "parameters_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 2)})
+    return out
+
+
+def set_channels_last(prior: LatentDiffusionPrior, on: bool) -> None:
+    """The convolutional networks' weights NHWC (``torch.channels_last``) or NCHW, as the layout
+    part weighs them: tensor cores compute convolutions in NHWC, and GroupNorm between them may
+    take the gain back (it did on an H100 and an H200, so the product keeps NCHW)."""
+    layout = torch.channels_last if on else torch.contiguous_format
+    for net in (prior.unet, prior.vae, prior.controlnet):
+        if net is not None:
+            net.to(memory_format=layout)
+
+
+CONV_SETTINGS = (("NCHW", False), ("NHWC", False), ("NCHW", True))  # (weights' layout, cuDNN autotuning)
+
+
+def layout_times(prior: LatentDiffusionPrior, device: torch.device, preset: str, faces: int, size: int,
+                 views: int, view_size: int) -> list[dict[str, Any]]:
+    """The UNet (a CFG pair of ``views``), the VAE and one whole job (``preset``, unclocked) under
+    each of ``CONV_SETTINGS`` in one run: whether NHWC weights or cuDNN's autotuning
+    (``torch.backends.cudnn.benchmark``, which tries each convolution's algorithms at every new
+    shape) pays on this device."""
+    images = torch.rand(views, 3, view_size, view_size, device=device,
+                        generator=torch.Generator(device).manual_seed(0))
+    out = []
+    with torch.no_grad():
+        prompt = prior.encode_prompt("a weathered bronze statue", "")
+        latents = prior.encode(images)
+    autotuning = torch.backends.cudnn.benchmark
+    for layout, autotune in CONV_SETTINGS:
+        set_channels_last(prior, layout == "NHWC")
+        torch.backends.cudnn.benchmark = autotune
+        try:
+            with torch.no_grad():
+                unet = mean_seconds(lambda: prior.predict_eps(latents, 500, prompt, None), device)
+                encode = mean_seconds(lambda: prior.encode(images), device)
+                decode = mean_seconds(lambda: prior.decode(latents), device)
+            job = run_job(prior, "sir", preset, faces, size, device, plain=True)
+        finally:
+            set_channels_last(prior, False)
+            torch.backends.cudnn.benchmark = autotuning
+        out.append({"layout": layout, "cudnn_autotune": autotune, "views": views, "view_size": view_size,
+                    "unet_ms": round(unet * 1000, 1), "encode_ms": round(encode * 1000, 1),
+                    "decode_ms": round(decode * 1000, 1), "preset": preset, "faces": job["faces"], "texture": size,
+                    "job_seconds": job["seconds_plain"]})
     return out
 
 
@@ -485,7 +542,7 @@ def target_lines(rows: list[dict[str, Any]], generated: list[dict[str, Any]], fa
     return lines
 
 
-PARTS = ("jobs", "models", "vae", "unwrap", "raster", "splat", "generate")
+PARTS = ("jobs", "models", "vae", "layout", "unwrap", "raster", "splat", "generate")
 
 
 def attempt(failures: list[str], what: str, run: Callable[[], Any]) -> Any:
@@ -535,13 +592,14 @@ def main() -> None:
     default_faces, default_size = faces_list[min(1, len(faces_list) - 1)], sizes[min(1, len(sizes) - 1)]
     failures: list[str] = []
     family_rows = []
+    keep_spare()  # as the backend server does: each job finds xatlas's child already started
     if "models" in parts:  # first, while the GPU holds no other model, so each peak is the family's own
         print("each model family's default job:")
         for name in families:
             family_rows += attempt(failures, f"family {name}", lambda name=name: family_times(
                 device, name, default_faces, default_size, args.cpu_small)) or []
     prior = None
-    if parts & {"jobs", "generate"} or args.profile:
+    if parts & {"jobs", "generate", "layout"} or args.profile:
         prior = load_prior("tiny", device) if args.cpu_small else family_prior(args.model, device)
     methods = args.methods.split(",")
 
@@ -567,7 +625,15 @@ def main() -> None:
                     lambda: run_job(prior, "sir", preset, default_faces, default_size, device))
             print(f"torch.compile ({args.compile}) warm-up, sir {preset}: {time.perf_counter() - started:.1f} s",
                   flush=True)
-    rows, vaes, unwraps, rasters, splats, generated = [], [], [], [], [], []
+    rows, vaes, layouts, unwraps, rasters, splats, generated = [], [], [], [], [], [], []
+    first_job = None
+    if "jobs" in parts:  # untimed warm-up, as a backend's first job: kernels load, cuBLAS starts
+        started = time.perf_counter()
+        if attempt(failures, "first job", lambda: run_job(prior, "sir", presets or "turbo", default_faces,
+                                                          default_size, device)) is not None:
+            first_job = round(time.perf_counter() - started, 2)
+            print(f"first job after loading (sir {presets or 'turbo'}, warm-up, untimed below): {first_job} s",
+                  flush=True)
     for method, preset, faces, size, low_vram, taesd in plan if "jobs" in parts else []:
         label = preset + (" low-VRAM" if low_vram else "") + (" TAESD" if taesd else "")
         # The targets' jobs also run without the stage clock on CUDA (where it costs time); SDS/SSD
@@ -594,16 +660,28 @@ def main() -> None:
         for r in vaes:
             print(f"  {r['vae']:<6} {r['parameters_m']:6.2f} M parameters  {r['views']} x {r['size']}²  "
                   f"encode {r['encode_ms']:8.1f} ms  decode {r['decode_ms']:8.1f} ms", flush=True)
+    if "layout" in parts:
+        layouts = attempt(failures, "layout", lambda: layout_times(
+            prior, device, presets or "turbo", default_faces, default_size, 2 if args.cpu_small else 6,
+            prior.resolution)) or []
+        print("\nconvolution settings: UNet (a CFG pair), VAE, a whole job (unclocked):")
+        for r in layouts:
+            setting = r["layout"] + (" cuDNN autotuned" if r["cudnn_autotune"] else "")
+            print(f"  {setting:<20}  UNet {r['unet_ms']:7.1f} ms  encode {r['encode_ms']:7.1f} ms  decode "
+                  f"{r['decode_ms']:7.1f} ms  ({r['views']} x {r['view_size']}²)  sir {r['preset']} {r['faces']} "
+                  f"faces {r['texture']}²: {r['job_seconds']:.2f} s", flush=True)
     if "unwrap" in parts:
         # The one-piece comparison is a CPU question, answered by the CPU run; a GPU lease skips it.
-        unwraps = attempt(failures, "unwrap", lambda: unwrap_times([5_000, 50_000, 500_000],
-                                                                   50_000 if args.cpu_small else 0)) or []
+        unwraps = attempt(failures, "unwrap", lambda: unwrap_times(
+            faces_list if args.faces else [5_000, 50_000, 500_000], 50_000 if args.cpu_small else 0)) or []
         print("\nUV unwrapping alone (CPU):")
         for r in unwraps:
             used = r["uv_area_used"]
-            print(f"  {r['faces']:>7} faces {r['surface']:<6} {r['pieces']:>5} pieces  {r['seconds']:7.2f} s  "
+            print(f"  {r['faces']:>7} faces {r['surface']:<6} {r['pieces']:>5} pieces  {r['child']:<20} "
+                  f"{r['seconds']:7.2f} s  "
                   f"UV area used {used if isinstance(used, str) else f'{used:.0%}'}  ({r['cpu_cores']} cores)",
                   flush=True)
+        keep_spare()  # for generation, after the rows without one
     if "raster" in parts:
         rasters = attempt(failures, "rasterisers", lambda: rasteriser_times(device, faces_list, 512)) or []
         print("\nrasteriser alone (4 views):")
@@ -631,7 +709,9 @@ def main() -> None:
     (RESULTS / "speed.json").write_text(json.dumps({"device": device_name, "date": time.strftime("%Y-%m-%d"),
                                                 "model": "tiny" if args.cpu_small else args.model,
                                                 "compile": args.compile,
-                                                "jobs": rows, "models": family_rows, "vae": vaes, "unwrap": unwraps,
+                                                "first_job_seconds": first_job, "jobs": rows,
+                                                "models": family_rows, "vae": vaes, "layout": layouts,
+                                                "unwrap": unwraps,
                                                 "rasterisers": rasters,
                                                 "splats": splats, "generate": generated, "failures": failures},
                                                indent=2))

@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import torch
 from conftest import ROOT
 
 
@@ -30,7 +31,7 @@ def test_quality_bench_quick_run_writes_its_table() -> None:
 
 def test_speed_bench_cpu_small_reports_every_stage() -> None:
     # Its unwrap part (500k faces, about two minutes here) is checked on small meshes below.
-    result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,models,vae,raster,splat,generate",
+    result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,models,vae,layout,raster,splat,generate",
                        "--families", "sd15-controlnet-depth,sd2-depth,sd15-lcm-lora")
     assert result.returncode == 0, result.stderr[-2000:]
     report = json.loads((ROOT / "bench" / "results" / "speed.json").read_text())
@@ -52,6 +53,11 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
     sd, taesd = report["vae"]
     assert (sd["vae"], taesd["vae"]) == ("SD", "TAESD") and taesd["parameters_m"] < sd["parameters_m"] / 10
     assert 0 < taesd["decode_ms"] < sd["decode_ms"]
+    assert report["first_job_seconds"] > 0
+    assert [(row["layout"], row["cudnn_autotune"]) for row in report["layout"]] == [
+        ("NCHW", False), ("NHWC", False), ("NCHW", True)]
+    for row in report["layout"]:
+        assert min(row["unet_ms"], row["encode_ms"], row["decode_ms"], row["job_seconds"]) > 0
     assert report["rasterisers"][0]["ms"] > 0
     assert report["splats"][0]["renderer"] == "torch" and report["splats"][0]["ms_forward_backward"] > 0
     assert {(row["method"], row["vae"]) for row in report["generate"]} == \
@@ -105,7 +111,10 @@ def test_speed_bench_unwrap_rows_compare_pieces_with_one_piece(monkeypatch) -> N
 
     monkeypatch.setattr(unwrap, "SINGLE_PIECE_FACES", 2_000)  # so 5k faces split (halved to 625 each), as 500k do
     rows = unwrap_times([5_000], one_piece_up_to=5_000)
-    assert [(r["surface"], r["pieces"]) for r in rows] == [("smooth", 8), ("smooth", 1), ("rough", 8), ("rough", 1)]
+    assert [(r["surface"], r["pieces"], r["child"]) for r in rows] == [
+        (surface, pieces, child) for surface in ("smooth", "rough")
+        for pieces, child in ((8, "started for the job"), (8, "spare"), (1, "started for the job"))]
+    assert unwrap._spare is None  # no spare left behind
     assert all(r["seconds"] > 0 and 0 < r["uv_area_used"] <= 1 for r in rows)
     assert unwrap.SINGLE_PIECE_FACES == 2_000  # put back after each one-piece row
 
@@ -145,3 +154,25 @@ def test_retrieval_bench_quick_run_writes_its_tables() -> None:
     assert report["adaptation"]["train_s"] > report["adaptation"]["cached_s"] > 0
     assert report["indexing"]["assets"] == 50 and report["indexing"]["reused"] == 50
     assert report["query_scale"]["recall_at_10"] > 0.8
+
+
+def test_channels_last_weights_predict_encode_and_decode_the_same() -> None:
+    """The layout part's NHWC weights change the convolutions' memory order, not their numbers, so
+    its rows compare equal work; switching back leaves NCHW weights."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import set_channels_last
+
+    from backend.prior import load_prior
+
+    prior = load_prior("tiny", torch.device("cpu"))
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    prompt = prior.encode_prompt("a vase", "")
+    before = (*prior.predict_eps(x, 400, prompt, None), prior.encode(images), prior.decode(prior.encode(images)))
+    set_channels_last(prior, True)
+    conv = next(m for m in prior.unet.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    after = (*prior.predict_eps(x, 400, prompt, None), prior.encode(images), prior.decode(prior.encode(images)))
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after))
+    set_channels_last(prior, False)
+    assert conv.weight.is_contiguous()
