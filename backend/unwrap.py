@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,7 +90,9 @@ def _child(folder: str) -> None:
         os.nice(NICENESS)
     import xatlas  # noqa: F401  (now, so that a spare has paid for it before its job comes)
 
-    if not sys.stdin.readline():  # EOF: a spare the backend no longer needs
+    if not sys.stdin.readline():  # EOF: a spare whose backend went without a word (killed, crashed)
+        os.close(2)  # the one open handle on the folder's stderr.txt (Windows deletes no open file)
+        shutil.rmtree(folder, ignore_errors=True)
         return
     data = np.load(Path(folder) / "mesh.npz")
     triangles = data["triangles"]

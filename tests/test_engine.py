@@ -165,12 +165,15 @@ def test_a_kept_spare_child_takes_the_next_job_and_a_new_one_waits_behind_it() -
         assert unwrapping._spare is None  # no longer kept: a job starts its own child and no spare
 
 
-def test_a_spare_child_exits_when_the_backend_goes_without_a_word(tmp_path) -> None:
-    """A backend killed outright closes its end of the spare's stdin: the spare exits, not lingers."""
-    child = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(tmp_path)], cwd=ROOT,
-                             stdin=subprocess.PIPE, env=dict(os.environ, PYTHONPATH=str(ROOT)))
-    child.stdin.close()
-    assert child.wait(timeout=30) == 0 and not (tmp_path / "uvs.npy").exists()
+def test_a_spare_child_exits_when_the_backend_goes_without_a_word() -> None:
+    """A backend killed outright closes its end of the spare's stdin: the spare exits, not
+    lingers, and removes its folder, which no one else is left to remove."""
+    from backend import unwrap as unwrapping
+
+    spare = unwrapping._Child()
+    spare.process.stdin.close()
+    assert spare.process.wait(timeout=30) == 0 and not os.path.exists(spare.folder.name)
+    spare.close()  # and the backend's own clean-up, had it lived, finds nothing to do
 
 
 def test_an_xatlas_crash_is_a_clear_error_and_splitting_avoids_it(monkeypatch) -> None:
