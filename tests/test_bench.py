@@ -64,6 +64,8 @@ def test_speed_bench_cpu_small_reports_every_stage() -> None:
         {("sir", "model's"), ("sds", "model's"), ("sir", "TAESD")}
     for row in report["generate"]:
         assert set(row["stages"]) == {"gaussians", "extract", "unwrap", "bake", "refine"}
+        assert set(row["extraction"]) == {"density grid", "fill", "marching cubes", "clean-up"}
+        assert sum(row["extraction"].values()) <= row["stages"]["extract"] + 0.05
         assert row["images_denoised"] > 0 and row["triangles"] > 0
 
 
