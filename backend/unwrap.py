@@ -20,6 +20,7 @@ a job only writes its mesh and says go.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import shutil
 import subprocess
@@ -119,7 +120,7 @@ class _Child:
         if self.process.poll() is None:
             self.process.kill()
         self.process.wait()
-        if self.process.stdin is not None:
+        with contextlib.suppress(OSError):  # a "go" still buffered for a child that died: nothing to tell
             self.process.stdin.close()
         self.folder.cleanup()
 

@@ -134,6 +134,21 @@ def test_unwrap_failures_cost_the_job_not_the_backend(tmp_path) -> None:
     assert mesh.corner_uvs.shape == (mesh.triangle_count, 3, 2)
 
 
+def test_a_child_that_dies_before_its_job_is_an_error_not_a_hang(monkeypatch) -> None:
+    """A spare can die between the check that it lives and the job's go: the job fails with the
+    fix, and closing its pipe raises nothing."""
+    from backend import unwrap as unwrapping
+
+    def dead() -> unwrapping._Child:
+        child = unwrapping._Child()
+        child.process.kill()
+        child.process.wait()
+        return child
+    monkeypatch.setattr(unwrapping, "_take_child", dead)
+    with pytest.raises(MeshError, match=r"xatlas crashed \(signal .*Smart UV Project"):
+        unwrap(grid_mesh())
+
+
 def test_a_kept_spare_child_takes_the_next_job_and_a_new_one_waits_behind_it() -> None:
     """The server keeps an xatlas child started ahead: a job hands its mesh to that process (Python
     and the imports already paid), the next spare starts at once, a dead spare is replaced, and
