@@ -6,7 +6,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +29,9 @@ from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
 from .unwrap import Unwrapping
 
 
+T = TypeVar("T")
+
+
 class JobError(Exception):
     """A job that cannot run as asked; ``code`` is a protocol error code."""
 
@@ -37,11 +40,15 @@ class JobError(Exception):
         self.code = code
 
 
+def out_of_memory(exc: BaseException) -> bool:
+    return "out of memory" in f"{type(exc).__name__}: {exc}".lower()
+
+
 def describe_failure(exc: BaseException, low_vram: bool) -> dict[str, str]:
     """An unexpected exception as an error code and a message with the fix where one is known. Out
     of GPU memory, the first fix is Low VRAM mode unless the job already had it."""
     text = f"{type(exc).__name__}: {exc}"
-    if "out of memory" in text.lower():
+    if out_of_memory(exc):
         fixes = "choose a smaller texture size, close other GPU programs, or press Unload Models and try again"
         if not low_vram:
             fixes = ("turn on Low VRAM (Preferences > Add-ons > Kiln; --low-vram in the CLI and batch scripts), "
@@ -239,11 +246,42 @@ def texture_from_message(msg: protocol.Message, name: str = "init_texture") -> t
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
 
 
+def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callable[[JobRequest], T]) -> T:
+    """``run(request)``; if the GPU runs out of memory outside Low VRAM mode, once more in it. That
+    mode computes the same numbers in smaller batches, so a card a little too small for the job
+    (SD 2.1 at 768² peaks at 11.8 GiB, 4.1 in Low VRAM) finishes it, slower, instead of failing.
+    Out of memory there too, the job fails with the remaining fixes."""
+    try:
+        return run(request)
+    except Exception as exc:
+        if request.low_vram or not out_of_memory(exc):
+            raise
+    # Out of the except block, so the failed attempt's tensors, which its traceback held, are free.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    events.log("the GPU ran out of memory: running the job again in Low VRAM mode, slower (turn it on in "
+               "Preferences > Add-ons > Kiln, or --low-vram, to start that way)")
+    try:
+        return run(replace(request, low_vram=True))
+    except Exception as exc:
+        if not out_of_memory(exc):
+            raise
+        raise JobError(protocol.E_OUT_OF_MEMORY, describe_failure(exc, low_vram=True)["message"]) from exc
+
+
 def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
                     init_texture: torch.Tensor | None = None, own_reference: tuple[Asset, str] | None = None):
     """Validate, unwrap if needed (while the prior loads), run the method; returns the final (3, S, S)
     texture. With ``init_texture`` the method refines it instead of starting blank;
-    ``own_reference`` is the artist's reference object (asset and name), if they chose one."""
+    ``own_reference`` is the artist's reference object (asset and name), if they chose one. Out of
+    GPU memory, it runs again in Low VRAM mode (``retrying_in_low_vram``); the mesh keeps the UVs
+    the first attempt gave it, which Blender already has."""
+    return retrying_in_low_vram(request, events, lambda request: _texture_job(request, mesh, events, models,
+                                                                              init_texture, own_reference))
+
+
+def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
+                 init_texture: torch.Tensor | None, own_reference: tuple[Asset, str] | None):
     from .distill import DistillTexturer
     from .sir import SIRTexturer
 
@@ -390,7 +428,14 @@ REFERENCE_RADIUS = 0.8
 def run_generate_job(request: JobRequest, events: TextureEvents, models: ModelCache,
                      own_reference: tuple[Asset, str] | None = None):
     """Load the prior and generate a new object; returns ``generate.Generated``.
-    ``own_reference``: the artist's object to start from (asset and name), if they chose one."""
+    ``own_reference``: the artist's object to start from (asset and name), if they chose one. Out
+    of GPU memory, it runs again in Low VRAM mode (``retrying_in_low_vram``)."""
+    return retrying_in_low_vram(request, events, lambda request: _generate_job(request, events, models,
+                                                                               own_reference))
+
+
+def _generate_job(request: JobRequest, events: TextureEvents, models: ModelCache,
+                  own_reference: tuple[Asset, str] | None):
     from .generate import FRAME_RADIUS, generate_object
     from .reference import frame_box
 

@@ -411,6 +411,80 @@ def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_tr
         cli.main(job)
 
 
+def test_a_job_out_of_gpu_memory_runs_again_in_low_vram_mode_to_the_same_texture(monkeypatch) -> None:
+    """A card a little too small for the job: the GPU runs out of memory, the job says so and runs
+    again in Low VRAM mode, whose smaller batches give the texture the job would have given. Out
+    of memory there too, it fails with the remaining fixes; any other failure is not retried."""
+    import torch
+
+    from backend import protocol
+    from backend.jobs import JobError
+
+    class Logged(Recorder):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def log(self, text):
+            self.lines.append(text)
+
+    models = ModelCache()
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
+    prior = models.get(request, Recorder())
+    predict, tried = prior.predict_eps, []
+
+    def small_card(*args, **kwargs):
+        tried.append(prior.batch_limit)
+        if prior.batch_limit is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(*args, **kwargs)
+    monkeypatch.setattr(prior, "predict_eps", small_card)
+    events = Logged()
+    texture = run_texture_job(request, grid_mesh(), events, models)
+    assert tried[0] is None and tried[1] is not None
+    assert any("running the job again in Low VRAM mode" in line for line in events.lines)
+    monkeypatch.setattr(prior, "predict_eps", predict)
+    low = run_texture_job(JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1,
+                                                  "low_vram": True}), grid_mesh(), Recorder(), models)
+    assert torch.allclose(texture, low, atol=1e-5)
+
+    def no_card(*_args, **_kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(prior, "predict_eps", no_card)
+    with pytest.raises(JobError, match="even in Low VRAM mode: choose a smaller texture size") as failed:
+        run_texture_job(request, grid_mesh(), Logged(), models)
+    assert failed.value.code == protocol.E_OUT_OF_MEMORY
+
+    def bug(*_args, **_kwargs):
+        tried.append("bug")
+        raise RuntimeError("a bug")
+    tried.clear()
+    monkeypatch.setattr(prior, "predict_eps", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        run_texture_job(request, grid_mesh(), Logged(), models)
+    assert tried == ["bug"]
+
+
+def test_generating_out_of_gpu_memory_runs_again_in_low_vram_mode(monkeypatch) -> None:
+    import torch
+
+    from backend.jobs import run_generate_job
+
+    models = ModelCache()
+    request = JobRequest.from_fields({"prompt": "a stool", "task": "generate"})
+    prior = models.get(request, Recorder())
+    predict, tried = prior.predict_eps, []
+
+    def small_card(*args, **kwargs):
+        tried.append(prior.batch_limit)
+        if prior.batch_limit is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(*args, **kwargs)
+    monkeypatch.setattr(prior, "predict_eps", small_card)
+    result = run_generate_job(request, Recorder(), models)
+    assert tried[0] is None and set(tried[1:]) == {prior.batch_limit} and result.mesh.triangle_count > 0
+
+
 def test_every_setting_the_panel_accepts_the_backend_accepts_too() -> None:
     """The panel's limits and the backend's checks come from the protocol's one set of constants.
     Steps above 500 were refused once, though the panel offered up to 5,000 and SDS's preset runs 1,000."""
