@@ -411,6 +411,21 @@ def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_tr
         cli.main(job)
 
 
+def small_card(prior, tried: list):
+    """The prior's ``predict_eps`` as on a card too small for full batches: out of memory unless
+    Low VRAM mode bounds them; ``tried`` gets each call's batch limit."""
+    import torch
+
+    predict = prior.predict_eps
+
+    def predict_eps(*args, **kwargs):
+        tried.append(prior.batch_limit)
+        if prior.batch_limit is None:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return predict(*args, **kwargs)
+    return predict_eps
+
+
 def test_a_job_out_of_gpu_memory_runs_again_in_low_vram_mode_to_the_same_texture(monkeypatch) -> None:
     """A card a little too small for the job: the GPU runs out of memory, the job says so and runs
     again in Low VRAM mode, whose smaller batches give the texture the job would have given. Out
@@ -432,13 +447,7 @@ def test_a_job_out_of_gpu_memory_runs_again_in_low_vram_mode_to_the_same_texture
     request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
     prior = models.get(request, Recorder())
     predict, tried = prior.predict_eps, []
-
-    def small_card(*args, **kwargs):
-        tried.append(prior.batch_limit)
-        if prior.batch_limit is None:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return predict(*args, **kwargs)
-    monkeypatch.setattr(prior, "predict_eps", small_card)
+    monkeypatch.setattr(prior, "predict_eps", small_card(prior, tried))
     events = Logged()
     texture = run_texture_job(request, grid_mesh(), events, models)
     assert tried[0] is None and tried[1] is not None
@@ -466,21 +475,13 @@ def test_a_job_out_of_gpu_memory_runs_again_in_low_vram_mode_to_the_same_texture
 
 
 def test_generating_out_of_gpu_memory_runs_again_in_low_vram_mode(monkeypatch) -> None:
-    import torch
-
     from backend.jobs import run_generate_job
 
     models = ModelCache()
     request = JobRequest.from_fields({"prompt": "a stool", "task": "generate"})
     prior = models.get(request, Recorder())
-    predict, tried = prior.predict_eps, []
-
-    def small_card(*args, **kwargs):
-        tried.append(prior.batch_limit)
-        if prior.batch_limit is None:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return predict(*args, **kwargs)
-    monkeypatch.setattr(prior, "predict_eps", small_card)
+    tried: list = []
+    monkeypatch.setattr(prior, "predict_eps", small_card(prior, tried))
     result = run_generate_job(request, Recorder(), models)
     assert tried[0] is None and set(tried[1:]) == {prior.batch_limit} and result.mesh.triangle_count > 0
 
