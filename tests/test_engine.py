@@ -435,14 +435,6 @@ def test_a_job_out_of_gpu_memory_runs_again_in_low_vram_mode_to_the_same_texture
     from backend import protocol
     from backend.jobs import JobError
 
-    class Logged(Recorder):
-        def __init__(self) -> None:
-            super().__init__()
-            self.lines: list[str] = []
-
-        def log(self, text):
-            self.lines.append(text)
-
     models = ModelCache()
     request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
     prior = models.get(request, Recorder())
