@@ -105,18 +105,20 @@ def density_grid(params: torch.nn.ParameterDict, resolution: int, filter_cells: 
                 if not near.numel():
                     continue
                 # (x−μ)ᵀP(x−μ) = xᵀPx − 2xᵀPμ + μᵀPμ: one (cells × 10) @ (10 × Gaussians) product
-                # instead of a (cells, Gaussians, 3) difference tensor (11× faster on the CPU); in
-                # the block's own coordinates, so the terms stay small and cancel without loss.
+                # instead of a (cells, Gaussians, 3) difference tensor (6× faster on the CPU); in
+                # the block's own coordinates and in float64 (never TF32), so the terms, large for
+                # thin Gaussians, cancel without loss.
                 centre = (lo + hi) / 2
                 pts = torch.stack(torch.meshgrid(axis[sl[0]], axis[sl[1]], axis[sl[2]], indexing="ij"), -1)
                 pts = pts.reshape(-1, 3) - centre
-                features = torch.cat([pts[:, rows] * pts[:, cols], pts, torch.ones_like(pts[:, :1])], 1)
+                features = torch.cat([pts[:, rows] * pts[:, cols], pts, torch.ones_like(pts[:, :1])], 1).double()
                 for part in near.split(8192):
-                    mu, precision = means[part] - centre, precis[part]
+                    mu, precision = (means[part] - centre).double(), precis[part].double()
                     p_mu = (precision @ mu[:, :, None]).squeeze(2)
                     coefficients = torch.cat([precision[:, rows, cols] * off_diagonal, -2 * p_mu,
                                               (mu * p_mu).sum(1, keepdim=True)], 1)
-                    dens = torch.exp(-0.5 * (features @ coefficients.T)) @ opacities[part]
+                    q = (features @ coefficients.T).float()
+                    dens = torch.exp(-0.5 * q) @ opacities[part]
                     out[sl[0], sl[1], sl[2]] += dens.reshape(out[sl[0], sl[1], sl[2]].shape)
     return out.cpu().numpy()
 
