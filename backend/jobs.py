@@ -40,7 +40,8 @@ class JobError(Exception):
         self.code = code
 
 
-def out_of_memory(exc: BaseException) -> bool:
+def is_out_of_memory(exc: BaseException) -> bool:
+    """CUDA's out-of-memory error, or a library's that wraps it (the words are all they share)."""
     return "out of memory" in f"{type(exc).__name__}: {exc}".lower()
 
 
@@ -48,7 +49,7 @@ def describe_failure(exc: BaseException, low_vram: bool) -> dict[str, str]:
     """An unexpected exception as an error code and a message with the fix where one is known. Out
     of GPU memory, the first fix is Low VRAM mode unless the job already had it."""
     text = f"{type(exc).__name__}: {exc}"
-    if out_of_memory(exc):
+    if is_out_of_memory(exc):
         fixes = "choose a smaller texture size, close other GPU programs, or press Unload Models and try again"
         if not low_vram:
             fixes = ("turn on Low VRAM (Preferences > Add-ons > Kiln; --low-vram in the CLI and batch scripts), "
@@ -254,7 +255,7 @@ def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callab
     try:
         return run(request)
     except Exception as exc:
-        if request.low_vram or not out_of_memory(exc):
+        if request.low_vram or not is_out_of_memory(exc):
             raise
     # Out of the except block, so the failed attempt's tensors, which its traceback held, are free.
     if torch.cuda.is_available():
@@ -264,7 +265,7 @@ def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callab
     try:
         return run(replace(request, low_vram=True))
     except Exception as exc:
-        if not out_of_memory(exc):
+        if not is_out_of_memory(exc):
             raise
         raise JobError(protocol.E_OUT_OF_MEMORY, describe_failure(exc, low_vram=True)["message"]) from exc
 

@@ -175,10 +175,9 @@ class Unwrapping:
     def __init__(self, mesh: Mesh, time_limit: float = TIME_LIMIT_S) -> None:
         self.mesh, self.time_limit = mesh, time_limit
         pieces = mesh_pieces(mesh)
-        self._owner = _take_child()
-        self.child, self.folder = self._owner.process, self._owner.folder
-        self.target, self.errors = self._owner.target, self._owner.errors
-        np.savez(self._owner.source, positions=mesh.positions.astype(np.float32),
+        self.worker = _take_child()
+        self.child = self.worker.process
+        np.savez(self.worker.source, positions=mesh.positions.astype(np.float32),
                  triangles=mesh.triangles.astype(np.int64), order=np.concatenate(pieces),
                  bounds=np.cumsum([0] + [len(p) for p in pieces]))
         try:
@@ -199,7 +198,7 @@ class Unwrapping:
         return self.child.poll() is not None
 
     def close(self) -> None:
-        self._owner.close()
+        self.worker.close()
 
     def corner_uvs(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray:
         """xatlas's UVs per triangle corner, (T, 3, 2). Raises ``Cancelled`` when ``cancelled()``
@@ -221,11 +220,11 @@ class Unwrapping:
                     raise MeshError(f"unwrapping mesh {name!r} ({faces:,} triangles, no UV map) took over "
                                     f"{self.time_limit:g} s, so Kiln stopped it: {fix}") from None
         if self.child.returncode != 0:
-            errors = self.errors.read_text(errors="replace").strip()
+            errors = self.worker.errors.read_text(errors="replace").strip()
             how = f"crashed (signal {-self.child.returncode})" if self.child.returncode < 0 else "failed"
             detail = f" ({errors.splitlines()[-1]})" if errors else ""
             raise MeshError(f"xatlas {how} unwrapping mesh {name!r} ({faces:,} triangles){detail}: {fix}")
-        return np.load(self.target)
+        return np.load(self.worker.target)
 
     def apply(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray | None:
         """Give the mesh its UVs; sets ``corner_uvs`` and returns per-loop UVs (or None).

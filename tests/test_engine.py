@@ -231,7 +231,7 @@ def test_unwrapping_runs_while_the_model_loads(monkeypatch) -> None:
         run_texture_job(JobRequest.from_fields({"prompt": "a vase", "model": "broken"}), grid_mesh(), Recorder(),
                         Loading())
     assert order == ["running", "running"]
-    assert started[-1].child.poll() is not None and not os.path.exists(started[-1].folder.name)
+    assert started[-1].child.poll() is not None and not os.path.exists(started[-1].worker.folder.name)
     mesh = grid_mesh()
     unwrap(mesh)
     assert torch.equal(run_texture_job(request, mesh, Recorder(), ModelCache()), overlapped)
