@@ -8,6 +8,18 @@ several texture variants per prompt make it multimodal — and
 
 conditional over the prompt's variants, unconditional over every prompt's, so CFG means
 something. It works in pixel space (model space = 2·image − 1) at a small resolution on the CPU.
+
+``uncond_spread`` σ widens the unconditional mixture: each reference becomes a Gaussian
+N(r_j, σ²I) there, whose exact denoiser is
+
+    x̂₀ = (s_t²·Σ_j w_j r_j + a_t σ²·x_t) / (a_t²σ² + s_t²),   w = softmax_j(−‖x_t − a_t r_j‖² / 2(a_t²σ² + s_t²)).
+
+Why: with σ = 0 both mixtures are one-hot on the same reference once a render is nearest it (in
+the quality bench, below t ≈ 850), so ε_cond = ε_uncond and CFG's direction h vanishes, which
+stalls SSD; a real model's unconditional covers far more images than any prompt's, and its h
+keeps pointing at the prompt's mode. The price of σ > 0: where a_t·σ > s_t the unconditional takes
+noise for data (x̂₀ follows x_t) and CFG amplifies it. The quality bench's ``--ssd-sweep``
+measures both sides. σ = 0, the default, is the formula above exactly.
 """
 
 from __future__ import annotations
@@ -37,7 +49,9 @@ class ExactPrior:
 
     def __init__(self, references: list[Reference], resolution: int = 64, background: float = 1.0,
                  schedule: NoiseSchedule | None = None, device: str | torch.device = "cpu",
-                 name: str = "exact") -> None:
+                 name: str = "exact", uncond_spread: float = 0.0) -> None:
+        if uncond_spread < 0:
+            raise ValueError(f"uncond_spread must be ≥ 0 (a standard deviation in model space), not {uncond_spread}")
         if not references:
             raise ValueError("the exact prior needs at least one reference")
         self.references = references
@@ -46,6 +60,7 @@ class ExactPrior:
         self.schedule = schedule or NoiseSchedule.stable_diffusion()
         self.device = torch.device(device)
         self.name = name
+        self.uncond_spread = uncond_spread
         self.prompts = sorted({r.prompt for r in references})
         self._renders: dict[bytes, torch.Tensor] = {}
 
@@ -89,13 +104,16 @@ class ExactPrior:
             self._renders = {key: torch.stack(out)}  # one camera batch at a time bounds memory
         return self._renders[key]
 
-    def denoise(self, x_t: torch.Tensor, t: int, chosen: torch.Tensor, renders: torch.Tensor) -> torch.Tensor:
-        """x̂₀ per view over the chosen references: a softmax of scaled squared distances."""
+    def denoise(self, x_t: torch.Tensor, t: int, chosen: torch.Tensor, renders: torch.Tensor,
+                spread: float = 0.0) -> torch.Tensor:
+        """x̂₀ per view over the chosen references, each spread by ``spread`` (module docstring)."""
         a, s = self.schedule.coefficients(t)
+        var = a * a * spread * spread + s * s
         refs = renders[chosen]                                             # (J', K, 3, H, W)
         dist = (x_t[None] - a * refs).square().flatten(2).sum(2)           # (J', K)
-        weights = torch.softmax(-dist / (2 * s * s), dim=0)
-        return (weights[..., None, None, None] * refs).sum(0)
+        weights = torch.softmax(-dist / (2 * var), dim=0)
+        mean = (weights[..., None, None, None] * refs).sum(0)
+        return (s * s * mean + a * spread * spread * x_t) / var
 
     def predict_eps(self, x_t: torch.Tensor, t: int, prompt: torch.Tensor, views: Views | None,
                     branches: str = BOTH) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -105,7 +123,7 @@ class ExactPrior:
         a, s = self.schedule.coefficients(t)
         uncond = cond = None
         if branches in (UNCOND, BOTH):
-            uncond = (x_t - a * self.denoise(x_t, t, torch.ones_like(prompt), renders)) / s
+            uncond = (x_t - a * self.denoise(x_t, t, torch.ones_like(prompt), renders, self.uncond_spread)) / s
         if branches in (COND, BOTH):
             cond = (x_t - a * self.denoise(x_t, t, prompt, renders)) / s
         return uncond, cond

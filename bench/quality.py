@@ -11,6 +11,8 @@ and mean colour saturation against the references' (SDS at high CFG over-saturat
 Cases: three meshes — a crate with its own UVs, the example vase (xatlas), a table with thin
 legs (xatlas) — in the unimodal case (one reference texture for the prompt, a second prompt's
 textures in the unconditional mixture), and the crate in the multimodal case (three variants).
+`--ssd-sweep` runs the multimodal crate alone, under this prior and under one whose unconditional
+mixture widens each reference by the references' own spread (ExactPrior's uncond_spread).
 
 Prints a table and the issue's targets, writes bench/results/quality_curves.csv,
 quality_summary.csv and quality.png (a contact sheet of held-out views).
@@ -105,19 +107,31 @@ def pattern(phase: float, hue: float, size: int = TEXTURE) -> torch.Tensor:
     return (0.5 + 0.3 * base + 0.1 * stripes + 0.06 * checker).clamp(0, 1)
 
 
+def natural_spread(textures: list[torch.Tensor]) -> float:
+    """The references' own RMS spread around their mean, per texel in model space: how far the
+    unconditional mixture widens each reference (ExactPrior's uncond_spread)."""
+    x = torch.stack(textures) * 2 - 1
+    return round(float((x - x.mean(0)).square().mean().sqrt()), 3)
+
+
 @dataclass
 class Case:
+    """``uncond_spread`` None: the references' natural spread (the SSD sweep's second prior)."""
+
     name: str
     mesh: Mesh
     variants: list[torch.Tensor]
     device: str = "cpu"  # where the prior, the methods and the scoring run
+    uncond_spread: float | None = 0.0
     prior: ExactPrior = field(init=False)
 
     def __post_init__(self) -> None:
         others = [pattern(2.1, 0.55), pattern(4.0, 0.8)]  # a second prompt: the unconditional mixture
+        if self.uncond_spread is None:
+            self.uncond_spread = natural_spread(self.variants + others)
         refs = [Reference("target", self.mesh, t) for t in self.variants]
         refs += [Reference("other", self.mesh, t) for t in others]
-        self.prior = ExactPrior(refs, resolution=RESOLUTION, device=self.device)
+        self.prior = ExactPrior(refs, resolution=RESOLUTION, device=self.device, uncond_spread=self.uncond_spread)
 
 
 # --- measurement ---------------------------------------------------------------------------
@@ -265,7 +279,8 @@ def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, eval_every: int,
     with torch.no_grad():
         views = scorer.views(texturer.texture.sample)
     result.views = views
-    result.final = {"case": case.name, "method": label, "images_denoised": images, "unet_calls": calls,
+    result.final = {"case": case.name, "method": label, "uncond_spread": case.uncond_spread,
+                    "images_denoised": images, "unet_calls": calls,
                     "seconds": round(seconds, 2), "psnr": round(p, 2), "ssim": round(s, 4),
                     "best_psnr": round(max(c[3] for c in recorder.curve), 2),
                     "coverage": round(covered_fraction(texturer), 3),
@@ -298,11 +313,15 @@ def contact_sheet(runs: list[Run], cases: dict[str, Case], path: Path) -> None:
 
 
 def ssd_sweep(runs: list[Run], path: Path) -> None:
-    """Why SSD trails here: the exact prior's posterior over 64²·3-dimensional references is one-hot
-    below t ≈ 850 (largest weight > 0.99), so once a view is nearest a target variant, ε_cond = ε_uncond, h = 0 and the
-    mode-seeking branch, rescaled to ‖h‖, vanishes too; the only signal left is h at the largest t,
-    which pushes away from the unconditional mean without bound (saturation)."""
-    rows = [{k: r.final[k] for k in ("method", "images_denoised", "psnr", "best_psnr", "saturation",
+    """SSD across τ and w(t), against SDS at CFG 7.5 and 100 and SIR, under two priors. With the
+    exact prior as ALGORITHMS.md defines it (spread 0) the posteriors over 64²·3-dimensional
+    references are one-hot below t ≈ 850, so near a target variant ε_cond = ε_uncond, h = 0, and
+    SSD's mode-seeking branch, rescaled to ‖ω·h‖, vanishes with it: the only signal left is h at
+    the largest t, which pushes away from the unconditional mean (saturation). Widening the
+    unconditional's references into Gaussians keeps h pointing at the prompt's modes and SSD
+    converges, but that unconditional takes noise for data (x̂₀ ∝ x_t where a_t·σ > s_t), so CFG
+    amplifies the noise in SIR's sampling and SDS's targets: no one prior shows every method fairly."""
+    rows = [{k: r.final[k] for k in ("method", "uncond_spread", "images_denoised", "psnr", "best_psnr", "saturation",
                                      "reference_saturation")} for r in runs]
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
@@ -320,7 +339,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one mesh, small budget: a smoke run")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--ssd-sweep", action="store_true",
-                        help="only the multimodal crate: SSD across τ and w(t) against SDS at CFG 7.5 and 100")
+                        help="only the multimodal crate: SSD across τ, w(t) and the unconditional's spread "
+                             "against SDS at CFG 7.5 and 100")
     args = parser.parse_args()
     budget = 400 if args.quick else args.budget
     views = 4
@@ -344,9 +364,11 @@ def main() -> None:
              (multimodal, "SSD cfg7.5", replace(PRESETS["ssd"]["quality"], iterations=distill_steps, views=views,
                                                 lr=0.03, pad_texels=4, stream_every=5))]
     if args.ssd_sweep:
-        ssd = plan[-1][2]
-        plan = [(multimodal, f"SSD tau{tau} w={w}", replace(ssd, tau=tau, weighting=w))
-                for tau in (200, 500, 800, 900, 1000) for w in ("sds", "uniform")] + plan[-3:-1]
+        ssd, others = plan[-1][2], plan[-4:-1]
+        spread = replace(multimodal, uncond_spread=None)
+        plan = [(case, f"SSD tau{tau} w={w}", replace(ssd, tau=tau, weighting=w))
+                for case in (multimodal, spread) for tau in (200, 500, 800, 1000) for w in ("sds", "uniform")]
+        plan += [(case, label, cfg) for case in (multimodal, spread) for _, label, cfg in others]
     runs = []
     for case, label, cfg in plan:
         started = time.perf_counter()
@@ -370,8 +392,8 @@ def main() -> None:
         writer.writerows(summary)
     contact_sheet(runs, {**unimodal, "crate-multimodal": multimodal}, out / "quality.png")
 
-    cols = ["case", "method", "images_denoised", "unet_calls", "seconds", "psnr", "best_psnr", "ssim", "coverage",
-            "seam_error", "saturation", "reference_saturation"]
+    cols = ["case", "method", "uncond_spread", "images_denoised", "unet_calls", "seconds", "psnr", "best_psnr", "ssim",
+            "coverage", "seam_error", "saturation", "reference_saturation"]
     widths = [max(len(c), *(len(str(s[c])) for s in summary)) for c in cols]
     print("  ".join(c.ljust(w) for c, w in zip(cols, widths, strict=True)))
     for s in summary:

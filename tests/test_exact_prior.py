@@ -58,6 +58,30 @@ def test_denoiser_matches_brute_force_softmax() -> None:
                 assert torch.allclose(eps[k].double(), expected, atol=1e-4), (t, k)
 
 
+def test_a_spread_unconditional_is_the_score_of_its_gaussian_mixture() -> None:
+    """With uncond_spread σ, ε_uncond is −s_t·∇log Σ_j N(x_t; a_t r_j, (a_t²σ² + s_t²)I), here by
+    autograd; the conditional mixture keeps its sharp references."""
+    mesh = box_mesh()
+    refs = [Reference("a", mesh, pattern(32, 0.0)), Reference("b", mesh, pattern(32, 1.5)),
+            Reference("b", mesh, pattern(32, 3.0))]
+    sharp = ExactPrior(refs, resolution=16)
+    prior = ExactPrior(refs, resolution=16, uncond_spread=0.4)
+    views = Views(orbit(mesh.positions, [0.0, 90.0], [10.0, 30.0], "y"))
+    renders = prior.renders(views).double()
+    x_t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    for t in (50, 400, 900):
+        a, s = prior.schedule.coefficients(t)
+        x = x_t.clone().requires_grad_(True)
+        var = a * a * 0.4 ** 2 + s * s
+        density = torch.logsumexp(-(x[None] - a * renders).square().flatten(2).sum(2) / (2 * var), dim=0).sum()
+        (score,) = torch.autograd.grad(density, x)
+        uncond, cond = prior.predict_eps(x_t.float(), t, prior.encode_prompt("a", ""), views)
+        assert torch.allclose(uncond.double(), -s * score, atol=1e-4), t
+        assert torch.equal(cond, sharp.predict_eps(x_t.float(), t, sharp.encode_prompt("a", ""), views)[1])
+    with pytest.raises(ValueError, match="uncond_spread must be ≥ 0"):
+        ExactPrior(refs, uncond_spread=-0.1)
+
+
 def test_denoiser_at_low_noise_returns_the_nearest_reference() -> None:
     mesh = box_mesh()
     refs = [Reference("a", mesh, pattern(32, 0.0)), Reference("a", mesh, pattern(32, 2.0))]
@@ -81,14 +105,14 @@ class BoxScene:
     ``second_prompt`` the unconditional mixture also holds 'a crate': without it ε_cond = ε_uncond,
     h = 0, and SSD (scaled to ‖ω·h‖) has nothing to follow."""
 
-    def __init__(self, second_prompt: bool) -> None:
+    def __init__(self, second_prompt: bool, uncond_spread: float = 0.0) -> None:
         torch.manual_seed(0)
         self.mesh = box_mesh()
         self.reference = pattern(128, 0.7)
         refs = [Reference("a box", self.mesh, self.reference)]
         if second_prompt:
             refs.append(Reference("a crate", self.mesh, pattern(128, 2.5)))
-        self.prior = ExactPrior(refs, resolution=64)
+        self.prior = ExactPrior(refs, resolution=64, uncond_spread=uncond_spread)
         held_out = orbit(self.mesh.positions, [17.0, 137.0, 257.0], [35.0, -20.0, 5.0], "y")
         self.raster = rasterize_views(torch.as_tensor(self.mesh.positions), torch.as_tensor(self.mesh.triangles),
                                       held_out.mvp, 64)
@@ -126,6 +150,22 @@ def test_score_distillation_against_the_exact_prior_raises_psnr(estimator: str, 
     after = scene.psnr(texturer)
     print(f"{estimator} vs exact prior: held-out PSNR {before:.1f} dB → {after:.1f} dB")
     assert after > before + 3, (before, after)
+
+
+def test_ssd_converges_once_the_unconditional_is_broader_than_the_prompts() -> None:
+    """Near the reference a sharp unconditional agrees with the conditional, h = 0, and SSD (scaled
+    to ‖ω·h‖) stalls; a spread unconditional keeps h pointing at the reference."""
+    from backend.distill import DistillTexturer
+    from backend.presets import DistillConfig
+
+    cfg = DistillConfig(estimator="ssd", guidance=7.5, iterations=150, views=4, lr=0.03, pad_texels=2)
+    reached = {}
+    for spread in (0.0, 0.4):
+        scene = BoxScene(second_prompt=True, uncond_spread=spread)
+        texturer = DistillTexturer(scene.mesh, scene.prior, cfg, 128, "a box", "", seed=0, events=TextureEvents())
+        texturer.run()
+        reached[spread] = scene.psnr(texturer)
+    assert reached[0.4] > 32 and reached[0.4] > reached[0.0] + 10, reached
 
 
 @pytest.mark.parametrize("method", ["sir", "sds"])
