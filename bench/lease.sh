@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
-# The GPU measurements of issues 6 and 3 (speed and VRAM of the SIR presets, generation, the
-# convolution settings, the quality bench, unwrapping, renderers) in one device call, because a lease is 15
+# The GPU measurements of issue 6 (speed and VRAM of the SIR presets, generation, the convolution
+# settings, a compiled VAE, unwrapping, renderers) in one device call, because a lease is 15
 # minutes of device time in all and a fresh machine has none of Kiln's packages beyond torch.
 # Two halves:
 #
 #   bash bench/lease.sh --fetch     here, once: download the wheels the GPU machine lacks into .whl/
 #   bash bench/lease.sh             there: device run(command="bash bench/lease.sh", carry=[".whl"],
-#                                   timeout_s=590); its steps' limits add up to 490 s; one log,
+#                                   timeout_s=590); its steps' limits add up to 535 s; one log,
 #                                   JSON and CSV come back under $OUT
 #
 # Steps run most important first, each under its own time limit, so a slow JIT build costs the
@@ -62,9 +62,10 @@ step jobs 180 python3 bench/speed.py --parts jobs,vae,generate --methods sir --f
 step layout 45 python3 bench/speed.py --parts layout --faces 50000 --sizes 2048
 # Issue 3's peak VRAM per model family was measured on 2026-12-04 (README) and is left out here:
 # python3 bench/speed.py --parts models --faces 50000 --sizes 2048 (100 s on the H200).
-# Issue 3's quality bench on the GPU (30 s on two CPU cores, about 40 on the H200): its figures
-# and their wall time there.
-step quality 45 bash -c "python3 bench/quality.py --device cuda && cp bench/results/quality_summary.csv '$OUT'/"
+# Whether torch.compile pays on SD's VAE, which bounds the UNet's share: 8 views at 512², eager
+# against compiled (compiling it took 32 s on two CPU cores here). Issue 3's quality bench ran on
+# the H200 on 2026-12-04 and is left out: python3 bench/quality.py --device cuda (about 40 s).
+step vae-compile 90 python3 bench/speed.py --parts vae --compile default
 # Unwrapping (500k faces: 20 s; a child started for the job against the backend's spare up to
 # 50k) and the renderers, at every size.
 step renderers 60 python3 bench/speed.py --parts unwrap,raster,splat --faces 5000,50000,500000

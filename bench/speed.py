@@ -410,17 +410,20 @@ def splat_times(device: torch.device, counts: list[int], size: int) -> list[dict
     return out
 
 
-def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any]]:
+def vae_times(device: torch.device, views: int, size: int, compile_mode: str | None = None) -> list[dict[str, Any]]:
     """The VAE alone: encoding and decoding ``views`` images (one SIR pass's), SD's VAE against
-    TAESD, both at full size with random weights, fp16 on CUDA."""
+    TAESD, both at full size with random weights, fp16 on CUDA. With ``compile_mode``, SD's VAE
+    once more under torch.compile: its first call (the compilation) and how far its decoding
+    strays from the eager one's."""
     from diffusers import AutoencoderKL
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     sd = LatentDiffusionPrior("sd", None, AutoencoderKL(**SD_VAE).to(device, dtype).eval(), None, None, "epsilon",
                               None, device, dtype)
     images = torch.rand(views, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
+    eager = sd.vae
     out = []
-    for name, vae in (("SD", sd.vae), ("TAESD", taesd_like(sd))):
+    for name, vae in (("SD", eager), ("TAESD", taesd_like(sd))):
         sd.vae = vae
         with torch.no_grad():
             encode = mean_seconds(lambda: sd.encode(images), device)
@@ -428,6 +431,23 @@ def vae_times(device: torch.device, views: int, size: int) -> list[dict[str, Any
         out.append({"vae": name, "views": views, "size": size, "encode_ms": round(encode * 1000, 1),
                     "decode_ms": round(decode * 1000, 1),
                     "parameters_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 2)})
+    if compile_mode:
+        sd.vae = eager
+        with torch.no_grad():
+            latents = sd.encode(images)
+            reference = sd.decode(latents)
+            eager.encoder, eager.decoder = (torch.compile(m, mode=compile_mode) for m in (eager.encoder, eager.decoder))
+            started = time.perf_counter()
+            difference = float((sd.decode(latents) - reference).abs().max())
+            sd.encode(images)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            first_call = time.perf_counter() - started
+            encode = mean_seconds(lambda: sd.encode(images), device)
+            decode = mean_seconds(lambda: sd.decode(latents), device)
+        out.append({**out[0], "vae": f"SD, torch.compile {compile_mode}", "encode_ms": round(encode * 1000, 1),
+                    "decode_ms": round(decode * 1000, 1), "compile_seconds": round(first_call, 1),
+                    "decode_max_difference": difference})
     return out
 
 
@@ -582,7 +602,8 @@ def main() -> None:
     parser.add_argument("--methods", default="sir,sds,ssd", help="comma-separated methods of the job grid")
     parser.add_argument("--no-low-vram", action="store_true", help="leave out the low-VRAM row")
     parser.add_argument("--compile", choices=["default", "reduce-overhead", "max-autotune"],
-                        help="torch.compile the UNet and VAE in this mode; an untimed warm-up job compiles first")
+                        help="torch.compile the UNet and VAE in this mode; an untimed warm-up job compiles first "
+                             "(the vae part adds a compiled row of SD's VAE)")
     parser.add_argument("--profile", action="store_true",
                         help="also profile the default job (SIR quality) and print its costliest operators")
     args = parser.parse_args()
@@ -666,11 +687,14 @@ def main() -> None:
         attempt(failures, "profile", lambda: profile_job(prior, presets or "quality", default_faces, default_size,
                                                           device))
     if "vae" in parts:
-        vaes = attempt(failures, "VAE", lambda: vae_times(device, *((1, 256) if args.cpu_small else (8, 512)))) or []
+        vaes = attempt(failures, "VAE", lambda: vae_times(device, *((1, 256) if args.cpu_small else (8, 512)),
+                                                          args.compile)) or []
         print("\nVAE alone (one pass's views, encode and decode):")
         for r in vaes:
+            compiled = f"  (compiling {r['compile_seconds']} s, decoding differs by up to " \
+                f"{r['decode_max_difference']:.1e})" if "compile_seconds" in r else ""
             print(f"  {r['vae']:<6} {r['parameters_m']:6.2f} M parameters  {r['views']} x {r['size']}²  "
-                  f"encode {r['encode_ms']:8.1f} ms  decode {r['decode_ms']:8.1f} ms", flush=True)
+                  f"encode {r['encode_ms']:8.1f} ms  decode {r['decode_ms']:8.1f} ms{compiled}", flush=True)
     if "layout" in parts:
         layouts = attempt(failures, "layout", lambda: layout_times(
             prior, device, presets or "turbo", default_faces, default_size, 2 if args.cpu_small else 6,

@@ -178,3 +178,15 @@ def test_channels_last_weights_predict_encode_and_decode_the_same() -> None:
     assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(before, after))
     set_channels_last(prior, False)
     assert conv.weight.is_contiguous()
+
+
+def test_the_vae_part_times_a_compiled_vae_that_decodes_as_the_eager_one() -> None:
+    """The lease's answer to whether torch.compile pays on SD's VAE: a third row, with the
+    compilation's cost and its decoding's distance from the eager decoding's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from speed import vae_times
+
+    sd, taesd, compiled = vae_times(torch.device("cpu"), 1, 64, "default")
+    assert (sd["vae"], taesd["vae"], compiled["vae"]) == ("SD", "TAESD", "SD, torch.compile default")
+    assert compiled["parameters_m"] == sd["parameters_m"] and compiled["compile_seconds"] > 0
+    assert compiled["decode_max_difference"] < 1e-3 and compiled["decode_ms"] > 0
