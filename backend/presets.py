@@ -156,6 +156,11 @@ PRESETS: dict[str, dict[str, SIRConfig | DistillConfig]] = {
                                         adapt=_TINY_ADAPTATION),
     },
     "ssd": {
+        # τ stays at the paper's 200 (chosen there with SD 2.1). The exact prior cannot rank τ for a
+        # real model: `bench/quality.py --ssd-sweep` scores τ 1000 highest on it (32.32 dB, 35.44 with
+        # w(t) uniform, against 14.96 at 200; multimodal crate, 2026-12-04) only because its posteriors
+        # mix above t ≈ 850 alone, so the large-t trap τ guards against hardly acts, and its h
+        # vanishes near a mode.
         "quality": DistillConfig(estimator="ssd", guidance=7.5, iterations=1000),
         "pipeline-check": DistillConfig(estimator="ssd", guidance=7.5, iterations=20, views=2, stream_every=5,
                                         adapt=_TINY_ADAPTATION),
