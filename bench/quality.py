@@ -364,11 +364,11 @@ def main() -> None:
              (multimodal, "SSD cfg7.5", replace(PRESETS["ssd"]["quality"], iterations=distill_steps, views=views,
                                                 lr=0.03, pad_texels=4, stream_every=5))]
     if args.ssd_sweep:
-        ssd, others = plan[-1][2], plan[-4:-1]
+        ssd, baselines = plan[-1][2], plan[-4:-1]
         spread = replace(multimodal, uncond_spread=None)
         plan = [(case, f"SSD tau{tau} w={w}", replace(ssd, tau=tau, weighting=w))
                 for case in (multimodal, spread) for tau in (200, 500, 800, 1000) for w in ("sds", "uniform")]
-        plan += [(case, label, cfg) for case in (multimodal, spread) for _, label, cfg in others]
+        plan += [(case, label, cfg) for case in (multimodal, spread) for _, label, cfg in baselines]
     runs = []
     for case, label, cfg in plan:
         started = time.perf_counter()

@@ -421,18 +421,21 @@ def vae_times(device: torch.device, views: int, size: int, compile_mode: str | N
     sd = LatentDiffusionPrior("sd", None, AutoencoderKL(**SD_VAE).to(device, dtype).eval(), None, None, "epsilon",
                               None, device, dtype)
     images = torch.rand(views, 3, size, size, device=device, generator=torch.Generator(device).manual_seed(0))
-    eager = sd.vae
-    out = []
-    for name, vae in (("SD", eager), ("TAESD", taesd_like(sd))):
-        sd.vae = vae
+
+    def timed(name: str) -> dict[str, Any]:
         with torch.no_grad():
             encode = mean_seconds(lambda: sd.encode(images), device)
             decode = mean_seconds(lambda latents=sd.encode(images): sd.decode(latents), device)
-        out.append({"vae": name, "views": views, "size": size, "encode_ms": round(encode * 1000, 1),
-                    "decode_ms": round(decode * 1000, 1),
-                    "parameters_m": round(sum(p.numel() for p in vae.parameters()) / 1e6, 2)})
+        return {"vae": name, "views": views, "size": size, "encode_ms": round(encode * 1000, 1),
+                "decode_ms": round(decode * 1000, 1),
+                "parameters_m": round(sum(p.numel() for p in sd.vae.parameters()) / 1e6, 2)}
+
+    eager = sd.vae
+    out = [timed("SD")]
+    sd.vae = taesd_like(sd)
+    out.append(timed("TAESD"))
+    sd.vae = eager
     if compile_mode:
-        sd.vae = eager
         with torch.no_grad():
             latents = sd.encode(images)
             reference = sd.decode(latents)
@@ -443,10 +446,7 @@ def vae_times(device: torch.device, views: int, size: int, compile_mode: str | N
             if device.type == "cuda":
                 torch.cuda.synchronize()
             first_call = time.perf_counter() - started
-            encode = mean_seconds(lambda: sd.encode(images), device)
-            decode = mean_seconds(lambda: sd.decode(latents), device)
-        out.append({**out[0], "vae": f"SD, torch.compile {compile_mode}", "encode_ms": round(encode * 1000, 1),
-                    "decode_ms": round(decode * 1000, 1), "compile_seconds": round(first_call, 1),
+        out.append({**timed(f"SD, torch.compile {compile_mode}"), "compile_seconds": round(first_call, 1),
                     "decode_max_difference": difference})
     return out
 
