@@ -26,6 +26,7 @@ from .presets import (
     resolve_generate,
 )
 from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
+from .texture import shared_uv_area
 from .unwrap import Unwrapping
 
 
@@ -290,6 +291,8 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
     request.config(refine=refine)  # a bad preset or override fails before anything is loaded
     check_reference_options(request, own_reference is not None)
     mesh.validate()
+    if mesh.corner_uvs is not None:
+        warn_of_shared_texels(mesh, events)
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")
@@ -307,6 +310,22 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
             return method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
                           request.seed, events, init_texture=init_texture, strength=request.strength,
                           reference=reference, unwrapping=unwrapping, **extra).run()
+
+
+#: The share of a UV map's area on top of other faces' above which a job says so (below it, the
+#: rasteriser's own error on slivers and island borders).
+SHARED_UV_NOTE = 0.05
+
+
+def warn_of_shared_texels(mesh: Mesh, events: TextureEvents) -> None:
+    """Mirrored, stacked or tiled UV islands make faces share texels, which then take one blended
+    colour: worth a note before the job, since the artist may have meant it (a mirrored half)."""
+    shared = shared_uv_area(torch.as_tensor(mesh.corner_uvs))
+    if shared > SHARED_UV_NOTE:
+        events.log(f"{mesh.name!r}: {shared:.0%} of its UV map's area lies on top of other faces (mirrored, "
+                   "stacked or tiled islands), so those faces share texels and get one blended colour there. For a "
+                   "texture of their own, give the mesh a UV map without overlaps (in Blender: add a UV map, Smart "
+                   "UV Project it and make it active for rendering) and texture again")
 
 
 def check_reference_options(request: JobRequest, own_reference: bool) -> None:

@@ -10,6 +10,7 @@ Texture rows run bottom-up (row 0 is v = 0), as in Blender's image pixels.
 
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -80,7 +81,15 @@ def spread_grid_sample(image: torch.Tensor, uv: torch.Tensor, copies: int) -> to
 
 def sample_image(image: torch.Tensor, uv: torch.Tensor) -> torch.Tensor:
     """Bilinear colours of a fixed (3, H, W) texture (rows bottom-up) at UVs (N, 2) → (N, 3)."""
-    return _bilinear(image[None].float(), uv)
+    return _bilinear(image[None].float(), wrap_uvs(uv))
+
+
+def wrap_uvs(uv: torch.Tensor) -> torch.Tensor:
+    """UVs outside the unit square wrapped into it, as Blender's Image Texture node (Repeat, its
+    default and Kiln's) and glTF's default sampler read them: a tiled or offset UV map is textured
+    as it will be shown. The closed square itself is kept, so a u of exactly 1 stays on its
+    island's edge rather than jumping to the far side."""
+    return torch.where((uv < 0) | (uv > 1), uv - uv.floor(), uv)
 
 
 class PixelLookup:
@@ -95,7 +104,7 @@ class PixelLookup:
         corners = corner_uvs[flat[self.index]]                             # (N, 3, 2)
         bary = raster.bary.reshape(-1, 2)[self.index]
         b0, b1 = bary[:, 0:1], bary[:, 1:2]
-        self.uv = b0 * corners[:, 0] + b1 * corners[:, 1] + (1 - b0 - b1) * corners[:, 2]
+        self.uv = wrap_uvs(b0 * corners[:, 0] + b1 * corners[:, 1] + (1 - b0 - b1) * corners[:, 2])
 
     def render(self, sampler: Callable[[torch.Tensor], torch.Tensor], background: float) -> torch.Tensor:
         """(K, 3, H, W) images, top row first, on a flat background; ``sampler`` maps UVs (N, 2) to
@@ -124,11 +133,49 @@ def image_mask(raster: Raster) -> torch.Tensor:
 
 
 def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:
-    """Which texels lie inside a UV island, (size, size) bool, rasterised in UV space."""
-    corners = corner_uvs.reshape(-1, 2)
+    """Which texels lie inside a UV island, (size, size) bool, rasterised in UV space; triangles
+    outside the unit square land where ``wrap_uvs`` takes their pixels."""
+    corners = _in_unit_square(corner_uvs.reshape(-1, 3, 2)).reshape(-1, 2)
     clip = torch.cat([corners * 2 - 1, torch.zeros_like(corners[:, :1]), torch.ones_like(corners[:, :1])], 1)
     tris = torch.arange(corners.shape[0], device=corners.device).view(-1, 3)
     return rasterize(clip[None], tris, size, size).mask[0]
+
+
+#: A triangle is drawn into at most this many unit squares per axis (a UV map tiled further
+#: repeats each texel so often that coverage is whole long before).
+_MAX_TILES = 16
+
+
+def _in_unit_square(tris: torch.Tensor) -> torch.Tensor:
+    """(T, 3, 2) UV triangles as copies within reach of the unit square: each moved by whole units
+    until its lowest corner lies in [0, 1), and one more copy per further square it reaches into,
+    moved back onto the unit square too. Triangles inside it are returned as they are."""
+    if not bool(((tris < 0) | (tris > 1)).any()):
+        return tris
+    tris = tris - tris.amin(1, keepdim=True).floor()
+    reach = tris.amax(1).ceil().clamp(1, _MAX_TILES).long()                # (T, 2) squares per axis
+    copies = [tris[(reach[:, 0] > du) & (reach[:, 1] > dv)] - tris.new_tensor([du, dv])
+              for du in range(int(reach[:, 0].max())) for dv in range(int(reach[:, 1].max()))]
+    return torch.cat(copies)
+
+
+#: (triangle, texel) pairs ``shared_uv_area`` lets the rasteriser test: maps whose triangles stack
+#: or tile over the square many times are checked at a coarser grid, so the check stays quick.
+_CHECK_PAIRS = 1 << 24
+
+
+def shared_uv_area(corner_uvs: torch.Tensor, size: int = 512) -> float:
+    """The fraction of a UV map's area that lies on top of other faces' (mirrored, stacked or tiled
+    islands), whose texels one texture must share: 1 − covered area / the triangles' summed area."""
+    tris = corner_uvs.reshape(-1, 3, 2).double()
+    edges = tris[:, 1:] - tris[:, :1]
+    area = float((edges[:, 0, 0] * edges[:, 1, 1] - edges[:, 0, 1] * edges[:, 1, 0]).abs().sum() / 2)
+    if area <= 0:
+        return 0.0
+    boxes = float((tris.amax(1) - tris.amin(1)).clamp(max=_MAX_TILES).prod(-1).sum())  # in unit squares
+    size = max(16, min(size, int(math.sqrt(_CHECK_PAIRS / max(boxes, 1e-12)))))
+    covered = float(uv_coverage(corner_uvs, size).float().mean())
+    return max(0.0, 1 - covered / area)
 
 
 def inpaint(image: torch.Tensor, known: torch.Tensor) -> torch.Tensor:

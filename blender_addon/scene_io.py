@@ -275,6 +275,7 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveText
     bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None) or nodes.new("ShaderNodeBsdfPrincipled")
     tex = nodes.new("ShaderNodeTexImage")
     tex.image = image
+    tex.extension = "REPEAT"  # as the backend samples UVs outside the unit square (texture.wrap_uvs)
     tex.location = (bsdf.location.x - 350, bsdf.location.y)
     uv = nodes.new("ShaderNodeUVMap")
     uv.uv_map = uv_map

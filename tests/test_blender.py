@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 bpy = pytest.importorskip("bpy")
+import mathutils  # noqa: E402  (comes with bpy)
 
 from conftest import BACKEND_PYTHON, ROOT, start_standing_backend  # noqa: E402
 
@@ -104,7 +105,7 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
     assert mat.name == "Kiln Cube"
     base = next(n for n in mat.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"]
     tex = base.links[0].from_node
-    assert tex.type == "TEX_IMAGE" and tex.image.name == "Kiln Cube"
+    assert tex.type == "TEX_IMAGE" and tex.image.name == "Kiln Cube" and tex.extension == "REPEAT"
     uv_node = tex.inputs["Vector"].links[0].from_node
     assert uv_node.type == "UVMAP" and uv_node.uv_map == "UVMap"  # the cube's own UVs, untouched
     saved = Path(bpy.path.abspath(tex.image.filepath))
@@ -167,9 +168,15 @@ def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
     positions = np.frombuffer(arrays["positions"].data, np.float32).reshape(-1, 3)
     assert arrays["triangles"].shape == (48, 3) and fields["loop_count"] == 96  # 24 quads after subdividing
     assert np.abs(positions).max() < 0.9  # the rounded shape, not the cage's corners at 1
-    select(rounded, bent)
+    mirrored = add_cube("Mirrored")
+    mirrored.data.transform(mathutils.Matrix.Translation((1.5, 0, 0)))
+    mirrored.location.y = 3
+    mirrored.modifiers.new("Mirror", "MIRROR")  # the other half on the same UVs: half the map is shared
+    select(rounded, bent, mirrored)
     bpy.ops.kiln.texture_selected()
-    assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished", "finished"]
+    assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished", "finished", "finished"]
+    shared = [note for note in kiln.operators.ACTIVE.notes if "share texels" in note]
+    assert len(shared) == 1 and shared[0].startswith("'Mirrored': 50% of its UV map's area"), shared
     assert len(rounded.modifiers) == 1 and len(rounded.data.loops) == 24  # the cage and its modifier are untouched
     assert [uv.name for uv in rounded.data.uv_layers] == ["UVMap"]
     assert [uv.name for uv in bent.data.uv_layers] == ["KilnUV"]

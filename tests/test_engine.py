@@ -237,6 +237,29 @@ def test_unwrapping_runs_while_the_model_loads(monkeypatch) -> None:
     assert torch.equal(run_texture_job(request, mesh, Recorder(), ModelCache()), overlapped)
 
 
+def test_tiled_uvs_texture_as_blender_repeats_them_and_shared_texels_get_a_note() -> None:
+    """Blender's Image Texture repeats the image outside the unit square, so a UV map moved by
+    whole tiles gets the texture its unmoved islands would, where they will be shown; islands
+    stacked on others get a note that those faces share texels, and unique UVs get none."""
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
+    models = ModelCache()
+    mesh = grid_mesh()
+    unwrap(mesh)
+    events = Logged()
+    unique = run_texture_job(request, mesh, events, models)
+    mesh.corner_uvs = mesh.corner_uvs + np.float32([3, -2])
+    tiled = run_texture_job(request, mesh, events, models)
+    assert not any("share texels" in line for line in events.lines)
+    # The same texture but where float rounding moves a pixel across a coverage cell's edge
+    # (+3 costs the UVs two bits), which changes what in-painting fills around it.
+    assert ((tiled - unique).abs() > 0.01).float().mean() < 1e-3 and (tiled - unique).abs().mean() < 1e-4
+    half = len(mesh.triangles) // 2
+    mesh.corner_uvs[half:2 * half] = mesh.corner_uvs[:half]  # half the faces painted over the other half
+    run_texture_job(request, mesh, events, models)
+    notes = [line for line in events.lines if "share texels" in line]
+    assert len(notes) == 1 and "Smart UV Project" in notes[0]
+
+
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
     cfg = resolve("sir", "quality", {"iterations": 3, "guidance": None})
     assert cfg.iterations == 3 and cfg.guidance == PRESETS["sir"]["quality"].guidance

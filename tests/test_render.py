@@ -10,7 +10,15 @@ import torch
 
 from backend.cameras import look_at, orbit, perspective
 from backend.raster import interpolate, rasterize, rasterize_views
-from backend.texture import PyramidTexture, pad_islands, render, spread_grid_sample, uv_coverage
+from backend.texture import (
+    PyramidTexture,
+    pad_islands,
+    render,
+    sample_image,
+    shared_uv_area,
+    spread_grid_sample,
+    uv_coverage,
+)
 
 
 def test_textured_quad_from_a_known_camera_matches_the_analytic_lookup() -> None:
@@ -75,6 +83,28 @@ def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
     cover = uv_coverage(tri, 256)
     assert cover.float().mean().item() == pytest.approx(0.5 * 0.8 * 0.8, rel=0.02)
     assert cover[5, 5].item() is False and cover[40, 40].item() is True  # row 0 is v = 0
+
+
+def test_uvs_outside_the_unit_square_wrap_into_it_as_blenders_repeat() -> None:
+    """A triangle moved by whole tiles covers and samples the texels it covered unmoved; one that
+    straddles a tile's edge covers both ends of the square; stacked and tiled UVs share area."""
+    tri = torch.tensor([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])
+    assert torch.equal(uv_coverage(tri + torch.tensor([3.0, -2.0]), 64), uv_coverage(tri, 64))
+    straddling = uv_coverage(torch.tensor([[[0.8, 0.4], [1.2, 0.4], [0.8, 0.6]]]), 64)
+    assert straddling[27, 56].item() and straddling[27, 6].item() and not straddling[27, 32].item()
+    image = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
+    uv = torch.rand(100, 2, generator=torch.Generator().manual_seed(1))
+    assert torch.allclose(sample_image(image, uv + torch.tensor([-1.0, 2.0])), sample_image(image, uv), atol=1e-5)
+    edge = torch.tensor([[1.0, 0.5], [0.0, 0.5]])  # the square's own edges stay where they are
+    assert not torch.allclose(sample_image(image, edge)[0], sample_image(image, edge)[1])
+    assert shared_uv_area(tri) < 0.02
+    assert shared_uv_area(torch.cat([tri, tri])) == pytest.approx(0.5, abs=0.02)
+    # Twice the square's area, once over all of it: half is shared.
+    assert shared_uv_area(torch.tensor([[[0.0, 0.0], [2.0, 0.0], [0.0, 2.0]]])) == pytest.approx(0.5, abs=0.02)
+    # Every face of a 5,000-quad mesh on the whole square: checked on a coarser grid, not 10,000 full-size rasters.
+    square = torch.tensor([[[0.0, 0.0], [1.0, 0.0], [1.0, 1.0]], [[0.0, 0.0], [1.0, 1.0], [0.0, 1.0]]])
+    quads = square.repeat(5000, 1, 1)
+    assert shared_uv_area(quads) == pytest.approx(1 - 1 / 5000)
 
 
 def test_padding_grows_islands_without_touching_them() -> None:
