@@ -26,7 +26,7 @@ from .presets import (
     resolve_generate,
 )
 from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
-from .texture import shared_uv_area
+from .texture import compose_slots, shared_uv_area
 from .unwrap import Unwrapping
 
 
@@ -248,6 +248,57 @@ def texture_from_message(msg: protocol.Message, name: str = "init_texture") -> t
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
 
 
+@dataclass
+class SlotTextures:
+    """A refine job's start for an object whose materials show different images or colours: one
+    texture that keeps each face's own (``texture.compose_slots``), composed when the job runs, on
+    its device, since for big maps it takes seconds the connection's thread should not wait."""
+    base: torch.Tensor
+    corner_uvs: torch.Tensor
+    slots: torch.Tensor
+    sources: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None]
+
+    def compose(self, device: torch.device) -> torch.Tensor:
+        sources = [s if s is None else tuple(t.to(device) for t in s) if isinstance(s, tuple) else s.to(device)
+                   for s in self.sources]
+        return compose_slots(self.corner_uvs.to(device), self.base.to(device), self.slots.to(device), sources)
+
+
+def init_texture_from_message(msg: protocol.Message, mesh: Mesh) -> torch.Tensor | SlotTextures | None:
+    """The texture a refine job starts from: the first textured material's image, or, when the
+    object's materials show different images or colours ("init_sources", one per material slot,
+    with "triangle_slots"), every slot's image or colour to compose."""
+    base = texture_from_message(msg)
+    sources = msg.get("init_sources")
+    if base is None or sources is None:
+        return base
+
+    def bad(what: str) -> JobError:
+        return JobError(protocol.E_BAD_REQUEST, f"init_sources: {what}")
+
+    blob = msg.arrays.get("triangle_slots")
+    if not isinstance(sources, list) or blob is None or blob.dtype != "<i4" or blob.shape != (len(mesh.triangles),):
+        raise bad(f"needs a list and a (T,) <i4 'triangle_slots' array for the mesh's {len(mesh.triangles)} triangles")
+    if mesh.corner_uvs is None or mesh.tri_loops is None:
+        raise bad("the mesh carries no UV map or loops to read the materials' images through")
+    parsed: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None] = []
+    for source in sources:
+        if source is None:
+            parsed.append(None)
+        elif isinstance(source, dict) and isinstance(source.get("color"), list) and len(source["color"]) == 3:
+            parsed.append(torch.tensor([float(c) for c in source["color"]]))
+        elif isinstance(source, dict) and source.get("texture") in msg.arrays:
+            uvs = msg.arrays.get(str(source.get("uvs")))
+            if uvs is None or uvs.dtype != "<f4" or uvs.shape != (mesh.loop_count, 2):
+                raise bad(f"{source.get('uvs')!r} must be the mesh's ({mesh.loop_count}, 2) <f4 loop UVs")
+            loop_uvs = np.frombuffer(uvs.data, np.float32).reshape(-1, 2)
+            parsed.append((texture_from_message(msg, source["texture"]), torch.from_numpy(loop_uvs[mesh.tri_loops])))
+        else:
+            raise bad(f"each slot's source is a color, a texture array with its UVs, or null, not {source!r}")
+    slots = torch.from_numpy(np.frombuffer(blob.data, np.int32).astype(np.int64))
+    return SlotTextures(base, torch.as_tensor(mesh.corner_uvs), slots, parsed)
+
+
 def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callable[[JobRequest], T]) -> T:
     """``run(request)``; if the GPU runs out of memory outside Low VRAM mode, once more in it. That
     mode computes the same numbers in smaller batches, so a card a little too small for the job
@@ -272,7 +323,8 @@ def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callab
 
 
 def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
-                    init_texture: torch.Tensor | None = None, own_reference: tuple[Asset, str] | None = None):
+                    init_texture: torch.Tensor | SlotTextures | None = None,
+                    own_reference: tuple[Asset, str] | None = None):
     """Validate, unwrap if needed (while the prior loads), run the method; returns the final (3, S, S)
     texture. With ``init_texture`` the method refines it instead of starting blank;
     ``own_reference`` is the artist's reference object (asset and name), if they chose one. Out of
@@ -283,7 +335,7 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
 
 
 def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models: ModelCache,
-                 init_texture: torch.Tensor | None, own_reference: tuple[Asset, str] | None):
+                 init_texture: torch.Tensor | SlotTextures | None, own_reference: tuple[Asset, str] | None):
     from .distill import DistillTexturer
     from .sir import SIRTexturer
 
@@ -300,6 +352,8 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
     # found and the method starts: SIR's first views, sampled from noise, need no UVs.
     with Unwrapping(mesh) if mesh.corner_uvs is None else contextlib.nullcontext() as unwrapping:
         prior = models.get(request, events)
+        if isinstance(init_texture, SlotTextures):
+            init_texture = init_texture.compose(prior.device)
         cfg = request.config(refine, getattr(prior, "few_step", None))
         total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
         reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,

@@ -35,12 +35,12 @@ from .jobs import (
     JobRequest,
     ModelCache,
     describe_failure,
+    init_texture_from_message,
     mesh_from_message,
     run_generate_job,
     run_index_job,
     run_search_job,
     run_texture_job,
-    texture_from_message,
 )
 from .mesh import MeshError
 from .retrieve import asset_from_message
@@ -281,7 +281,7 @@ class Connection:
             request = JobRequest.from_fields(msg.fields)
             texturing = request.task == protocol.TASK_TEXTURE
             mesh = mesh_from_message(msg) if texturing else None
-            init_texture = texture_from_message(msg) if texturing else None
+            init_texture = init_texture_from_message(msg, mesh) if texturing else None
             reference = asset_from_message(msg) if request.task in (protocol.TASK_TEXTURE,
                                                                     protocol.TASK_GENERATE) else None
         except (JobError, MeshError) as exc:

@@ -135,10 +135,17 @@ def image_mask(raster: Raster) -> torch.Tensor:
 def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:
     """Which texels lie inside a UV island, (size, size) bool, rasterised in UV space; triangles
     outside the unit square land where ``wrap_uvs`` takes their pixels."""
-    corners = _in_unit_square(corner_uvs.reshape(-1, 3, 2)).reshape(-1, 2)
+    return uv_raster(corner_uvs, size, size)[0].mask[0]
+
+
+def uv_raster(corner_uvs: torch.Tensor, height: int, width: int) -> tuple[Raster, torch.Tensor]:
+    """(T, 3, 2) UV triangles rasterised over a texture of that size (row 0 at v = 0), and for
+    each raster triangle id the triangle of ``corner_uvs`` it is a copy of (``_in_unit_square``)."""
+    tris, index = _in_unit_square(corner_uvs.reshape(-1, 3, 2))
+    corners = tris.reshape(-1, 2)
     clip = torch.cat([corners * 2 - 1, torch.zeros_like(corners[:, :1]), torch.ones_like(corners[:, :1])], 1)
-    tris = torch.arange(corners.shape[0], device=corners.device).view(-1, 3)
-    return rasterize(clip[None], tris, size, size).mask[0]
+    ids = torch.arange(corners.shape[0], device=corners.device).view(-1, 3)
+    return rasterize(clip[None], ids, height, width), index
 
 
 #: A triangle is drawn into at most this many unit squares per axis (a UV map tiled further
@@ -146,17 +153,52 @@ def uv_coverage(corner_uvs: torch.Tensor, size: int) -> torch.Tensor:
 _MAX_TILES = 16
 
 
-def _in_unit_square(tris: torch.Tensor) -> torch.Tensor:
+def _in_unit_square(tris: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(T, 3, 2) UV triangles as copies within reach of the unit square: each moved by whole units
     until its lowest corner lies in [0, 1), and one more copy per further square it reaches into,
-    moved back onto the unit square too. Triangles inside it are returned as they are."""
+    moved back onto the unit square too; with the index of each copy's triangle. Triangles inside
+    the square are returned as they are."""
+    index = torch.arange(tris.shape[0], device=tris.device)
     if not bool(((tris < 0) | (tris > 1)).any()):
-        return tris
+        return tris, index
     tris = tris - tris.amin(1, keepdim=True).floor()
     reach = tris.amax(1).ceil().clamp(1, _MAX_TILES).long()                # (T, 2) squares per axis
-    copies = [tris[(reach[:, 0] > du) & (reach[:, 1] > dv)] - tris.new_tensor([du, dv])
+    chosen = [((reach[:, 0] > du) & (reach[:, 1] > dv), tris.new_tensor([du, dv]))
               for du in range(int(reach[:, 0].max())) for dv in range(int(reach[:, 1].max()))]
-    return torch.cat(copies)
+    return torch.cat([tris[mask] - shift for mask, shift in chosen]), torch.cat([index[mask] for mask, _ in chosen])
+
+
+#: How far, in texels, ``compose_slots`` grows each island's composed colours past its edge, so
+#: bilinear lookups at seams read them rather than the first slot's image beneath.
+_COMPOSE_PAD = 2
+
+
+def compose_slots(corner_uvs: torch.Tensor, base: torch.Tensor, slots: torch.Tensor,
+                  sources: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None]) -> torch.Tensor:
+    """One texture, on ``corner_uvs``' map, showing what each face showed before: an object with
+    several materials reads each face's colour from its own material. ``base`` (3, H, W) is the
+    first textured material's image, kept where no source applies; ``slots`` (T,) each triangle's
+    material slot; ``sources[k]`` slot k's image (3, h, w) with its (T, 3, 2) UVs (its own UV map
+    may differ from the texture's), or its flat colour (3,), or None (keep ``base``)."""
+    raster, index = uv_raster(corner_uvs, *base.shape[-2:])
+    covered = raster.mask[0]
+    rows, cols = covered.nonzero(as_tuple=True)
+    triangle = index[raster.tri_id[0][rows, cols]]
+    b = raster.bary[0][rows, cols]
+    out = base.clone()
+    for k, source in enumerate(sources):
+        chosen = (slots[triangle] == k).nonzero().squeeze(1)
+        if source is None or chosen.numel() == 0:
+            continue
+        if isinstance(source, tuple):
+            image, uvs = source
+            c = uvs[triangle[chosen]]
+            b0, b1 = b[chosen, 0:1], b[chosen, 1:2]
+            colours = sample_image(image, b0 * c[:, 0] + b1 * c[:, 1] + (1 - b0 - b1) * c[:, 2])
+        else:
+            colours = source.to(out.dtype).expand(chosen.numel(), 3)
+        out[:, rows[chosen], cols[chosen]] = colours.T
+    return pad_islands(out, covered, _COMPOSE_PAD)
 
 
 #: (triangle, texel) pairs ``shared_uv_area`` lets the rasteriser test: maps whose triangles stack

@@ -106,19 +106,32 @@ def principled_image(material: Any) -> Any:
 
 def existing_texture(obj: Any) -> tuple[Any, str] | None:
     """The image feeding the Base Color of the object's first material that has one, and the UV
-    map it is read through (its UV Map node's, else the mesh's render UV map)."""
+    map it is read through."""
     for slot in obj.material_slots:
-        source = _base_colour_image_node(slot.material)
-        if source is None:
-            continue
-        vector = source.inputs["Vector"].links
-        if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
-            uv_map = vector[0].from_node.uv_map
-        else:
-            uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
-        if uv_map in obj.data.uv_layers:
-            return source.image, uv_map
+        found = _material_image(obj, slot.material)
+        if found is not None:
+            return found
     return None
+
+
+def _material_image(obj: Any, material: Any) -> tuple[Any, str] | None:
+    """A material's Base Color image and the UV map it is read through (its UV Map node's, else
+    the mesh's render UV map), if the mesh has that map."""
+    source = _base_colour_image_node(material)
+    if source is None:
+        return None
+    vector = source.inputs["Vector"].links
+    if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
+        uv_map = vector[0].from_node.uv_map
+    else:
+        uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
+    return (source.image, uv_map) if uv_map in obj.data.uv_layers else None
+
+
+def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None]:
+    """What each material slot shows: its Base Color image and UV map, else its flat colour, else
+    None (no Principled BSDF)."""
+    return [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
 
 
 def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.ndarray:
@@ -158,20 +171,59 @@ def flat_colour(obj: Any) -> list[float] | None:
     return next((c for c in (flat_colour_of(slot.material) for slot in obj.material_slots) if c is not None), None)
 
 
-def mesh_arrays(obj: Any, uv_map: str | None = None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+def mesh_arrays(obj: Any, uv_map: str | None = None,
+                sources: list[tuple[Any, str] | list[float] | None] | None = None,
+                ) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
     as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
     world-space positions, loop triangles, their loops, and the per-loop UVs of ``uv_map``
     (default: the active UV map) if it has one. The texture reaches the shown surface through the
-    UV map, which modifiers carry by name."""
+    UV map, which modifiers carry by name. ``sources`` (``slot_sources``) adds what each material
+    slot shows, for a refine job to start from every face's own look (the protocol module describes
+    these arrays, beside REFERENCE_PREFIX)."""
     check_object(obj)
     obj.data.update_tag()  # edits from scripts (a UV map removed) need not tag it, and would be missed
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
     mesh = evaluated.to_mesh()
     try:
-        return _mesh_arrays(obj, mesh, uv_map)
+        fields, arrays = _mesh_arrays(obj, mesh, uv_map)
+        if sources is not None:
+            _slot_arrays(obj, mesh, sources, fields, arrays)
+        return fields, arrays
     finally:
         evaluated.to_mesh_clear()
+
+
+def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], fields: dict[str, Any],
+                 arrays: dict[str, protocol.Array]) -> None:
+    """Each slot's image with the UVs it is read through, or its colour, and each triangle's slot.
+    Each image and UV map is sent once: the first slot's image is the job's "init_texture", and
+    the texture's own map its "loop_uvs"."""
+    slots = np.empty(len(mesh.loop_triangles), np.int32)
+    mesh.loop_triangles.foreach_get("material_index", slots)
+    arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
+    first = next(source[0] for source in sources if isinstance(source, tuple))
+    names = {f"image:{first.name}": "init_texture", f"uv:{fields['uv_map']}": "loop_uvs"}
+    wire: list[dict[str, Any] | None] = []
+    for k, source in enumerate(sources):
+        if not isinstance(source, tuple):
+            wire.append(None if source is None else {"color": source})
+            continue
+        image, uv_map = source
+        if uv_map not in mesh.uv_layers:
+            raise SceneError(f"{obj.name!r} loses the UV map {uv_map!r} that its material's image "
+                             f"{image.name!r} is read through in its modifiers: keep it in their output, or apply them")
+        texture = names.setdefault(f"image:{image.name}", f"init_texture_{k}")
+        if texture not in arrays:
+            rgba = image_rgba8(image)
+            arrays[texture] = protocol.array("|u1", rgba.shape, rgba)
+        uvs = names.setdefault(f"uv:{uv_map}", f"init_uvs_{k}")
+        if uvs not in arrays:
+            uv = np.empty(len(mesh.loops) * 2, "<f4")
+            mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
+            arrays[uvs] = protocol.array("<f4", (len(mesh.loops), 2), uv)
+        wire.append({"texture": texture, "uvs": uvs})
+    fields["init_sources"] = wire
 
 
 def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:

@@ -671,11 +671,50 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     assert sent.shape == (8, 8, 4)
     assert np.array_equal(np.frombuffer(sent.data, np.uint8), (px * 255 + 0.5).astype(np.uint8))
     assert session.targets[0].fields["uv_map"] == "UVMap" and session.job_fields["strength"] == pytest.approx(0.2)
+    assert "init_sources" not in session.targets[0].fields  # one material: its image is the whole story
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
     uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
     assert uv_node.uv_map == "UVMap"
     assert bpy.data.materials["Artist Cube"].use_fake_user  # the original stays
+
+
+def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene) -> None:
+    """A cube whose top faces have a second material with its own image, read through a second UV
+    map, and a third slot with a flat colour: the job gets every slot's source and each triangle's
+    slot, and finishes."""
+    obj = add_cube()
+    link_artist_image(obj)
+    second = add_cube("Second")
+    link_artist_image(second)
+    obj.data.materials.append(second.material_slots[0].material)
+    flat = bpy.data.materials.new("Flat")
+    if not flat.node_tree:
+        flat.use_nodes = True
+    next(n for n in flat.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"].default_value = \
+        (1.0, 0.0, 0.0, 1.0)
+    obj.data.materials.append(flat)
+    bpy.data.objects.remove(second)
+    obj.data.uv_layers.new(name="Other")
+    material = obj.material_slots[1].material
+    uv_node = material.node_tree.nodes.new("ShaderNodeUVMap")
+    uv_node.uv_map = "Other"
+    tex = next(n for n in material.node_tree.nodes if n.type == "TEX_IMAGE")
+    material.node_tree.links.new(uv_node.outputs["UV"], tex.inputs["Vector"])
+    for face in obj.data.polygons:
+        face.material_index = 1 if face.normal.z > 0.5 else 2 if face.normal.z < -0.5 else 0
+    select(obj)
+    scene.refine = True
+    session = run_session(kiln, [obj], steps=1)
+    target = session.targets[0]
+    first, other, colour = target.fields["init_sources"]
+    assert first == {"texture": "init_texture", "uvs": "loop_uvs"}  # the texture's own image and map, not sent again
+    assert other == {"texture": "init_texture_1", "uvs": "init_uvs_1"} and colour["color"] == pytest.approx([1, 0, 0])
+    assert target.arrays["init_texture_1"].shape == (8, 8, 4) and target.arrays["init_uvs_1"].shape == (24, 2)
+    slots = np.frombuffer(target.arrays["triangle_slots"].data, np.int32)
+    assert sorted(np.bincount(slots)) == [2, 2, 8]  # two triangles on top, two below, eight around
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
 
 
 def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> None:

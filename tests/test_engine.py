@@ -260,6 +260,45 @@ def test_tiled_uvs_texture_as_blender_repeats_them_and_shared_texels_get_a_note(
     assert len(notes) == 1 and "Smart UV Project" in notes[0]
 
 
+def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
+    """A quad's two triangles in two material slots: slot 0's image is the texture's base, slot 1
+    shows another image through another UV map (here that image's right half, mirrored), and a
+    flat colour replaces it when slot 1 has no image. Each triangle's texels start from its own."""
+    from backend.jobs import JobError, init_texture_from_message, mesh_from_message
+
+    positions = np.float32([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])
+    loops = np.int32([[0, 1, 2], [3, 4, 5]])
+    loop_uvs = np.float32([[0, 0], [1, 0], [1, 1], [0, 0], [1, 1], [0, 1]])        # the texture's map
+    other_uvs = np.float32([[0, 0], [0, 0], [0, 0], [1, 0], [0.5, 1], [1, 1]])     # slot 1's own map
+    base = np.zeros((8, 8, 4), np.uint8)
+    base[..., 0] = 255
+    ramp = np.zeros((8, 8, 4), np.uint8)
+    ramp[..., 2] = np.arange(8, dtype=np.uint8)[None, :] * 32  # blue grows with u
+
+    def message(source) -> protocol.Message:
+        arrays = {"positions": protocol.array("<f4", (4, 3), positions),
+                  "triangles": protocol.array("<i4", (2, 3), np.int32([[0, 1, 2], [0, 2, 3]])),
+                  "tri_loops": protocol.array("<i4", (2, 3), loops),
+                  "loop_uvs": protocol.array("<f4", (6, 2), loop_uvs),
+                  "init_texture": protocol.array("|u1", base.shape, base),
+                  "init_texture_1": protocol.array("|u1", ramp.shape, ramp),
+                  "init_uvs_2": protocol.array("<f4", (6, 2), other_uvs),
+                  "triangle_slots": protocol.array("<i4", (2,), np.int32([0, 1]))}
+        return protocol.Message(protocol.SUBMIT, {"loop_count": 6, "init_sources": [None, source]}, arrays)
+
+    msg = message({"texture": "init_texture_1", "uvs": "init_uvs_2"})
+    texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
+    lower, upper = texture[:, 1, 6], texture[:, 6, 1]  # texel centres inside triangle 0 (v < u) and 1
+    assert torch.allclose(lower, torch.tensor([1.0, 0, 0]))
+    assert upper[0] == 0 and 0.5 < upper[2] < 1  # the ramp's right half: u from 1 down to 0.5
+    msg = message({"color": [0.0, 1.0, 0.0]})
+    texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
+    assert torch.allclose(texture[:, 6, 1], torch.tensor([0.0, 1, 0])) and torch.allclose(texture[:, 1, 6], lower)
+    msg = message({"texture": "init_texture_1", "uvs": "missing"})
+    with pytest.raises(JobError, match="'missing' must be the mesh's"):
+        init_texture_from_message(msg, mesh_from_message(msg))
+
+
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
     cfg = resolve("sir", "quality", {"iterations": 3, "guidance": None})
     assert cfg.iterations == 3 and cfg.guidance == PRESETS["sir"]["quality"].guidance
