@@ -285,7 +285,8 @@ def init_texture_from_message(msg: protocol.Message, mesh: Mesh) -> torch.Tensor
     for source in sources:
         if source is None:
             parsed.append(None)
-        elif isinstance(source, dict) and isinstance(source.get("color"), list) and len(source["color"]) == 3:
+        elif isinstance(source, dict) and isinstance(source.get("color"), list) and len(source["color"]) == 3 \
+                and all(isinstance(c, (int, float)) for c in source["color"]):
             parsed.append(torch.tensor([float(c) for c in source["color"]]))
         elif isinstance(source, dict) and source.get("texture") in msg.arrays:
             uvs = msg.arrays.get(str(source.get("uvs")))

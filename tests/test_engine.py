@@ -297,6 +297,9 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
     msg = message({"texture": "init_texture_1", "uvs": "missing"})
     with pytest.raises(JobError, match="'missing' must be the mesh's"):
         init_texture_from_message(msg, mesh_from_message(msg))
+    msg = message({"color": ["red", 0, 0]})
+    with pytest.raises(JobError, match="each slot's source is a color"):
+        init_texture_from_message(msg, mesh_from_message(msg))
 
 
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
