@@ -179,8 +179,13 @@ def compose_slots(corner_uvs: torch.Tensor, base: torch.Tensor, slots: torch.Ten
     several materials reads each face's colour from its own material. ``base`` (3, H, W) is the
     first textured material's image, kept where no source applies; ``slots`` (T,) each triangle's
     material slot; ``sources[k]`` slot k's image (3, h, w) with its (T, 3, 2) UVs (its own UV map
-    may differ from the texture's), or its flat colour (3,), or None (keep ``base``)."""
-    raster, index = uv_raster(corner_uvs, *base.shape[-2:])
+    may differ from the texture's), or its flat colour (3,), or None (keep ``base``). Composed at
+    the largest image's size, so no slot's detail is lost to a smaller first image."""
+    sizes = [base.shape[-2:], *(s[0].shape[-2:] for s in sources if isinstance(s, tuple))]
+    height, width = max(h for h, _ in sizes), max(w for _, w in sizes)
+    if base.shape[-2:] != (height, width):
+        base = F.interpolate(base[None], size=(height, width), mode="bilinear", align_corners=False)[0]
+    raster, index = uv_raster(corner_uvs, height, width)
     covered = raster.mask[0]
     rows, cols = covered.nonzero(as_tuple=True)
     triangle = index[raster.tri_id[0][rows, cols]]

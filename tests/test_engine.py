@@ -272,8 +272,8 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
     other_uvs = np.float32([[0, 0], [0, 0], [0, 0], [1, 0], [0.5, 1], [1, 1]])     # slot 1's own map
     base = np.zeros((8, 8, 4), np.uint8)
     base[..., 0] = 255
-    ramp = np.zeros((8, 8, 4), np.uint8)
-    ramp[..., 2] = np.arange(8, dtype=np.uint8)[None, :] * 32  # blue grows with u
+    ramp = np.zeros((16, 16, 4), np.uint8)
+    ramp[..., 2] = np.arange(16, dtype=np.uint8)[None, :] * 16  # blue grows with u
 
     def message(source) -> protocol.Message:
         arrays = {"positions": protocol.array("<f4", (4, 3), positions),
@@ -288,12 +288,14 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
 
     msg = message({"texture": "init_texture_1", "uvs": "init_uvs_2"})
     texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
-    lower, upper = texture[:, 1, 6], texture[:, 6, 1]  # texel centres inside triangle 0 (v < u) and 1
+    assert texture.shape == (3, 16, 16)  # the larger image's size
+    lower, upper = texture[:, 2, 13], texture[:, 13, 2]  # texel centres inside triangle 0 (v < u) and 1
     assert torch.allclose(lower, torch.tensor([1.0, 0, 0]))
     assert upper[0] == 0 and 0.5 < upper[2] < 1  # the ramp's right half: u from 1 down to 0.5
     msg = message({"color": [0.0, 1.0, 0.0]})
     texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
     assert torch.allclose(texture[:, 6, 1], torch.tensor([0.0, 1, 0])) and torch.allclose(texture[:, 1, 6], lower)
+    assert texture.shape == (3, 8, 8)  # a colour has no size: the first image's is kept
     msg = message({"texture": "init_texture_1", "uvs": "missing"})
     with pytest.raises(JobError, match="'missing' must be the mesh's"):
         init_texture_from_message(msg, mesh_from_message(msg))
