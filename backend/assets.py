@@ -20,7 +20,7 @@ import torch
 from .cameras import Cameras
 from .mesh import Mesh, load_mesh_file
 from .raster import rasterize_views
-from .texture import image_mask, render, sample_image
+from .texture import SlotTextures, image_mask, render, sample_image
 
 #: File types the library indexes and the warm-up reads (trimesh's loaders).
 ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
@@ -29,8 +29,16 @@ ASSET_SUFFIXES = (".glb", ".gltf", ".obj", ".ply")
 @dataclass
 class Asset:
     mesh: Mesh
-    texture: torch.Tensor | None = None        # (3, H, W) in [0, 1], rows bottom-up, read through UVs
+    # (3, H, W) in [0, 1], rows bottom-up, read through UVs; an artist's object with several
+    # materials brings them to compose in the job (``resolved``)
+    texture: torch.Tensor | SlotTextures | None = None
     corner_colours: np.ndarray | None = None   # (T, 3, 3) in [0, 1] where there is no texture
+
+    def resolved(self, device: torch.device) -> "Asset":
+        """This asset with its texture composed, if it came as several materials' (``SlotTextures``)."""
+        if isinstance(self.texture, SlotTextures):
+            return replace(self, texture=self.texture.compose(device))
+        return self
 
     def placed(self, positions: np.ndarray, up_axis: str, yaw_deg: float = 0.0) -> "Asset":
         """This asset converted to ``up_axis``, turned ``yaw_deg`` about it, and fitted to the bounding

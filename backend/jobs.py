@@ -26,7 +26,7 @@ from .presets import (
     resolve_generate,
 )
 from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
-from .texture import compose_slots, shared_uv_area
+from .texture import SlotTextures, shared_uv_area
 from .unwrap import Unwrapping
 
 
@@ -248,39 +248,22 @@ def texture_from_message(msg: protocol.Message, name: str = "init_texture") -> t
     return torch.from_numpy(rgba[..., :3].astype(np.float32) / 255).permute(2, 0, 1)
 
 
-@dataclass
-class SlotTextures:
-    """A refine job's start for an object whose materials show different images or colours: one
-    texture that keeps each face's own (``texture.compose_slots``), composed when the job runs, on
-    its device, since for big maps it takes seconds the connection's thread should not wait."""
-    base: torch.Tensor
-    corner_uvs: torch.Tensor
-    slots: torch.Tensor
-    sources: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None]
-
-    def compose(self, device: torch.device) -> torch.Tensor:
-        sources = [s if s is None else tuple(t.to(device) for t in s) if isinstance(s, tuple) else s.to(device)
-                   for s in self.sources]
-        return compose_slots(self.corner_uvs.to(device), self.base.to(device), self.slots.to(device), sources)
-
-
-def init_texture_from_message(msg: protocol.Message, mesh: Mesh) -> torch.Tensor | SlotTextures | None:
-    """The texture a refine job starts from: the first textured material's image, or, when the
-    object's materials show different images or colours ("init_sources", one per material slot,
-    with "triangle_slots"), every slot's image or colour to compose."""
-    base = texture_from_message(msg)
-    sources = msg.get("init_sources")
-    if base is None or sources is None:
-        return base
+def slot_textures_from_message(msg: protocol.Message, mesh: Mesh, prefix: str = "",
+                               base: torch.Tensor | None = None) -> SlotTextures | None:
+    """What each material slot of an object shows, when its slots differ ("slot_sources" and
+    "triangle_slots" behind ``prefix``; ``protocol`` describes them), with ``base``, the first
+    slot's image, if it has one; None when the message carries no slot sources."""
+    sources = msg.get(prefix + "slot_sources")
+    if sources is None:
+        return None
 
     def bad(what: str) -> JobError:
-        return JobError(protocol.E_BAD_REQUEST, f"init_sources: {what}")
+        return JobError(protocol.E_BAD_REQUEST, f"{prefix}slot_sources: {what}")
 
-    blob = msg.arrays.get("triangle_slots")
+    blob = msg.arrays.get(prefix + "triangle_slots")
     if not isinstance(sources, list) or blob is None or blob.dtype != "<i4" or blob.shape != (len(mesh.triangles),):
-        raise bad(f"needs a list and a (T,) <i4 'triangle_slots' array for the mesh's {len(mesh.triangles)} triangles")
-    if mesh.corner_uvs is None or mesh.tri_loops is None:
-        raise bad("the mesh carries no UV map or loops to read the materials' images through")
+        raise bad(f"needs a list and a (T,) <i4 '{prefix}triangle_slots' array for the mesh's {len(mesh.triangles)} "
+                  "triangles")
     parsed: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None] = []
     for source in sources:
         if source is None:
@@ -288,16 +271,27 @@ def init_texture_from_message(msg: protocol.Message, mesh: Mesh) -> torch.Tensor
         elif isinstance(source, dict) and isinstance(source.get("color"), list) and len(source["color"]) == 3 \
                 and all(isinstance(c, (int, float)) for c in source["color"]):
             parsed.append(torch.tensor([float(c) for c in source["color"]]))
-        elif isinstance(source, dict) and source.get("texture") in msg.arrays:
-            uvs = msg.arrays.get(str(source.get("uvs")))
-            if uvs is None or uvs.dtype != "<f4" or uvs.shape != (mesh.loop_count, 2):
+        elif isinstance(source, dict) and prefix + str(source.get("texture")) in msg.arrays:
+            uvs = msg.arrays.get(prefix + str(source.get("uvs")))
+            if uvs is None or uvs.dtype != "<f4" or uvs.shape != (mesh.loop_count, 2) or mesh.tri_loops is None:
                 raise bad(f"{source.get('uvs')!r} must be the mesh's ({mesh.loop_count}, 2) <f4 loop UVs")
+            if base is None or mesh.corner_uvs is None:
+                raise bad("a slot's image needs the first image and the UV map it is read through")
             loop_uvs = np.frombuffer(uvs.data, np.float32).reshape(-1, 2)
-            parsed.append((texture_from_message(msg, source["texture"]), torch.from_numpy(loop_uvs[mesh.tri_loops])))
+            parsed.append((texture_from_message(msg, prefix + source["texture"]),
+                           torch.from_numpy(loop_uvs[mesh.tri_loops])))
         else:
             raise bad(f"each slot's source is a color, a texture array with its UVs, or null, not {source!r}")
     slots = torch.from_numpy(np.frombuffer(blob.data, np.int32).astype(np.int64))
-    return SlotTextures(base, torch.as_tensor(mesh.corner_uvs), slots, parsed)
+    corner_uvs = None if mesh.corner_uvs is None else torch.as_tensor(mesh.corner_uvs)
+    return SlotTextures(base, corner_uvs, slots, parsed)
+
+
+def init_texture_from_message(msg: protocol.Message, mesh: Mesh) -> torch.Tensor | SlotTextures | None:
+    """The texture a refine job starts from: the first textured material's image, or, when the
+    object's slots show different images or colours, every slot's own, to compose."""
+    base = texture_from_message(msg)
+    return None if base is None else slot_textures_from_message(msg, mesh, base=base) or base
 
 
 def retrying_in_low_vram(request: JobRequest, events: TextureEvents, run: Callable[[JobRequest], T]) -> T:
@@ -478,6 +472,8 @@ def references_for(request: JobRequest, own: tuple[Asset, str] | None, positions
 
     if own is None and not request.references and not request.libraries:
         return None, []
+    if own is not None:
+        own = (own[0].resolved(prior.device), own[1])
     clip = ClipEmbedder.load(request.clip, request.offline, prior.device) if request.clip else None
     events.progress(0, total, "finding references")
     try:

@@ -92,9 +92,11 @@ TASK_TEXTURE, TASK_GENERATE, TASK_INDEX, TASK_SEARCH = "texture", "generate", "i
 REFERENCE_PREFIX = "reference_"
 #: A texturing SUBMIT that refines carries the texture to start from as "init_texture" (RGBA8 rows
 #: bottom-up, read through the mesh's "loop_uvs"). For an object whose material slots show
-#: different images or colours it adds "init_sources", one per slot: {"texture": ARRAY, "uvs":
-#: ARRAY} (that slot's RGBA8 image and the (loops, 2) <f4 UVs it is read through), {"color":
-#: [r, g, b]} (sRGB, 0-1) or null; and "triangle_slots", each triangle's slot as (T,) <i4.
+#: different images or colours, it (and a reference object, behind REFERENCE_PREFIX) adds
+#: "slot_sources", one per slot: {"texture": ARRAY, "uvs": ARRAY} (that slot's RGBA8 image and the
+#: (loops, 2) <f4 UVs it is read through; the first image is "init_texture", or the reference's
+#: "texture"), {"color": [r, g, b]} (sRGB, 0-1) or null; and "triangle_slots", each triangle's
+#: slot as (T,) <i4.
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

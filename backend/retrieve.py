@@ -15,7 +15,7 @@ import numpy as np
 
 from . import protocol
 from .assets import Asset, load_asset
-from .jobs import JobRequest, mesh_from_message, texture_from_message
+from .jobs import JobRequest, mesh_from_message, slot_textures_from_message, texture_from_message
 from .library import Hit, LibraryIndex, caption_for, name_words, search, thumbnails
 from .mesh import MeshError
 
@@ -85,7 +85,12 @@ def asset_from_message(msg: protocol.Message) -> tuple[Asset, str] | None:
     mesh = mesh_from_message(msg, p)
     mesh.validate()
     texture = texture_from_message(msg, p + "texture")
-    if texture is not None and mesh.corner_uvs is not None:
-        return Asset(mesh, texture=texture), name
+    if mesh.corner_uvs is None:
+        texture = None
+    slots = slot_textures_from_message(msg, mesh, p, texture)  # several materials, shown face by face
+    if texture is not None:
+        return Asset(mesh, texture=slots or texture), name
     colour = np.clip(np.asarray(msg.get(p + "color") or (0.6, 0.6, 0.6), np.float32).reshape(3), 0, 1)
+    if slots is not None:
+        return Asset(mesh, corner_colours=slots.corner_colours(colour)), name
     return Asset(mesh, corner_colours=np.broadcast_to(colour, (len(mesh.triangles), 3, 3)).copy()), name

@@ -11,8 +11,10 @@ Texture rows run bottom-up (row 0 is v = 0), as in Blender's image pixels.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -204,6 +206,29 @@ def compose_slots(corner_uvs: torch.Tensor, base: torch.Tensor, slots: torch.Ten
             colours = source.to(out.dtype).expand(chosen.numel(), 3)
         out[:, rows[chosen], cols[chosen]] = colours.T
     return pad_islands(out, covered, _COMPOSE_PAD)
+
+
+@dataclass
+class SlotTextures:
+    """What each material slot of an object shows (``compose_slots``), for a refine job's start or
+    a reference object's look. Composed when the job runs, on its device: for big maps it takes
+    seconds the connection's thread should not wait. ``base`` is None (and every source a colour
+    or None) for an object without images."""
+    base: torch.Tensor | None
+    corner_uvs: torch.Tensor | None
+    slots: torch.Tensor
+    sources: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None]
+
+    def compose(self, device: torch.device) -> torch.Tensor:
+        sources = [s if s is None else tuple(t.to(device) for t in s) if isinstance(s, tuple) else s.to(device)
+                   for s in self.sources]
+        return compose_slots(self.corner_uvs.to(device), self.base.to(device), self.slots.to(device), sources)
+
+    def corner_colours(self, default: np.ndarray) -> np.ndarray:
+        """(T, 3, 3) colours of an object without images: each triangle its slot's, else ``default``."""
+        table = np.stack([default if s is None else s.numpy() for s in self.sources] + [default]).astype(np.float32)
+        slots = self.slots.numpy().clip(0, len(self.sources))  # a slot past the list has no source
+        return np.ascontiguousarray(np.repeat(table[slots][:, None], 3, axis=1))
 
 
 #: (triangle, texel) pairs ``shared_uv_area`` lets the rasteriser test: maps whose triangles stack

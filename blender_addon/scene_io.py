@@ -128,10 +128,13 @@ def _material_image(obj: Any, material: Any) -> tuple[Any, str] | None:
     return (source.image, uv_map) if uv_map in obj.data.uv_layers else None
 
 
-def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None]:
+def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None] | None:
     """What each material slot shows: its Base Color image and UV map, else its flat colour, else
-    None (no Principled BSDF)."""
-    return [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
+    None (no Principled BSDF); None when every slot shows the same, so that one image or colour
+    tells the whole story."""
+    sources = [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
+    shown = {(s[0].name, s[1]) if isinstance(s, tuple) else (tuple(s) if s else None) for s in sources}
+    return sources if len(shown) > 1 else None
 
 
 def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.ndarray:
@@ -172,15 +175,15 @@ def flat_colour(obj: Any) -> list[float] | None:
 
 
 def mesh_arrays(obj: Any, uv_map: str | None = None,
-                sources: list[tuple[Any, str] | list[float] | None] | None = None,
+                sources: list[tuple[Any, str] | list[float] | None] | None = None, base: str = "init_texture",
                 ) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
     as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
     world-space positions, loop triangles, their loops, and the per-loop UVs of ``uv_map``
     (default: the active UV map) if it has one. The texture reaches the shown surface through the
     UV map, which modifiers carry by name. ``sources`` (``slot_sources``) adds what each material
-    slot shows, for a refine job to start from every face's own look (the protocol module describes
-    these arrays, beside REFERENCE_PREFIX)."""
+    slot shows, so a refine job (or a reference object) shows every face's own look, the first
+    image as ``base`` (the protocol module describes these arrays, beside REFERENCE_PREFIX)."""
     check_object(obj)
     obj.data.update_tag()  # edits from scripts (a UV map removed) need not tag it, and would be missed
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
@@ -188,22 +191,24 @@ def mesh_arrays(obj: Any, uv_map: str | None = None,
     try:
         fields, arrays = _mesh_arrays(obj, mesh, uv_map)
         if sources is not None:
-            _slot_arrays(obj, mesh, sources, fields, arrays)
+            _slot_arrays(obj, mesh, sources, base, fields, arrays)
         return fields, arrays
     finally:
         evaluated.to_mesh_clear()
 
 
-def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], fields: dict[str, Any],
-                 arrays: dict[str, protocol.Array]) -> None:
+def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], base: str,
+                 fields: dict[str, Any], arrays: dict[str, protocol.Array]) -> None:
     """Each slot's image with the UVs it is read through, or its colour, and each triangle's slot.
-    Each image and UV map is sent once: the first slot's image is the job's "init_texture", and
-    the texture's own map its "loop_uvs"."""
+    Each image and UV map is sent once: the first slot's image is ``base``, and the mesh's own map
+    its "loop_uvs"."""
     slots = np.empty(len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("material_index", slots)
     arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
-    first = next(source[0] for source in sources if isinstance(source, tuple))
-    names = {f"image:{first.name}": "init_texture", f"uv:{fields['uv_map']}": "loop_uvs"}
+    names = {f"uv:{fields['uv_map']}": "loop_uvs"}
+    first = next((source[0] for source in sources if isinstance(source, tuple)), None)
+    if first is not None:
+        names[f"image:{first.name}"] = base
     wire: list[dict[str, Any] | None] = []
     for k, source in enumerate(sources):
         if not isinstance(source, tuple):
@@ -213,17 +218,17 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
         if uv_map not in mesh.uv_layers:
             raise SceneError(f"{obj.name!r} loses the UV map {uv_map!r} that its material's image "
                              f"{image.name!r} is read through in its modifiers: keep it in their output, or apply them")
-        texture = names.setdefault(f"image:{image.name}", f"init_texture_{k}")
+        texture = names.setdefault(f"image:{image.name}", f"slot_texture_{k}")
         if texture not in arrays:
             rgba = image_rgba8(image)
             arrays[texture] = protocol.array("|u1", rgba.shape, rgba)
-        uvs = names.setdefault(f"uv:{uv_map}", f"init_uvs_{k}")
+        uvs = names.setdefault(f"uv:{uv_map}", f"slot_uvs_{k}")
         if uvs not in arrays:
             uv = np.empty(len(mesh.loops) * 2, "<f4")
             mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
             arrays[uvs] = protocol.array("<f4", (len(mesh.loops), 2), uv)
         wire.append({"texture": texture, "uvs": uvs})
-    fields["init_sources"] = wire
+    fields["slot_sources"] = wire
 
 
 def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
@@ -268,11 +273,12 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
     """The artist's reference object as SUBMIT fields and arrays (``protocol.REFERENCE_PREFIX``):
     its mesh, and its Base Color image read through that image's own UV map, else its flat colour."""
     found = existing_texture(obj) if obj is not None and obj.type == "MESH" else None
-    fields, arrays = mesh_arrays(obj, found[1] if found else None)
-    if found:
+    sources = slot_sources(obj) if obj is not None and obj.type == "MESH" else None
+    fields, arrays = mesh_arrays(obj, found[1] if found else None, sources, base="texture")
+    if found and "texture" not in arrays:  # several materials sent it as the first slot's image
         rgba = image_rgba8(found[0])
         arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
-    elif (colour := flat_colour(obj)) is not None:
+    elif not found and (colour := flat_colour(obj)) is not None:
         fields["color"] = colour
     p = protocol.REFERENCE_PREFIX
     return ({p + k: v for k, v in fields.items() if k != "uv_map"}, {p + k: v for k, v in arrays.items()})

@@ -221,11 +221,8 @@ def target_for(obj: Any, refine: bool) -> Target:
         raise SceneError(f"{obj.name!r} has no image texture feeding its material's Base Color, so there is "
                          "nothing to refine: untick Refine Existing Texture, or connect an image")
     image, uv_map = found
-    sources = slot_sources(obj)
-    # Materials that differ in what they show are sent slot by slot, so each face starts from its own.
-    mixed = len({(s[0].name, s[1]) if isinstance(s, tuple) else (tuple(s) if s else None) for s in sources}) > 1
-    fields, arrays = mesh_arrays(obj, uv_map, sources if mixed else None)
-    if "init_texture" not in arrays:  # mixed slots sent it as the first slot's image
+    fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj))  # each face starts from its own material
+    if "init_texture" not in arrays:  # several materials sent it as the first slot's image
         rgba = image_rgba8(image)
         arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
     return Target(obj.name, fields, arrays, obj=obj)

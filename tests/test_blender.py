@@ -671,7 +671,7 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     assert sent.shape == (8, 8, 4)
     assert np.array_equal(np.frombuffer(sent.data, np.uint8), (px * 255 + 0.5).astype(np.uint8))
     assert session.targets[0].fields["uv_map"] == "UVMap" and session.job_fields["strength"] == pytest.approx(0.2)
-    assert "init_sources" not in session.targets[0].fields  # one material: its image is the whole story
+    assert "slot_sources" not in session.targets[0].fields  # one material: its image is the whole story
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
     uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
@@ -707,10 +707,10 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     scene.refine = True
     session = run_session(kiln, [obj], steps=1)
     target = session.targets[0]
-    first, other, colour = target.fields["init_sources"]
+    first, other, colour = target.fields["slot_sources"]
     assert first == {"texture": "init_texture", "uvs": "loop_uvs"}  # the texture's own image and map, not sent again
-    assert other == {"texture": "init_texture_1", "uvs": "init_uvs_1"} and colour["color"] == pytest.approx([1, 0, 0])
-    assert target.arrays["init_texture_1"].shape == (8, 8, 4) and target.arrays["init_uvs_1"].shape == (24, 2)
+    assert other == {"texture": "slot_texture_1", "uvs": "slot_uvs_1"} and colour["color"] == pytest.approx([1, 0, 0])
+    assert target.arrays["slot_texture_1"].shape == (8, 8, 4) and target.arrays["slot_uvs_1"].shape == (24, 2)
     slots = np.frombuffer(target.arrays["triangle_slots"].data, np.int32)
     assert sorted(np.bincount(slots)) == [2, 2, 8]  # two triangles on top, two below, eight around
     pump_until(session, lambda: session.finished)
@@ -893,6 +893,16 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     prefs.low_vram = True
     assert kiln.operators.job_request(bpy.context)[0]["low_vram"] is True
     assert arrays["reference_positions"].shape == (8, 3) and "reference_texture" not in arrays
+    blue = bpy.data.materials.new("Blockout blue")  # a second colour on one face: sent face by face
+    if not blue.node_tree:
+        blue.use_nodes = True
+    next(n for n in blue.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"].default_value = \
+        (0.05, 0.05, 0.8, 1.0)
+    scene.reference_object.data.materials.append(blue)
+    scene.reference_object.data.polygons[0].material_index = 1
+    fields, arrays = kiln.operators.job_request(bpy.context)
+    assert [source["color"][2] > 0.8 for source in fields["reference_slot_sources"]] == [False, True]
+    assert sorted(np.bincount(np.frombuffer(arrays["reference_triangle_slots"].data, np.int32))) == [2, 10]
     select(obj)
     assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
     assert kiln.operators.ACTIVE.targets[0].reference.startswith("Blockout (score 1.00")

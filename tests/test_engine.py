@@ -281,12 +281,12 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
                   "tri_loops": protocol.array("<i4", (2, 3), loops),
                   "loop_uvs": protocol.array("<f4", (6, 2), loop_uvs),
                   "init_texture": protocol.array("|u1", base.shape, base),
-                  "init_texture_1": protocol.array("|u1", ramp.shape, ramp),
-                  "init_uvs_2": protocol.array("<f4", (6, 2), other_uvs),
+                  "slot_texture_1": protocol.array("|u1", ramp.shape, ramp),
+                  "slot_uvs_1": protocol.array("<f4", (6, 2), other_uvs),
                   "triangle_slots": protocol.array("<i4", (2,), np.int32([0, 1]))}
-        return protocol.Message(protocol.SUBMIT, {"loop_count": 6, "init_sources": [None, source]}, arrays)
+        return protocol.Message(protocol.SUBMIT, {"loop_count": 6, "slot_sources": [None, source]}, arrays)
 
-    msg = message({"texture": "init_texture_1", "uvs": "init_uvs_2"})
+    msg = message({"texture": "slot_texture_1", "uvs": "slot_uvs_1"})
     texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
     assert texture.shape == (3, 16, 16)  # the larger image's size
     lower, upper = texture[:, 2, 13], texture[:, 13, 2]  # texel centres inside triangle 0 (v < u) and 1
@@ -296,12 +296,42 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
     texture = init_texture_from_message(msg, mesh_from_message(msg)).compose(torch.device("cpu"))
     assert torch.allclose(texture[:, 6, 1], torch.tensor([0.0, 1, 0])) and torch.allclose(texture[:, 1, 6], lower)
     assert texture.shape == (3, 8, 8)  # a colour has no size: the first image's is kept
-    msg = message({"texture": "init_texture_1", "uvs": "missing"})
+    msg = message({"texture": "slot_texture_1", "uvs": "missing"})
     with pytest.raises(JobError, match="'missing' must be the mesh's"):
         init_texture_from_message(msg, mesh_from_message(msg))
     msg = message({"color": ["red", 0, 0]})
     with pytest.raises(JobError, match="each slot's source is a color"):
         init_texture_from_message(msg, mesh_from_message(msg))
+
+
+def test_a_reference_object_with_several_materials_shows_each_faces_own() -> None:
+    """The artist's reference object: flat colours per material become each triangle's colour; an
+    image per material is composed in the job, on its device, into one texture."""
+    from backend.retrieve import asset_from_message
+    from backend.texture import SlotTextures
+
+    p = protocol.REFERENCE_PREFIX
+    quad = {p + "positions": protocol.array("<f4", (4, 3), np.float32([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])),
+            p + "triangles": protocol.array("<i4", (2, 3), np.int32([[0, 1, 2], [0, 2, 3]])),
+            p + "tri_loops": protocol.array("<i4", (2, 3), np.int32([[0, 1, 2], [3, 4, 5]])),
+            p + "triangle_slots": protocol.array("<i4", (2,), np.int32([0, 1]))}
+    colours = protocol.Message(protocol.SUBMIT, {p + "loop_count": 6, p + "color": [1.0, 0, 0],
+                                                 p + "slot_sources": [{"color": [1.0, 0, 0]}, {"color": [0, 0, 1.0]}]},
+                               quad)
+    asset, _ = asset_from_message(colours)
+    assert asset.texture is None and asset.corner_colours[:, 0].tolist() == [[1, 0, 0], [0, 0, 1]]
+    uvs = protocol.array("<f4", (6, 2), np.float32([[0, 0], [1, 0], [1, 1], [0, 0], [1, 1], [0, 1]]))
+    red, blue = np.zeros((4, 4, 4), np.uint8), np.zeros((4, 4, 4), np.uint8)
+    red[..., 0], blue[..., 2] = 255, 255
+    images = protocol.Message(protocol.SUBMIT, {
+        p + "loop_count": 6, p + "slot_sources": [{"texture": "texture", "uvs": "loop_uvs"},
+                                                  {"texture": "slot_texture_1", "uvs": "loop_uvs"}]},
+        {**quad, p + "loop_uvs": uvs, p + "texture": protocol.array("|u1", red.shape, red),
+         p + "slot_texture_1": protocol.array("|u1", blue.shape, blue)})
+    asset, _ = asset_from_message(images)
+    assert isinstance(asset.texture, SlotTextures)
+    texture = asset.resolved(torch.device("cpu")).texture
+    assert texture[:, 0, 3].tolist() == [1, 0, 0] and texture[:, 3, 0].tolist() == [0, 0, 1]
 
 
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
