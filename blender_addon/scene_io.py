@@ -200,8 +200,8 @@ def mesh_arrays(obj: Any, uv_map: str | None = None,
 def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], base: str,
                  fields: dict[str, Any], arrays: dict[str, protocol.Array]) -> None:
     """Each slot's image with the UVs it is read through, or its colour, and each triangle's slot.
-    Each image and UV map is sent once: the first slot's image is ``base``, and the mesh's own map
-    its "loop_uvs"."""
+    Each image and UV map is sent once: the first slot's image is ``base``, which the caller sends,
+    and the mesh's own map its "loop_uvs"."""
     slots = np.empty(len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("material_index", slots)
     arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
@@ -218,16 +218,16 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
         if uv_map not in mesh.uv_layers:
             raise SceneError(f"{obj.name!r} loses the UV map {uv_map!r} that its material's image "
                              f"{image.name!r} is read through in its modifiers: keep it in their output, or apply them")
-        texture = names.setdefault(f"image:{image.name}", f"slot_texture_{k}")
-        if texture not in arrays:
+        if f"image:{image.name}" not in names:
+            names[f"image:{image.name}"] = f"slot_texture_{k}"
             rgba = image_rgba8(image)
-            arrays[texture] = protocol.array("|u1", rgba.shape, rgba)
-        uvs = names.setdefault(f"uv:{uv_map}", f"slot_uvs_{k}")
-        if uvs not in arrays:
+            arrays[f"slot_texture_{k}"] = protocol.array("|u1", rgba.shape, rgba)
+        if f"uv:{uv_map}" not in names:
+            names[f"uv:{uv_map}"] = f"slot_uvs_{k}"
             uv = np.empty(len(mesh.loops) * 2, "<f4")
             mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
-            arrays[uvs] = protocol.array("<f4", (len(mesh.loops), 2), uv)
-        wire.append({"texture": texture, "uvs": uvs})
+            arrays[f"slot_uvs_{k}"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
+        wire.append({"texture": names[f"image:{image.name}"], "uvs": names[f"uv:{uv_map}"]})
     fields["slot_sources"] = wire
 
 
@@ -275,10 +275,10 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
     found = existing_texture(obj) if obj is not None and obj.type == "MESH" else None
     sources = slot_sources(obj) if obj is not None and obj.type == "MESH" else None
     fields, arrays = mesh_arrays(obj, found[1] if found else None, sources, base="texture")
-    if found and "texture" not in arrays:  # several materials sent it as the first slot's image
+    if found:
         rgba = image_rgba8(found[0])
         arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
-    elif not found and (colour := flat_colour(obj)) is not None:
+    elif (colour := flat_colour(obj)) is not None:
         fields["color"] = colour
     p = protocol.REFERENCE_PREFIX
     return ({p + k: v for k, v in fields.items() if k != "uv_map"}, {p + k: v for k, v in arrays.items()})

@@ -222,9 +222,8 @@ def target_for(obj: Any, refine: bool) -> Target:
                          "nothing to refine: untick Refine Existing Texture, or connect an image")
     image, uv_map = found
     fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj))  # each face starts from its own material
-    if "init_texture" not in arrays:  # several materials sent it as the first slot's image
-        rgba = image_rgba8(image)
-        arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
+    rgba = image_rgba8(image)
+    arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
     return Target(obj.name, fields, arrays, obj=obj)
 
 
