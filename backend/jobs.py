@@ -265,6 +265,7 @@ def slot_textures_from_message(msg: protocol.Message, mesh: Mesh, prefix: str = 
         raise bad(f"needs a list and a (T,) <i4 '{prefix}triangle_slots' array for the mesh's {len(mesh.triangles)} "
                   "triangles")
     parsed: list[tuple[torch.Tensor, torch.Tensor] | torch.Tensor | None] = []
+    decoded: dict[str, torch.Tensor] = {}  # slots sharing an image or a UV map share its array
     for source in sources:
         if source is None:
             parsed.append(None)
@@ -272,14 +273,17 @@ def slot_textures_from_message(msg: protocol.Message, mesh: Mesh, prefix: str = 
                 and all(isinstance(c, (int, float)) for c in source["color"]):
             parsed.append(torch.tensor([float(c) for c in source["color"]]))
         elif isinstance(source, dict) and prefix + str(source.get("texture")) in msg.arrays:
-            uvs = msg.arrays.get(prefix + str(source.get("uvs")))
+            image, uv_name = prefix + source["texture"], prefix + str(source.get("uvs"))
+            uvs = msg.arrays.get(uv_name)
             if uvs is None or uvs.dtype != "<f4" or uvs.shape != (mesh.loop_count, 2) or mesh.tri_loops is None:
                 raise bad(f"{source.get('uvs')!r} must be the mesh's ({mesh.loop_count}, 2) <f4 loop UVs")
             if base is None or mesh.corner_uvs is None:
                 raise bad("a slot's image needs the first image and the UV map it is read through")
-            loop_uvs = np.frombuffer(uvs.data, np.float32).reshape(-1, 2)
-            parsed.append((texture_from_message(msg, prefix + source["texture"]),
-                           torch.from_numpy(loop_uvs[mesh.tri_loops])))
+            if image not in decoded:
+                decoded[image] = texture_from_message(msg, image)
+            if uv_name not in decoded:
+                decoded[uv_name] = torch.from_numpy(np.frombuffer(uvs.data, np.float32).reshape(-1, 2)[mesh.tri_loops])
+            parsed.append((decoded[image], decoded[uv_name]))
         else:
             raise bad(f"each slot's source is a color, a texture array with its UVs, or null, not {source!r}")
     slots = torch.from_numpy(np.frombuffer(blob.data, np.int32).astype(np.int64))
@@ -325,6 +329,9 @@ def run_texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, mode
     ``own_reference`` is the artist's reference object (asset and name), if they chose one. Out of
     GPU memory, it runs again in Low VRAM mode (``retrying_in_low_vram``); the mesh keeps the UVs
     the first attempt gave it, which Blender already has."""
+    mesh.validate()
+    if mesh.corner_uvs is not None:  # once, not again when the job runs again in Low VRAM mode
+        warn_of_shared_texels(mesh, events)
     return retrying_in_low_vram(request, events, lambda request: _texture_job(request, mesh, events, models,
                                                                               init_texture, own_reference))
 
@@ -337,9 +344,6 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
     refine = init_texture is not None
     request.config(refine=refine)  # a bad preset or override fails before anything is loaded
     check_reference_options(request, own_reference is not None)
-    mesh.validate()
-    if mesh.corner_uvs is not None:
-        warn_of_shared_texels(mesh, events)
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")

@@ -192,9 +192,10 @@ def compose_slots(corner_uvs: torch.Tensor, base: torch.Tensor, slots: torch.Ten
     rows, cols = covered.nonzero(as_tuple=True)
     triangle = index[raster.tri_id[0][rows, cols]]
     b = raster.bary[0][rows, cols]
+    texel_slots = slots[triangle]
     out = base.clone()
     for k, source in enumerate(sources):
-        chosen = (slots[triangle] == k).nonzero().squeeze(1)
+        chosen = (texel_slots == k).nonzero().squeeze(1)
         if source is None or chosen.numel() == 0:
             continue
         if isinstance(source, tuple):
