@@ -28,6 +28,10 @@ class TextureEvents:
     def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None:
         """New UVs from unwrapping: per Blender loop (None for meshes without loops) and per corner."""
 
+    def tiles(self, tiles: list[list[int]]) -> None:
+        """The UV tiles ([u, v] each) the mesh's map spans, which the job textures side by side in
+        one image (``protocol.TILES_UV_MAP``); its corner UVs now read them there."""
+
     def points(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
         """A generation preview: (N, 3) float32 centres, (N, 3) uint8 colours, (N,) float32 radii."""
 

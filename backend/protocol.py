@@ -49,12 +49,34 @@ UP_AXES = ("y", "z")
 #: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).
 MAX_TRIANGLES = 1_000_000
 
+#: The UV map Kiln adds to a mesh that had none (MESH with "loop_uvs": the backend's unwrap).
+UNWRAP_UV_MAP = "KilnUV"
+#: The UV map Kiln adds to a mesh whose map lays faces out over several UV tiles (UDIM), which one
+#: texture cannot hold apart: MESH with "tiles", [[u, v], ...], the tiles of the job's "uv_map" in
+#: order (UDIM 1001 + u + 10 v). The map is a copy of that one with each face moved from its tile
+#: into the tile's cell of the texture (``tile_cell``); the artist's map is left as it is.
+TILES_UV_MAP = "KilnUDIM"
+#: The gutter around each tile's cell, as a fraction of the cell, so mipmaps do not mix tiles.
+TILE_MARGIN = 1 / 64
+
+
+def tile_cell(index: int, count: int) -> tuple[float, float, float]:
+    """Where tile ``index`` of ``count`` lies in one texture: (scale, du, dv), so that a UV (u, v)
+    of a face in tile (tu, tv) goes to ((u - tu) * scale + du, (v - tv) * scale + dv). The cells
+    fill a square grid row by row from v = 0. Both sides use it: the backend to texture the faces
+    there, Blender to add the UV map that reads them there."""
+    grid = math.isqrt(count - 1) + 1
+    scale = (1 - 2 * TILE_MARGIN) / grid
+    return scale, (index % grid + TILE_MARGIN) / grid, (index // grid + TILE_MARGIN) / grid
+
+
 # Message types. Client → server: AUTH, SUBMIT, CANCEL, UNLOAD, SHUTDOWN, PING.
 # Server → client: HELLO, WELCOME, ACCEPTED, PROGRESS, TEXTURE, MESH, POINTS, OBJECT, REFERENCE, HITS, LOG,
-# ERROR, DONE, PONG. MESH carries new UVs for the artist's mesh; POINTS a generation preview (Gaussian
-# centres, colours, radii); OBJECT a generated object's geometry (positions, triangles, corner UVs),
-# before its textures; REFERENCE the asset a job warms up toward (file, score, yaw, thumbnails); HITS a
-# search's nearest assets ("hits": file, caption, score each; "thumbnails" (K, V, S, S, 3) uint8).
+# ERROR, DONE, PONG. MESH carries a new UV map for the artist's mesh (UNWRAP_UV_MAP or TILES_UV_MAP);
+# POINTS a generation preview (Gaussian centres, colours, radii); OBJECT a generated object's geometry
+# (positions, triangles, corner UVs), before its textures; REFERENCE the asset a job warms up toward
+# (file, score, yaw, thumbnails); HITS a search's nearest assets ("hits": file, caption, score each;
+# "thumbnails" (K, V, S, S, 3) uint8).
 HELLO = "hello"
 AUTH = "auth"
 WELCOME = "welcome"
@@ -96,7 +118,8 @@ REFERENCE_PREFIX = "reference_"
 #: "slot_sources", one per slot: {"texture": ARRAY, "uvs": ARRAY} (that slot's RGBA8 image and the
 #: (loops, 2) <f4 UVs it is read through; the first image is "init_texture", or the reference's
 #: "texture"), {"color": [r, g, b]} (sRGB, 0-1) or null; and "triangle_slots", each triangle's
-#: slot as (T,) <i4.
+#: slot as (T,) <i4. A slot whose image is tiled (UDIM) adds, after the slots, one texture source
+#: per further tile its faces lie in, which those faces' "triangle_slots" name instead.
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

@@ -152,8 +152,11 @@ class JobEvents(TextureEvents):
     def uvs(self, loop_uvs: np.ndarray | None, corner_uvs: np.ndarray) -> None:
         if loop_uvs is None:
             return
-        self._send(protocol.MESH, {"uv_map": "KilnUV"},
+        self._send(protocol.MESH, {"uv_map": protocol.UNWRAP_UV_MAP},
                    {"loop_uvs": protocol.array("<f4", loop_uvs.shape, np.ascontiguousarray(loop_uvs, "<f4"))})
+
+    def tiles(self, tiles: list[list[int]]) -> None:
+        self._send(protocol.MESH, {"uv_map": protocol.TILES_UV_MAP, "tiles": tiles})
 
     def points(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
         n = len(positions)

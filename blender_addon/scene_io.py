@@ -7,6 +7,7 @@ per-element Python loop over a 2048² image takes seconds, this takes millisecon
 from __future__ import annotations
 
 import re
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,9 +16,6 @@ import bpy
 import numpy as np
 
 from .backend import protocol
-
-UV_MAP_NAME = "KilnUV"
-
 
 class SceneError(Exception):
     """Bad scene input; the message names the problem and the fix. Where Kiln can make that fix
@@ -134,7 +132,8 @@ def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None] | None:
     tells the whole story."""
     sources = [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
     shown = {(s[0].name, s[1]) if isinstance(s, tuple) else (tuple(s) if s else None) for s in sources}
-    return sources if len(shown) > 1 else None
+    tiled = any(isinstance(s, tuple) and s[0].source == "TILED" and len(s[0].tiles) > 1 for s in sources)
+    return sources if len(shown) > 1 or tiled else None
 
 
 def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.ndarray:
@@ -154,6 +153,29 @@ def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.nda
     if image.is_float:
         px[..., :3] = _linear_to_srgb(px[..., :3])
     return (np.clip(px, 0, 1) * 255 + 0.5).astype(np.uint8)
+
+
+def tile_rgba8(image: Any, number: int) -> np.ndarray | None:
+    """One tile of a UDIM image past its first (``image_rgba8``), or None when it has no pixels to
+    read. Blender's Python reads only an image's first tile, so the others are loaded from their
+    files, or their packed data, as images of their own for a moment."""
+    packed = next((p for p in image.packed_files if p.tile_number == number), None)
+    with tempfile.TemporaryDirectory() as folder:
+        if packed is not None:
+            path = Path(folder) / f"tile{Path(packed.filepath).suffix}"
+            path.write_bytes(packed.packed_file.data)
+        else:
+            u, v = (number - 1001) % 10, (number - 1001) // 10
+            path = Path(bpy.path.abspath(image.filepath, library=image.library).replace("<UDIM>", str(number))
+                        .replace("<UVTILE>", f"u{u + 1}_v{v + 1}"))
+        if not path.is_file():
+            return None
+        tile = bpy.data.images.load(str(path), check_existing=False)
+        try:
+            tile.colorspace_settings.name = image.colorspace_settings.name
+            return image_rgba8(tile) if tile.size[0] and tile.size[1] else None
+        finally:
+            bpy.data.images.remove(tile)
 
 
 def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
@@ -204,7 +226,6 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
     and the mesh's own map its "loop_uvs"."""
     slots = np.empty(len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("material_index", slots)
-    arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
     names = {f"uv:{fields['uv_map']}": "loop_uvs"}
     first = next((source[0] for source in sources if isinstance(source, tuple)), None)
     if first is not None:
@@ -228,7 +249,34 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
             mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
             arrays[f"slot_uvs_{k}"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
         wire.append({"texture": names[f"image:{image.name}"], "uvs": names[f"uv:{uv_map}"]})
+    material = slots.copy()  # tiles join as sources after the slots', so their indices stay
+    for k, source in enumerate(sources):
+        if isinstance(source, tuple) and source[0].source == "TILED" and len(source[0].tiles) > 1:
+            for inside, rgba in _tile_images(mesh, *source, material == k):
+                name = f"slot_texture_{len(wire)}"
+                arrays[name] = protocol.array("|u1", rgba.shape, rgba)
+                slots[inside] = len(wire)
+                wire.append({"texture": name, "uvs": wire[k]["uvs"]})
+    arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
     fields["slot_sources"] = wire
+
+
+def _tile_images(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """A UDIM image's tiles past its first, each with the ``chosen`` triangles that lie in it: those
+    start from that tile's image, read through the same UVs, which the backend wraps into the unit
+    square as they are within a tile."""
+    uv = np.empty(len(mesh.loops) * 2, np.float32)
+    mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
+    loops = np.empty(len(mesh.loop_triangles) * 3, np.int32)
+    mesh.loop_triangles.foreach_get("loops", loops)
+    tile = np.floor(uv.reshape(-1, 2)[loops].reshape(-1, 3, 2).mean(axis=1)).astype(np.int64)
+    number = np.where((tile[:, 0] >= 0) & (tile[:, 0] < 10), 1001 + tile[:, 0] + 10 * tile[:, 1], 0)
+    found = []
+    for tile_number in (t.number for t in image.tiles[1:]):
+        inside = chosen & (number == tile_number)
+        if inside.any() and (rgba := tile_rgba8(image, tile_number)) is not None:
+            found.append((inside, rgba))
+    return found
 
 
 def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
@@ -265,7 +313,7 @@ def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any
         uv_layer.data.foreach_get("uv", uv)
         arrays["loop_uvs"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
     fields = {"object": obj.name, "loop_count": len(mesh.loops), "up_axis": "z",
-              "uv_map": uv_layer.name if uv_layer is not None else UV_MAP_NAME}
+              "uv_map": uv_layer.name if uv_layer is not None else protocol.UNWRAP_UV_MAP}
     return fields, arrays
 
 
@@ -287,13 +335,50 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
 def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
     """A new UV map from the backend's unwrap; the object's existing maps are left untouched."""
     mesh = obj.data
-    if obj.mode == "EDIT":  # leaving Edit Mode writes the edit mesh back, without a map added meanwhile
-        raise SceneError(f"{obj.name!r} went into Edit Mode before Kiln could add its UV map: leave Edit Mode "
-                         "and run the job again")
+    _check_not_editing(obj)
     if loop_uvs.shape[0] != len(mesh.loops):
         raise SceneError(f"{obj.name!r} was edited while Kiln worked ({len(mesh.loops)} face corners now, "
                          f"{loop_uvs.shape[0]} when the job started): run it again")
-    layer = mesh.uv_layers.new(name=UV_MAP_NAME)
+    return _write_uv_map(obj, protocol.UNWRAP_UV_MAP, loop_uvs)
+
+
+def add_tile_uv_map(obj: Any, source: str, tiles: list[list[int]]) -> str:
+    """The UV map that reads a texture made for a map over several UV tiles (UDIM): a copy of
+    ``source`` with each face moved from its tile into that tile's cell (``protocol.tile_cell``).
+    Worked out on the object's own faces, so modifiers carry it as they carry ``source``; a job
+    run again rewrites the map rather than adding another."""
+    mesh = obj.data
+    _check_not_editing(obj)
+    if source not in mesh.uv_layers:
+        raise SceneError(f"{obj.name!r} lost its UV map {source!r} while Kiln worked: run the job again")
+    uv = np.empty(len(mesh.loops) * 2, np.float32)
+    mesh.uv_layers[source].data.foreach_get("uv", uv)
+    uv = uv.reshape(-1, 2).astype(np.float64)
+    starts, counts = (np.empty(len(mesh.polygons), np.int32) for _ in range(2))
+    mesh.polygons.foreach_get("loop_start", starts)
+    mesh.polygons.foreach_get("loop_total", counts)
+    face_of_loop = np.zeros(len(mesh.loops), np.int64)
+    loops = np.repeat(starts, counts) + np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    face_of_loop[loops] = np.repeat(np.arange(len(starts)), counts)
+    centre = np.stack([np.bincount(face_of_loop, uv[:, axis], len(starts)) for axis in (0, 1)], 1)
+    tile = np.floor(centre / np.maximum(counts, 1)[:, None]).astype(np.int64)[face_of_loop]
+    index = np.zeros(len(tile), np.int64)  # a face in none of them (hidden by a modifier): the first cell
+    for i, known in enumerate(tiles):
+        index[(tile == known).all(axis=1)] = i
+    cells = np.array([protocol.tile_cell(i, len(tiles)) for i in range(len(tiles))])[index]
+    return _write_uv_map(obj, protocol.TILES_UV_MAP, (uv - tile) * cells[:, :1] + cells[:, 1:])
+
+
+def _check_not_editing(obj: Any) -> None:
+    if obj.mode == "EDIT":  # leaving Edit Mode writes the edit mesh back, without a map added meanwhile
+        raise SceneError(f"{obj.name!r} went into Edit Mode before Kiln could add its UV map: leave Edit Mode "
+                         "and run the job again")
+
+
+def _write_uv_map(obj: Any, name: str, loop_uvs: np.ndarray) -> str:
+    mesh = obj.data
+    layer = mesh.uv_layers.get(name) if name == protocol.TILES_UV_MAP else None
+    layer = layer or mesh.uv_layers.new(name=name)
     if layer is None:
         raise SceneError(f"{obj.name!r} already has 8 UV maps, Blender's limit: delete one and retry")
     layer.data.foreach_set("uv", np.ascontiguousarray(loop_uvs, np.float32).ravel())
@@ -449,7 +534,7 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
     and selected; its texture material comes with the job's textures (``start_live_texture``)."""
     mesh = bpy.data.meshes.new(name)
     _set_geometry(mesh, positions, triangles)
-    layer = mesh.uv_layers.new(name=UV_MAP_NAME)
+    layer = mesh.uv_layers.new(name=protocol.UNWRAP_UV_MAP)
     layer.data.foreach_set("uv", np.ascontiguousarray(corner_uvs, np.float32).ravel())
     mesh.shade_smooth()
     obj = bpy.data.objects.new(name, mesh)

@@ -24,11 +24,11 @@ from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
 from .client import Client, Disconnected
 from .scene_io import (
-    UV_MAP_NAME,
     LiveTexture,
     PointPreview,
     ReferenceIcon,
     SceneError,
+    add_tile_uv_map,
     add_uv_map,
     build_object,
     check_paintable,
@@ -434,8 +434,10 @@ class TextureSession:
             target.progress_log.append(target.done)
         elif msg.type == protocol.MESH:
             obj = painted(target)
-            uv = msg.arrays["loop_uvs"]
-            if obj is not None:
+            if obj is not None and msg.get("tiles") is not None:
+                target.fields["uv_map"] = add_tile_uv_map(obj, target.fields["uv_map"], msg.get("tiles"))
+            elif obj is not None:
+                uv = msg.arrays["loop_uvs"]
                 target.fields["uv_map"] = add_uv_map(obj, np.frombuffer(uv.data, np.float32).reshape(uv.shape))
         elif msg.type == protocol.TEXTURE:
             self._apply_texture(target, msg)
@@ -599,8 +601,8 @@ class GenerateSession(TextureSession):
     def __init__(self, job_fields: dict[str, Any], backend: BackendChoice, location: Any,
                  shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         fields = {k: v for k, v in job_fields.items() if k not in ("controlnet", "strength")}  # texturing only
-        target = Target(object_name(job_fields["prompt"]), {"task": protocol.TASK_GENERATE, "uv_map": UV_MAP_NAME},
-                        {})
+        target = Target(object_name(job_fields["prompt"]),
+                        {"task": protocol.TASK_GENERATE, "uv_map": protocol.UNWRAP_UV_MAP}, {})
         self._setup([target], fields, backend, shared_arrays)
         self.location = tuple(location)
 

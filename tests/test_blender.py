@@ -145,6 +145,47 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
     assert bpy.data.images["Kiln Plain"] != bpy.data.images["Kiln Other"]
 
 
+def udim_cube(name: str):
+    """A subdivided cube whose UV map puts its top and bottom faces in UDIM tile 1002 and the
+    rest in 1001; returns it and its map's UVs."""
+    obj = add_cube(name)
+    obj.modifiers.new("Subdivision", "SUBSURF").levels = 1
+    uv = np.empty(len(obj.data.loops) * 2, np.float32)
+    obj.data.uv_layers["UVMap"].data.foreach_get("uv", uv)
+    uv = uv.reshape(-1, 2)
+    for face in obj.data.polygons:
+        if abs(face.normal.z) > 0.5:
+            uv[list(face.loop_indices), 0] += 1
+    obj.data.uv_layers["UVMap"].data.foreach_set("uv", uv.ravel())
+    return obj, uv
+
+
+def test_a_udim_map_is_textured_through_a_map_with_each_tile_in_its_own_cell(kiln, scene) -> None:
+    """Kiln makes one image, which would repeat over every UDIM tile: the job textures each tile
+    in a cell of it, through a KilnUDIM map added beside the artist's map, which stays as it was."""
+    obj, uv = udim_cube("Tiled")
+    select(obj)
+    for run in range(2):  # a second job rewrites the map instead of adding another
+        bpy.ops.kiln.texture_selected()
+        assert [t.status for t in kiln.operators.ACTIVE.targets] == ["finished"]
+        notes = kiln.operators.ACTIVE.notes
+        assert any("UDIM tiles 1001, 1002" in note and "'KilnUDIM'" in note for note in notes), notes
+        assert not any("share texels" in note for note in notes)
+        assert [layer.name for layer in obj.data.uv_layers] == ["UVMap", "KilnUDIM"]
+    uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
+    assert uv_node.uv_map == "KilnUDIM"
+    artist = np.empty(uv.size, np.float32)
+    obj.data.uv_layers["UVMap"].data.foreach_get("uv", artist)
+    assert np.array_equal(artist, uv.ravel())
+    cells = np.empty(uv.size, np.float32)
+    obj.data.uv_layers["KilnUDIM"].data.foreach_get("uv", cells)
+    cells = cells.reshape(-1, 2)
+    second = uv[:, 0] > 1.0001  # loops of faces in tile 1002 (none touches its left edge)
+    scale, du, dv = kiln.scene_io.protocol.tile_cell(1, 2)
+    assert np.allclose(cells[second], (uv[second] - [1, 0]) * scale + [du, dv], atol=1e-6)
+    assert cells[second, 0].min() > 0.5 and cells[~second, 0].max() < 0.5 and cells.max() <= 1
+
+
 def test_linked_duplicates_are_textured_once(kiln, scene) -> None:
     original = add_cube("Original", uvs=False)
     duplicate = bpy.data.objects.new("Duplicate", original.data)  # Alt+D: one mesh, two objects
@@ -715,6 +756,43 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     assert sorted(np.bincount(slots)) == [2, 2, 8]  # two triangles on top, two below, eight around
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
+
+
+def test_refining_a_udim_image_starts_each_tile_from_its_own(kiln, scene, tmp_path) -> None:
+    """Blender's Python reads a UDIM image's first tile only: the faces in its other tiles get
+    theirs, read from its files, then from its packed data once the files are gone."""
+    obj, _ = udim_cube("Tiled")
+    for number, colour in ((1001, (1, 0, 0, 1)), (1002, (0, 0, 1, 1))):
+        tile = bpy.data.images.new(f"tile {number}", 8, 8)
+        tile.pixels.foreach_set(np.tile(np.float32(colour), 64))
+        tile.filepath_raw, tile.file_format = str(tmp_path / f"paint.{number}.png"), "PNG"
+        tile.save()
+    image = bpy.data.images.load(str(tmp_path / "paint.1001.png"))
+    image.source = "TILED"
+    assert [t.number for t in image.tiles] == [1001, 1002]
+    link_artist_image(obj)
+    next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "TEX_IMAGE").image = image
+    artist = obj.material_slots[0].material
+    select(obj)
+    scene.refine = True
+    for packed in (False, True):
+        if packed:
+            image.pack()
+            for number in (1001, 1002):
+                (tmp_path / f"paint.{number}.png").unlink()
+            obj.material_slots[0].material = artist  # in place of the first job's result
+        session = run_session(kiln, [obj], steps=1)
+        target = session.targets[0]
+        assert target.fields["slot_sources"] == [{"texture": "init_texture", "uvs": "loop_uvs"},
+                                                 {"texture": "slot_texture_1", "uvs": "loop_uvs"}]
+        first = np.frombuffer(target.arrays["init_texture"].data, np.uint8).reshape(-1, 4)
+        second = np.frombuffer(target.arrays["slot_texture_1"].data, np.uint8).reshape(-1, 4)
+        assert (first == [255, 0, 0, 255]).all() and (second == [0, 0, 255, 255]).all()
+        slots = np.frombuffer(target.arrays["triangle_slots"].data, np.int32)
+        assert list(np.bincount(slots)) == [32, 16]  # the subdivided top and bottom lie in tile 1002
+        pump_until(session, lambda: session.finished)
+        assert session.succeeded, session.summary()
+    assert [layer.name for layer in obj.data.uv_layers] == ["UVMap", "KilnUDIM"]
 
 
 def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> None:

@@ -20,6 +20,7 @@ from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
 from backend.protocol import MAX_TRIANGLES
 from backend.sir import t2_schedule
+from backend.texture import sample_image
 from backend.unwrap import Unwrapping, unwrap
 
 VASE = ROOT / "examples" / "vase.obj"
@@ -33,6 +34,7 @@ class Recorder(TextureEvents):
         self.progress_calls: list[tuple[int, int, str]] = []
         self.textures: list[tuple[np.ndarray, bool]] = []
         self.uv_updates = 0
+        self.tile_updates: list[list[list[int]]] = []
 
     def progress(self, done, total, phase):
         self.progress_calls.append((done, total, phase))
@@ -42,6 +44,9 @@ class Recorder(TextureEvents):
 
     def uvs(self, loop_uvs, corner_uvs):
         self.uv_updates += 1
+
+    def tiles(self, tiles):
+        self.tile_updates.append(tiles)
 
 
 def grid_mesh() -> Mesh:
@@ -258,6 +263,62 @@ def test_tiled_uvs_texture_as_blender_repeats_them_and_shared_texels_get_a_note(
     run_texture_job(request, mesh, events, models)
     notes = [line for line in events.lines if "share texels" in line]
     assert len(notes) == 1 and "Smart UV Project" in notes[0]
+
+
+def test_a_udim_map_is_textured_with_each_tile_in_a_cell_of_its_own() -> None:
+    """Half the vase's faces stacked on the other half: in one tile they share texels; with the
+    stacked half moved to tile 1002 (as UDIM maps lay faces out) each face gets its own, and the
+    front end is told the tiles so it can add the map that reads them."""
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 512, "steps": 1})
+    models = ModelCache()
+    mesh = grid_mesh()
+    unwrap(mesh)
+    half = len(mesh.triangles) // 2
+    mesh.corner_uvs[half:2 * half] = mesh.corner_uvs[:half]
+    pairs = []
+    for shift in (0, 1):
+        mesh.corner_uvs[half:2 * half, :, 0] = mesh.corner_uvs[:half, :, 0] + shift
+        events = Logged()
+        texture = run_texture_job(request, mesh, events, models)
+        centres = torch.as_tensor(mesh.corner_uvs).mean(1)
+        colours = sample_image(texture, centres)
+        pairs.append((colours[:half] - colours[half:2 * half]).abs().mean().item())
+        notes = [line for line in events.lines if "share texels" in line or "UDIM" in line]
+        if shift:
+            assert events.tile_updates == [[[0, 0], [1, 0]]] and len(notes) == 1, notes
+            assert "UDIM tiles 1001, 1002" in notes[0] and "'KilnUDIM'" in notes[0]
+            assert mesh.corner_uvs.min() >= 0 and mesh.corner_uvs.max() <= 1
+        else:
+            assert events.tile_updates == [] and len(notes) == 1 and "share texels" in notes[0]
+    assert pairs[0] < 1e-3 < 0.01 < pairs[1]  # stacked faces get one colour, tiled faces their own
+
+
+def test_refining_a_udim_map_starts_each_face_from_its_own_tile() -> None:
+    """One quad in tile 1001 and one in 1002, at the same place within their tiles: refined, each
+    starts from its own tile's image in its own cell, or from the one image when only one is sent."""
+    from backend.jobs import lay_out_tiles
+    from backend.texture import SlotTextures
+
+    quad = np.float32([[[0.2, 0.2], [0.8, 0.2], [0.8, 0.8]], [[0.2, 0.2], [0.8, 0.8], [0.2, 0.8]]])
+    positions = np.float32([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0], [2, 0, 0], [3, 0, 0], [3, 1, 0], [2, 1, 0]])
+    mesh = Mesh(positions, np.int64([[0, 1, 2], [0, 2, 3], [4, 5, 6], [4, 6, 7]]),
+                np.concatenate([quad, quad + [1, 0]]).astype(np.float32))
+    ramp = torch.linspace(0, 1, 32).expand(3, 32, 32).clone()  # brighter with u
+    blue = torch.zeros(3, 32, 32)
+    blue[2] = 1
+    original = torch.as_tensor(mesh.corner_uvs.copy())
+    start = lay_out_tiles(mesh, Logged(), ramp).compose(torch.device("cpu"))
+    cells = torch.as_tensor(mesh.corner_uvs)
+    for tile in (0, 2):  # each quad's texels read the ramp where its UVs lay within their tile
+        inside = cells[tile:tile + 2].mean(1)
+        assert torch.allclose(sample_image(start, inside), sample_image(ramp, original[tile:tile + 2].mean(1)),
+                              atol=0.03)
+    mesh.corner_uvs = original.numpy().copy()
+    slots = SlotTextures(ramp, original, torch.tensor([0, 0, 1, 1]), [(ramp, original), (blue, original)])
+    start = lay_out_tiles(mesh, Logged(), slots).compose(torch.device("cpu"))
+    cells = torch.as_tensor(mesh.corner_uvs).mean(1)
+    assert torch.allclose(sample_image(start, cells[2:]), torch.tensor([0.0, 0, 1]), atol=1e-5)
+    assert sample_image(start, cells[:2])[:, 2].max() < 0.9
 
 
 def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:

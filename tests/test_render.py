@@ -107,6 +107,35 @@ def test_uvs_outside_the_unit_square_wrap_into_it_as_blenders_repeat() -> None:
     assert shared_uv_area(quads) == pytest.approx(1 - 1 / 5000)
 
 
+def test_a_map_over_several_uv_tiles_gets_one_cell_per_tile() -> None:
+    """Faces in UDIM tiles 1001, 1002 and 1011, each within its tile: packed, they keep their place
+    within the tile and land in their tile's cell, clear of the other tiles' faces. Maps that
+    repeat (a face over several squares) or stay in one tile are left as they are."""
+    from backend.protocol import TILE_MARGIN, tile_cell
+    from backend.tiles import tile_layout
+
+    tri = np.float32([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])
+    # In tiles 1002, 1001, 1011 and 1002 again.
+    corner_uvs = np.concatenate([tri + [1, 0], tri, tri + [0, 1], tri + [1, 0]]).astype(np.float32)
+    layout = tile_layout(corner_uvs)
+    assert layout.tiles.tolist() == [[0, 0], [1, 0], [0, 1]] and layout.triangle_tile.tolist() == [1, 0, 2, 1]
+    assert layout.describe() == "UDIM tiles 1001, 1002, 1011"
+    packed = layout.pack(corner_uvs)
+    # Of four faces, three lie on others when wrapped into one square; packed, only the one stacked
+    # within tile 1002 (as the artist laid it out) does.
+    assert shared_uv_area(torch.as_tensor(corner_uvs)) == pytest.approx(0.75, abs=0.02)
+    assert shared_uv_area(torch.as_tensor(packed)) == pytest.approx(0.25, abs=0.02)
+    assert packed.min() >= TILE_MARGIN / 2 and packed.max() <= 1 - TILE_MARGIN / 2
+    scale, du, dv = tile_cell(1, 3)
+    assert np.allclose(packed[0], tri[0] * scale + [du, dv]) and np.array_equal(packed[0], packed[3])
+    assert [tile_cell(i, 4)[1:] for i in range(4)] == [(a + TILE_MARGIN / 2, b + TILE_MARGIN / 2)
+                                                      for b in (0, 0.5) for a in (0, 0.5)]
+    assert tile_cell(0, 5)[0] == pytest.approx((1 - 2 * TILE_MARGIN) / 3)  # five tiles: a 3 × 3 grid
+    assert tile_layout(tri) is None and tile_layout(tri + [3, -2]) is None  # one tile: Blender's repeat shows it
+    assert tile_layout(np.concatenate([tri, tri + [0.5, 0]])) is None  # a face over two squares repeats
+    assert tile_layout(np.concatenate([tri, tri - [1, 0]])).describe() == "2 UV tiles"  # left of UDIM's 1001
+
+
 def test_padding_grows_islands_without_touching_them() -> None:
     image = torch.zeros(3, 32, 32)
     image[:, 10:20, 10:20] = torch.tensor([0.2, 0.5, 0.8])[:, None, None]

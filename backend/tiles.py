@@ -1,0 +1,53 @@
+"""UV maps laid out over several UV tiles (UDIM), textured as one image.
+
+A UDIM map puts faces in unit squares side by side (tile 1001 is [0, 1]², 1002 the square to its
+right, 1011 the one above), each read from its own image. Kiln makes one image, which Blender's
+Image Texture node repeats over every square, so all tiles would share its texels: each face
+would get a blend of every tile's faces there. Kiln therefore textures such a map with each tile
+moved into a cell of the one image (``protocol.tile_cell``), and Blender adds that layout as a UV
+map of its own (``protocol.TILES_UV_MAP``), leaving the artist's map as it is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .protocol import tile_cell
+
+#: How far (in UV units) a face may stray over its tile's edge and still count as inside it.
+_EDGE = 1e-3
+
+
+@dataclass
+class TileLayout:
+    tiles: np.ndarray         # (N, 2) int: the tiles' (u, v), in UDIM order
+    triangle_tile: np.ndarray  # (T,) int: each triangle's index into ``tiles``
+
+    def describe(self) -> str:
+        """The tiles as an artist names them: UDIM numbers where they have them."""
+        u, v = self.tiles[:, 0], self.tiles[:, 1]
+        if ((u >= 0) & (u < 10) & (v >= 0)).all():
+            return "UDIM tiles " + ", ".join(str(1001 + a + 10 * b) for a, b in self.tiles.tolist())
+        return f"{len(self.tiles)} UV tiles"
+
+    def pack(self, corner_uvs: np.ndarray) -> np.ndarray:
+        """(T, 3, 2) UVs with each triangle moved from its tile into the tile's cell."""
+        cells = np.array([tile_cell(i, len(self.tiles)) for i in range(len(self.tiles))], np.float64)
+        scale, offset = cells[self.triangle_tile, :1, None], cells[self.triangle_tile, None, 1:]
+        origin = self.tiles[self.triangle_tile][:, None].astype(np.float64)
+        return ((corner_uvs.astype(np.float64) - origin) * scale + offset).astype(np.float32)
+
+
+def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
+    """The map's tiles, when its faces lie in more than one unit square of UV space and each face
+    within one square; None otherwise. A map whose faces cross squares' edges (a floor whose UVs
+    run 0 to 4 to repeat the image) is meant to repeat, and is textured as Blender repeats it."""
+    uvs = corner_uvs.astype(np.float64)
+    tile = np.floor(uvs.mean(axis=1)).astype(np.int64)                 # (T, 2) by each face's centre
+    inside = ((uvs >= tile[:, None] - _EDGE) & (uvs <= tile[:, None] + 1 + _EDGE)).all(axis=(1, 2))
+    tiles, triangle_tile = np.unique(tile[:, ::-1], axis=0, return_inverse=True)  # sorted by v, then u
+    if len(tiles) < 2 or not inside.all():
+        return None
+    return TileLayout(np.ascontiguousarray(tiles[:, ::-1]), triangle_tile.reshape(-1))
