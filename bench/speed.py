@@ -278,9 +278,11 @@ def run_job(prior: Any, method: str, preset: str, faces: int, size: int, device:
     return row
 
 
-def mean_seconds(run: Callable[[], Any], device: torch.device, repeats: int = 3) -> float:
+def mean_seconds(run: Callable[[], Any], device: torch.device) -> float:
     """Seconds per call of ``run`` after one untimed call (warm-up, JIT builds), with the GPU's
-    queue drained before and after."""
+    queue drained before and after: the mean of three calls on a GPU, where one takes milliseconds
+    and launch jitter shows; one call on the CPU, where it takes seconds."""
+    repeats = 3 if device.type == "cuda" else 1
     run()
     if device.type == "cuda":
         torch.cuda.synchronize()
