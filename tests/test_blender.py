@@ -162,8 +162,16 @@ def udim_cube(name: str):
 
 def test_a_udim_map_is_textured_through_a_map_with_each_tile_in_its_own_cell(kiln, scene) -> None:
     """Kiln makes one image, which would repeat over every UDIM tile: the job textures each tile
-    in a cell of it, through a KilnUDIM map added beside the artist's map, which stays as it was."""
+    in a cell of it, through a KilnUDIM map added beside the artist's map, which stays as it was.
+    Undo takes the map away with the rest of the job."""
     obj, uv = udim_cube("Tiled")
+    select(obj)
+    bpy.ops.ed.undo_push(message="before Kiln")
+    bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
+    assert "KilnUDIM" in obj.data.uv_layers
+    bpy.ops.ed.undo()
+    obj = bpy.data.objects["Tiled"]
+    assert [layer.name for layer in obj.data.uv_layers] == ["UVMap"]
     select(obj)
     for run in range(2):  # a second job rewrites the map instead of adding another
         bpy.ops.kiln.texture_selected()
