@@ -27,7 +27,7 @@ from .presets import (
 )
 from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
 from .texture import SlotTextures, shared_uv_area
-from .tiles import tile_layout
+from .tiles import pack_tiles
 from .unwrap import Unwrapping
 
 
@@ -369,29 +369,17 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
 
 def lay_out_tiles(mesh: Mesh, events: TextureEvents, init_texture: torch.Tensor | SlotTextures | None,
                   ) -> torch.Tensor | SlotTextures | None:
-    """Give a mesh whose UV map spans several UV tiles (UDIM) one cell per tile in the texture
-    (``tiles``), tell the front end so it can add that UV map, and move the texture a refine job
-    starts from onto it: each face still starts from what its own tile showed."""
-    layout = tile_layout(mesh.corner_uvs)
-    if layout is None:
-        return init_texture
-    original = torch.as_tensor(mesh.corner_uvs)
-    mesh.corner_uvs = layout.pack(mesh.corner_uvs)
-    events.tiles(layout.tiles.tolist())
-    scale = protocol.tile_cell(0, len(layout.tiles))[0]
-    events.log(f"{mesh.name!r}: its UV map lays faces out over {layout.describe()}, and Kiln makes one image, "
-               f"so it textures each tile in a cell of that image ({scale:.0%} of its width: a larger texture size "
-               f"gives each more texels), read through a new UV map ({protocol.TILES_UV_MAP!r} in Blender; the "
-               "CLI's .glb carries it as its UVs). Your UV map is left as it is")
-    packed = torch.as_tensor(mesh.corner_uvs)
-    if isinstance(init_texture, torch.Tensor):
-        return SlotTextures(init_texture, packed, torch.zeros(len(packed), dtype=torch.long),
-                            [(init_texture, original)])
-    if isinstance(init_texture, SlotTextures):
-        sources = [(init_texture.base, original) if s is None and init_texture.base is not None else s
-                   for s in init_texture.sources]
-        return replace(init_texture, corner_uvs=packed, sources=sources)
-    return None
+    """``pack_tiles``, telling the front end the tiles, so it can add the map that reads them there,
+    and the artist why."""
+    layout, init_texture = pack_tiles(mesh, init_texture)
+    if layout is not None:
+        events.tiles(layout.tiles.tolist())
+        scale = protocol.tile_cell(0, len(layout.tiles))[0]
+        events.log(f"{mesh.name!r}: its UV map lays faces out over {layout.describe()}, and Kiln makes one image, "
+                   f"so it textures each tile in a cell of that image ({scale:.0%} of its width: a larger texture "
+                   f"size gives each more texels), read through a new UV map ({protocol.TILES_UV_MAP!r} in Blender; "
+                   "the CLI's .glb carries it as its UVs). Your UV map is left as it is")
+    return init_texture
 
 
 #: The share of a UV map's area on top of other faces' above which a job says so (below it, the

@@ -18,6 +18,7 @@ from .assets import Asset, load_asset
 from .jobs import JobRequest, mesh_from_message, slot_textures_from_message, texture_from_message
 from .library import Hit, LibraryIndex, caption_for, name_words, search, thumbnails
 from .mesh import MeshError
+from .tiles import pack_tiles
 
 if TYPE_CHECKING:
     from .embed import ClipEmbedder
@@ -89,7 +90,7 @@ def asset_from_message(msg: protocol.Message) -> tuple[Asset, str] | None:
         texture = None
     slots = slot_textures_from_message(msg, mesh, p, texture)  # several materials, shown face by face
     if texture is not None:
-        return Asset(mesh, texture=slots or texture), name
+        return Asset(mesh, texture=pack_tiles(mesh, slots or texture)[1]), name  # a UDIM map: a cell per tile
     colour = np.clip(np.asarray(msg.get(p + "color") or (0.6, 0.6, 0.6), np.float32).reshape(3), 0, 1)
     if slots is not None:
         return Asset(mesh, corner_colours=slots.corner_colours(colour)), name

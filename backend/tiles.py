@@ -10,11 +10,14 @@ map of its own (``protocol.TILES_UV_MAP``), leaving the artist's map as it is.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
+import torch
 
+from .mesh import Mesh
 from .protocol import tile_cell
+from .texture import SlotTextures
 
 #: How far (in UV units) a face may stray over its tile's edge and still count as inside it.
 _EDGE = 1e-3
@@ -51,3 +54,23 @@ def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
     if len(tiles) < 2 or not inside.all():
         return None
     return TileLayout(np.ascontiguousarray(tiles[:, ::-1]), triangle_tile.reshape(-1))
+
+
+def pack_tiles(mesh: Mesh, texture: torch.Tensor | SlotTextures | None,
+               ) -> tuple[TileLayout | None, torch.Tensor | SlotTextures | None]:
+    """Move a mesh whose map spans several UV tiles onto one cell per tile (its ``corner_uvs``
+    change), and the texture it shows, read through its old UVs, onto them, to compose when the
+    job runs: each face still shows what its own tile showed. Returns the layout (None, and
+    nothing changed, for a map within one tile) and the texture."""
+    layout = tile_layout(mesh.corner_uvs)
+    if layout is None:
+        return None, texture
+    original = torch.as_tensor(mesh.corner_uvs)
+    mesh.corner_uvs = layout.pack(mesh.corner_uvs)
+    packed = torch.as_tensor(mesh.corner_uvs)
+    if isinstance(texture, torch.Tensor):
+        texture = SlotTextures(texture, packed, torch.zeros(len(packed), dtype=torch.long), [(texture, original)])
+    elif isinstance(texture, SlotTextures):
+        sources = [(texture.base, original) if s is None and texture.base is not None else s for s in texture.sources]
+        texture = replace(texture, corner_uvs=packed, sources=sources)
+    return layout, texture

@@ -367,7 +367,7 @@ def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
 
 def test_a_reference_object_with_several_materials_shows_each_faces_own() -> None:
     """The artist's reference object: flat colours per material become each triangle's colour; an
-    image per material is composed in the job, on its device, into one texture."""
+    image per material (or per UDIM tile) is composed in the job, on its device, into one texture."""
     from backend.retrieve import asset_from_message
     from backend.texture import SlotTextures
 
@@ -393,6 +393,15 @@ def test_a_reference_object_with_several_materials_shows_each_faces_own() -> Non
     assert isinstance(asset.texture, SlotTextures)
     texture = asset.resolved(torch.device("cpu")).texture
     assert texture[:, 0, 3].tolist() == [1, 0, 0] and texture[:, 3, 0].tolist() == [0, 0, 1]
+    # A UDIM map: the second triangle at the first's place, one tile to the right, with that tile's
+    # image. Wrapped into one square they would cover the same texels; each gets a cell of its own.
+    udim = np.float32([[0, 0], [1, 0], [1, 1], [1, 0], [2, 0], [2, 1]])
+    images.arrays[p + "loop_uvs"] = protocol.array("<f4", (6, 2), udim)
+    asset, _ = asset_from_message(images)
+    cells = torch.as_tensor(asset.mesh.corner_uvs).mean(1)
+    assert cells[0, 0] < 0.5 < cells[1, 0]
+    texture = asset.resolved(torch.device("cpu")).texture
+    assert torch.allclose(sample_image(texture, cells), torch.tensor([[1.0, 0, 0], [0, 0, 1]]), atol=0.05)  # 4² texels
 
 
 def test_presets_hold_every_setting_and_reject_unknown_ones() -> None:
