@@ -24,6 +24,8 @@ from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_genera
 from .mesh import Mesh, MeshError, load_mesh_file
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
+from .texture import SlotTextures
+from .tiles import udim_numbers
 
 
 class ConsoleEvents(TextureEvents):
@@ -99,22 +101,61 @@ def output_folder(path: str) -> Path:
     return out
 
 
-def refine_texture(args: argparse.Namespace, loaded: object):
-    """The texture to refine: --init-texture, else the mesh file's own base colour image."""
-    import torch
+def refine_texture(args: argparse.Namespace, loaded: object, mesh: Mesh):
+    """The texture to refine: --init-texture (each UDIM tile's file, for a name with <UDIM>), else
+    the mesh file's own base colour image."""
+    if args.init_texture and UDIM_TOKEN in args.init_texture:
+        return udim_texture(args.init_texture, mesh)
+    if args.init_texture:
+        return read_texture(args.init_texture)
+    image = base_colour_image(loaded)
+    if image is None:
+        raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
+    return texture_tensor(image)
+
+
+#: The tile number's place in a UDIM texture's file name, as Blender and other painters write it.
+UDIM_TOKEN = "<UDIM>"
+
+
+def read_texture(path: str):
     from PIL import Image
 
-    if args.init_texture:
-        try:
-            image = Image.open(args.init_texture)
-        except OSError as exc:
-            raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
-    else:
-        image = base_colour_image(loaded)
-        if image is None:
-            raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
+    try:
+        return texture_tensor(Image.open(path))
+    except OSError as exc:
+        raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
+
+
+def texture_tensor(image):
+    """A PIL image as the (3, H, W) float texture a job refines, rows bottom-up."""
+    import torch
+
     rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # PNG rows top-down → bottom-up
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
+def udim_texture(pattern: str, mesh: Mesh) -> SlotTextures:
+    """A UDIM texture's tiles (``paint.<UDIM>.png``: paint.1001.png, paint.1002.png, ...), each
+    for the faces in its tile of the mesh's map, read through that map: the job moves them onto one
+    cell per tile (``tiles.pack_tiles``). Faces in a tile without a file start from the first tile."""
+    import torch
+
+    if mesh.corner_uvs is None:
+        raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has no UV map to read the UDIM tiles of "
+                       "--init-texture through: give it one")
+    head, tail = pattern.split(UDIM_TOKEN, 1)
+    files = {int(path.name[len(Path(head).name):-len(tail) or None]): path for path in Path(head).parent.glob(
+        Path(head).name + "[1-9][0-9][0-9][0-9]" + tail)}
+    if not files:
+        raise JobError(protocol.E_BAD_REQUEST, f"--init-texture {pattern!r}: no tile files match it (the tiles "
+                       f"are named with their numbers for {UDIM_TOKEN}, as {head}1001{tail})")
+    uvs = torch.as_tensor(mesh.corner_uvs)
+    numbers, tiles = udim_numbers(mesh.corner_uvs), np.array(sorted(files))
+    found = np.searchsorted(tiles, numbers).clip(0, len(tiles) - 1)
+    slots = torch.as_tensor(np.where(tiles[found] == numbers, found, 0))
+    images = [read_texture(str(files[number])) for number in tiles]
+    return SlotTextures(images[0], uvs, slots, [(image, uvs) for image in images])
 
 
 def refining(args: argparse.Namespace) -> bool:
@@ -168,7 +209,7 @@ def texture_command(args: argparse.Namespace) -> int:
         out = output_folder(args.out)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
-        init = refine_texture(args, loaded) if refining(args) else None
+        init = refine_texture(args, loaded, mesh) if refining(args) else None
         with ConsoleEvents() as events:
             run_texture_job(request, mesh, events, ModelCache(), init)
     except (JobError, MeshError, ModelError) as exc:
@@ -305,7 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     tex.add_argument("--refine", action="store_true",
                      help="start from the mesh's existing texture (or --init-texture) instead of blank")
     tex.add_argument("--init-texture", default=None,
-                     help="PNG/JPEG to refine (implies --refine), mapped through the mesh's UVs")
+                     help="PNG/JPEG to refine (implies --refine), mapped through the mesh's UVs; a name with "
+                     "<UDIM> (paint.<UDIM>.png) reads each UDIM tile's file for the faces in that tile")
     tex.add_argument("--strength", type=float, default=None,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely (default 0.5)")
     tex.add_argument("--up", choices=protocol.UP_AXES, default="y", help="the file's up axis (glTF/OBJ: y)")

@@ -43,6 +43,13 @@ class TileLayout:
         return ((corner_uvs.astype(np.float64) - origin) * scale + offset).astype(np.float32)
 
 
+def udim_numbers(corner_uvs: np.ndarray) -> np.ndarray:
+    """(T,) each triangle's UDIM tile number (1001 + u + 10 v of the square its centre lies in),
+    0 for one outside UDIM's ten columns."""
+    tile = np.floor(corner_uvs.astype(np.float64).mean(axis=1)).astype(np.int64)
+    return np.where((tile[:, 0] >= 0) & (tile[:, 0] < 10) & (tile[:, 1] >= 0), 1001 + tile[:, 0] + 10 * tile[:, 1], 0)
+
+
 def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
     """The map's tiles, when its faces lie in more than one unit square of UV space and each face
     within one square; None otherwise. A map whose faces cross squares' edges (a floor whose UVs

@@ -679,6 +679,39 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert blank.returncode == 2 and "add --refine" in blank.stderr and "loading model" not in blank.stderr
 
 
+def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
+    """--init-texture paint.<UDIM>.png: each face starts from its own tile's file, in its tile's
+    cell of the texture, which the .glb reads through its UVs."""
+    import trimesh
+    from PIL import Image
+
+    mesh, _ = load_mesh_file(VASE)
+    unwrap(mesh)
+    corners = mesh.corner_uvs * 0.9 + 0.05  # clear of the tile's edges
+    upper = mesh.positions[mesh.triangles].mean(1)[:, 1] > np.median(mesh.positions[:, 1])
+    corners[upper, :, 0] += 1  # the vase's upper half in tile 1002
+    positions = mesh.positions[mesh.triangles].reshape(-1, 3)
+    trimesh.Trimesh(positions, np.arange(len(positions)).reshape(-1, 3),
+                    visual=trimesh.visual.TextureVisuals(uv=corners.reshape(-1, 2)), process=False).export(
+        tmp_path / "udim.obj")
+    for number, colour in ((1001, (255, 0, 0)), (1002, (0, 0, 255))):
+        Image.new("RGB", (64, 64), colour).save(tmp_path / f"paint.{number}.png")
+    result = run_cli("texture", str(tmp_path / "udim.obj"), "--prompt", "a vase", "--size", "512", "--steps", "1",
+                     "--strength", "0.05", "--init-texture", str(tmp_path / "paint.<UDIM>.png"), "--out",
+                     str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    assert "UDIM tiles 1001, 1002" in result.stderr
+    out = trimesh.load(tmp_path / "out" / "udim.glb", force="mesh", process=False)
+    cells = torch.as_tensor(np.asarray(out.visual.uv, np.float32)[np.asarray(out.faces)].mean(1))
+    image = np.asarray(Image.open(tmp_path / "out" / "udim_texture.png").convert("RGB"), np.float32)[::-1] / 255
+    colours = sample_image(torch.from_numpy(image.copy()).permute(2, 0, 1), cells)
+    blue = (colours[:, 2] > colours[:, 0]).numpy()
+    assert (blue == upper).mean() > 0.98  # each face shows its own tile's colour, not the other's
+    missing = run_cli("texture", str(tmp_path / "udim.obj"), "--prompt", "a vase", "--init-texture",
+                      str(tmp_path / "none.<UDIM>.png"), "--out", str(tmp_path / "bad"))
+    assert missing.returncode == 2 and "no tile files match" in missing.stderr
+
+
 def test_single_branch_predictions_match_the_batched_pair() -> None:
     """Inversion asks only for ε_uncond, guidance-free models only for ε_cond: each must equal
     its half of the batched CFG pair."""
