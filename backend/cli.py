@@ -145,8 +145,9 @@ def udim_texture(pattern: str, mesh: Mesh) -> SlotTextures:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has no UV map to read the UDIM tiles of "
                        "--init-texture through: give it one")
     head, tail = pattern.split(UDIM_TOKEN, 1)
-    files = {int(path.name[len(Path(head).name):-len(tail) or None]): path for path in Path(head).parent.glob(
-        Path(head).name + "[1-9][0-9][0-9][0-9]" + tail)}
+    folder, prefix = Path(head).parent, Path(head).name
+    files = {int(path.name[len(prefix):len(path.name) - len(tail)]): path
+             for path in folder.glob(f"{prefix}[1-9][0-9][0-9][0-9]{tail}")}
     if not files:
         raise JobError(protocol.E_BAD_REQUEST, f"--init-texture {pattern!r}: no tile files match it (the tiles "
                        f"are named with their numbers for {UDIM_TOKEN}, as {head}1001{tail})")

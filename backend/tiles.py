@@ -30,9 +30,9 @@ class TileLayout:
 
     def describe(self) -> str:
         """The tiles as an artist names them: UDIM numbers where they have them."""
-        u, v = self.tiles[:, 0], self.tiles[:, 1]
-        if ((u >= 0) & (u < 10) & (v >= 0)).all():
-            return "UDIM tiles " + ", ".join(str(1001 + a + 10 * b) for a, b in self.tiles.tolist())
+        numbers = _udim(self.tiles)
+        if numbers.all():
+            return "UDIM tiles " + ", ".join(str(n) for n in numbers.tolist())
         return f"{len(self.tiles)} UV tiles"
 
     def pack(self, corner_uvs: np.ndarray) -> np.ndarray:
@@ -44,10 +44,20 @@ class TileLayout:
 
 
 def udim_numbers(corner_uvs: np.ndarray) -> np.ndarray:
-    """(T,) each triangle's UDIM tile number (1001 + u + 10 v of the square its centre lies in),
-    0 for one outside UDIM's ten columns."""
-    tile = np.floor(corner_uvs.astype(np.float64).mean(axis=1)).astype(np.int64)
-    return np.where((tile[:, 0] >= 0) & (tile[:, 0] < 10) & (tile[:, 1] >= 0), 1001 + tile[:, 0] + 10 * tile[:, 1], 0)
+    """(T,) each triangle's UDIM tile number, that of the square its centre lies in (0 outside
+    UDIM's ten columns)."""
+    return _udim(_face_tiles(corner_uvs))
+
+
+def _face_tiles(corner_uvs: np.ndarray) -> np.ndarray:
+    """(T, 2) the unit square of UV space each triangle's centre lies in."""
+    return np.floor(corner_uvs.astype(np.float64).mean(axis=1)).astype(np.int64)
+
+
+def _udim(tiles: np.ndarray) -> np.ndarray:
+    """(N,) UDIM numbers of (N, 2) squares: 1001 + u + 10 v, or 0 outside UDIM's ten columns."""
+    u, v = tiles[:, 0], tiles[:, 1]
+    return np.where((u >= 0) & (u < 10) & (v >= 0), 1001 + u + 10 * v, 0)
 
 
 def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
@@ -55,7 +65,7 @@ def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
     within one square; None otherwise. A map whose faces cross squares' edges (a floor whose UVs
     run 0 to 4 to repeat the image) is meant to repeat, and is textured as Blender repeats it."""
     uvs = corner_uvs.astype(np.float64)
-    tile = np.floor(uvs.mean(axis=1)).astype(np.int64)                 # (T, 2) by each face's centre
+    tile = _face_tiles(corner_uvs)
     inside = ((uvs >= tile[:, None] - _EDGE) & (uvs <= tile[:, None] + 1 + _EDGE)).all(axis=(1, 2))
     tiles, triangle_tile = np.unique(tile[:, ::-1], axis=0, return_inverse=True)  # sorted by v, then u
     if len(tiles) < 2 or not inside.all():
