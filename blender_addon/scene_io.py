@@ -250,18 +250,25 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
             arrays[f"slot_uvs_{k}"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
         wire.append({"texture": names[f"image:{image.name}"], "uvs": names[f"uv:{uv_map}"]})
     material = slots.copy()  # tiles join as sources after the slots', so their indices stay
+    tiles: dict[tuple[str, int], str | None] = {}  # each tile's array, sent once however many slots show it
     for k, source in enumerate(sources):
-        if isinstance(source, tuple) and source[0].source == "TILED" and len(source[0].tiles) > 1:
-            for inside, rgba in _tile_images(mesh, *source, material == k):
-                name = f"slot_texture_{len(wire)}"
-                arrays[name] = protocol.array("|u1", rgba.shape, rgba)
+        if not (isinstance(source, tuple) and source[0].source == "TILED" and len(source[0].tiles) > 1):
+            continue
+        image = source[0]
+        for number, inside in _tile_faces(mesh, *source, material == k):
+            if (image.name, number) not in tiles:
+                rgba = tile_rgba8(image, number)
+                tiles[image.name, number] = None if rgba is None else f"slot_texture_{len(wire)}"
+                if rgba is not None:
+                    arrays[f"slot_texture_{len(wire)}"] = protocol.array("|u1", rgba.shape, rgba)
+            if tiles[image.name, number] is not None:
                 slots[inside] = len(wire)
-                wire.append({"texture": name, "uvs": wire[k]["uvs"]})
+                wire.append({"texture": tiles[image.name, number], "uvs": wire[k]["uvs"]})
     arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
     fields["slot_sources"] = wire
 
 
-def _tile_images(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _tile_faces(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list[tuple[int, np.ndarray]]:
     """A UDIM image's tiles past its first, each with the ``chosen`` triangles that lie in it: those
     start from that tile's image, read through the same UVs, which the backend wraps into the unit
     square as they are within a tile."""
@@ -271,12 +278,8 @@ def _tile_images(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list
     mesh.loop_triangles.foreach_get("loops", loops)
     tile = np.floor(uv.reshape(-1, 2)[loops].reshape(-1, 3, 2).mean(axis=1)).astype(np.int64)
     number = np.where((tile[:, 0] >= 0) & (tile[:, 0] < 10), 1001 + tile[:, 0] + 10 * tile[:, 1], 0)
-    found = []
-    for tile_number in (t.number for t in image.tiles[1:]):
-        inside = chosen & (number == tile_number)
-        if inside.any() and (rgba := tile_rgba8(image, tile_number)) is not None:
-            found.append((inside, rgba))
-    return found
+    masks = ((t.number, chosen & (number == t.number)) for t in image.tiles[1:])
+    return [(n, inside) for n, inside in masks if inside.any()]
 
 
 def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:

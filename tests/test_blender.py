@@ -801,6 +801,19 @@ def test_refining_a_udim_image_starts_each_tile_from_its_own(kiln, scene, tmp_pa
         pump_until(session, lambda: session.finished)
         assert session.succeeded, session.summary()
     assert [layer.name for layer in obj.data.uv_layers] == ["UVMap", "KilnUDIM"]
+    # A second material on the top faces showing the same image: its tile goes over the wire once.
+    obj.material_slots[0].material = artist
+    obj.data.materials.append(artist.copy())
+    for face in obj.data.polygons:
+        face.material_index = 1 if face.normal.z > 0.5 else 0
+    session = run_session(kiln, [obj], steps=1)
+    target = session.targets[0]
+    tile = {"texture": "slot_texture_2", "uvs": "loop_uvs"}
+    assert target.fields["slot_sources"] == [{"texture": "init_texture", "uvs": "loop_uvs"}] * 2 + [tile] * 2
+    assert [name for name in target.arrays if name.startswith("slot_texture")] == ["slot_texture_2"]
+    assert list(np.bincount(np.frombuffer(target.arrays["triangle_slots"].data, np.int32))) == [32, 0, 8, 8]
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
 
 
 def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> None:
