@@ -60,6 +60,12 @@ TILES_UV_MAP = "KilnUDIM"
 TILE_MARGIN = 1 / 64
 
 
+def udim_number(u: Any, v: Any) -> Any:
+    """The UDIM number of UV tile (u, v), 1001 + u + 10 v, or 0 for a tile outside UDIM's ten
+    columns; written in arithmetic alone, so it takes ints or whole numpy arrays alike."""
+    return (1001 + u + 10 * v) * ((u >= 0) & (u < 10) & (v >= 0))
+
+
 def tile_cell(index: int, count: int) -> tuple[float, float, float]:
     """Where tile ``index`` of ``count`` lies in one texture: (scale, du, dv), so that a UV (u, v)
     of a face in tile (tu, tv) goes to ((u - tu) * scale + du, (v - tv) * scale + dv). The cells

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from .mesh import Mesh
-from .protocol import tile_cell
+from .protocol import tile_cell, udim_number
 from .texture import SlotTextures
 
 #: How far (in UV units) a face may stray over its tile's edge and still count as inside it.
@@ -56,8 +56,7 @@ def _face_tiles(corner_uvs: np.ndarray) -> np.ndarray:
 
 def _udim(tiles: np.ndarray) -> np.ndarray:
     """(N,) UDIM numbers of (N, 2) squares: 1001 + u + 10 v, or 0 outside UDIM's ten columns."""
-    u, v = tiles[:, 0], tiles[:, 1]
-    return np.where((u >= 0) & (u < 10) & (v >= 0), 1001 + u + 10 * v, 0)
+    return udim_number(tiles[:, 0], tiles[:, 1])
 
 
 def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
@@ -67,9 +66,9 @@ def tile_layout(corner_uvs: np.ndarray) -> TileLayout | None:
     uvs = corner_uvs.astype(np.float64)
     tile = _face_tiles(corner_uvs)
     inside = ((uvs >= tile[:, None] - _EDGE) & (uvs <= tile[:, None] + 1 + _EDGE)).all(axis=(1, 2))
-    tiles, triangle_tile = np.unique(tile[:, ::-1], axis=0, return_inverse=True)  # sorted by v, then u
-    if len(tiles) < 2 or not inside.all():
+    if (tile == tile[0]).all() or not inside.all():  # most maps: decided before sorting the tiles
         return None
+    tiles, triangle_tile = np.unique(tile[:, ::-1], axis=0, return_inverse=True)  # sorted by v, then u
     return TileLayout(np.ascontiguousarray(tiles[:, ::-1]), triangle_tile.reshape(-1))
 
 

@@ -132,8 +132,12 @@ def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None] | None:
     tells the whole story."""
     sources = [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
     shown = {(s[0].name, s[1]) if isinstance(s, tuple) else (tuple(s) if s else None) for s in sources}
-    tiled = any(isinstance(s, tuple) and s[0].source == "TILED" and len(s[0].tiles) > 1 for s in sources)
+    tiled = any(isinstance(s, tuple) and _is_udim(s[0]) for s in sources)
     return sources if len(shown) > 1 or tiled else None
+
+
+def _is_udim(image: Any) -> bool:
+    return image.source == "TILED" and len(image.tiles) > 1
 
 
 def image_rgba8(image: Any, max_side: int = protocol.MAX_TEXTURE_SIZE) -> np.ndarray:
@@ -252,7 +256,7 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
     material = slots.copy()  # tiles join as sources after the slots', so their indices stay
     tiles: dict[tuple[str, int], str | None] = {}  # each tile's array, sent once however many slots show it
     for k, source in enumerate(sources):
-        if not (isinstance(source, tuple) and source[0].source == "TILED" and len(source[0].tiles) > 1):
+        if not (isinstance(source, tuple) and _is_udim(source[0])):
             continue
         image = source[0]
         for number, inside in _tile_faces(mesh, *source, material == k):
@@ -277,7 +281,7 @@ def _tile_faces(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list[
     loops = np.empty(len(mesh.loop_triangles) * 3, np.int32)
     mesh.loop_triangles.foreach_get("loops", loops)
     tile = np.floor(uv.reshape(-1, 2)[loops].reshape(-1, 3, 2).mean(axis=1)).astype(np.int64)
-    number = np.where((tile[:, 0] >= 0) & (tile[:, 0] < 10), 1001 + tile[:, 0] + 10 * tile[:, 1], 0)
+    number = protocol.udim_number(tile[:, 0], tile[:, 1])
     masks = ((t.number, chosen & (number == t.number)) for t in image.tiles[1:])
     return [(n, inside) for n, inside in masks if inside.any()]
 
@@ -369,7 +373,7 @@ def add_tile_uv_map(obj: Any, source: str, tiles: list[list[int]]) -> str:
     for i, known in enumerate(tiles):
         index[(tile == known).all(axis=1)] = i
     cells = np.array([protocol.tile_cell(i, len(tiles)) for i in range(len(tiles))])[index]
-    return _write_uv_map(obj, protocol.TILES_UV_MAP, (uv - tile) * cells[:, :1] + cells[:, 1:])
+    return _write_uv_map(obj, protocol.TILES_UV_MAP, (uv - tile) * cells[:, :1] + cells[:, 1:], rewrite=True)
 
 
 def _check_not_editing(obj: Any) -> None:
@@ -378,10 +382,10 @@ def _check_not_editing(obj: Any) -> None:
                          "and run the job again")
 
 
-def _write_uv_map(obj: Any, name: str, loop_uvs: np.ndarray) -> str:
+def _write_uv_map(obj: Any, name: str, loop_uvs: np.ndarray, rewrite: bool = False) -> str:
+    """A new UV map ``name`` holding ``loop_uvs``; with ``rewrite``, the map of that name if there is one."""
     mesh = obj.data
-    layer = mesh.uv_layers.get(name) if name == protocol.TILES_UV_MAP else None
-    layer = layer or mesh.uv_layers.new(name=name)
+    layer = (mesh.uv_layers.get(name) if rewrite else None) or mesh.uv_layers.new(name=name)
     if layer is None:
         raise SceneError(f"{obj.name!r} already has 8 UV maps, Blender's limit: delete one and retry")
     layer.data.foreach_set("uv", np.ascontiguousarray(loop_uvs, np.float32).ravel())
