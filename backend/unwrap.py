@@ -70,11 +70,24 @@ def mesh_pieces(mesh: Mesh) -> list[np.ndarray]:
     return split_faces(mesh.positions[mesh.triangles].mean(1), PIECE_FACES)
 
 
+def xatlas_positions(positions: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+    """The positions scaled so that the median edge is 1 long: xatlas drops edges shorter than 1e-4
+    and faces under float epsilon in area as degenerate, in absolute units, so a bead modelled in
+    metres (2 mm across) came back with no charts and NaN UVs. Its charting is otherwise blind to
+    scale, and at this one only faces that are degenerate next to their neighbours fall below the
+    thresholds."""
+    edges = np.linalg.norm(positions[triangles] - positions[np.roll(triangles, 1, axis=1)], axis=-1)
+    edges = edges[edges > 0]
+    median = float(np.median(edges)) if len(edges) else 0.0
+    return (positions / median if median > 0 else positions).astype(np.float32)
+
+
 def _parametrize(positions: np.ndarray, triangles: np.ndarray, pieces: list[np.ndarray]) -> np.ndarray:
     """Corner UVs (T, 3, 2) of all pieces in one xatlas atlas (the child's work)."""
     import xatlas
 
     atlas = xatlas.Atlas()
+    positions = xatlas_positions(positions, triangles)
     for piece in pieces:
         used, local = np.unique(triangles[piece], return_inverse=True)
         atlas.add_mesh(positions[used], local.reshape(-1, 3).astype(np.uint32))
@@ -224,7 +237,11 @@ class Unwrapping:
             how = f"crashed (signal {-self.child.returncode})" if self.child.returncode < 0 else "failed"
             detail = f" ({errors.splitlines()[-1]})" if errors else ""
             raise MeshError(f"xatlas {how} unwrapping mesh {name!r} ({faces:,} triangles){detail}: {fix}")
-        return np.load(self.worker.target)
+        uvs = np.load(self.worker.target)
+        if not np.isfinite(uvs).all():  # xatlas found no face with area to chart
+            raise MeshError(f"mesh {name!r} has no faces with area for xatlas to unwrap: merge its duplicate "
+                            "vertices (Edit Mode > Mesh > Clean Up > Merge by Distance) or give it a UV map")
+        return uvs
 
     def apply(self, cancelled: Callable[[], bool] = lambda: False) -> np.ndarray | None:
         """Give the mesh its UVs; sets ``corner_uvs`` and returns per-loop UVs (or None).

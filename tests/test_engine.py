@@ -95,6 +95,26 @@ def uv_overlap(corner_uvs: np.ndarray, size: int = 256) -> int:
     return int(count.max())
 
 
+def test_unwrapping_does_not_depend_on_the_meshs_scale() -> None:
+    """xatlas's degenerate-face thresholds are absolute: a bead modelled in metres (radius 1 mm)
+    came back with NaN UVs, which crashed the job. Any uniform scale now gets whole, separate charts
+    (float rounding still moves them about), and a mesh whose faces all lack area is refused with
+    the fix."""
+    import trimesh
+
+    sphere = trimesh.creation.icosphere(subdivisions=2)
+    meshes = [Mesh(np.asarray(sphere.vertices * scale, np.float32), np.asarray(sphere.faces, np.int64), None,
+                   name="bead") for scale in (1.0, 1e-3, 1e-6, 1e4)]
+    for mesh in meshes:
+        unwrap(mesh)
+        uvs = mesh.corner_uvs
+        assert np.isfinite(uvs).all() and (uvs >= 0).all() and (uvs <= 1).all()
+        assert (np.abs(mesh.uv_areas()) > 0).all() and uv_overlap(uvs) == 1
+    flat = Mesh(np.zeros((3, 3), np.float32), np.array([[0, 1, 2]], np.int64), None, name="dust")
+    with pytest.raises(MeshError, match="'dust' has no faces with area .* Merge by Distance"):
+        unwrap(flat)
+
+
 def test_big_meshes_unwrap_in_pieces_packed_into_one_atlas(monkeypatch) -> None:
     import trimesh
 
