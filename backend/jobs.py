@@ -229,11 +229,17 @@ def mesh_from_message(msg: protocol.Message, prefix: str = "") -> Mesh:
         if tri_loops.size and (tri_loops.min() < 0 or tri_loops.max() >= len(loop_uvs)):
             raise MeshError("loop indices out of range of the UV array")
         corner_uvs = loop_uvs[tri_loops]
+    paint = None
+    if prefix + protocol.PAINT_TRIANGLES in msg.arrays:
+        blob = msg.arrays[prefix + protocol.PAINT_TRIANGLES]
+        if blob.dtype != "|u1" or len(blob.shape) != 1:
+            raise MeshError(f"{protocol.PAINT_TRIANGLES} must be (T,) uint8, got {blob.shape} {blob.dtype}")
+        paint = np.frombuffer(blob.data, np.uint8).astype(bool)
     loop_count = msg.get(prefix + "loop_count", 0)
     if not isinstance(loop_count, int) or isinstance(loop_count, bool) or loop_count < 0:
         raise MeshError(f"{prefix}loop_count {loop_count!r} must be a whole number ≥ 0 (the mesh's face corners)")
     return Mesh(positions=arr("positions", np.float32, (3,)), triangles=arr("triangles", np.int64, (3,)),
-                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=loop_count,
+                corner_uvs=corner_uvs, tri_loops=tri_loops, loop_count=loop_count, paint=paint,
                 up_axis=str(msg.get(prefix + "up_axis", "z")), name=str(msg.get(prefix + "object", "mesh")))
 
 
@@ -346,6 +352,9 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
     refine = init_texture is not None
     request.config(refine=refine)  # a bad preset or override fails before anything is loaded
     check_reference_options(request, own_reference is not None)
+    if mesh.paint is not None and not refine:
+        raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r}: only some faces are to change, and the job carries "
+                       "no texture for the others to keep: send its texture (Refine Existing Texture)")
     if refine and mesh.corner_uvs is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has a texture to refine but no UV map to read it "
                        "through: refining needs the UVs the texture was painted on")

@@ -29,6 +29,7 @@ class Mesh:
     loop_count: int = 0
     up_axis: str = "z"
     name: str = "mesh"
+    paint: np.ndarray | None = None  # (T,) bool: the triangles a refine job may change; None: all
 
     @property
     def triangle_count(self) -> int:
@@ -67,6 +68,13 @@ class Mesh:
             if loops.shape != t.shape or (loops.size and (loops.min() < 0 or loops.max() >= self.loop_count)):
                 raise MeshError(f"mesh {self.name!r}: its face corners' loop indices do not fit its "
                                 f"{self.loop_count} loops")
+        if self.paint is not None:
+            if self.paint.shape != (t.shape[0],):
+                raise MeshError(f"mesh {self.name!r}: {self.paint.shape[0]} triangles marked to repaint, but it has "
+                                f"{t.shape[0]}")
+            if not self.paint.any():
+                raise MeshError(f"mesh {self.name!r} has no faces selected to repaint: select them in Edit Mode, "
+                                "or untick Only Selected Faces")
         extent = p.max(axis=0) - p.min(axis=0)
         if float(extent.max()) <= 0.0:
             raise MeshError(f"mesh {self.name!r} has zero size: all vertices coincide")

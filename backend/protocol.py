@@ -126,6 +126,10 @@ REFERENCE_PREFIX = "reference_"
 #: "texture"), {"color": [r, g, b]} (sRGB, 0-1) or null; and "triangle_slots", each triangle's
 #: slot as (T,) <i4. A slot whose image is tiled (UDIM) adds, after the slots, one texture source
 #: per further tile its faces lie in, which those faces' "triangle_slots" name instead.
+#: A refining SUBMIT may change some faces only (Blender's Only Selected Faces): it adds
+#: PAINT_TRIANGLES, (T,) |u1, 1 for each triangle the job may repaint. The other triangles keep
+#: the look the job starts from, texel for texel, and the views show it around the repainted ones.
+PAINT_TRIANGLES = "paint_triangles"
 
 # Error codes carried by ERROR messages (plain strings so nothing is ever unpickled).
 E_AUTH = "auth_failed"

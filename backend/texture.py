@@ -34,11 +34,12 @@ class PyramidTexture(torch.nn.Module):
         self.size = size
         self.levels = torch.nn.ParameterList(
             [torch.nn.Parameter(torch.zeros(1, 3, s, s, device=device)) for s in sizes])
+        self.start: torch.Tensor | None = None  # the existing texture at this size, (3, S, S)
         if init is not None:  # start from an existing texture (refine mode): all detail in level 0
             with torch.no_grad():
-                resized = F.interpolate(init[None].float().to(device), size=(size, size), mode="bilinear",
-                                        antialias=True, align_corners=False)
-                self.levels[0].copy_(torch.logit(resized.clamp(1e-3, 1 - 1e-3)))
+                self.start = F.interpolate(init[None].float().to(device), size=(size, size), mode="bilinear",
+                                           antialias=True, align_corners=False)[0]
+                self.levels[0].copy_(torch.logit(self.start.clamp(1e-3, 1 - 1e-3))[None])
 
     def sample(self, uv: torch.Tensor) -> torch.Tensor:
         """Colours at UVs of shape (N, 2) → (N, 3), differentiable in every level."""
@@ -103,7 +104,8 @@ class PixelLookup:
         self.shape = raster.tri_id.shape
         flat = raster.tri_id.reshape(-1)
         self.index = (flat >= 0).nonzero().squeeze(1)                     # covered pixels, row-major
-        corners = corner_uvs[flat[self.index]]                             # (N, 3, 2)
+        self.triangle = flat[self.index]                                   # each one's triangle
+        corners = corner_uvs[self.triangle]                                # (N, 3, 2)
         bary = raster.bary.reshape(-1, 2)[self.index]
         b0, b1 = bary[:, 0:1], bary[:, 1:2]
         self.uv = wrap_uvs(b0 * corners[:, 0] + b1 * corners[:, 1] + (1 - b0 - b1) * corners[:, 2])

@@ -15,8 +15,8 @@ from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .prior import Prior, Prompts, Views
 from .raster import Raster, interpolate, rasterize_views
-from .texture import (PixelLookup, PyramidTexture, image_rows, inpaint, pad_islands, seen_texels, to_rgba8,
-                      uv_coverage)
+from .texture import (PixelLookup, PyramidTexture, image_rows, inpaint, pad_islands, sample_image, seen_texels,
+                      to_rgba8, uv_coverage)
 
 if TYPE_CHECKING:
     from .reference import ReferenceViews
@@ -83,6 +83,16 @@ class MeshTexturer:
             self.corner_uvs = torch.as_tensor(mesh.corner_uvs, dtype=torch.float32, device=self.device)
         self.texture = PyramidTexture(texture_size, self.device, init=init_texture)
         self.refine = init_texture is not None
+        # Only Selected Faces: the other triangles keep the texture the job starts from. Their
+        # pixels show it in every view, so the repainted faces are made to fit in with it.
+        self.paint: torch.Tensor | None = None
+        self.painted_texels: torch.Tensor | None = None
+        self._kept_colours: tuple[PixelLookup, torch.Tensor] | None = None
+        if mesh.paint is not None:
+            if not self.refine or self.corner_uvs is None:
+                raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
+            self.paint = torch.as_tensor(mesh.paint, device=self.device)
+            self.painted_texels = uv_coverage(self.corner_uvs[self.paint], texture_size)
         self.strength = strength if self.refine else 1.0
         # Texels the method's views have covered, on a grid no finer than a view's pixels (finer
         # would leave gaps between pixel centres).
@@ -98,7 +108,7 @@ class MeshTexturer:
         self.optimise()
         self.wait_for_uvs()
         islands = uv_coverage(self.corner_uvs, self.texture.size)
-        final = self.texture.compose()
+        final = self.composed()
         if not self.refine:  # a refined texture already has colour where no view looked
             seen = F.interpolate(self.seen[None, None].float(), size=final.shape[-2:], mode="nearest")[0, 0] > 0
             if bool((seen & islands).any()):
@@ -157,7 +167,19 @@ class MeshTexturer:
     def render(self, raster: Raster) -> torch.Tensor:
         """The texture seen in ``raster``'s views."""
         self.wait_for_uvs()
-        return self._pixels(raster).render(self.texture.sample, self.cfg.background)
+        lookup = self._pixels(raster)
+        if self.paint is None:
+            return lookup.render(self.texture.sample, self.cfg.background)
+        if self._kept_colours is None or self._kept_colours[0] is not lookup:
+            self._kept_colours = (lookup, sample_image(self.texture.start, lookup.uv))
+        painted, kept = self.paint[lookup.triangle][:, None], self._kept_colours[1]
+        return lookup.render(lambda uv: torch.where(painted, self.texture.sample(uv), kept), self.cfg.background)
+
+    def composed(self) -> torch.Tensor:
+        """The full-size texture, (3, S, S); with Only Selected Faces, the texels of the faces not
+        selected as the job found them."""
+        texture = self.texture.compose()
+        return texture if self.paint is None else torch.where(self.painted_texels, texture, self.texture.start)
 
     def step_done(self) -> None:
         """Count one texture update; stream the texture now and then, at most four times a
@@ -169,4 +191,4 @@ class MeshTexturer:
         if now - self.last_sent < 0.25:
             return
         self.last_sent = now
-        self.events.texture(to_rgba8(self.texture.compose()), final=False)
+        self.events.texture(to_rgba8(self.composed()), final=False)

@@ -20,7 +20,7 @@ from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
 from backend.protocol import MAX_TRIANGLES
 from backend.sir import t2_schedule
-from backend.texture import sample_image
+from backend.texture import sample_image, to_rgba8
 from backend.unwrap import Unwrapping, unwrap
 
 VASE = ROOT / "examples" / "vase.obj"
@@ -339,6 +339,51 @@ def test_refining_a_udim_map_starts_each_face_from_its_own_tile() -> None:
     cells = torch.as_tensor(mesh.corner_uvs).mean(1)
     assert torch.allclose(sample_image(start, cells[2:]), torch.tensor([0.0, 0, 1]), atol=1e-5)
     assert sample_image(start, cells[:2])[:, 2].max() < 0.9
+
+
+@pytest.mark.parametrize("method", ["sir", "sds"])
+def test_repainting_selected_faces_keeps_every_other_faces_texture(method) -> None:
+    """Only Selected Faces: the vase's upper half repainted from a striped texture. Every texture
+    the job streams, and the last, keeps the lower half's texels as they were, while the upper
+    half's change; the wire's mask reaches the mesh, and a mask without a texture to keep, of the
+    wrong length or of no face is refused with the fix."""
+    from backend.jobs import JobError, mesh_from_message
+
+    mesh = grid_mesh()
+    unwrap(mesh)
+    size = 512
+    stripes = torch.zeros(3, size, size)
+    stripes[0, :, ::8] = 1.0  # red stripes: detail a repaint would not keep by chance
+    stripes[2] = 0.5
+    heights = mesh.positions[mesh.triangles].mean(1)[:, 1]
+    mesh.paint = heights > np.median(heights)
+    events = Recorder()
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": size, "steps": 2, "method": method,
+                                      "strength": 1.0})
+    run_texture_job(request, mesh, events, ModelCache(), init_texture=stripes)
+    start = to_rgba8(stripes).numpy()
+    texel = (np.clip(mesh.corner_uvs.mean(1), 0, 1 - 1e-6) * size).astype(int)  # each triangle's centre texel
+    at_centres = start[texel[:, 1], texel[:, 0]]
+    assert events.textures[-1][1] and (method == "sds" or len(events.textures) >= 2)  # SIR streams as it goes
+    for rgba, _final in events.textures:
+        now = rgba[texel[:, 1], texel[:, 0]]
+        kept = (now[~mesh.paint] == at_centres[~mesh.paint]).all(axis=1)
+        assert kept.mean() > 0.99, kept.mean()
+    changed = np.abs(now[mesh.paint].astype(int) - at_centres[mesh.paint]).max(axis=1) > 8
+    assert changed.mean() > 0.2, changed.mean()  # two SDS steps move a quarter of them that far, SIR most
+
+    with pytest.raises(JobError, match="no texture for the others to keep"):
+        run_texture_job(request, mesh, Recorder(), ModelCache())
+    for paint, fragment in ((mesh.paint[1:], "triangles marked to repaint"), (mesh.paint & False, "no faces selected")):
+        mesh.paint = paint
+        with pytest.raises(MeshError, match=fragment):
+            mesh.validate()
+    flags = np.uint8([1, 0])
+    msg = protocol.Message(protocol.SUBMIT, {}, {
+        "positions": protocol.array("<f4", (4, 3), np.float32([[0, 0, 0], [1, 0, 0], [1, 1, 0], [0, 1, 0]])),
+        "triangles": protocol.array("<i4", (2, 3), np.int32([[0, 1, 2], [0, 2, 3]])),
+        protocol.PAINT_TRIANGLES: protocol.array("|u1", (2,), flags)})
+    assert mesh_from_message(msg).paint.tolist() == [True, False]
 
 
 def test_a_refine_job_starts_from_each_materials_own_image_or_colour() -> None:
