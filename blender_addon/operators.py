@@ -167,8 +167,10 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
         fields, arrays = job_request(context)
         objects = sorted(context.selected_objects, key=lambda o: o.name)
-        return sessions.TextureSession(objects, fields, backend_choice(context),
-                                       refine=context.scene.kiln.refine, shared_arrays=arrays)
+        settings = context.scene.kiln
+        return sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
+                                       selected_faces=settings.refine and settings.selected_faces,
+                                       shared_arrays=arrays)
 
 
 class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):

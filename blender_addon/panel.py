@@ -34,6 +34,9 @@ class KILN_PT_main(bpy.types.Panel):
         sub = row.row(align=True)
         sub.active = settings.refine
         sub.prop(settings, "strength", slider=True)
+        sub = col.row()
+        sub.active = settings.refine
+        sub.prop(settings, "selected_faces")
         if settings.model.strip() == "tiny":
             col.label(text="Tiny model: a pipeline check, not art", icon="INFO")
         row = col.row(align=True)

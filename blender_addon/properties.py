@@ -130,6 +130,9 @@ class KilnSettings(bpy.types.PropertyGroup):
                                      "the original material is kept")
     strength: FloatProperty(name="Strength", default=0.5, min=protocol.MIN_STRENGTH, max=protocol.MAX_STRENGTH,
                             description="How far the result may move from the existing texture")
+    selected_faces: BoolProperty(name="Only Selected Faces", default=False,
+                                 description="Repaint only the faces selected in Edit Mode; the others keep their "
+                                             "texture, and the repainted ones are made to fit it")
     steps: IntProperty(name="Steps", default=0, min=0, max=protocol.MAX_STEPS,
                        description="Iterations of the method; 0 uses the method's preset")
     use_references: BoolProperty(

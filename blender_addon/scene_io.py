@@ -202,14 +202,15 @@ def flat_colour(obj: Any) -> list[float] | None:
 
 def mesh_arrays(obj: Any, uv_map: str | None = None,
                 sources: list[tuple[Any, str] | list[float] | None] | None = None, base: str = "init_texture",
-                ) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+                selected_faces: bool = False) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
     as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
     world-space positions, loop triangles, their loops, and the per-loop UVs of ``uv_map``
     (default: the active UV map) if it has one. The texture reaches the shown surface through the
     UV map, which modifiers carry by name. ``sources`` (``slot_sources``) adds what each material
     slot shows, so a refine job (or a reference object) shows every face's own look, the first
-    image as ``base`` (the protocol module describes these arrays, beside REFERENCE_PREFIX)."""
+    image as ``base`` (the protocol module describes these arrays, beside REFERENCE_PREFIX).
+    ``selected_faces`` adds which triangles lie in faces selected in Edit Mode, the ones to repaint."""
     check_object(obj)
     obj.data.update_tag()  # edits from scripts (a UV map removed) need not tag it, and would be missed
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
@@ -218,9 +219,30 @@ def mesh_arrays(obj: Any, uv_map: str | None = None,
         fields, arrays = _mesh_arrays(obj, mesh, uv_map)
         if sources is not None:
             _slot_arrays(obj, mesh, sources, base, fields, arrays)
+        if selected_faces:
+            paint = _selected_triangles(obj, mesh)
+            arrays[protocol.PAINT_TRIANGLES] = protocol.array("|u1", paint.shape, paint)
         return fields, arrays
     finally:
         evaluated.to_mesh_clear()
+
+
+def _selected_triangles(obj: Any, mesh: Any) -> np.ndarray:
+    """(T,) uint8, 1 for each of the shown mesh's triangles in a face selected in Edit Mode (the
+    selection survives in Object Mode; Subdivision and Mirror carry it to their faces)."""
+    chosen = np.empty(len(obj.data.polygons), bool)
+    obj.data.polygons.foreach_get("select", chosen)
+    if not chosen.any():
+        raise SceneError(f"no faces of {obj.name!r} are selected: select the faces to repaint in Edit Mode "
+                         "(Face Select, then back to Object Mode), or untick Only Selected Faces")
+    if ".select_poly" not in mesh.attributes:
+        raise SceneError(f"{obj.name!r}'s modifiers ({', '.join(_modifiers(obj))}) drop its face selection, so "
+                         "Kiln cannot tell which faces to repaint: apply them, or untick Only Selected Faces")
+    faces = np.empty(len(mesh.polygons), bool)
+    mesh.polygons.foreach_get("select", faces)
+    polygon = np.empty(len(mesh.loop_triangles), np.int32)
+    mesh.loop_triangles.foreach_get("polygon_index", polygon)
+    return faces[polygon].astype(np.uint8)
 
 
 def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], base: str,

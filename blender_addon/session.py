@@ -211,8 +211,9 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
     return {**options, **library}, {}
 
 
-def target_for(obj: Any, refine: bool) -> Target:
-    """What to send for one object; in refine mode its current texture and that texture's UVs."""
+def target_for(obj: Any, refine: bool, selected_faces: bool = False) -> Target:
+    """What to send for one object; in refine mode its current texture and that texture's UVs,
+    and with ``selected_faces`` which of its triangles may change."""
     check_paintable(obj)
     if not refine:
         return Target(obj.name, *mesh_arrays(obj), obj=obj)
@@ -221,7 +222,8 @@ def target_for(obj: Any, refine: bool) -> Target:
         raise SceneError(f"{obj.name!r} has no image texture feeding its material's Base Color, so there is "
                          "nothing to refine: untick Refine Existing Texture, or connect an image")
     image, uv_map = found
-    fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj))  # each face starts from its own material
+    # each face starts from its own material
+    fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj), selected_faces=selected_faces)
     rgba = image_rgba8(image)
     arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
     return Target(obj.name, fields, arrays, obj=obj)
@@ -229,13 +231,15 @@ def target_for(obj: Any, refine: bool) -> Target:
 
 class TextureSession:
     def __init__(self, objects: list[Any], job_fields: dict[str, Any], backend: BackendChoice,
-                 refine: bool = False, shared_arrays: dict[str, protocol.Array] | None = None) -> None:
+                 refine: bool = False, selected_faces: bool = False,
+                 shared_arrays: dict[str, protocol.Array] | None = None) -> None:
         if not objects:
             raise SceneError("no mesh selected: select one or more mesh objects to texture")
         first: dict[int, Any] = {}  # linked duplicates share one mesh, its UV maps and its materials
         for obj in objects:
             first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
-        self._setup([target_for(obj, refine) for obj in first.values()], job_fields, backend, shared_arrays)
+        self._setup([target_for(obj, refine, selected_faces) for obj in first.values()], job_fields, backend,
+                    shared_arrays)
         self.notes += [f"{obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
                        "textured once and both show it" for obj in objects if obj not in first.values()]
 

@@ -40,6 +40,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
     parser.add_argument("--strength", type=float, default=None,
                         help="refine only: 0.05 keeps, 1 repaints (default: the scene's, 0.5 in a new one)")
+    parser.add_argument("--selected-faces", action="store_true",
+                        help="refine only: repaint only the faces selected in Edit Mode in the .blend; the others "
+                             "keep their texture")
     parser.add_argument("--objects", nargs="*", help="object names (default: every mesh in the scene)")
     return parser.parse_args(argv)
 
@@ -100,7 +103,12 @@ def main() -> int:
         print("batch_texture.py: --strength sets how far refining may move a texture, and this job starts blank: "
               "add --refine, or drop --strength", file=sys.stderr)
         return 1
+    if args.selected_faces and not args.refine:
+        print("batch_texture.py: --selected-faces keeps the other faces' texture, and this job starts blank: "
+              "add --refine", file=sys.stderr)
+        return 1
     values = {"prompt": ("--prompt", args.prompt), "refine": ("--refine", args.refine),
+              "selected_faces": ("--selected-faces", args.selected_faces),
               "controlnet": ("--controlnet", args.controlnet)}
     if args.strength is not None:
         values["strength"] = ("--strength", args.strength)

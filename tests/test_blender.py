@@ -451,6 +451,8 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
     blank = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
     assert blank.returncode == 1 and "add --refine" in blank.stderr
+    some = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
+    assert some.returncode == 1 and "--selected-faces keeps the other faces' texture" in some.stderr
 
 
 class DrawnLayout:
@@ -726,6 +728,51 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
     assert uv_node.uv_map == "UVMap"
     assert bpy.data.materials["Artist Cube"].use_fake_user  # the original stays
+
+
+def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, scene) -> None:
+    """Refine with Only Selected Faces: the cube's top face, selected in Edit Mode and subdivided
+    by a modifier that carries the selection, is repainted, and every other face keeps its
+    texels. With no face selected, or a modifier that drops the selection, the job says so."""
+    obj = add_cube()
+    obj.modifiers.new("Rounded", "SUBSURF")
+    link_artist_image(obj)
+    artist = obj.material_slots[0].material
+    image = next(n for n in artist.node_tree.nodes if n.type == "TEX_IMAGE").image
+    image.scale(512, 512)  # the texture's size, so the texels to keep are the image's own
+    before = pixels(image).reshape(512, 512, 4)
+    for face in obj.data.polygons:
+        face.select = face.normal.z > 0.5
+    select(obj)
+    scene.refine, scene.strength, scene.selected_faces = True, 1.0, True
+    assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
+    target = kiln.operators.ACTIVE.targets[0]
+    assert target.status == "finished", kiln.operators.ACTIVE.summary()
+    paint = np.frombuffer(target.arrays[kiln.backend.protocol.PAINT_TRIANGLES].data, np.uint8)
+    assert len(paint) == 48 and paint.sum() == 8  # the top face's four quads, of 24
+    after = pixels(obj.material_slots[0].material.node_tree.nodes["Image Texture"].image).reshape(512, 512, 4)
+    uv = np.empty(len(obj.data.loops) * 2, np.float32)
+    obj.data.uv_layers["UVMap"].data.foreach_get("uv", uv)
+    for face in obj.data.polygons:
+        corners = uv.reshape(-1, 2)[list(face.loop_indices)]
+        lo, hi = (np.floor(corners.min(0) * 512).astype(int) + 4, np.ceil(corners.max(0) * 512).astype(int) - 4)
+        inside = (slice(lo[1], hi[1]), slice(lo[0], hi[0]), slice(0, 3))  # the face's texels, off its edges
+        moved = np.abs(after[inside] - before[inside]).mean()
+        if face.select:
+            assert moved > 0.05, moved
+        else:
+            assert moved < 1 / 255, (face.index, moved)
+    assert artist.use_fake_user  # the artist's material survives, as with any refine
+
+    obj.material_slots[0].material = artist
+    for face in obj.data.polygons:
+        face.select = False
+    with pytest.raises(RuntimeError, match="no faces of 'Cube' are selected: select the faces to repaint"):
+        bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
+    obj.data.polygons[0].select = True
+    obj.modifiers.new("Fewer", "DECIMATE").ratio = 0.5
+    with pytest.raises(RuntimeError, match=r"modifiers \(Rounded, Fewer\) drop its face selection"):
+        bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
 
 
 def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene) -> None:
