@@ -72,17 +72,35 @@ def look_at(eye: np.ndarray, target: np.ndarray, up: np.ndarray) -> np.ndarray:
     return view
 
 
+#: How much closer than the whole mesh a part may be framed (``orbit``'s ``focus``): past this, a
+#: view's pixels are finer than any texture Kiln makes of a part that small.
+MAX_ZOOM = 20.0
+
+
 def orbit(positions: np.ndarray, azimuths: list[float], elevations: list[float], up_axis: str,
-          fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu") -> Cameras:
-    """Cameras on a sphere around the mesh's bounding box, each framing the whole mesh."""
-    lo, hi = positions.min(axis=0).astype(np.float64), positions.max(axis=0).astype(np.float64)
-    return orbit_sphere((lo + hi) / 2, max(float(np.linalg.norm(hi - lo)) / 2, 1e-6), azimuths, elevations,
-                        up_axis, fov_y_deg, margin, device)
+          fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu",
+          focus: np.ndarray | None = None) -> Cameras:
+    """Cameras on a sphere around the mesh's bounding box, each framing the whole mesh; or, with
+    ``focus`` (some of the positions: the faces a job repaints), framing that part from outside the
+    whole mesh through a longer lens, so a small part fills the views and no camera stands inside
+    the rest."""
+    points = positions if focus is None else focus
+    lo, hi = points.min(axis=0).astype(np.float64), points.max(axis=0).astype(np.float64)
+    center, radius = (lo + hi) / 2, max(float(np.linalg.norm(hi - lo)) / 2, 1e-6)
+    if focus is None:
+        return orbit_sphere(center, radius, azimuths, elevations, up_axis, fov_y_deg, margin, device)
+    extent = float(np.linalg.norm(positions.astype(np.float64) - center, axis=1).max())
+    return orbit_sphere(center, max(radius, extent / MAX_ZOOM), azimuths, elevations, up_axis, fov_y_deg, margin,
+                        device, extent=extent)
 
 
 def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], elevations: list[float], up_axis: str,
-                 fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu") -> Cameras:
-    """Cameras looking at ``center``, each framing the sphere of ``radius`` around it.
+                 fov_y_deg: float = 40.0, margin: float = 1.1, device: str | torch.device = "cpu",
+                 extent: float = 0.0) -> Cameras:
+    """Cameras looking at ``center``, each framing the sphere of ``radius`` around it. ``extent``:
+    the radius around ``center`` that holds all the geometry; cameras stay out of it (half as far
+    again), with a lens narrower than ``fov_y_deg`` where that puts them further away, and see all
+    of it between their near and far planes.
 
     Azimuth 0 looks at the front (from -Y towards +Y for Z-up, from +Z for Y-up), so
     view-dependent prompts ("front view") mean the same thing as Blender's Front view.
@@ -90,7 +108,11 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
     up = UP_VECTORS[up_axis]
     center = np.asarray(center, np.float64)
     distance = radius * margin / math.sin(math.radians(fov_y_deg) / 2)
-    proj = perspective(fov_y_deg, max(distance - radius * 1.5, distance * 0.01), distance + radius * 1.5)
+    if extent * 1.5 > distance:
+        distance = extent * 1.5
+        fov_y_deg = 2 * math.degrees(math.asin(min(radius * margin / distance, 1.0)))
+    reach = max(radius, extent)
+    proj = perspective(fov_y_deg, max(distance - reach * 1.5, distance * 0.01), distance + reach * 1.5)
     if up_axis == "z":
         front, side = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
     else:

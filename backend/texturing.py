@@ -87,11 +87,13 @@ class MeshTexturer:
         # pixels show it in every view, so the repainted faces are made to fit in with it.
         self.paint: torch.Tensor | None = None
         self.painted_texels: torch.Tensor | None = None
+        self.focus: np.ndarray | None = None  # the repainted faces' corners, which the views frame
         self._kept_colours: tuple[PixelLookup, torch.Tensor] | None = None
         if mesh.paint is not None:
             if not self.refine or self.corner_uvs is None:
                 raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
             self.paint = torch.as_tensor(mesh.paint, device=self.device)
+            self.focus = mesh.positions[mesh.triangles[mesh.paint]].reshape(-1, 3)
             self.painted_texels = uv_coverage(self.corner_uvs[self.paint], texture_size)
         self.strength = strength if self.refine else 1.0
         # Texels the method's views have covered, on a grid no finer than a view's pixels (finer
@@ -128,7 +130,7 @@ class MeshTexturer:
         """``count`` cameras evenly spaced in azimuth from a random offset, their raster, and — for
         priors that condition on it — each view's depth map."""
         az, el = ring(count, self.cfg.elevations, self.rng, self.cfg.elevation_jitter)
-        cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device)
+        cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device, focus=self.focus)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
         if self.corner_uvs is None:
             self.unseen.append(raster)

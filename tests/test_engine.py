@@ -342,12 +342,17 @@ def test_refining_a_udim_map_starts_each_face_from_its_own_tile() -> None:
 
 
 @pytest.mark.parametrize("method", ["sir", "sds"])
-def test_repainting_selected_faces_keeps_every_other_faces_texture(method) -> None:
+def test_repainting_selected_faces_keeps_every_other_faces_texture(method, monkeypatch) -> None:
     """Only Selected Faces: the vase's upper half repainted from a striped texture. Every texture
     the job streams, and the last, keeps the lower half's texels as they were, while the upper
-    half's change; the wire's mask reaches the mesh, and a mask without a texture to keep, of the
-    wrong length or of no face is refused with the fix."""
+    half's change, and the views frame the upper half. The wire's mask reaches the mesh, and a mask
+    without a texture to keep, of the wrong length or of no face is refused with the fix."""
+    from backend import texturing
     from backend.jobs import JobError, mesh_from_message
+
+    framed, orbit = [], texturing.orbit
+    monkeypatch.setattr(texturing, "orbit", lambda *args, focus, **kwargs: framed.append(focus) or
+                        orbit(*args, focus=focus, **kwargs))
 
     mesh = grid_mesh()
     unwrap(mesh)
@@ -371,6 +376,7 @@ def test_repainting_selected_faces_keeps_every_other_faces_texture(method) -> No
         assert kept.mean() > 0.99, kept.mean()
     changed = np.abs(now[mesh.paint].astype(int) - at_centres[mesh.paint]).max(axis=1) > 8
     assert changed.mean() > 0.2, changed.mean()  # two SDS steps move a quarter of them that far, SIR most
+    assert framed and all(np.array_equal(f, mesh.positions[mesh.triangles[mesh.paint]].reshape(-1, 3)) for f in framed)
 
     with pytest.raises(JobError, match="no texture for the others to keep"):
         run_texture_job(request, mesh, Recorder(), ModelCache())

@@ -78,6 +78,42 @@ def test_cube_front_faces_hide_back_faces() -> None:
     assert seen == front
 
 
+
+def test_views_of_a_part_frame_it_from_outside_the_whole_mesh() -> None:
+    """Repainting a small patch of a long box: the views frame the patch, many times larger than
+    whole-mesh views show it, from cameras outside the box that clip none of it; a part as large as
+    the mesh is framed as the whole mesh is, and a speck no closer than ``MAX_ZOOM``."""
+    from backend.cameras import MAX_ZOOM
+
+    box = np.array([[x, y, z] for x in (-4, 4) for y in (-1, 1) for z in (-1, 1)], np.float64)
+    patch = np.array([[3.8, 1, -0.2], [4, 1, -0.2], [4, 1, 0.2], [3.8, 1, 0.2]])  # on the +Y side, at one end
+    points = np.concatenate([box, patch])
+    azimuths, elevations = [0.0, 90.0, 180.0, 270.0], [0.0, 30.0, -30.0, 60.0]
+
+    def ndc(cams, part: np.ndarray) -> torch.Tensor:
+        clip = torch.as_tensor(np.c_[part, np.ones(len(part))], dtype=torch.float32) @ cams.mvp.transpose(1, 2)
+        return clip[..., :3] / clip[..., 3:]
+
+    def size(cams) -> np.ndarray:  # the patch's bounding box on screen, per view (the screen is 2 wide)
+        xy = ndc(cams, patch)[..., :2]
+        return torch.linalg.norm(xy.amax(1) - xy.amin(1), dim=1).numpy()
+
+    whole = orbit(points, azimuths, elevations, "z")
+    zoomed = orbit(points, azimuths, elevations, "z", focus=patch)
+    centre = patch.mean(0)
+    assert (torch.linalg.norm(zoomed.eyes - torch.as_tensor(centre, dtype=torch.float32), dim=1) >
+            float(np.linalg.norm(box - centre, axis=1).max())).all()  # outside everything around the patch
+    assert (ndc(zoomed, patch)[..., :2].abs() <= 1).all() and (size(zoomed) > 4 * size(whole)).all()
+    depth = ndc(zoomed, points)[..., 2]
+    assert (depth > -1).all() and (depth < 1).all()  # nothing of the box in front of the near plane or past the far
+    same = orbit(points, azimuths, elevations, "z", focus=box)
+    assert torch.allclose(same.mvp, orbit(box, azimuths, elevations, "z").mvp)
+    speck = orbit(points, azimuths, elevations, "z", focus=patch[:1] + [[0, 0, 0]])
+    extent = float(np.linalg.norm(points - patch[0], axis=1).max())
+    assert math.isclose(float(speck.eyes[0].sub(torch.as_tensor(patch[0])).norm()), extent * 1.5, rel_tol=1e-5)
+    assert math.isclose(math.sin(math.radians(speck.fov_y_deg) / 2), extent / MAX_ZOOM * 1.1 / (extent * 1.5),
+                        rel_tol=1e-5)
+
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
     tri = torch.tensor([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])
     cover = uv_coverage(tri, 256)
