@@ -689,7 +689,7 @@ def main() -> None:
         attempt(failures, "profile", lambda: profile_job(prior, presets or "quality", default_faces, default_size,
                                                           device))
     if "vae" in parts:
-        vaes = attempt(failures, "VAE", lambda: vae_times(device, *((1, 256) if args.cpu_small else (8, 512)),
+        vaes = attempt(failures, "VAE", lambda: vae_times(device, *((1, 128) if args.cpu_small else (8, 512)),
                                                           args.compile)) or []
         print("\nVAE alone (one pass's views, encode and decode):")
         for r in vaes:
