@@ -88,7 +88,7 @@ class MeshTexturer:
         self.paint: torch.Tensor | None = None
         self.painted_texels: torch.Tensor | None = None
         self.focus: np.ndarray | None = None  # the repainted faces' corners, which the views frame
-        self._kept_colours: tuple[PixelLookup, torch.Tensor] | None = None
+        self._kept: tuple[PixelLookup, torch.Tensor, torch.Tensor] | None = None  # per pixel: repainted?, kept colour
         if mesh.paint is not None:
             if not self.refine or self.corner_uvs is None:
                 raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
@@ -172,9 +172,9 @@ class MeshTexturer:
         lookup = self._pixels(raster)
         if self.paint is None:
             return lookup.render(self.texture.sample, self.cfg.background)
-        if self._kept_colours is None or self._kept_colours[0] is not lookup:
-            self._kept_colours = (lookup, sample_image(self.texture.start, lookup.uv))
-        painted, kept = self.paint[lookup.triangle][:, None], self._kept_colours[1]
+        if self._kept is None or self._kept[0] is not lookup:  # once per set of views, like the lookup
+            self._kept = (lookup, self.paint[lookup.triangle][:, None], sample_image(self.texture.start, lookup.uv))
+        _, painted, kept = self._kept
         return lookup.render(lambda uv: torch.where(painted, self.texture.sample(uv), kept), self.cfg.background)
 
     def composed(self) -> torch.Tensor:
