@@ -159,10 +159,32 @@ def udim_texture(pattern: str, mesh: Mesh) -> SlotTextures:
     return SlotTextures(images[0], uvs, slots, [(image, uvs) for image in images])
 
 
+def repaint_faces(path: str, mesh: Mesh) -> np.ndarray:
+    """--repaint-mask: the faces whose UV centre lies on the mask's light half, (T,) bool. A mask
+    in texture space is what a pipeline has where Blender has a face selection."""
+    from PIL import Image
+
+    if mesh.corner_uvs is None:
+        raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has no UV map to read --repaint-mask through: "
+                       "give it one")
+    try:
+        mask = np.asarray(Image.open(path).convert("L"), np.float32)[::-1] / 255  # rows bottom-up, as UVs
+    except OSError as exc:
+        raise JobError(protocol.E_BAD_REQUEST, f"cannot read --repaint-mask: {exc}") from None
+    centres = mesh.corner_uvs.mean(axis=1) % 1.0  # Blender repeats the image, and so the mask, outside 0-1
+    height, width = mask.shape
+    paint = mask[(centres[:, 1] * height).astype(int).clip(0, height - 1),
+                 (centres[:, 0] * width).astype(int).clip(0, width - 1)] >= 0.5
+    if not paint.any():
+        raise JobError(protocol.E_BAD_REQUEST, f"--repaint-mask {path!r} is dark under every face's UV centre: "
+                       "paint it white where faces are to change")
+    return paint
+
+
 def refining(args: argparse.Namespace) -> bool:
-    """--init-texture alone means refining it; --strength without a texture to refine would be
-    silently ignored, so it is refused."""
-    refine = args.refine or args.init_texture is not None
+    """--init-texture or --repaint-mask alone means refining; --strength without a texture to
+    refine would be silently ignored, so it is refused."""
+    refine = args.refine or args.init_texture is not None or args.repaint_mask is not None
     if args.strength is not None and not refine:
         raise JobError(protocol.E_BAD_REQUEST, "--strength sets how far refining may move a texture, and this job "
                        "starts blank: add --refine (or --init-texture FILE), or drop --strength")
@@ -211,6 +233,8 @@ def texture_command(args: argparse.Namespace) -> int:
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
         init = refine_texture(args, loaded, mesh) if refining(args) else None
+        if args.repaint_mask:
+            mesh.paint = repaint_faces(args.repaint_mask, mesh)
         with ConsoleEvents() as events:
             run_texture_job(request, mesh, events, ModelCache(), init)
     except (JobError, MeshError, ModelError) as exc:
@@ -351,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                      "<UDIM> (paint.<UDIM>.png) reads each UDIM tile's file for the faces in that tile")
     tex.add_argument("--strength", type=float, default=None,
                      help="refine only: 0.05 keeps nearly all of the texture, 1 repaints freely (default 0.5)")
+    tex.add_argument("--repaint-mask", default=None,
+                     help="PNG in the texture's UV layout (implies --refine): only faces whose UV centre lies on "
+                     "white change, the others keep their texels")
     tex.add_argument("--up", choices=protocol.UP_AXES, default="y", help="the file's up axis (glTF/OBJ: y)")
     index = sub.add_parser("index", help="index asset folders (captions, thumbnails, embeddings) for retrieval")
     index.add_argument("folders", nargs="+", help="folders of GLB/glTF/OBJ/PLY assets")

@@ -783,6 +783,44 @@ def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
     assert missing.returncode == 2 and "no tile files match" in missing.stderr
 
 
+def test_cli_repaints_the_faces_a_mask_marks_white(tmp_path) -> None:
+    """--repaint-mask: a pipeline's mask in texture space picks the faces to repaint (those whose
+    UV centre lies on white); every other face's texel in the output is the input's. A mask dark
+    under every face is refused before any model loads."""
+    import trimesh
+    from PIL import Image
+
+    mesh, _ = load_mesh_file(VASE)
+    unwrap(mesh)
+    positions = mesh.positions[mesh.triangles].reshape(-1, 3)
+    trimesh.Trimesh(positions, np.arange(len(positions)).reshape(-1, 3),
+                    visual=trimesh.visual.TextureVisuals(uv=mesh.corner_uvs.reshape(-1, 2)), process=False).export(
+        tmp_path / "vase.obj")
+    stripes = np.zeros((512, 512, 3), np.uint8)
+    stripes[:, ::8, 0], stripes[..., 2] = 255, 128
+    Image.fromarray(stripes).save(tmp_path / "paint.png")
+    mask = np.zeros((512, 512), np.uint8)
+    mask[:, :256] = 255  # the left half of the UV square
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    result = run_cli("texture", str(tmp_path / "vase.obj"), "--prompt", "a vase", "--size", "512", "--steps", "2",
+                     "--strength", "1", "--init-texture", str(tmp_path / "paint.png"), "--repaint-mask",
+                     str(tmp_path / "mask.png"), "--out", str(tmp_path / "out"))
+    assert result.returncode == 0, result.stderr
+    out = trimesh.load(tmp_path / "out" / "vase.glb", force="mesh", process=False)
+    centres = np.asarray(out.visual.uv, np.float32)[np.asarray(out.faces)].mean(1)
+    texel = (centres.clip(0, 1 - 1e-6) * 512).astype(int)
+    image = np.asarray(Image.open(tmp_path / "out" / "vase_texture.png").convert("RGB"))[::-1]
+    now, before = image[texel[:, 1], texel[:, 0]], stripes[::-1][texel[:, 1], texel[:, 0]]
+    left = centres[:, 0] < 0.5
+    assert (now[~left] == before[~left]).all(axis=1).mean() > 0.99
+    assert (np.abs(now[left].astype(int) - before[left]).max(axis=1) > 8).mean() > 0.5
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "dark.png")
+    dark = run_cli("texture", str(tmp_path / "vase.obj"), "--prompt", "a vase", "--init-texture",
+                   str(tmp_path / "paint.png"), "--repaint-mask", str(tmp_path / "dark.png"), "--out", str(tmp_path))
+    assert dark.returncode == 2 and "dark under every face's UV centre" in dark.stderr
+    assert "loading model" not in dark.stderr
+
+
 def test_single_branch_predictions_match_the_batched_pair() -> None:
     """Inversion asks only for ε_uncond, guidance-free models only for ε_cond: each must equal
     its half of the batched CFG pair."""
