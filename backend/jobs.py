@@ -25,7 +25,7 @@ from .presets import (
     resolve,
     resolve_generate,
 )
-from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram
+from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram, unread_words
 from .texture import SlotTextures, shared_uv_area
 from .tiles import pack_tiles
 from .unwrap import Unwrapping
@@ -192,6 +192,11 @@ class ModelCache:
             events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                        f"this {'object' if request.task == protocol.TASK_GENERATE else 'texture'} tests the "
                        "pipeline and is not art")
+        for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
+            if unread := unread_words(getattr(prior, "tokenizer", None), text):
+                events.log(f"the {what} is longer than {request.model}'s text encoder reads "
+                           f"({prior.tokenizer.model_max_length - 2} tokens), so it ignores its end, "
+                           f"'{unread}': shorten it, or put what matters first")
         if getattr(prior, "few_step", None) and not request.preset:
             events.log(f"{request.model} is a few-step ({prior.few_step}) model: using its "
                        f"'{prior.few_step}' schedule where {request.method.upper()} has one")

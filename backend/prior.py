@@ -91,9 +91,30 @@ def latent_shape(prior: Prior, images: torch.Tensor) -> torch.Size:
 VIEW_SUFFIXES = ("front view", "side view", "back view", "overhead view")
 
 
-def view_prompt(prompt: str, suffix: str) -> str:
-    """DreamFusion's view-dependent prompt; LoRA adaptation captions its training views the same way."""
+def view_prompt(prompt: str, suffix: str, tokenizer: Any = None) -> str:
+    """DreamFusion's view-dependent prompt; LoRA adaptation captions its training views the same way.
+    With the text encoder's ``tokenizer``, a prompt too long for it is cut so that the suffix is
+    still read: CLIP reads 77 tokens, and cutting the whole text dropped the suffix, giving every
+    view the same prompt (the Janus problem back)."""
+    if tokenizer is not None:
+        room = tokenizer.model_max_length - 2 - len(_tokens(tokenizer, f", {suffix}"))
+        tokens = _tokens(tokenizer, prompt)
+        if len(tokens) > room:
+            prompt = tokenizer.decode(tokens[:room])
     return f"{prompt}, {suffix}"
+
+
+def unread_words(tokenizer: Any, text: str) -> str:
+    """The end of ``text`` past what a text encoder with this ``tokenizer`` reads; "" if it reads
+    it all (or there is no tokenizer to tell)."""
+    if tokenizer is None:
+        return ""
+    tokens, room = _tokens(tokenizer, text), tokenizer.model_max_length - 2  # less the start and end tokens
+    return tokenizer.decode(tokens[room:]) if len(tokens) > room else ""
+
+
+def _tokens(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False).input_ids
 
 
 class Prompts:
@@ -103,7 +124,8 @@ class Prompts:
     def __init__(self, prior: Prior, prompt: str, negative: str) -> None:
         self.prior = prior
         self.plain = prior.encode_prompt(prompt, negative)
-        self.per_view = {suffix: prior.encode_prompt(view_prompt(prompt, suffix), negative)
+        tokenizer = getattr(prior, "tokenizer", None)
+        self.per_view = {suffix: prior.encode_prompt(view_prompt(prompt, suffix, tokenizer), negative)
                          for suffix in VIEW_SUFFIXES} if getattr(prior, "wants_view_prompts", False) else {}
 
     def for_views(self, cams: Cameras) -> Any:

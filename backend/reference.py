@@ -114,7 +114,8 @@ def clip_facing(clip: ClipEmbedder, prompt: str) -> FacingScore:
     """Mean CLIP similarity of each view to the prompt with that view's suffix ("…, back view")."""
 
     def score(images: torch.Tensor, cams: Cameras) -> float:
-        texts = [view_prompt(prompt, view_suffix(a, e)) for a, e in zip(cams.azimuths, cams.elevations, strict=True)]
+        texts = [view_prompt(prompt, view_suffix(a, e), clip.tokenizer)
+                 for a, e in zip(cams.azimuths, cams.elevations, strict=True)]
         return float((clip.images(images) * clip.text(texts)).sum(1).mean())
 
     return score

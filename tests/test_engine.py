@@ -1044,6 +1044,27 @@ def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() ->
     assert torch.allclose(together[:1], front, atol=1e-5)
 
 
+def test_a_long_prompt_keeps_its_view_suffix_and_the_job_says_what_it_ignores() -> None:
+    """CLIP reads 77 tokens. Appending ", back view" to a longer prompt used to be cut off with the
+    rest, so every view got the same text; now the prompt is cut before the suffix, and the job
+    names the words the model never reads."""
+    from backend.prior import Prompts, view_prompt
+
+    prior = load_prior("tiny", torch.device("cpu"))
+    long = " ".join(["a weathered bronze statue with green patina"] * 12)
+    assert torch.equal(prior.encode_prompt(long + ", front view", ""), prior.encode_prompt(long + ", back view", ""))
+    prompts = Prompts(prior, long, "")
+    assert not torch.equal(prompts.per_view["front view"], prompts.per_view["back view"])
+    text = view_prompt(long, "back view", prior.tokenizer)
+    assert text.endswith(", back view") and len(prior.tokenizer(text).input_ids) == prior.tokenizer.model_max_length
+    assert view_prompt("a vase", "back view", prior.tokenizer) == "a vase, back view"  # short prompts as they were
+    events = Logged()
+    ModelCache().get(JobRequest.from_fields({"prompt": long, "negative_prompt": "blurry"}), events)
+    notes = [line for line in events.lines if "ignores its end" in line]
+    assert len(notes) == 1 and notes[0].startswith("the prompt is longer than tiny's text encoder reads (75 tokens)")
+    assert "green patina'" in notes[0]  # it quotes the end the model drops
+
+
 def test_low_vram_mode_predicts_the_same_in_smaller_batches() -> None:
     """Low-VRAM mode sends the views and the CFG pair through the UNet two images at a time and
     the VAE one at a time: the same numbers, less memory at once. The cached model switches
