@@ -242,7 +242,11 @@ def _selected_triangles(obj: Any, mesh: Any) -> np.ndarray:
     mesh.polygons.foreach_get("select", faces)
     polygon = np.empty(len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("polygon_index", polygon)
-    return faces[polygon].astype(np.uint8)
+    paint = faces[polygon]
+    if not paint.any():
+        raise SceneError(f"{obj.name!r}'s modifiers ({', '.join(_modifiers(obj))}) leave none of its selected faces "
+                         "to repaint: select faces they keep, or untick Only Selected Faces")
+    return paint.astype(np.uint8)
 
 
 def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], base: str,

@@ -773,6 +773,14 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
     obj.modifiers.new("Fewer", "DECIMATE").ratio = 0.5
     with pytest.raises(RuntimeError, match=r"modifiers \(Rounded, Fewer\) drop its face selection"):
         bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
+    obj.modifiers.remove(obj.modifiers["Fewer"])
+    bottom = obj.vertex_groups.new(name="Bottom")
+    bottom.add([v.index for v in obj.data.vertices if v.co.z < 0], 1.0, "REPLACE")
+    obj.modifiers.new("Bottom only", "MASK").vertex_group = "Bottom"
+    obj.data.polygons[0].select = False
+    next(f for f in obj.data.polygons if f.normal.z > 0.5).select = True  # the top, which the mask removes
+    with pytest.raises(RuntimeError, match=r"\(Rounded, Bottom only\) leave none of its selected faces"):
+        bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
 
 
 def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene) -> None:
