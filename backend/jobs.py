@@ -25,7 +25,7 @@ from .presets import (
     resolve,
     resolve_generate,
 )
-from .prior import LatentDiffusionPrior, Prior, load_prior, set_low_vram, unread_words
+from .prior import LatentDiffusionPrior, Prior, load_prior, readable_tokens, set_low_vram, unread_words
 from .texture import SlotTextures, shared_uv_area
 from .tiles import pack_tiles
 from .unwrap import Unwrapping
@@ -195,7 +195,7 @@ class ModelCache:
         for what, text in (("prompt", request.prompt), ("negative prompt", request.negative_prompt)):
             if unread := unread_words(getattr(prior, "tokenizer", None), text):
                 events.log(f"the {what} is longer than {request.model}'s text encoder reads "
-                           f"({prior.tokenizer.model_max_length - 2} tokens), so it ignores its end, "
+                           f"({readable_tokens(prior.tokenizer)} tokens), so it ignores its end, "
                            f"'{unread}': shorten it, or put what matters first")
         if getattr(prior, "few_step", None) and not request.preset:
             events.log(f"{request.model} is a few-step ({prior.few_step}) model: using its "
@@ -235,8 +235,8 @@ def mesh_from_message(msg: protocol.Message, prefix: str = "") -> Mesh:
             raise MeshError("loop indices out of range of the UV array")
         corner_uvs = loop_uvs[tri_loops]
     paint = None
-    if prefix + protocol.PAINT_TRIANGLES in msg.arrays:
-        blob = msg.arrays[prefix + protocol.PAINT_TRIANGLES]
+    if protocol.PAINT_TRIANGLES in a:
+        blob = a[protocol.PAINT_TRIANGLES]
         if blob.dtype != "|u1" or len(blob.shape) != 1:
             raise MeshError(f"{protocol.PAINT_TRIANGLES} must be (T,) uint8, got {blob.shape} {blob.dtype}")
         paint = np.frombuffer(blob.data, np.uint8).astype(bool)

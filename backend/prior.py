@@ -97,7 +97,7 @@ def view_prompt(prompt: str, suffix: str, tokenizer: Any = None) -> str:
     still read: CLIP reads 77 tokens, and cutting the whole text dropped the suffix, giving every
     view the same prompt (the Janus problem back)."""
     if tokenizer is not None:
-        room = tokenizer.model_max_length - 2 - len(_tokens(tokenizer, f", {suffix}"))
+        room = readable_tokens(tokenizer) - len(_tokens(tokenizer, f", {suffix}"))
         tokens = _tokens(tokenizer, prompt)
         if len(tokens) > room:
             prompt = tokenizer.decode(tokens[:room])
@@ -109,8 +109,13 @@ def unread_words(tokenizer: Any, text: str) -> str:
     it all (or there is no tokenizer to tell)."""
     if tokenizer is None:
         return ""
-    tokens, room = _tokens(tokenizer, text), tokenizer.model_max_length - 2  # less the start and end tokens
+    tokens, room = _tokens(tokenizer, text), readable_tokens(tokenizer)
     return tokenizer.decode(tokens[room:]) if len(tokens) > room else ""
+
+
+def readable_tokens(tokenizer: Any) -> int:
+    """How many of a text's tokens its encoder reads: its length, less the start and end tokens."""
+    return tokenizer.model_max_length - 2
 
 
 def _tokens(tokenizer: Any, text: str) -> list[int]:

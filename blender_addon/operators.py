@@ -169,7 +169,7 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         objects = sorted(context.selected_objects, key=lambda o: o.name)
         settings = context.scene.kiln
         return sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
-                                       selected_faces=settings.refine and settings.selected_faces,
+                                       selected_faces=settings.selected_faces,
                                        shared_arrays=arrays)
 
 

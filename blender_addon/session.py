@@ -213,7 +213,8 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
 
 def target_for(obj: Any, refine: bool, selected_faces: bool = False) -> Target:
     """What to send for one object; in refine mode its current texture and that texture's UVs,
-    and with ``selected_faces`` which of its triangles may change."""
+    and with ``selected_faces`` which of its triangles may change (a blank start changes them all,
+    as the panel shows by greying the option out)."""
     check_paintable(obj)
     if not refine:
         return Target(obj.name, *mesh_arrays(obj), obj=obj)

@@ -763,6 +763,8 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
         else:
             assert moved < 1 / 255, (face.index, moved)
     assert artist.use_fake_user  # the artist's material survives, as with any refine
+    blank = kiln.session.target_for(obj, refine=False, selected_faces=True)  # greyed out: a blank start repaints all
+    assert kiln.backend.protocol.PAINT_TRIANGLES not in blank.arrays
 
     obj.material_slots[0].material = artist
     for face in obj.data.polygons:
