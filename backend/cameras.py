@@ -105,7 +105,6 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
     Azimuth 0 looks at the front (from -Y towards +Y for Z-up, from +Z for Y-up), so
     view-dependent prompts ("front view") mean the same thing as Blender's Front view.
     """
-    up = UP_VECTORS[up_axis]
     center = np.asarray(center, np.float64)
     distance = radius * margin / math.sin(math.radians(fov_y_deg) / 2)
     if extent * 1.5 > distance:
@@ -113,32 +112,67 @@ def orbit_sphere(center: np.ndarray, radius: float, azimuths: list[float], eleva
         fov_y_deg = 2 * math.degrees(math.asin(min(radius * margin / distance, 1.0)))
     reach = max(radius, extent)
     proj = perspective(fov_y_deg, max(distance - reach * 1.5, distance * 0.01), distance + reach * 1.5)
-    if up_axis == "z":
-        front, side = np.array([0.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0])
-    else:
-        front, side = np.array([0.0, 0.0, 1.0]), np.array([1.0, 0.0, 0.0])
-    views, eyes = [], []
-    for az, el in zip(azimuths, elevations, strict=True):
-        a, e = math.radians(az), math.radians(el)
-        direction = math.cos(e) * (math.cos(a) * front + math.sin(a) * side) + math.sin(e) * up
-        eyes.append(center + distance * direction)
-        views.append(look_at(eyes[-1], center, up))
+    eyes = center + distance * directions(np.asarray(azimuths), np.asarray(elevations), up_axis)
+    views = [look_at(eye, center, UP_VECTORS[up_axis]) for eye in eyes]
 
     def tensor(a: np.ndarray) -> torch.Tensor:
         return torch.tensor(a, dtype=torch.float32, device=device)
 
     view = np.stack(views)
-    return Cameras(tensor(proj @ view), list(azimuths), list(elevations), tensor(np.stack(eyes)), tensor(view),
-                   fov_y_deg)
+    return Cameras(tensor(proj @ view), list(azimuths), list(elevations), tensor(eyes), tensor(view), fov_y_deg)
 
 
-def ring(count: int, elevations: tuple[float, ...], rng: np.random.Generator, jitter_deg: float = 0.0
-         ) -> tuple[list[float], list[float]]:
-    """Evenly spaced azimuths from an offset drawn from ``rng``; elevations cycle so top and bottom
-    are seen, each moved by up to ``jitter_deg`` (also drawn from ``rng``, after the offset) so that
-    passes over the same object see it from more than a few heights."""
-    offset_deg = float(rng.uniform(0, 360))
-    az = [(offset_deg + 360.0 * k / count) % 360.0 for k in range(count)]
+def directions(azimuths: np.ndarray, elevations: np.ndarray, up_axis: str) -> np.ndarray:
+    """(..., 3) unit vectors from the centre towards cameras at these azimuths and elevations
+    (degrees, broadcast together)."""
+    front = np.array([0.0, -1.0, 0.0]) if up_axis == "z" else np.array([0.0, 0.0, 1.0])
+    side, up = np.array([1.0, 0.0, 0.0]), UP_VECTORS[up_axis]
+    a, e = np.radians(azimuths)[..., None], np.radians(elevations)[..., None]
+    return np.cos(e) * (np.cos(a) * front + np.sin(a) * side) + np.sin(e) * up
+
+
+#: The views of a repainted part keep to the elevations and azimuths from which it shows at least
+#: this share of the most it shows from any (``facing_views``).
+FACING_SHARE = 0.25
+FULL_RING = (0.0, 360.0)
+
+
+def facing_views(positions: np.ndarray, triangles: np.ndarray, up_axis: str, elevations: tuple[float, ...],
+                 step_deg: float = 5.0) -> tuple[tuple[float, float], tuple[float, ...]]:
+    """Where views of these triangles (a part a job repaints) should stand: the shortest arc of
+    azimuths, as (first, width) in degrees, outside which they show less than ``FACING_SHARE`` of
+    their largest projected area (occlusion aside), or ``FULL_RING`` for a part that shows all
+    round; and those of ``elevations`` from which they show at least that share. Views of one side
+    of a mesh from behind it see nothing to repaint, yet cost the prior as much as any."""
+    corners = positions[triangles].astype(np.float64)
+    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # twice the area long
+    candidates = np.arange(0.0, 360.0, step_deg)
+    toward = directions(candidates[None, :], np.asarray(elevations, np.float64)[:, None], up_axis)  # (E, A, 3)
+    shown = np.clip(toward @ normals.T, 0.0, None).sum(axis=-1)
+    if not shown.max() > 0:  # no area: nothing to aim at
+        return FULL_RING, tuple(elevations)
+    kept = shown.max(axis=1) >= FACING_SHARE * shown.max()
+    shown = shown[kept].mean(axis=0)
+    kept_elevations = tuple(e for e, keep in zip(elevations, kept) if keep)
+    facing = np.flatnonzero(shown >= FACING_SHARE * shown.max())
+    gaps = (np.roll(facing, -1) - facing) % len(candidates)  # steps from each facing azimuth to the next
+    widest = int(gaps.argmax())
+    width = (len(candidates) - gaps[widest] + 1) * step_deg  # from the gap's far side round to its near one
+    if len(facing) == len(candidates) or width >= 360.0:
+        return FULL_RING, kept_elevations
+    first = float((candidates[facing[(widest + 1) % len(facing)]] - step_deg / 2) % 360.0)
+    return (first, float(width)), kept_elevations
+
+
+def ring(count: int, elevations: tuple[float, ...], rng: np.random.Generator, jitter_deg: float = 0.0,
+         arc: tuple[float, float] = FULL_RING) -> tuple[list[float], list[float]]:
+    """Azimuths evenly spaced round the ``arc`` (first azimuth, width; see ``facing_views``) as round
+    a ring, turned by an offset drawn from ``rng``; elevations cycle so top and bottom are seen,
+    each moved by up to ``jitter_deg`` (also drawn from ``rng``, after the offset) so that passes
+    over the same object see it from more than a few heights."""
+    offset = float(rng.uniform(0, 1))
+    first, width = arc
+    az = [(first + width * ((offset + k / count) % 1.0)) % 360.0 for k in range(count)]
     el = [elevations[k % len(elevations)] for k in range(count)]
     if jitter_deg > 0:
         el = np.clip(np.add(el, rng.uniform(-jitter_deg, jitter_deg, count)), -89.0, 89.0).tolist()

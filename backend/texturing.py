@@ -10,7 +10,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .cameras import Cameras, orbit, ring
+from .cameras import FULL_RING, Cameras, facing_views, orbit, ring
 from .events import Cancelled, TextureEvents
 from .mesh import Mesh
 from .prior import Prior, Prompts, Views
@@ -88,12 +88,15 @@ class MeshTexturer:
         self.paint: torch.Tensor | None = None
         self.painted_texels: torch.Tensor | None = None
         self.focus: np.ndarray | None = None  # the repainted faces' corners, which the views frame
+        self.arc, self.elevations = FULL_RING, cfg.elevations  # where views stand: where repainted faces show
         self._kept: tuple[PixelLookup, torch.Tensor, torch.Tensor] | None = None  # per pixel: repainted?, kept colour
         if mesh.paint is not None:
             if not self.refine or self.corner_uvs is None:
                 raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
             self.paint = torch.as_tensor(mesh.paint, device=self.device)
             self.focus = mesh.positions[mesh.triangles[mesh.paint]].reshape(-1, 3)
+            self.arc, self.elevations = facing_views(mesh.positions, mesh.triangles[mesh.paint], mesh.up_axis,
+                                                     cfg.elevations)
             self.painted_texels = uv_coverage(self.corner_uvs[self.paint], texture_size)
         self.strength = strength if self.refine else 1.0
         # Texels the method's views have covered, on a grid no finer than a view's pixels (finer
@@ -127,9 +130,10 @@ class MeshTexturer:
             raise Cancelled()
 
     def cameras(self, count: int) -> tuple[Views, Raster]:
-        """``count`` cameras evenly spaced in azimuth from a random offset, their raster, and — for
-        priors that condition on it — each view's depth map."""
-        az, el = ring(count, self.cfg.elevations, self.rng, self.cfg.elevation_jitter)
+        """``count`` cameras evenly spaced in azimuth from a random offset (round the side that
+        repainted faces show), their raster, and — for priors that condition on it — each view's
+        depth map."""
+        az, el = ring(count, self.elevations, self.rng, self.cfg.elevation_jitter, self.arc)
         cams = orbit(self.mesh.positions, az, el, self.mesh.up_axis, device=self.device, focus=self.focus)
         raster = rasterize_views(self.positions, self.triangles, cams.mvp, self.prior.resolution)
         if self.corner_uvs is None:

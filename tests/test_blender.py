@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib
 import os
 import signal
+import shutil
 import subprocess
 import sys
 import time
@@ -415,10 +416,13 @@ def test_texture_size_is_clamped_to_the_supported_range(scene) -> None:
 
 
 def run_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
-    """The batch example in a fresh Blender process, as `blender -b --python` would run it."""
-    blend = tmp_path / "batch.blend"
-    setup = (f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})")
-    subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    """The batch example in a fresh Blender process, as `blender -b --python` would run it, on a
+    copy of Blender's start-up file (made once per test)."""
+    blend, home = tmp_path / "batch.blend", tmp_path / "home.blend"
+    if not home.exists():
+        setup = f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(home)!r})"
+        subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    shutil.copyfile(home, blend)
     example = str(ROOT / "examples" / "batch_texture.py")
     script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
               f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")

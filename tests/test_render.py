@@ -114,6 +114,43 @@ def test_views_of_a_part_frame_it_from_outside_the_whole_mesh() -> None:
     assert math.isclose(math.sin(math.radians(speck.fov_y_deg) / 2), extent / MAX_ZOOM * 1.1 / (extent * 1.5),
                         rel_tol=1e-5)
 
+
+def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
+    """Repainting one side of a sphere: the views keep to the azimuths (a cap facing +X) or the
+    elevations (a cap on top) from which the part shows, so each of them sees some of it and the
+    part fills more of the views than on a whole ring, where some views see none; parts that show
+    all round (a band, the whole sphere) keep the whole ring and every elevation."""
+    import trimesh
+
+    from backend.cameras import FULL_RING, facing_views, ring
+    from backend.presets import ELEVATIONS
+
+    sphere = trimesh.creation.icosphere(3)
+    positions, triangles = np.asarray(sphere.vertices), np.asarray(sphere.faces)
+    normals = np.asarray(sphere.face_normals)
+
+    def painted_share(paint: np.ndarray, arc: tuple[float, float], elevations: tuple[float, ...]) -> np.ndarray:
+        rng, shares = np.random.default_rng(0), []
+        for _ in range(3):
+            focus = positions[triangles[paint]].reshape(-1, 3)
+            cams = orbit(positions, *ring(8, elevations, rng, 20.0, arc), "z", focus=focus)
+            tri_id = rasterize_views(torch.as_tensor(positions, dtype=torch.float32), torch.as_tensor(triangles),
+                                     cams.mvp, 64).tri_id
+            shares.append(((tri_id >= 0) & torch.as_tensor(paint)[tri_id.clamp(min=0)]).float().mean((1, 2)))
+        return torch.cat(shares).numpy()
+
+    side, top = normals[:, 0] > 0.6, normals[:, 2] > 0.5
+    (first, width), elevations = facing_views(positions, triangles[side], "z", ELEVATIONS)
+    assert width < 240 and abs((first + width / 2) % 360 - 90) < 10 and elevations == ELEVATIONS  # +X: azimuth 90
+    arc, up_elevations = facing_views(positions, triangles[top], "z", ELEVATIONS)
+    assert arc == FULL_RING and set(up_elevations) == {e for e in ELEVATIONS if e > 0}
+    for paint, arc, kept in ((side, (first, width), elevations), (top, arc, up_elevations)):
+        whole, facing = painted_share(paint, FULL_RING, ELEVATIONS), painted_share(paint, arc, kept)
+        assert (whole == 0).any() and (facing > 0.02).all() and facing.mean() > 1.5 * whole.mean()
+    for paint in (np.abs(normals[:, 2]) < 0.3, np.ones(len(triangles), bool)):
+        assert facing_views(positions, triangles[paint], "z", ELEVATIONS) == (FULL_RING, ELEVATIONS)
+
+
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
     tri = torch.tensor([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])
     cover = uv_coverage(tri, 256)
