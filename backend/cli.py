@@ -72,7 +72,8 @@ class ConsoleEvents(TextureEvents):
 
 def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     """Write the texture PNG and a textured GLB (one vertex per triangle corner, so seams keep
-    their own UVs)."""
+    their own UVs), placed where the mesh file had it: its node carries the mesh's ``origin``,
+    which float32 positions could not hold as finely."""
     import trimesh
     from PIL import Image
 
@@ -84,7 +85,13 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     faces = np.arange(len(corners)).reshape(-1, 3)
     visual = trimesh.visual.TextureVisuals(uv=mesh.corner_uvs.reshape(-1, 2), image=image)
     glb = out / f"{mesh.name}.glb"
-    trimesh.Trimesh(corners, faces, visual=visual, process=False).export(glb)
+    placed = np.eye(4)
+    if mesh.origin is not None:
+        placed[:3, 3] = mesh.origin
+    scene = trimesh.Scene()
+    scene.add_geometry(trimesh.Trimesh(corners, faces, visual=visual, process=False), node_name=mesh.name,
+                       transform=placed)
+    scene.export(glb)
     return {"texture": str(png), "mesh": str(glb)}
 
 

@@ -30,6 +30,9 @@ class Mesh:
     up_axis: str = "z"
     name: str = "mesh"
     paint: np.ndarray | None = None  # (T,) bool: the triangles a refine job may change; None: all
+    # (3,) float64: where ``positions``' zero lies in the mesh file, for a mesh so far from the file's
+    # origin (georeferenced, or laid out in a large scene) that float32 would blur it; None: at it.
+    origin: np.ndarray | None = None
 
     @property
     def triangle_count(self) -> int:
@@ -104,5 +107,24 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     corner_uvs = None
     if uv is not None and len(uv) == len(loaded.vertices):
         corner_uvs = np.asarray(uv, np.float32)[faces]
-    mesh = Mesh(np.asarray(loaded.vertices, np.float32), faces, corner_uvs, up_axis="y", name=path.stem)
+    vertices = np.asarray(loaded.vertices, np.float64).reshape(-1, 3)
+    origin = far_origin(vertices)
+    mesh = Mesh((vertices if origin is None else vertices - origin).astype(np.float32), faces, corner_uvs,
+                up_axis="y", name=path.stem, origin=origin)
     return mesh, loaded
+
+
+#: How many times its own size a mesh may lie from its file's origin before its positions are kept
+#: relative to its centre: float32 then rounds them by over 1e-5 of that size.
+FAR = 100.0
+
+
+def far_origin(vertices: np.ndarray) -> np.ndarray | None:
+    """The centre of float64 ``vertices`` when they lie over ``FAR`` times their size from zero,
+    else None (the file's own origin serves, and stays the pivot of what Kiln writes back)."""
+    finite = vertices[np.isfinite(vertices).all(axis=1)]  # NaN vertices are refused by ``validate``
+    if not len(finite):
+        return None
+    lo, hi = finite.min(axis=0), finite.max(axis=0)
+    centre, size = (lo + hi) / 2, float((hi - lo).max())
+    return centre if np.abs(centre).max() > FAR * size else None

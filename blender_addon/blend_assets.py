@@ -141,15 +141,20 @@ def caption(asset: Any) -> str:
 def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str) -> Path:
     """One OBJ (Y-up, as OBJ files are read) for the (object, evaluated mesh) pairs in world space,
     one material per material slot: the image on its Base Color through the mesh's render UV map,
-    else its colour."""
+    else its colour. Centred on the asset: its place in the .blend means nothing to a reference,
+    and the file's six digits would blur an asset far from the origin."""
     stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "asset"
     lines, mtl, offset, uv_offset, materials = [f"mtllib {stem}.mtl"], [], 0, 0, {}
+    worlds = []
     for obj, mesh in meshes:
         co = np.empty(len(mesh.vertices) * 3, np.float32)
         mesh.vertices.foreach_get("co", co)
         m = np.array(world_matrix(obj), np.float64)
-        world = co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3]
-        lines += [f"v {x:.6g} {z:.6g} {-y:.6g}" for x, y, z in world]  # Blender's Z-up → OBJ's Y-up
+        worlds.append(co.reshape(-1, 3) @ m[:3, :3].T + m[:3, 3])
+    every = np.concatenate(worlds)
+    centre = (every.min(axis=0) + every.max(axis=0)) / 2 if len(every) else np.zeros(3)
+    for (obj, mesh), world in zip(meshes, worlds, strict=True):
+        lines += [f"v {x:.6g} {z:.6g} {-y:.6g}" for x, y, z in world - centre]  # Blender's Z-up → OBJ's Y-up
         count = len(mesh.loop_triangles)
         tris, loops, slots = (np.empty(count * 3, np.int32), np.empty(count * 3, np.int32), np.empty(count, np.int32))
         mesh.loop_triangles.foreach_get("vertices", tris)

@@ -330,7 +330,10 @@ def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any
         raise SceneError(f"{obj.name!r} has {bad} vertices with NaN or infinite coordinates: fix or delete "
                          "them (Edit Mode > Mesh > Clean Up) before texturing")
     m = np.array(obj.matrix_world, np.float64)
-    world = (co @ m[:3, :3].T + m[:3, 3]).astype("<f4")
+    world = co @ m[:3, :3].T + m[:3, 3]
+    # Only the shape and its orientation matter to a job: centred, float32 holds an object far from
+    # the world's origin (a georeferenced scene) as finely as one at it.
+    world = (world - (world.min(axis=0) + world.max(axis=0)) / 2).astype("<f4")  # faces exist: not empty
     tri_count = len(mesh.loop_triangles)
     tris = np.empty(tri_count * 3, np.int32)
     loops = np.empty(tri_count * 3, np.int32)

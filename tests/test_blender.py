@@ -4,6 +4,7 @@ operators against a real backend subprocess running the tiny model on the CPU.""
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import signal
 import shutil
@@ -206,6 +207,19 @@ def test_linked_duplicates_are_textured_once(kiln, scene) -> None:
     assert [uv.name for uv in original.data.uv_layers] == ["KilnUV"]
     assert original.material_slots[0].material.name == "Kiln Duplicate"
     assert any("Original shares its mesh with Duplicate" in note for note in session.notes)
+
+
+def test_an_object_far_from_the_world_origin_is_sent_unblurred(kiln, scene) -> None:
+    """A georeferenced scene: float32 world positions would round a cube a million units out by
+    0.06 units and tilt nothing else; Kiln sends its shape centred, in world orientation and scale."""
+    cube = add_cube("Far")
+    cube.location, cube.rotation_euler, cube.scale = (1e6, -3e6, 5e5), (0, 0, math.pi / 4), (1, 1, 0.001)
+    bpy.context.view_layer.update()
+    _, arrays = kiln.scene_io.mesh_arrays(cube)
+    positions = np.frombuffer(arrays["positions"].data, np.float32).reshape(-1, 3)
+    corners = np.array([[x, y, z] for x in (-1, 1) for y in (-1, 1) for z in (-1, 1)], np.float64)
+    turned = corners * [1, 1, 0.001] @ np.array(mathutils.Matrix.Rotation(math.pi / 4, 3, "Z")).T
+    assert np.linalg.norm(positions[:, None] - turned[None], axis=2).min(axis=0).max() < 1e-6  # each corner
 
 
 def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
@@ -1100,8 +1114,8 @@ def write_asset_blend(path: Path) -> None:
     for tag in ("furniture", "wood"):
         chair.asset_data.tags.new(tag)
     lamp = bpy.data.collections.new("Desk_Lamp")
-    for offset in (0.0, 1.5):
-        bpy.ops.mesh.primitive_uv_sphere_add(location=(0, 0, offset))
+    for offset in (0.0, 1.5):  # far up, as assets laid out in a large scene may be
+        bpy.ops.mesh.primitive_uv_sphere_add(location=(0, 0, 1e5 + offset))
         part = bpy.context.active_object
         for c in part.users_collection:
             c.objects.unlink(part)
@@ -1142,10 +1156,11 @@ def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path)
     assert (chair.parent / "OakChair.obj.txt").read_text().strip() == "oak chair: a sturdy oak chair (furniture, wood)"
     assert "map_Kd" in (chair.parent / "OakChair.mtl").read_text() and any(chair.parent.glob("*.png"))
     rows = [line.split() for line in chair.read_text().splitlines()]
-    assert sum(r[0] == "f" for r in rows) == 24 and max(float(r[1]) for r in rows if r[0] == "v") == pytest.approx(3)
+    assert sum(r[0] == "f" for r in rows) == 24 and max(float(r[1]) for r in rows if r[0] == "v") == pytest.approx(2)
     lamp = [line.split() for line in (chair.parent / "Desk_Lamp.obj").read_text().splitlines()]
     heights = [float(v[2]) for v in lamp if v[0] == "v"]
-    assert max(heights) == pytest.approx(2.5, abs=1e-3)  # both parts, in world space, Z-up turned Y-up
+    # Both parts where they stand in the .blend, Z-up turned Y-up, the whole centred and unblurred.
+    assert max(heights) == pytest.approx(1.75, abs=1e-4) and min(heights) == pytest.approx(-1.75, abs=1e-4)
 
     scene.prompt, scene.use_references = "a wooden chair", True
     assert bpy.ops.kiln.find_references() == {"FINISHED"}

@@ -585,6 +585,32 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     assert len(glb.faces) == 2112 and glb.visual.uv is not None
 
 
+def test_a_mesh_far_from_its_files_origin_keeps_its_shape_and_place(tmp_path) -> None:
+    """A georeferenced mesh (a vase a million units out): float32 positions would round its
+    vertices by 0.06 units, merging half of them; Kiln keeps them relative to its centre and writes
+    the GLB with that centre on its node, so the result sits where the file had it, unblurred. A
+    mesh near its origin keeps the file's origin as its pivot."""
+    import trimesh
+
+    from backend.cli import write_result
+    from backend.mesh import load_mesh_file
+
+    vertices = np.asarray(trimesh.load(VASE, force="mesh", process=False).vertices, np.float64)
+    far = tmp_path / "far.obj"
+    far.write_text("".join(f"v {x + 1e6:.17g} {y:.17g} {z - 2e6:.17g}\n" for x, y, z in vertices)
+                   + "".join(line + "\n" for line in VASE.read_text().splitlines() if line.startswith("f ")))
+    for path, shift in ((far, np.array([1e6, 0, -2e6])), (VASE, np.zeros(3))):
+        mesh, _ = load_mesh_file(path)
+        assert (mesh.origin is None) == (path == VASE)
+        mesh.corner_uvs = np.zeros((mesh.triangle_count, 3, 2), np.float32)
+        out = write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / path.stem)
+        scene = trimesh.load(out["mesh"])
+        placed = np.concatenate([geometry.vertices for geometry in scene.dump()]) - shift
+        corners = vertices[mesh.triangles].reshape(-1, 3)
+        assert np.abs(placed - corners).max() < 1e-6
+        assert (np.abs(scene.graph[scene.graph.nodes_geometry[0]][0][:3, 3] - shift) < 1).all()
+
+
 def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count(capsys) -> None:
     """A TD's log gets a few lines for a burst of updates, not one per update; a phase that holds
     the count (unwrapping) is on the bar at once, though no update follows to show it."""
