@@ -165,12 +165,24 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         return True
 
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
-        fields, arrays = job_request(context)
-        objects = sorted(context.selected_objects, key=lambda o: o.name)
-        settings = context.scene.kiln
-        return sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
-                                       selected_faces=settings.selected_faces,
-                                       shared_arrays=arrays)
+        # Faces are picked in Edit Mode, but a mesh there takes no UV map or material from a job
+        # (leaving Edit Mode writes its own copy back): the job leaves it, and a refusal goes back.
+        editing = context.mode == "EDIT_MESH"
+        if editing:
+            bpy.ops.object.mode_set(mode="OBJECT")
+        try:
+            fields, arrays = job_request(context)
+            objects = sorted(context.selected_objects, key=lambda o: o.name)
+            settings = context.scene.kiln
+            session = sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
+                                              selected_faces=settings.selected_faces, shared_arrays=arrays)
+        except SceneError:
+            if editing:
+                bpy.ops.object.mode_set(mode="EDIT")
+            raise
+        if editing:
+            session.notes.append("Kiln left Edit Mode, where a mesh cannot take a job's results: Tab returns to it")
+        return session
 
 
 class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):

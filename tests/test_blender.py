@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 
 bpy = pytest.importorskip("bpy")
+import bmesh  # noqa: E402  (comes with bpy)
 import mathutils  # noqa: E402  (comes with bpy)
 
 from conftest import BACKEND_PYTHON, ROOT, start_standing_backend  # noqa: E402
@@ -387,9 +388,9 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
 @pytest.mark.parametrize("fix", ["object_mode", "add_uv_map", "decimate", "make_local"])
 def test_refusals_offer_a_fix_that_lets_the_job_start(kiln, scene, tmp_path, monkeypatch, fix) -> None:
     obj = add_cube(uvs=fix != "add_uv_map")
-    if fix == "object_mode":
+    if fix == "object_mode":  # Edit Mode, where faces are picked, the job leaves by itself
         select(obj)
-        bpy.ops.object.mode_set(mode="EDIT")
+        bpy.ops.object.mode_set(mode="SCULPT")
     elif fix == "add_uv_map":
         obj.modifiers.new("Subdivision", "SUBSURF")
         obj.data.vertices[0].select = False  # the artist's own selection, which the fix keeps
@@ -759,11 +760,16 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
     image = next(n for n in artist.node_tree.nodes if n.type == "TEX_IMAGE").image
     image.scale(512, 512)  # the texture's size, so the texels to keep are the image's own
     before = pixels(image).reshape(512, 512, 4)
-    for face in obj.data.polygons:
-        face.select = face.normal.z > 0.5
     select(obj)
+    bpy.ops.object.mode_set(mode="EDIT")  # where artists pick faces; the job leaves it to read them
+    edited = bmesh.from_edit_mesh(obj.data)
+    for face in edited.faces:
+        face.select_set(face.normal.z > 0.5)
+    bmesh.update_edit_mesh(obj.data)
     scene.refine, scene.strength, scene.selected_faces = True, 1.0, True
+    bpy.ops.ed.undo_push(message="picked the faces")
     assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
+    assert obj.mode == "OBJECT" and any("left Edit Mode" in note for note in kiln.operators.ACTIVE.notes)
     target = kiln.operators.ACTIVE.targets[0]
     assert target.status == "finished", kiln.operators.ACTIVE.summary()
     paint = np.frombuffer(target.arrays[kiln.backend.protocol.PAINT_TRIANGLES].data, np.uint8)
@@ -784,11 +790,14 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
     blank = kiln.session.target_for(obj, refine=False, selected_faces=True)  # greyed out: a blank start repaints all
     assert kiln.backend.protocol.PAINT_TRIANGLES not in blank.arrays
 
-    obj.material_slots[0].material = artist
-    for face in obj.data.polygons:
-        face.select = False
+    bpy.ops.ed.undo()  # back to Edit Mode, the faces picked, and the artist's material
+    obj = bpy.data.objects["Cube"]
+    assert obj.mode == "EDIT" and obj.material_slots[0].material.name == "Artist Cube"
+    bpy.ops.mesh.select_all(action="DESELECT")
     with pytest.raises(RuntimeError, match="no faces of 'Cube' are selected: select the faces to repaint"):
         bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True)
+    assert obj.mode == "EDIT"  # a refusal leaves the artist where they were
+    bpy.ops.object.mode_set(mode="OBJECT")
     obj.data.polygons[0].select = True
     obj.modifiers.new("Fewer", "DECIMATE").ratio = 0.5
     with pytest.raises(RuntimeError, match=r"modifiers \(Rounded, Fewer\) drop its face selection"):
