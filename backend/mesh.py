@@ -80,7 +80,8 @@ class Mesh:
                                 "or untick Only Selected Faces")
         extent = p.max(axis=0) - p.min(axis=0)
         if float(extent.max()) <= 0.0:
-            raise MeshError(f"mesh {self.name!r} has zero size: all vertices coincide")
+            raise MeshError(f"mesh {self.name!r} has zero size: all vertices coincide (in Blender, an object scaled "
+                            "to 0 does this): give it a size, or deselect it")
         if self.corner_uvs is not None:
             if self.corner_uvs.shape != (t.shape[0], 3, 2):
                 raise MeshError(f"mesh {self.name!r}: UVs of shape {self.corner_uvs.shape} "

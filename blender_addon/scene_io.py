@@ -113,17 +113,40 @@ def existing_texture(obj: Any) -> tuple[Any, str] | None:
 
 
 def _material_image(obj: Any, material: Any) -> tuple[Any, str] | None:
-    """A material's Base Color image and the UV map it is read through (its UV Map node's, else
-    the mesh's render UV map), if the mesh has that map."""
+    """A material's Base Color image and the UV map it is read through, if the mesh has that map."""
     source = _base_colour_image_node(material)
     if source is None:
         return None
-    vector = source.inputs["Vector"].links
-    if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
-        uv_map = vector[0].from_node.uv_map
-    else:
-        uv_map = next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
+    uv_map = _uv_map_read(obj, source)
     return (source.image, uv_map) if uv_map in obj.data.uv_layers else None
+
+
+def _uv_map_read(obj: Any, image_node: Any) -> str:
+    """The UV map an Image Texture node reads through: its UV Map node's, else the mesh's render map."""
+    vector = image_node.inputs["Vector"].links
+    if vector and vector[0].from_node.type == "UVMAP" and vector[0].from_node.uv_map:
+        return vector[0].from_node.uv_map
+    return next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
+
+
+def no_texture_reason(obj: Any) -> str:
+    """Why ``existing_texture`` finds nothing to refine, naming the fix: an artist who sees an image
+    on the model would not believe "no image" when its file is missing or its UV map is gone."""
+    for slot in obj.material_slots:
+        for node in _principled_nodes(slot.material):
+            links = node.inputs["Base Color"].links
+            source = links[0].from_node if links else None
+            if source is None or source.type != "TEX_IMAGE":
+                continue
+            image, where = source.image, f"the Image Texture on {slot.material.name!r}'s Base Color"
+            if image is None:
+                return f"{where} holds no image: pick one in it"
+            if 0 in tuple(image.size):
+                return (f"{where} shows {image.name!r}, which has no pixels (its file {image.filepath!r} is missing "
+                        "or unreadable): find it (File > External Data > Find Missing Files)")
+            return (f"{where} reads {image.name!r} through the UV map {_uv_map_read(obj, source)!r}, which "
+                    f"{obj.name!r} lacks: pick one of its maps in the UV Map node feeding it")
+    return "no image texture feeds its material's Base Color: connect one"
 
 
 def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None] | None:

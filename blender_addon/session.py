@@ -36,6 +36,7 @@ from .scene_io import (
     finish_texture,
     image_rgba8,
     mesh_arrays,
+    no_texture_reason,
     reference_arrays,
     slot_sources,
     start_live_texture,
@@ -220,8 +221,8 @@ def target_for(obj: Any, refine: bool, selected_faces: bool = False) -> Target:
         return Target(obj.name, *mesh_arrays(obj), obj=obj)
     found = existing_texture(obj)
     if found is None:
-        raise SceneError(f"{obj.name!r} has no image texture feeding its material's Base Color, so there is "
-                         "nothing to refine: untick Refine Existing Texture, or connect an image")
+        raise SceneError(f"{obj.name!r} has nothing to refine: {no_texture_reason(obj)}; or untick Refine "
+                         "Existing Texture")
     image, uv_map = found
     # each face starts from its own material
     fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj), selected_faces=selected_faces)

@@ -910,11 +910,28 @@ def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> Non
     assert np.abs(rgba[4, :, 0].astype(float) - np.linspace(0, 255, 4096)).max() < 1
 
 
-def test_refine_without_a_texture_says_so(kiln, scene) -> None:
+def test_refine_without_a_texture_says_why(kiln, scene) -> None:
+    """No image on Base Color, an image whose file is missing, one read through a UV map the mesh
+    lacks: each refusal names its own cause and fix, and the material stays."""
     obj = add_cube()  # its image is not wired into Base Color
     select(obj)
     scene.refine = True
-    with pytest.raises(RuntimeError, match="nothing to refine"):
+    with pytest.raises(RuntimeError, match="'Cube' has nothing to refine: no image texture feeds its material's"):
+        bpy.ops.kiln.texture_selected()
+    link_artist_image(obj)
+    image = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "TEX_IMAGE").image
+    image.source, image.filepath = "FILE", "//gone/oak.png"
+    image.reload()
+    with pytest.raises(RuntimeError, match=r"shows 'Artist texture Cube', which has no pixels \(its file "
+                                           r"'//gone/oak.png' is missing or unreadable\): find it"):
+        bpy.ops.kiln.texture_selected()
+    image.source = "GENERATED"
+    tree = obj.material_slots[0].material.node_tree
+    reader = tree.nodes.new("ShaderNodeUVMap")
+    reader.uv_map = "Painted"  # a map since renamed or removed
+    tree.links.new(reader.outputs["UV"], next(n for n in tree.nodes if n.type == "TEX_IMAGE").inputs["Vector"])
+    with pytest.raises(RuntimeError, match="reads 'Artist texture Cube' through the UV map 'Painted', which 'Cube' "
+                                           "lacks: pick one of its maps"):
         bpy.ops.kiln.texture_selected()
     assert obj.material_slots[0].material.name == "Artist Cube"
 
