@@ -108,8 +108,7 @@ def load_asset(path: Path) -> Asset:
     mesh.validate()
     image = base_colour_image(loaded)
     if image is not None and mesh.corner_uvs is not None:
-        rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # image rows top-down → bottom-up
-        return Asset(mesh, texture=torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1))
+        return Asset(mesh, texture=texture_tensor(image))
     visual = loaded.visual
     if getattr(visual, "kind", None) == "vertex":
         colours = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255
@@ -117,6 +116,28 @@ def load_asset(path: Path) -> Asset:
         flat = _flat_colour(visual)
         colours = np.broadcast_to(flat, (len(mesh.positions), 3))
     return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]))
+
+
+#: PIL's modes for one channel of more than 8 bits, and what a full-scale value is in each: 16-bit
+#: PNGs open as I;16 (or I, in older Pillow), float TIFFs as F, which hold [0, 1] already.
+_WIDE_GREY = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0, "F": 1.0}
+
+
+def image_rgb(image: object) -> np.ndarray:
+    """A PIL image as (H, W, 3) float32 in [0, 1], rows bottom-up as UVs run. Wide greys are
+    scaled by their own full scale: PIL's conversion to RGB clips them at 255, which would turn a
+    16-bit texture or mask white."""
+    if image.mode in _WIDE_GREY:
+        grey = np.clip(np.asarray(image, np.float32) / _WIDE_GREY[image.mode], 0.0, 1.0)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+    else:  # a palette's transparency goes through RGBA, as PIL asks
+        rgb = np.asarray((image.convert("RGBA") if image.mode == "P" else image).convert("RGB"), np.float32) / 255
+    return np.ascontiguousarray(rgb[::-1])  # image rows top-down → bottom-up
+
+
+def texture_tensor(image: object) -> torch.Tensor:
+    """A PIL image as the (3, H, W) float texture a job reads (``image_rgb``)."""
+    return torch.from_numpy(image_rgb(image)).permute(2, 0, 1)
 
 
 def base_colour_image(loaded: object):

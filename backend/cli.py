@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
-from .assets import base_colour_image
+from .assets import base_colour_image, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file
@@ -134,14 +134,6 @@ def read_texture(path: str):
         raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
 
 
-def texture_tensor(image):
-    """A PIL image as the (3, H, W) float texture a job refines, rows bottom-up."""
-    import torch
-
-    rgb = np.asarray(image.convert("RGB"), np.float32)[::-1] / 255  # PNG rows top-down → bottom-up
-    return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
-
-
 def udim_texture(pattern: str, mesh: Mesh) -> SlotTextures:
     """A UDIM texture's tiles (``paint.<UDIM>.png``: paint.1001.png, paint.1002.png, ...), each
     for the faces in its tile of the mesh's map, read through that map: the job moves them onto one
@@ -175,7 +167,7 @@ def repaint_faces(path: str, mesh: Mesh) -> np.ndarray:
         raise JobError(protocol.E_BAD_REQUEST, f"{mesh.name!r} has no UV map to read --repaint-mask through: "
                        "give it one")
     try:
-        mask = np.asarray(Image.open(path).convert("L"), np.float32)[::-1] / 255  # rows bottom-up, as UVs
+        mask = image_rgb(Image.open(path)) @ np.array([0.299, 0.587, 0.114], np.float32)  # PIL's luma weights
     except OSError as exc:
         raise JobError(protocol.E_BAD_REQUEST, f"cannot read --repaint-mask: {exc}") from None
     centres = mesh.corner_uvs.mean(axis=1) % 1.0  # Blender repeats the image, and so the mask, outside 0-1

@@ -809,6 +809,34 @@ def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
     assert missing.returncode == 2 and "no tile files match" in missing.stderr
 
 
+def test_textures_and_masks_of_any_bit_depth_keep_their_range(tmp_path) -> None:
+    """A 16-bit grey PNG (as painters export masks and some textures), a float TIFF and a palette
+    with transparency read as the same [0, 1] values as an 8-bit RGB image of the same picture,
+    rows bottom-up: PIL's own conversion to RGB clips 16-bit values at 255, all but white."""
+    import warnings
+
+    from PIL import Image
+
+    from backend.assets import image_rgb
+
+    ramp = np.tile(np.linspace(0, 1, 64, dtype=np.float32), (32, 1))  # dark left, light right
+    ramp[0] = 0  # the top row black
+    wide = Image.fromarray(np.round(ramp * 65535).astype(np.uint16))
+    wide.save(tmp_path / "wide.png")
+    Image.fromarray(ramp, "F").save(tmp_path / "float.tif")
+    grey = Image.fromarray(np.round(ramp * 255).astype(np.uint8), "L")
+    grey.convert("RGB").convert("P", palette=Image.Palette.ADAPTIVE).save(tmp_path / "pal.png",
+                                                                         transparency=bytes([255] * 256))
+    eight = image_rgb(grey)
+    assert eight.shape == (32, 64, 3) and (eight[-1] == 0).all()  # the image's top row is the last, as UVs run
+    for name in ("wide.png", "float.tif", "pal.png"):
+        image = Image.open(tmp_path / name)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rgb = image_rgb(image)
+        assert np.abs(rgb - eight).max() < 1.5 / 255, (name, image.mode)
+
+
 def test_cli_repaints_the_faces_a_mask_marks_white(tmp_path) -> None:
     """--repaint-mask: a pipeline's mask in texture space picks the faces to repaint (those whose
     UV centre lies on white); every other face's texel in the output is the input's. A mask dark
