@@ -99,6 +99,9 @@ def output_folder(path: str) -> Path:
     """``--out``, made and checked before the job, so minutes of work are not lost at the end to a
     folder that cannot be written."""
     out = Path(path)
+    if out.exists() and not out.is_dir():
+        raise JobError(protocol.E_BAD_REQUEST, f"--out {path!r} is a file, and Kiln writes a folder of results "
+                       "(texture, mesh, result.json): name a folder")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

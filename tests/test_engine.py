@@ -14,7 +14,7 @@ from conftest import ROOT
 
 from backend import protocol
 from backend.events import TextureEvents
-from backend.jobs import JobRequest, ModelCache, run_texture_job
+from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
 from backend.mesh import Mesh, MeshError, load_mesh_file
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
@@ -348,7 +348,7 @@ def test_repainting_selected_faces_keeps_every_other_faces_texture(method, monke
     half's change, and the views frame the upper half. The wire's mask reaches the mesh, and a mask
     without a texture to keep, of the wrong length or of no face is refused with the fix."""
     from backend import texturing
-    from backend.jobs import JobError, mesh_from_message
+    from backend.jobs import mesh_from_message
 
     framed, orbit = [], texturing.orbit
     monkeypatch.setattr(texturing, "orbit", lambda *args, focus, **kwargs: framed.append(focus) or
@@ -640,6 +640,9 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     result = run_cli("texture", str(VASE), "--prompt", "x", "--out", str(blocker / "out"))
     assert result.returncode == 2 and "cannot make the --out folder" in result.stderr
     assert "loading model" not in result.stderr
+    from backend.cli import output_folder
+    with pytest.raises(JobError, match="'.*a file' is a file, and Kiln writes a folder of results"):
+        output_folder(str(blocker))
     result = run_cli("generate", "--prompt", "x", "--reference", str(tmp_path / "gone.glb"), "--out", str(tmp_path))
     assert result.returncode == 2 and "gone.glb' does not exist" in result.stderr
     assert "loading model" not in result.stderr
