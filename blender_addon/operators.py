@@ -8,7 +8,7 @@ import atexit
 import queue
 import threading
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import bpy
 
@@ -433,7 +433,33 @@ class KILN_OT_copy_diagnostics(bpy.types.Operator):
         return {"FINISHED"}
 
 
+def hides_textures(space: Any) -> bool:
+    """Whether a 3D view's shading leaves Kiln's textures unseen: Wireframe, or Solid colouring by
+    anything but texture (Blender's default), where an artist would watch a job change nothing."""
+    if getattr(space, "type", None) != "VIEW_3D":
+        return False
+    shading = space.shading
+    return shading.type == "WIREFRAME" or (shading.type == "SOLID" and shading.color_type != "TEXTURE")
+
+
+class KILN_OT_show_textures(bpy.types.Operator):
+    """Switch this view to Material Preview, where Kiln's textures show as they are made (its
+    Solid shading shows colours, not textures)"""
+
+    bl_idname = "kiln.show_textures"
+    bl_label = "Show Textures"
+    bl_options = {"REGISTER"}  # a view setting, not scene data: nothing to undo
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        return getattr(context.space_data, "type", None) == "VIEW_3D"
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        context.space_data.shading.type = "MATERIAL"
+        return {"FINISHED"}
+
+
 CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_find_references,
            KILN_OT_clear_references, KILN_OT_add_library, KILN_OT_remove_library, KILN_OT_cancel,
            KILN_OT_start_backend, KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_setup_backend,
-           KILN_OT_copy_diagnostics)
+           KILN_OT_copy_diagnostics, KILN_OT_show_textures)

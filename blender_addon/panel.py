@@ -57,6 +57,9 @@ class KILN_PT_main(bpy.types.Panel):
             row = layout.row(align=True)
             row.operator("kiln.texture_selected", icon="TEXTURE")
             row.operator("kiln.generate_object", icon="MESH_MONKEY")
+        if operators.hides_textures(context.space_data):
+            layout.operator("kiln.show_textures", icon="SHADING_TEXTURE")
+        if not running:
             if operators.REFUSAL is not None:
                 draw_refusal(layout, operators.REFUSAL)
             elif operators.ACTIVE is not None:

@@ -484,6 +484,7 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveText
     uv.location = (tex.location.x - 250, tex.location.y)
     links.new(uv.outputs["UV"], tex.inputs["Vector"])
     links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    nodes.active = tex  # what Solid shading's Texture colour shows, and what Texture Paint paints on
     previous = [slot.material.name for slot in obj.material_slots if slot.material]
     for name in previous:
         bpy.data.materials[name].use_fake_user = True

@@ -507,6 +507,28 @@ def drawn(draw, owner, context, **attributes) -> list:
     return shown
 
 
+def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene) -> None:
+    """Blender starts in Solid shading, which shows colours, not textures: the panel offers to
+    switch its view to Material Preview, and stops once the view shows textures. Kiln's image node
+    is the material's active one, which Solid's Texture colour shows."""
+    bpy.ops.wm.read_homefile()  # a file with a window and 3D view, as artists have
+    screen = bpy.context.window.screen
+    area = next(a for a in screen.areas if a.type == "VIEW_3D")
+    view = area.spaces.active
+    with bpy.context.temp_override(area=area, space_data=view):
+        assert view.shading.type == "SOLID"
+        assert ("operator", "kiln.show_textures", None) in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+        assert bpy.ops.kiln.show_textures() == {"FINISHED"}
+        assert view.shading.type == "MATERIAL"
+        assert not any(item[1:2] == ("kiln.show_textures",) for item in drawn(kiln.panel.KILN_PT_main.draw, None,
+                                                                              bpy.context))
+        view.shading.type, view.shading.color_type = "SOLID", "TEXTURE"
+        assert not kiln.operators.hides_textures(view)
+    obj = add_cube()
+    live = kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
+    assert live.material.node_tree.nodes.active.type == "TEX_IMAGE"
+
+
 def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_found(kiln, scene, monkeypatch) -> None:
     prefs = bpy.context.preferences.addons[kiln.__name__].preferences
 
