@@ -29,6 +29,16 @@ def test_quality_bench_quick_run_writes_its_table() -> None:
     assert (ROOT / "bench" / "results" / "quality.png").stat().st_size > 10_000
 
 
+def test_quality_bench_repaint_run_compares_facing_views_with_the_whole_ring() -> None:
+    result = run_bench("bench/quality.py", "--repaint", "--quick")
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = {r["views"]: r for r in csv.DictReader(open(ROOT / "bench" / "results" / "repaint.csv"))}
+    facing, ring = rows["facing"], rows["whole ring"]
+    assert float(facing["arc_deg"]) < 360 and float(ring["arc_deg"]) == 360
+    assert facing["images_denoised"] == ring["images_denoised"] and int(facing["painted_pixels"]) > 0
+    assert float(facing["psnr_repainted"]) > float(ring["psnr_repainted"]) > 20
+
+
 def test_speed_bench_cpu_small_reports_every_stage() -> None:
     # Its unwrap part (500k faces, about two minutes here) is checked on small meshes below.
     result = run_bench("bench/speed.py", "--cpu-small", "--parts", "jobs,models,vae,layout,raster,splat,generate",
