@@ -119,7 +119,8 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
     """Repainting one side of a sphere: the views keep to the azimuths (a cap facing +X) or the
     elevations (a cap on top) from which the part shows, so each of them sees some of it and the
     part fills more of the views than on a whole ring, where some views see none; parts that show
-    all round (a band, the whole sphere) keep the whole ring and every elevation."""
+    all round (a band, the whole sphere) keep the whole ring and every elevation. A sphere wound
+    inside out gets the same views."""
     import trimesh
 
     from backend.cameras import FULL_RING, facing_views, ring
@@ -140,15 +141,17 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
         return torch.cat(shares).numpy()
 
     side, top = normals[:, 0] > 0.6, normals[:, 2] > 0.5
-    (first, width), elevations = facing_views(positions, triangles[side], "z", ELEVATIONS)
+    (first, width), elevations = facing_views(positions, triangles, side, "z", ELEVATIONS)
     assert width < 240 and abs((first + width / 2) % 360 - 90) < 10 and elevations == ELEVATIONS  # +X: azimuth 90
-    arc, up_elevations = facing_views(positions, triangles[top], "z", ELEVATIONS)
+    arc, up_elevations = facing_views(positions, triangles, top, "z", ELEVATIONS)
     assert arc == FULL_RING and set(up_elevations) == {e for e in ELEVATIONS if e > 0}
     for paint, arc, kept in ((side, (first, width), elevations), (top, arc, up_elevations)):
         whole, facing = painted_share(paint, FULL_RING, ELEVATIONS), painted_share(paint, arc, kept)
         assert (whole == 0).any() and (facing > 0.02).all() and facing.mean() > 1.5 * whole.mean()
     for paint in (np.abs(normals[:, 2]) < 0.3, np.ones(len(triangles), bool)):
-        assert facing_views(positions, triangles[paint], "z", ELEVATIONS) == (FULL_RING, ELEVATIONS)
+        assert facing_views(positions, triangles, paint, "z", ELEVATIONS) == (FULL_RING, ELEVATIONS)
+    # Imported inside out (every face wound the other way): the same side is found.
+    assert facing_views(positions, triangles[:, ::-1], side, "z", ELEVATIONS) == ((first, width), elevations)
 
 
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
