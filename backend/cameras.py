@@ -153,7 +153,9 @@ def facing_views(positions: np.ndarray, triangles: np.ndarray, part: np.ndarray,
     normals = -normals[part] if inside_out else normals[part]
     candidates = np.arange(0.0, 360.0, step_deg)
     toward = directions(candidates[None, :], np.asarray(elevations, np.float64)[:, None], up_axis)  # (E, A, 3)
-    shown = np.clip(toward @ normals.T, 0.0, None).sum(axis=-1)
+    shown = np.zeros(toward.shape[:2])
+    for start in range(0, len(normals), 20_000):  # a million faces at once would take gigabytes
+        shown += np.clip(toward @ normals[start:start + 20_000].T, 0.0, None).sum(axis=-1)
     if not shown.max() > 0:  # no area: nothing to aim at
         return FULL_RING, tuple(elevations)
     kept = shown.max(axis=1) >= FACING_SHARE * shown.max()
