@@ -369,6 +369,7 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
         prior = models.get(request, events)
         if isinstance(init_texture, SlotTextures):
             init_texture = init_texture.compose(prior.device)
+        size = kept_texture_size(request, mesh, init_texture, events)
         cfg = request.config(refine, getattr(prior, "few_step", None))
         total = cfg.total_work(refine)  # the same total the method reports, so the bar never jumps
         reference, chosen = references_for(request, own_reference, mesh.positions, mesh.up_axis, prior, cfg, total,
@@ -376,9 +377,29 @@ def _texture_job(request: JobRequest, mesh: Mesh, events: TextureEvents, models:
         extra = {"delta_denoising": request.delta_denoising} if request.method != "sir" else {}
         with adaptation(request, prior, chosen, cfg, events, total):
             method = SIRTexturer if request.method == "sir" else DistillTexturer
-            return method(mesh, prior, cfg, request.texture_size, request.prompt, request.negative_prompt,
+            return method(mesh, prior, cfg, size, request.prompt, request.negative_prompt,
                           request.seed, events, init_texture=init_texture, strength=request.strength,
                           reference=reference, unwrapping=unwrapping, **extra).run()
+
+
+def kept_texture_size(request: JobRequest, mesh: Mesh, init_texture: torch.Tensor | None,
+                      events: TextureEvents) -> int:
+    """The texture's size: the one asked for, except when only some faces change. The others'
+    texels then come back as they were only at their image's own size, so a square image of a size
+    Kiln makes keeps it (with a note when that is not the size asked for); any other image is
+    resampled, which the note says too."""
+    if mesh.paint is None or init_texture is None:
+        return request.texture_size
+    height, width = init_texture.shape[-2:]
+    if height == width and protocol.MIN_TEXTURE_SIZE <= height <= protocol.MAX_TEXTURE_SIZE:
+        if height != request.texture_size:
+            events.log(f"{mesh.name!r}: Only Selected Faces keeps the other faces' texels as they are, so the "
+                       f"texture stays at its image's own {height}² rather than the {request.texture_size}² asked for")
+        return int(height)
+    events.log(f"{mesh.name!r}: its image is {width}×{height}, which Kiln does not make (square, "
+               f"{protocol.MIN_TEXTURE_SIZE}² to {protocol.MAX_TEXTURE_SIZE}²), so the other faces' texels are "
+               f"resampled to {request.texture_size}², not kept as they were")
+    return request.texture_size
 
 
 def lay_out_tiles(mesh: Mesh, events: TextureEvents, init_texture: torch.Tensor | SlotTextures | None,

@@ -348,7 +348,7 @@ def test_repainting_selected_faces_keeps_every_other_faces_texture(method, monke
     half's change, and the views frame the upper half. The wire's mask reaches the mesh, and a mask
     without a texture to keep, of the wrong length or of no face is refused with the fix."""
     from backend import texturing
-    from backend.jobs import mesh_from_message
+    from backend.jobs import kept_texture_size, mesh_from_message
 
     framed, orbit = [], texturing.orbit
     monkeypatch.setattr(texturing, "orbit", lambda *args, focus, **kwargs: framed.append(focus) or
@@ -362,10 +362,14 @@ def test_repainting_selected_faces_keeps_every_other_faces_texture(method, monke
     stripes[2] = 0.5
     heights = mesh.positions[mesh.triangles].mean(1)[:, 1]
     mesh.paint = heights > np.median(heights)
-    events = Recorder()
-    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": size, "steps": 2, "method": method,
+    events, notes = Recorder(), []
+    events.log = notes.append
+    # Asked for 1024², it stays at the image's 512², where the kept texels are the image's own.
+    request = JobRequest.from_fields({"prompt": "a vase", "texture_size": 1024, "steps": 2, "method": method,
                                       "strength": 1.0})
     run_texture_job(request, mesh, events, ModelCache(), init_texture=stripes)
+    assert all(rgba.shape == (size, size, 4) for rgba, _ in events.textures)
+    assert any("stays at its image's own 512² rather than the 1024² asked for" in note for note in notes)
     start = to_rgba8(stripes).numpy()
     texel = (np.clip(mesh.corner_uvs.mean(1), 0, 1 - 1e-6) * size).astype(int)  # each triangle's centre texel
     at_centres = start[texel[:, 1], texel[:, 0]]
@@ -380,6 +384,10 @@ def test_repainting_selected_faces_keeps_every_other_faces_texture(method, monke
 
     with pytest.raises(JobError, match="no texture for the others to keep"):
         run_texture_job(request, mesh, Recorder(), ModelCache())
+    wide = Recorder()
+    wide.log = notes.append
+    assert kept_texture_size(request, mesh, torch.zeros(3, 512, 1024), wide) == 1024
+    assert "its image is 1024×512, which Kiln does not make" in notes[-1]
     for paint, fragment in ((mesh.paint[1:], "triangles marked to repaint"), (mesh.paint & False, "no faces selected")):
         mesh.paint = paint
         with pytest.raises(MeshError, match=fragment):
