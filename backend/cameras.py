@@ -144,12 +144,12 @@ def facing_views(positions: np.ndarray, triangles: np.ndarray, part: np.ndarray,
     less than ``FACING_SHARE`` of its largest projected area (occlusion aside), or ``FULL_RING`` for
     a part that shows all round; and those of ``elevations`` from which it shows at least that
     share. Views of one side of a mesh from behind it see nothing to repaint, yet cost the prior as
-    much as any. A mesh wound inside out (its signed volume negative: imported with flipped
-    normals) has its faces' sides read the other way round."""
+    much as any. A closed mesh wound inside out (its signed volume negative: imported with flipped
+    normals) has its faces' sides read the other way round; an open one (a terrain) has no inside."""
     corners = positions[triangles].astype(np.float64)
     corners -= (corners.reshape(-1, 3).min(axis=0) + corners.reshape(-1, 3).max(axis=0)) / 2
     normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # twice the area long
-    inside_out = float(np.einsum("ij,ij->", corners[:, 0], normals)) < 0  # six times the signed volume
+    inside_out = closed(triangles) and float(np.einsum("ij,ij->", corners[:, 0], normals)) < 0  # 6× volume
     normals = -normals[part] if inside_out else normals[part]
     candidates = np.arange(0.0, 360.0, step_deg)
     toward = directions(candidates[None, :], np.asarray(elevations, np.float64)[:, None], up_axis)  # (E, A, 3)
@@ -169,6 +169,14 @@ def facing_views(positions: np.ndarray, triangles: np.ndarray, part: np.ndarray,
         return FULL_RING, kept_elevations
     first = float((candidates[facing[(widest + 1) % len(facing)]] - step_deg / 2) % 360.0)
     return (first, float(width)), kept_elevations
+
+
+def closed(triangles: np.ndarray) -> bool:
+    """Whether every edge of these triangles is shared by exactly two of them: only then does a
+    signed volume say which side is inside."""
+    edges = np.sort(triangles[:, [0, 1, 1, 2, 2, 0]].reshape(-1, 2), axis=1).astype(np.int64)
+    _, counts = np.unique(edges[:, 0] * (int(triangles.max()) + 1) + edges[:, 1], return_counts=True)
+    return bool((counts == 2).all())
 
 
 def ring(count: int, elevations: tuple[float, ...], rng: np.random.Generator, jitter_deg: float = 0.0,

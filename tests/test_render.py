@@ -152,6 +152,12 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
         assert facing_views(positions, triangles, paint, "z", ELEVATIONS) == (FULL_RING, ELEVATIONS)
     # Imported inside out (every face wound the other way): the same side is found.
     assert facing_views(positions, triangles[:, ::-1], side, "z", ELEVATIONS) == ((first, width), elevations)
+    # An open terrain, mostly low with one peak (its signed volume negative): it faces up, as wound.
+    x, y = np.meshgrid(np.linspace(-1, 1, 9), np.linspace(-1, 1, 9))
+    ground = np.c_[x.ravel(), y.ravel(), np.where((x == 0) & (y == 0), 2.0, 0.0).ravel()]
+    cells = np.array([[i * 9 + j, i * 9 + j + 1, (i + 1) * 9 + j + 1] for i in range(8) for j in range(8)]
+                     + [[i * 9 + j, (i + 1) * 9 + j + 1, (i + 1) * 9 + j] for i in range(8) for j in range(8)])
+    assert set(facing_views(ground, cells, np.ones(len(cells), bool), "z", ELEVATIONS)[1]) == {25.0, 60.0}
 
 
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
