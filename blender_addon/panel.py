@@ -37,6 +37,11 @@ class KILN_PT_main(bpy.types.Panel):
         sub = col.row()
         sub.active = settings.refine
         sub.prop(settings, "selected_faces")
+        if settings.refine and settings.selected_faces and context.mode == "EDIT_MESH":
+            # Edit Mode keeps the count up to date as faces are picked (elsewhere it reads 0).
+            count = sum(o.data.total_face_sel for o in context.objects_in_mode if o.type == "MESH")
+            col.label(text=f"{count} face{'' if count == 1 else 's'} to repaint" if count else
+                      "No faces selected to repaint", icon="FACESEL" if count else "ERROR")
         if settings.model.strip() == "tiny":
             col.label(text="Tiny model: a pipeline check, not art", icon="INFO")
         row = col.row(align=True)

@@ -529,6 +529,22 @@ def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene
     assert live.material.node_tree.nodes.active.type == "TEX_IMAGE"
 
 
+def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
+    obj = add_cube()
+    select(obj)
+    scene.refine = scene.selected_faces = True
+    bpy.ops.object.mode_set(mode="EDIT")
+    edited = bmesh.from_edit_mesh(obj.data)
+    for face in edited.faces:
+        face.select_set(face.normal.z > 0.5)
+    bmesh.update_edit_mesh(obj.data)
+    assert ("label", "1 face to repaint") in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    bpy.ops.mesh.select_all(action="DESELECT")
+    assert ("label", "No faces selected to repaint") in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    bpy.ops.object.mode_set(mode="OBJECT")
+    assert not any("to repaint" in str(item) for item in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context))
+
+
 def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_found(kiln, scene, monkeypatch) -> None:
     prefs = bpy.context.preferences.addons[kiln.__name__].preferences
 
