@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .mesh import Mesh
+
 UP_VECTORS = {"y": np.array([0.0, 1.0, 0.0]), "z": np.array([0.0, 0.0, 1.0])}  # one per protocol.UP_AXES
 
 
@@ -137,22 +139,23 @@ FACING_SHARE = 0.25
 FULL_RING = (0.0, 360.0)
 
 
-def facing_views(positions: np.ndarray, triangles: np.ndarray, part: np.ndarray, up_axis: str,
-                 elevations: tuple[float, ...], step_deg: float = 5.0) -> tuple[tuple[float, float], tuple[float, ...]]:
-    """Where views of the ``part`` (a (T,) mask of ``triangles``: the faces a job repaints) should
-    stand: the shortest arc of azimuths, as (first, width) in degrees, outside which the part shows
-    less than ``FACING_SHARE`` of its largest projected area (occlusion aside), or ``FULL_RING`` for
-    a part that shows all round; and those of ``elevations`` from which it shows at least that
-    share. Views of one side of a mesh from behind it see nothing to repaint, yet cost the prior as
-    much as any. A closed mesh wound inside out (its signed volume negative: imported with flipped
-    normals) has its faces' sides read the other way round; an open one (a terrain) has no inside."""
-    corners = positions[triangles].astype(np.float64)
-    corners -= (corners.reshape(-1, 3).min(axis=0) + corners.reshape(-1, 3).max(axis=0)) / 2
-    normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])  # twice the area long
-    inside_out = closed(triangles) and float(np.einsum("ij,ij->", corners[:, 0], normals)) < 0  # 6× volume
-    normals = -normals[part] if inside_out else normals[part]
+def facing_views(mesh: Mesh, elevations: tuple[float, ...], step_deg: float = 5.0
+                 ) -> tuple[tuple[float, float], tuple[float, ...]]:
+    """Where views of the faces a job repaints (``mesh.paint``) should stand: the shortest arc of
+    azimuths, as (first, width) in degrees, outside which they show less than ``FACING_SHARE`` of
+    their largest projected area (occlusion aside), or ``FULL_RING`` for a part that shows all
+    round; and those of ``elevations`` from which they show at least that share. Views of one side
+    of a mesh from behind it see nothing to repaint, yet cost the prior as much as any. A closed
+    mesh wound inside out (its signed volume negative: imported with flipped normals) has its faces'
+    sides read the other way round; an open one (a terrain) has no inside."""
+    normals = mesh.area_normals()
+    first_corners = mesh.positions[mesh.triangles[:, 0]].astype(np.float64)
+    first_corners -= (mesh.positions.min(axis=0) + mesh.positions.max(axis=0)) / 2
+    inside_out = closed(mesh.triangles) and float(np.einsum("ij,ij->", first_corners, normals)) < 0  # 6× volume
+    normals = -normals[mesh.paint] if inside_out else normals[mesh.paint]
     candidates = np.arange(0.0, 360.0, step_deg)
-    toward = directions(candidates[None, :], np.asarray(elevations, np.float64)[:, None], up_axis)  # (E, A, 3)
+    heights = np.asarray(elevations, np.float64)[:, None]
+    toward = directions(candidates[None, :], heights, mesh.up_axis)  # (E, A, 3)
     shown = np.zeros(toward.shape[:2])
     for start in range(0, len(normals), 20_000):  # a million faces at once would take gigabytes
         shown += np.clip(toward @ normals[start:start + 20_000].T, 0.0, None).sum(axis=-1)

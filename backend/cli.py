@@ -85,9 +85,7 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     faces = np.arange(len(corners)).reshape(-1, 3)
     visual = trimesh.visual.TextureVisuals(uv=mesh.corner_uvs.reshape(-1, 2), image=image)
     glb = out / f"{mesh.name}.glb"
-    placed = np.eye(4)
-    if mesh.origin is not None:
-        placed[:3, 3] = mesh.origin
+    placed = np.eye(4) if mesh.origin is None else trimesh.transformations.translation_matrix(mesh.origin)
     scene = trimesh.Scene()
     scene.add_geometry(trimesh.Trimesh(corners, faces, visual=visual, process=False), node_name=mesh.name,
                        transform=placed)

@@ -45,6 +45,12 @@ class Mesh:
         a, b = uvs[:, 1] - uvs[:, 0], uvs[:, 2] - uvs[:, 0]
         return a[:, 0] * b[:, 1] - a[:, 1] * b[:, 0]
 
+    def area_normals(self) -> np.ndarray:
+        """Each triangle's normal as wound, twice its area long (T, 3) float64: summed or clipped
+        per view, they weigh each face by how much of it shows."""
+        corners = self.positions[self.triangles].astype(np.float64)
+        return np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+
     def validate(self) -> None:
         """Raise MeshError for meshes that cannot be textured; cheap, runs before any GPU work."""
         p, t = self.positions, self.triangles

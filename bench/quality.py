@@ -298,8 +298,7 @@ def repaint_runs(cases: list[Case], cfg: SIRConfig, seeds: list[int]) -> list[di
     rows = []
     for case in cases:
         mesh, truth = case.mesh, case.variants[0].to(case.prior.device)
-        corners = mesh.positions[mesh.triangles].astype(np.float64)
-        normals = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+        normals = mesh.area_normals()
         paint = normals[:, 0] > 0.3 * np.linalg.norm(normals, axis=1)
         painted = replace(mesh, paint=paint)
         blank = uv_coverage(torch.as_tensor(mesh.corner_uvs[paint], device=truth.device), TEXTURE)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from backend.cameras import look_at, orbit, perspective
+from backend.mesh import Mesh
 from backend.raster import interpolate, rasterize, rasterize_views
 from backend.texture import (
     PyramidTexture,
@@ -130,6 +131,9 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
     positions, triangles = np.asarray(sphere.vertices), np.asarray(sphere.faces)
     normals = np.asarray(sphere.face_normals)
 
+    def on_sphere(wound: np.ndarray, paint: np.ndarray) -> Mesh:
+        return Mesh(positions, wound, None, up_axis="z", paint=paint)
+
     def painted_share(paint: np.ndarray, arc: tuple[float, float], elevations: tuple[float, ...]) -> np.ndarray:
         rng, shares = np.random.default_rng(0), []
         for _ in range(3):
@@ -141,23 +145,23 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
         return torch.cat(shares).numpy()
 
     side, top = normals[:, 0] > 0.6, normals[:, 2] > 0.5
-    (first, width), elevations = facing_views(positions, triangles, side, "z", ELEVATIONS)
+    (first, width), elevations = facing_views(on_sphere(triangles, side), ELEVATIONS)
     assert width < 240 and abs((first + width / 2) % 360 - 90) < 10 and elevations == ELEVATIONS  # +X: azimuth 90
-    arc, up_elevations = facing_views(positions, triangles, top, "z", ELEVATIONS)
+    arc, up_elevations = facing_views(on_sphere(triangles, top), ELEVATIONS)
     assert arc == FULL_RING and set(up_elevations) == {e for e in ELEVATIONS if e > 0}
     for paint, arc, kept in ((side, (first, width), elevations), (top, arc, up_elevations)):
         whole, facing = painted_share(paint, FULL_RING, ELEVATIONS), painted_share(paint, arc, kept)
         assert (whole == 0).any() and (facing > 0.02).all() and facing.mean() > 1.5 * whole.mean()
     for paint in (np.abs(normals[:, 2]) < 0.3, np.ones(len(triangles), bool)):
-        assert facing_views(positions, triangles, paint, "z", ELEVATIONS) == (FULL_RING, ELEVATIONS)
+        assert facing_views(on_sphere(triangles, paint), ELEVATIONS) == (FULL_RING, ELEVATIONS)
     # Imported inside out (every face wound the other way): the same side is found.
-    assert facing_views(positions, triangles[:, ::-1], side, "z", ELEVATIONS) == ((first, width), elevations)
+    assert facing_views(on_sphere(triangles[:, ::-1], side), ELEVATIONS) == ((first, width), elevations)
     # An open terrain, mostly low with one peak (its signed volume negative): it faces up, as wound.
     x, y = np.meshgrid(np.linspace(-1, 1, 9), np.linspace(-1, 1, 9))
     ground = np.c_[x.ravel(), y.ravel(), np.where((x == 0) & (y == 0), 2.0, 0.0).ravel()]
     cells = np.array([[i * 9 + j, i * 9 + j + 1, (i + 1) * 9 + j + 1] for i in range(8) for j in range(8)]
                      + [[i * 9 + j, (i + 1) * 9 + j + 1, (i + 1) * 9 + j] for i in range(8) for j in range(8)])
-    assert set(facing_views(ground, cells, np.ones(len(cells), bool), "z", ELEVATIONS)[1]) == {25.0, 60.0}
+    assert set(facing_views(Mesh(ground, cells, None, paint=np.ones(len(cells), bool)), ELEVATIONS)[1]) == {25.0, 60.0}
 
 
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
