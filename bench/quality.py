@@ -384,6 +384,7 @@ def main() -> None:
     parser.add_argument("--repaint", action="store_true",
                         help="only Only Selected Faces: one side of the crate and the vase repainted by SIR, with "
                              "views where it shows against the whole ring, at one budget")
+    parser.add_argument("--seeds", type=int, default=3, help="with --repaint: seeds per case and views")
     args = parser.parse_args()
     budget = 400 if args.quick else args.budget
     views = 4
@@ -396,7 +397,7 @@ def main() -> None:
     unimodal = {"crate": Case("crate", box_with_own_uvs(), [pattern(0.7, 0.1)], args.device)}
     if args.repaint:
         cases = [unimodal["crate"]] + ([] if args.quick else [Case("vase", vase(), [pattern(1.3, 0.3)], args.device)])
-        rows = repaint_runs(cases, sir, [0] if args.quick else [0, 1, 2])
+        rows = repaint_runs(cases, sir, [0] if args.quick else list(range(args.seeds)))
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "repaint.csv", "w", newline="") as fh:

@@ -164,6 +164,29 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
     assert set(facing_views(Mesh(ground, cells, None, paint=np.ones(len(cells), bool)), ELEVATIONS)[1]) == {25.0, 60.0}
 
 
+def test_views_of_a_cups_inside_stand_above_it() -> None:
+    """Repainting a cup's inside: its walls face every way, but the floor and the outer wall hide
+    them from below, so the views keep to the elevations above the rim. Without the renders that
+    count what shows, every elevation was kept."""
+    import trimesh
+
+    from backend.cameras import FULL_RING, facing_views
+    from backend.presets import ELEVATIONS
+
+    wall = trimesh.creation.annulus(r_min=0.8, r_max=1.0, height=1.2)
+    floor = trimesh.creation.cylinder(radius=0.8, height=0.2)
+    floor.apply_translation([0, 0, -0.5])
+    cup = trimesh.util.concatenate([wall, floor])
+    positions, triangles = np.asarray(cup.vertices), np.asarray(cup.faces)
+    centres, normals = np.asarray(cup.triangles_center), np.asarray(cup.face_normals)
+    radial = np.linalg.norm(centres[:, :2], axis=1)
+    inner_wall = (radial < 0.81) & (np.abs(normals[:, 2]) < 0.1) & ((centres[:, :2] * normals[:, :2]).sum(axis=1) < 0)
+    inside = (inner_wall & (centres[:, 2] > -0.4)) | (np.isclose(centres[:, 2], -0.4) & (normals[:, 2] > 0.9))
+    assert inside.sum() > 0
+    arc, elevations = facing_views(Mesh(positions, triangles, None, up_axis="z", paint=inside), ELEVATIONS)
+    assert arc == FULL_RING and set(elevations) == {e for e in ELEVATIONS if e > 0}
+
+
 def test_uv_coverage_of_a_triangle_matches_its_area() -> None:
     tri = torch.tensor([[[0.1, 0.1], [0.9, 0.1], [0.1, 0.9]]])
     cover = uv_coverage(tri, 256)
