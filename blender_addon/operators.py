@@ -8,7 +8,7 @@ import atexit
 import queue
 import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import bpy
 
@@ -148,6 +148,28 @@ def job_request(context: bpy.types.Context) -> tuple[dict, dict]:
     return {**sessions.read_settings(settings), **fields, "low_vram": prefs.low_vram}, arrays
 
 
+JobSession = TypeVar("JobSession", bound=sessions.TextureSession)
+
+
+def _out_of_edit_mode(context: bpy.types.Context, make: Callable[[], JobSession], why: str) -> JobSession:
+    """``make`` a job's session in Object Mode. Artists pick faces in Edit Mode and often stay
+    there, but a mesh in Edit Mode takes no UV map or material from a job (leaving writes its own
+    copy back) and objects are added in Object Mode: the job leaves it, and a refusal goes back so
+    the artist stays where they were."""
+    editing = context.mode.startswith("EDIT")
+    if editing:
+        bpy.ops.object.mode_set(mode="OBJECT")
+    try:
+        session = make()
+    except SceneError:
+        if editing:
+            bpy.ops.object.mode_set(mode="EDIT")
+        raise
+    if editing:
+        session.notes.append(f"Kiln left Edit Mode, {why}: Tab returns to it")
+    return session
+
+
 class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
     """Texture the selected meshes from the prompt, live, with the Kiln backend"""
 
@@ -165,24 +187,13 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         return True
 
     def _make_session(self, context: bpy.types.Context) -> sessions.TextureSession:
-        # Faces are picked in Edit Mode, but a mesh there takes no UV map or material from a job
-        # (leaving Edit Mode writes its own copy back): the job leaves it, and a refusal goes back.
-        editing = context.mode == "EDIT_MESH"
-        if editing:
-            bpy.ops.object.mode_set(mode="OBJECT")
-        try:
+        def make() -> sessions.TextureSession:
             fields, arrays = job_request(context)
             objects = sorted(context.selected_objects, key=lambda o: o.name)
             settings = context.scene.kiln
-            session = sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
-                                              selected_faces=settings.selected_faces, shared_arrays=arrays)
-        except SceneError:
-            if editing:
-                bpy.ops.object.mode_set(mode="EDIT")
-            raise
-        if editing:
-            session.notes.append("Kiln left Edit Mode, where a mesh cannot take a job's results: Tab returns to it")
-        return session
+            return sessions.TextureSession(objects, fields, backend_choice(context), refine=settings.refine,
+                                           selected_faces=settings.selected_faces, shared_arrays=arrays)
+        return _out_of_edit_mode(context, make, "where a mesh cannot take a job's results")
 
 
 class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
@@ -193,12 +204,14 @@ class KILN_OT_generate_object(_SessionOperator, bpy.types.Operator):
     bl_options = {"REGISTER", "UNDO"}
 
     def _make_session(self, context: bpy.types.Context) -> sessions.GenerateSession:
-        if context.mode != "OBJECT":
-            raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene",
-                             "object_mode", context.active_object)
-        fields, arrays = job_request(context)
-        return sessions.GenerateSession(fields, backend_choice(context), context.scene.cursor.location,
-                                        shared_arrays=arrays)
+        def make() -> sessions.GenerateSession:
+            if context.mode != "OBJECT":
+                raise SceneError("switch to Object Mode first: Kiln adds the generated object to the scene",
+                                 "object_mode", context.active_object)
+            fields, arrays = job_request(context)
+            return sessions.GenerateSession(fields, backend_choice(context), context.scene.cursor.location,
+                                            shared_arrays=arrays)
+        return _out_of_edit_mode(context, make, "to add the generated object")
 
 
 class KILN_OT_index_libraries(_SessionOperator, bpy.types.Operator):

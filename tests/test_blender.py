@@ -975,6 +975,9 @@ def test_refine_without_a_texture_says_why(kiln, scene) -> None:
 
 
 def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step(kiln, scene) -> None:
+    """From Edit Mode too: the job leaves it, and undo goes back to it."""
+    select(add_cube("Edited"))
+    bpy.ops.object.mode_set(mode="EDIT")
     bpy.context.scene.cursor.location = (2.0, -1.0, 0.5)
     scene.prompt, scene.steps, scene.controlnet = "a red chair", 1, "ignored/for-generation"
     before = set(bpy.data.objects.keys())
@@ -992,6 +995,8 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
         kiln.scene_io.PointPreview.update = original
     target = kiln.operators.ACTIVE.targets[0]
     assert target.status == "finished", kiln.operators.ACTIVE.summary()
+    assert bpy.data.objects["Edited"].mode == "OBJECT"
+    assert any("left Edit Mode" in note for note in kiln.operators.ACTIVE.notes)
     assert previews and previews[0][1] > 0 and previews[0][2] == pytest.approx((2.0, -1.0, 0.5))
     added = set(bpy.data.objects.keys()) - before
     assert added == {"Kiln red chair"}, added  # the preview is gone, only the object remains
@@ -1005,7 +1010,7 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
 
     bpy.ops.ed.undo()
     assert "Kiln red chair" not in bpy.data.objects
-    assert set(bpy.data.objects.keys()) == before
+    assert set(bpy.data.objects.keys()) == before and bpy.data.objects["Edited"].mode == "EDIT"
 
 
 def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) -> None:
