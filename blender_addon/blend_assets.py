@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import bpy
 import numpy as np
 
-from .scene_io import flat_colour_of, image_rgba8, principled_image
+from .scene_io import flat_colour_of, image_rgba8, principled_image, world_corners
 
 SOURCE_FILE = "source.json"
 
@@ -155,12 +155,10 @@ def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str)
     centre = (every.min(axis=0) + every.max(axis=0)) / 2 if len(every) else np.zeros(3)
     for (obj, mesh), world in zip(meshes, worlds, strict=True):
         lines += [f"v {x:.6g} {z:.6g} {-y:.6g}" for x, y, z in world - centre]  # Blender's Z-up → OBJ's Y-up
-        count = len(mesh.loop_triangles)
-        tris, loops, slots = (np.empty(count * 3, np.int32), np.empty(count * 3, np.int32), np.empty(count, np.int32))
-        mesh.loop_triangles.foreach_get("vertices", tris)
-        mesh.loop_triangles.foreach_get("loops", loops)
+        slots = np.empty(len(mesh.loop_triangles), np.int32)
         mesh.loop_triangles.foreach_get("material_index", slots)
-        tris, loops = tris.reshape(-1, 3) + offset + 1, loops.reshape(-1, 3) + uv_offset + 1
+        tris, loops = world_corners(mesh, np.array(world_matrix(obj), np.float64))
+        tris, loops = tris + offset + 1, loops + uv_offset + 1
         layer = next((uv for uv in mesh.uv_layers if uv.active_render), None)
         if layer is not None:
             uv = np.empty(len(mesh.loops) * 2, np.float32)

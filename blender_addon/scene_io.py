@@ -358,10 +358,7 @@ def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any
     # the world's origin (a georeferenced scene) as finely as one at it.
     world = (world - (world.min(axis=0) + world.max(axis=0)) / 2).astype("<f4")  # faces exist: not empty
     tri_count = len(mesh.loop_triangles)
-    tris = np.empty(tri_count * 3, np.int32)
-    loops = np.empty(tri_count * 3, np.int32)
-    mesh.loop_triangles.foreach_get("vertices", tris)
-    mesh.loop_triangles.foreach_get("loops", loops)
+    tris, loops = world_corners(mesh, m)
     arrays = {
         "positions": protocol.array("<f4", world.shape, world),
         "triangles": protocol.array("<i4", (tri_count, 3), tris.astype("<i4")),
@@ -374,6 +371,21 @@ def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any
     fields = {"object": obj.name, "loop_count": len(mesh.loops), "up_axis": "z",
               "uv_map": uv_layer.name if uv_layer is not None else protocol.UNWRAP_UV_MAP}
     return fields, arrays
+
+
+def world_corners(mesh: Any, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each triangle's vertices and loops (T, 3), in the order that winds it, in world space, as
+    Blender shows it. A mirrored object (negative scale) has its corners wound the other way round
+    there, and Blender draws its faces' fronts flipped back; so do exporters, and so must Kiln,
+    which reads a face's front from its winding (the side of an open mesh it views)."""
+    count = len(mesh.loop_triangles)
+    tris, loops = np.empty(count * 3, np.int32), np.empty(count * 3, np.int32)
+    mesh.loop_triangles.foreach_get("vertices", tris)
+    mesh.loop_triangles.foreach_get("loops", loops)
+    tris, loops = tris.reshape(-1, 3), loops.reshape(-1, 3)
+    if np.linalg.det(np.asarray(matrix, np.float64)[:3, :3]) < 0:
+        tris, loops = tris[:, ::-1], loops[:, ::-1]
+    return np.ascontiguousarray(tris), np.ascontiguousarray(loops)
 
 
 def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:

@@ -223,6 +223,30 @@ def test_an_object_far_from_the_world_origin_is_sent_unblurred(kiln, scene) -> N
     assert np.linalg.norm(positions[:, None] - turned[None], axis=2).min(axis=0).max() < 1e-6  # each corner
 
 
+def test_a_mirrored_object_is_sent_with_its_faces_fronts_where_blender_shows_them(kiln, scene, tmp_path) -> None:
+    """Negative scale winds a mesh's corners the other way round in world space, and Blender draws
+    its fronts flipped back: a plane facing up, mirrored, faces up in what a job reads (which side
+    of an open mesh it views) and in the OBJ a .blend asset is exported to."""
+    bpy.ops.mesh.primitive_plane_add()
+    plane = bpy.context.active_object
+    plane.scale = (-1, 1, 1)
+    bpy.context.view_layer.update()
+
+    def normals(positions: np.ndarray, triangles: np.ndarray) -> np.ndarray:
+        corners = positions[triangles]
+        return np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    _, arrays = kiln.scene_io.mesh_arrays(plane)
+    sent = normals(np.frombuffer(arrays["positions"].data, np.float32).reshape(-1, 3),
+                   np.frombuffer(arrays["triangles"].data, np.int32).reshape(-1, 3))
+    assert (sent[:, 2] > 0).all()
+    mesh = plane.evaluated_get(bpy.context.evaluated_depsgraph_get()).data
+    rows = [line.split() for line in kiln.blend_assets.write_obj(tmp_path, "Plane", [(plane, mesh)], "a plane")
+            .read_text().splitlines()]
+    vertices = np.array([[float(x) for x in r[1:]] for r in rows if r[0] == "v"])
+    faces = np.array([[int(c.split("/")[0]) - 1 for c in r[1:]] for r in rows if r[0] == "f"])
+    assert (normals(vertices, faces)[:, 1] > 0).all()  # OBJ is Y-up
+
+
 def test_modifiers_are_textured_as_the_viewport_shows_them(kiln, scene) -> None:
     rounded = add_cube("Rounded")
     rounded.modifiers.new("Subdivision", "SUBSURF").levels = 1
