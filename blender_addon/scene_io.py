@@ -459,12 +459,11 @@ def _write_uv_map(obj: Any, name: str, loop_uvs: np.ndarray, rewrite: bool = Fal
 
 @dataclass
 class LiveTexture:
-    """The image and material one job paints into; the float buffer is reused across updates
+    """The image one job paints into; the float buffer is reused across updates
     (a fresh 64 MiB allocation per update costs more than the copy itself)."""
 
     obj_name: str
     image: Any
-    material: Any
     buffer: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.float32))
 
     def update(self, rgba: protocol.Array) -> None:
@@ -478,36 +477,71 @@ class LiveTexture:
         self.image.update()
 
 
+#: The nodes Kiln adds to a material: found and replaced when a later job textures it again.
+TEXTURE_NODE, UV_NODE = "Kiln Texture", "Kiln UV"
+
+
 def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveTexture:
-    """Create the image and a Principled BSDF material that samples it through ``uv_map``, and put
-    the material on every slot. Replaced materials get a fake user so saving never drops them."""
+    """Create the image and put on every slot a material that shows it as Base Color through
+    ``uv_map``. A slot whose material has a Principled BSDF gets a copy of it with only Base Color
+    rewired, so the rest of the artist's shading (roughness, normal and bump maps, per-slot
+    metals) shows with the new colours; others get a plain Principled BSDF. Replaced materials get
+    a fake user so saving never drops them."""
     image = bpy.data.images.new(f"Kiln {obj.name}", size[0], size[1], alpha=True)
-    material = bpy.data.materials.new(f"Kiln {obj.name}")
-    if not material.node_tree:  # Blender < 5 creates node trees only on request
-        material.use_nodes = True
-    nodes, links = material.node_tree.nodes, material.node_tree.links
-    bsdf = next((n for n in nodes if n.type == "BSDF_PRINCIPLED"), None) or nodes.new("ShaderNodeBsdfPrincipled")
-    tex = nodes.new("ShaderNodeTexImage")
-    tex.image = image
-    tex.extension = "REPEAT"  # as the backend samples UVs outside the unit square (texture.wrap_uvs)
-    tex.location = (bsdf.location.x - 350, bsdf.location.y)
-    uv = nodes.new("ShaderNodeUVMap")
-    uv.uv_map = uv_map
-    uv.location = (tex.location.x - 250, tex.location.y)
-    links.new(uv.outputs["UV"], tex.inputs["Vector"])
-    links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
-    nodes.active = tex  # what Solid shading's Texture colour shows, and what Texture Paint paints on
-    previous = [slot.material.name for slot in obj.material_slots if slot.material]
+    previous = list(dict.fromkeys(slot.material.name for slot in obj.material_slots if slot.material))
     for name in previous:
         bpy.data.materials[name].use_fake_user = True
     if previous:
         obj["kiln_previous_materials"] = previous
+    made: dict[str, Any] = {}  # the artist's material's name ("" for none) → the one that shows the image
+
+    def showing(material: Any) -> Any:
+        key = material.name if material is not None and _principled_nodes(material) else ""
+        if key not in made:
+            label = f"Kiln {obj.name}" if key == "" or len(previous) == 1 else f"Kiln {obj.name} ({key})"
+            made[key] = _show_image(material.copy() if key else _plain_material(), label, image, uv_map)
+        return made[key]
     if obj.material_slots:
         for slot in obj.material_slots:
-            slot.material = material
+            slot.material = showing(slot.material)
     else:
-        obj.data.materials.append(material)
-    return LiveTexture(obj.name, image, material)
+        obj.data.materials.append(showing(None))
+    return LiveTexture(obj.name, image)
+
+
+def _plain_material() -> Any:
+    material = bpy.data.materials.new("Kiln")
+    if not material.node_tree:  # Blender < 5 creates node trees only on request
+        material.use_nodes = True
+    nodes = material.node_tree.nodes
+    if not _principled_nodes(material):
+        nodes.new("ShaderNodeBsdfPrincipled")
+    return material
+
+
+def _show_image(material: Any, name: str, image: Any, uv_map: str) -> Any:
+    """``material`` (its own copy) with ``image``, read through ``uv_map``, on each Principled
+    BSDF's Base Color; the nodes an earlier job added are replaced, not piled up."""
+    material.name = name
+    nodes, links = material.node_tree.nodes, material.node_tree.links
+    for old in (TEXTURE_NODE, UV_NODE):
+        if old in nodes:
+            nodes.remove(nodes[old])
+    bsdfs = _principled_nodes(material)
+    tex = nodes.new("ShaderNodeTexImage")
+    tex.name = tex.label = TEXTURE_NODE
+    tex.image = image
+    tex.extension = "REPEAT"  # as the backend samples UVs outside the unit square (texture.wrap_uvs)
+    tex.location = (bsdfs[0].location.x - 350, bsdfs[0].location.y)
+    uv = nodes.new("ShaderNodeUVMap")
+    uv.name = uv.label = UV_NODE
+    uv.uv_map = uv_map
+    uv.location = (tex.location.x - 250, tex.location.y)
+    links.new(uv.outputs["UV"], tex.inputs["Vector"])
+    for bsdf in bsdfs:
+        links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    nodes.active = tex  # what Solid shading's Texture colour shows, and what Texture Paint paints on
+    return material
 
 
 def finish_texture(live: LiveTexture, seed: int) -> str:

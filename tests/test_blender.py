@@ -120,7 +120,9 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
 
     select(obj)
     bpy.ops.kiln.texture_selected()  # again, same seed: the first result's file must survive
-    second = Path(bpy.path.abspath(obj.material_slots[0].material.node_tree.nodes["Image Texture"].image.filepath))
+    again = obj.material_slots[0].material.node_tree.nodes
+    assert [n.name for n in again if n.name.startswith("Kiln")] == ["Kiln Texture", "Kiln UV"]  # not piled up
+    second = Path(bpy.path.abspath(again[kiln.scene_io.TEXTURE_NODE].image.filepath))
     assert second != saved and second.is_file() and saved.is_file()
 
     bpy.ops.ed.undo()
@@ -549,8 +551,8 @@ def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene
         view.shading.type, view.shading.color_type = "SOLID", "TEXTURE"
         assert not kiln.operators.hides_textures(view)
     obj = add_cube()
-    live = kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
-    assert live.material.node_tree.nodes.active.type == "TEX_IMAGE"
+    kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
+    assert obj.material_slots[0].material.node_tree.nodes.active.name == kiln.scene_io.TEXTURE_NODE
 
 
 def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
@@ -836,7 +838,8 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
     assert target.status == "finished", kiln.operators.ACTIVE.summary()
     paint = np.frombuffer(target.arrays[kiln.backend.protocol.PAINT_TRIANGLES].data, np.uint8)
     assert len(paint) == 48 and paint.sum() == 8  # the top face's four quads, of 24
-    after = pixels(obj.material_slots[0].material.node_tree.nodes["Image Texture"].image).reshape(512, 512, 4)
+    after = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE].image
+    after = pixels(after).reshape(512, 512, 4)
     uv = np.empty(len(obj.data.loops) * 2, np.float32)
     obj.data.uv_layers["UVMap"].data.foreach_get("uv", uv)
     for face in obj.data.polygons:
@@ -877,9 +880,15 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
 def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene) -> None:
     """A cube whose top faces have a second material with its own image, read through a second UV
     map, and a third slot with a flat colour: the job gets every slot's source and each triangle's
-    slot, and finishes."""
+    slot, and finishes. Each slot then shows a copy of its material with the new texture on Base
+    Color and the rest of its shading (roughness, a normal map) as it was."""
     obj = add_cube()
     link_artist_image(obj)
+    artist = obj.material_slots[0].material
+    bsdf = next(n for n in artist.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    bsdf.inputs["Roughness"].default_value = 0.9
+    bump = artist.node_tree.nodes.new("ShaderNodeNormalMap")
+    artist.node_tree.links.new(bump.outputs["Normal"], bsdf.inputs["Normal"])
     second = add_cube("Second")
     link_artist_image(second)
     obj.data.materials.append(second.material_slots[0].material)
@@ -910,6 +919,15 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     assert sorted(np.bincount(slots)) == [2, 2, 8]  # two triangles on top, two below, eight around
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
+    shown = [slot.material for slot in obj.material_slots]
+    assert [m.name for m in shown] == ["Kiln Cube (Artist Cube)", "Kiln Cube (Artist Second)", "Kiln Cube (Flat)"]
+    for material in shown:
+        base = next(n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"]
+        assert base.links[0].from_node.name == kiln.scene_io.TEXTURE_NODE
+        assert base.links[0].from_node.image == target.live.image
+    kept = next(n for n in shown[0].node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    assert kept.inputs["Roughness"].default_value == pytest.approx(0.9) and kept.inputs["Normal"].links
+    assert bsdf.inputs["Base Color"].links[0].from_node.image.name == "Artist texture Cube"  # the artist's, untouched
 
 
 def test_refining_a_udim_image_starts_each_tile_from_its_own(kiln, scene, tmp_path) -> None:
@@ -1028,7 +1046,7 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     assert tuple(obj.location) == pytest.approx((2.0, -1.0, 0.5)) and obj.select_get()
     assert len(obj.data.polygons) > 100 and [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
     assert not any(m.name.endswith("preview") for m in bpy.data.materials)
-    tex = obj.material_slots[0].material.node_tree.nodes["Image Texture"]
+    tex = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE]
     assert tex.image.size[0] == 512 and pixels(tex.image).reshape(512, 512, 4)[..., :3].std() > 0.01
     assert Path(bpy.path.abspath(tex.image.filepath)).is_file()
 
