@@ -816,13 +816,15 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
 def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, scene) -> None:
     """Refine with Only Selected Faces: the cube's top face, selected in Edit Mode and subdivided
     by a modifier that carries the selection, is repainted, and every other face keeps its
-    texels. With no face selected, or a modifier that drops the selection, the job says so."""
+    texels, at the image's own size rather than the larger one asked for (with a note). With no
+    face selected, or a modifier that drops the selection, the job says so."""
     obj = add_cube()
     obj.modifiers.new("Rounded", "SUBSURF")
     link_artist_image(obj)
     artist = obj.material_slots[0].material
     image = next(n for n in artist.node_tree.nodes if n.type == "TEX_IMAGE").image
-    image.scale(512, 512)  # the texture's size, so the texels to keep are the image's own
+    image.scale(512, 512)
+    scene.texture_size = 1024
     before = pixels(image).reshape(512, 512, 4)
     select(obj)
     bpy.ops.object.mode_set(mode="EDIT")  # where artists pick faces; the job leaves it to read them
@@ -833,7 +835,8 @@ def test_only_selected_faces_repaints_them_and_keeps_the_others_texture(kiln, sc
     scene.refine, scene.strength, scene.selected_faces = True, 1.0, True
     bpy.ops.ed.undo_push(message="picked the faces")
     assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
-    assert obj.mode == "OBJECT" and any("left Edit Mode" in note for note in kiln.operators.ACTIVE.notes)
+    notes = " ".join(kiln.operators.ACTIVE.notes)
+    assert obj.mode == "OBJECT" and "left Edit Mode" in notes and "image's own 512² rather than the 1024²" in notes
     target = kiln.operators.ACTIVE.targets[0]
     assert target.status == "finished", kiln.operators.ACTIVE.summary()
     paint = np.frombuffer(target.arrays[kiln.backend.protocol.PAINT_TRIANGLES].data, np.uint8)
