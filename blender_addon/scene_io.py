@@ -80,8 +80,14 @@ def _same_corners(a: Any, b: Any) -> bool:
     return bool(np.array_equal(ia, ib))
 
 
+def _uses_nodes(material: Any) -> bool:
+    """Before Blender 5, a material may keep a node tree it does not use (Use Nodes off): it then
+    shows its Viewport Display colour, and its nodes mean nothing."""
+    return material is not None and material.node_tree is not None and (bpy.app.version >= (5, 0) or material.use_nodes)
+
+
 def _principled_nodes(material: Any) -> list[Any]:
-    if material is None or material.node_tree is None:
+    if not _uses_nodes(material):
         return []
     return [node for node in material.node_tree.nodes if node.type == "BSDF_PRINCIPLED"]
 
@@ -212,7 +218,10 @@ def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
 
 def flat_colour_of(material: Any) -> list[float] | None:
     """A material's Principled Base Color value, display-referred: what an object painted with a
-    colour rather than an image looks like; None without a Principled BSDF."""
+    colour rather than an image looks like (a material without nodes: its colour); None without a
+    Principled BSDF."""
+    if material is not None and not _uses_nodes(material):
+        return [float(v) for v in _linear_to_srgb(np.array(material.diffuse_color[:3]))]
     for node in _principled_nodes(material):
         return [float(v) for v in _linear_to_srgb(np.array(node.inputs["Base Color"].default_value[:3]))]
     return None

@@ -555,6 +555,22 @@ def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene
     assert obj.material_slots[0].material.node_tree.nodes.active.name == kiln.scene_io.TEXTURE_NODE
 
 
+def test_a_material_that_does_not_use_its_nodes_reads_as_its_colour(kiln, scene) -> None:
+    """Before Blender 5 a material can keep nodes it does not use (Use Nodes off), and shows its
+    Viewport Display colour: that colour is what a job reads, and its texture gets a plain material."""
+    if bpy.app.version >= (5, 0):
+        pytest.skip("Blender 5 materials always use their nodes")
+    obj = add_cube()
+    link_artist_image(obj)
+    material = obj.material_slots[0].material
+    material.use_nodes, material.diffuse_color = False, (1.0, 0.0, 0.0, 1.0)
+    assert kiln.scene_io.existing_texture(obj) is None and kiln.scene_io.flat_colour(obj) == pytest.approx([1, 0, 0])
+    kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
+    shown = obj.material_slots[0].material
+    assert shown.use_nodes and not any(n.type == "TEX_IMAGE" and n.image.name.startswith("Artist")
+                                       for n in shown.node_tree.nodes)
+
+
 def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
     obj = add_cube()
     select(obj)
