@@ -21,7 +21,7 @@ from . import protocol
 from .assets import base_colour_image, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
-from .mesh import Mesh, MeshError, load_mesh_file
+from .mesh import Mesh, MeshError, load_mesh_file, shaded_vertices
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 from .texture import SlotTextures
@@ -70,10 +70,13 @@ class ConsoleEvents(TextureEvents):
         self.bar.write(text, file=sys.stderr)
 
 
-def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
-    """Write the texture PNG and a textured GLB (one vertex per triangle corner, so seams keep
-    their own UVs), placed where the mesh file had it: its node carries the mesh's ``origin``,
-    which float32 positions could not hold as finely."""
+def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None = None) -> dict[str, str]:
+    """Write the texture PNG and a textured GLB, placed where the mesh file had it: its node
+    carries the mesh's ``origin``, which float32 positions could not hold as finely. The texture is
+    the Base Color of a dielectric material (trimesh's default would tint it 0.4 grey, and glTF
+    reads a missing metallic factor as fully metal). ``source``, the trimesh object the mesh was
+    read from: when the texture is on its own UVs, its PBR material (metal, roughness, normal map)
+    is kept with the new Base Color, as Kiln does in Blender."""
     import trimesh
     from PIL import Image
 
@@ -81,15 +84,23 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path) -> dict[str, str]:
     image = Image.fromarray(np.ascontiguousarray(rgba[::-1, :, :3]))  # rows bottom-up → PNG's top-down
     png = out / f"{mesh.name}_texture.png"
     image.save(png)
-    corners = mesh.positions[mesh.triangles].reshape(-1, 3)
-    faces = np.arange(len(corners)).reshape(-1, 3)
-    visual = trimesh.visual.TextureVisuals(uv=mesh.corner_uvs.reshape(-1, 2), image=image)
+    positions, uvs, normals, faces = shaded_vertices(mesh)
+    material = getattr(getattr(source, "visual", None), "material", None)
+    own_uvs = getattr(getattr(source, "visual", None), "uv", None)
+    if isinstance(material, trimesh.visual.material.PBRMaterial) and own_uvs is not None \
+            and np.allclose(np.asarray(own_uvs)[mesh.triangles], mesh.corner_uvs):  # not a UDIM's cells
+        material = material.copy()
+        material.baseColorTexture, material.baseColorFactor = image, None
+    else:
+        material = trimesh.visual.material.PBRMaterial(baseColorTexture=image, metallicFactor=0.0,
+                                                       roughnessFactor=0.5)
+    visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
     glb = out / f"{mesh.name}.glb"
     placed = np.eye(4) if mesh.origin is None else trimesh.transformations.translation_matrix(mesh.origin)
     scene = trimesh.Scene()
-    scene.add_geometry(trimesh.Trimesh(corners, faces, visual=visual, process=False), node_name=mesh.name,
-                       transform=placed)
-    scene.export(glb)
+    scene.add_geometry(trimesh.Trimesh(positions, faces, vertex_normals=normals, visual=visual, process=False),
+                       node_name=mesh.name, transform=placed)
+    scene.export(glb, include_normals=True)
     return {"texture": str(png), "mesh": str(glb)}
 
 
@@ -242,7 +253,7 @@ def texture_command(args: argparse.Namespace) -> int:
         return 2
     except Exception as exc:  # noqa: BLE001 - out of GPU memory gets its fix; anything else is re-raised
         return out_of_memory(exc, args.low_vram)
-    return finish(request, out, started, write_result(mesh, events.final, out), **events.used())
+    return finish(request, out, started, write_result(mesh, events.final, out, loaded), **events.used())
 
 
 def generate_command(args: argparse.Namespace) -> int:

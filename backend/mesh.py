@@ -97,6 +97,38 @@ class Mesh:
                                 "or delete the UV map so Kiln unwraps it")
 
 
+#: Faces meeting at a sharper angle than this keep a hard edge in the meshes Kiln writes, as under
+#: Blender's Smooth by Angle.
+SMOOTH_ANGLE_DEG = 30.0
+
+
+def shaded_vertices(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The textured mesh as a file holds it: vertices (N, 3), their UVs (N, 2) and normals (N, 3),
+    and faces (T, 3). A glTF mesh without normals is shaded flat, so a vase would show its facets:
+    faces are smooth across edges sharper than ``SMOOTH_ANGLE_DEG`` and hard elsewhere (a box stays
+    a box), wherever the mesh file split its vertices (at UV seams, or everywhere, as STL does).
+    Corners that agree in place, UV and normal share a vertex."""
+    import trimesh
+    from trimesh.graph import connected_component_labels
+
+    corners = mesh.positions[mesh.triangles].reshape(-1, 3).astype(np.float64)
+    places, welded = np.unique(corners, axis=0, return_inverse=True)
+    welded = welded.reshape(-1, 3)
+    solid = trimesh.Trimesh(places, welded, process=False)
+    smooth = solid.face_adjacency[solid.face_adjacency_angles < np.radians(SMOOTH_ANGLE_DEG)]
+    groups = connected_component_labels(smooth, node_count=len(welded))  # faces joined by smooth edges
+    key = np.stack([welded.ravel(), np.repeat(groups, 3)], axis=1)
+    shading, shared = np.unique(key, axis=0, return_inverse=True)
+    weighted = np.cross(*(solid.triangles[:, [1, 2]] - solid.triangles[:, [0]]).transpose(1, 0, 2))  # area × normal
+    normals = np.zeros((len(shading), 3))
+    np.add.at(normals, shared.ravel(), np.repeat(weighted, 3, axis=0))
+    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
+    uvs = mesh.corner_uvs.reshape(-1, 2).astype(np.float64)
+    rows = np.column_stack([shared.ravel(), uvs])
+    _, first, vertex = np.unique(rows, axis=0, return_index=True, return_inverse=True)
+    return (corners[first].astype(np.float32), uvs[first].astype(np.float32),
+            normals[shared.ravel()[first]].astype(np.float32), vertex.reshape(-1, 3))
+
 def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     """Load OBJ/GLB/PLY/... with trimesh for the CLI; returns the Mesh and the trimesh object."""
     import trimesh

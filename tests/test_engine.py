@@ -613,10 +613,62 @@ def test_a_mesh_far_from_its_files_origin_keeps_its_shape_and_place(tmp_path) ->
         mesh.corner_uvs = np.zeros((mesh.triangle_count, 3, 2), np.float32)
         out = write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / path.stem)
         scene = trimesh.load(out["mesh"])
-        placed = np.concatenate([geometry.vertices for geometry in scene.dump()]) - shift
+        geometry = scene.dump()[0]
+        placed = np.asarray(geometry.vertices)[geometry.faces].reshape(-1, 3) - shift
         corners = vertices[mesh.triangles].reshape(-1, 3)
         assert np.abs(placed - corners).max() < 1e-6
         assert (np.abs(scene.graph[scene.graph.nodes_geometry[0]][0][:3, 3] - shift) < 1).all()
+
+
+def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_files_pbr_maps(tmp_path) -> None:
+    """The GLB a job writes: Base Color is the texture as made (trimesh's default material tinted
+    it 0.4 grey, and glTF read its missing metallic factor as fully metal); normals are smooth
+    across gentle edges and hard across sharp ones (glTF shades a mesh without normals flat); and a
+    mesh file's own PBR material keeps its metal, roughness and normal map."""
+    import struct
+    from pathlib import Path
+
+    import trimesh
+    from PIL import Image
+
+    from backend.cli import write_result
+
+    def gltf(path: Path) -> dict:
+        data = path.read_bytes()
+        return json.loads(data[20:20 + struct.unpack("<I", data[12:16])[0]])
+
+    vase, _ = load_mesh_file(VASE)
+    vase.corner_uvs = np.zeros((vase.triangle_count, 3, 2), np.float32)
+    box = trimesh.creation.box()
+    cube = Mesh(np.asarray(box.vertices, np.float32), np.asarray(box.faces), np.zeros((12, 3, 2), np.float32),
+                name="box")
+    for mesh in (vase, cube):
+        written = Path(write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / mesh.name)["mesh"])
+        header = gltf(written)
+        assert "NORMAL" in header["meshes"][0]["primitives"][0]["attributes"]
+        pbr = header["materials"][0]["pbrMetallicRoughness"]
+        assert pbr["metallicFactor"] == 0 and pbr.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1]
+        out = trimesh.load(written, force="mesh", process=False)
+        normals, faces = np.asarray(out.vertex_normals), np.asarray(out.faces)
+        face_normals = np.asarray(out.face_normals)
+        off_face = np.degrees(np.arccos(np.clip((normals[faces] * face_normals[:, None]).sum(-1), -1, 1)))
+        assert np.allclose(out.vertices[faces], mesh.positions[mesh.triangles], atol=1e-6)
+        if mesh is cube:
+            assert len(out.vertices) == 24 and off_face.max() < 1e-3  # hard edges: each side flat
+        else:
+            assert len(out.vertices) < 1.5 * len(mesh.positions) and np.median(off_face) > 1  # smooth
+    normal_map = Image.new("RGB", (4, 4), (128, 128, 255))
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.new("RGB", (4, 4), (9, 9, 9)),
+                                                   baseColorFactor=[0.5, 0.5, 0.5, 1.0], metallicFactor=1.0,
+                                                   roughnessFactor=0.2, normalTexture=normal_map)
+    box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, material=material)
+    box.export(tmp_path / "metal.glb")
+    mesh, source = load_mesh_file(tmp_path / "metal.glb")
+    written = Path(write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / "metal", source)["mesh"])
+    header = gltf(written)
+    pbr = header["materials"][0]["pbrMetallicRoughness"]
+    assert pbr["metallicFactor"] == 1 and pbr["roughnessFactor"] == pytest.approx(0.2)
+    assert "normalTexture" in header["materials"][0] and pbr.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1]
 
 
 def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count(capsys) -> None:
