@@ -106,9 +106,9 @@ def load_asset(path: Path) -> Asset:
     """Read a library file; MeshError (naming the file and what is wrong) for anything unusable."""
     mesh, loaded = load_mesh_file(path)
     mesh.validate()
-    image = base_colour_image(loaded)
-    if image is not None and mesh.corner_uvs is not None:
-        return Asset(mesh, texture=texture_tensor(image))
+    texture = base_colour(loaded)
+    if texture is not None and mesh.corner_uvs is not None:
+        return Asset(mesh, texture=texture)
     visual = loaded.visual
     if getattr(visual, "kind", None) == "vertex":
         colours = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255
@@ -140,13 +140,18 @@ def texture_tensor(image: object) -> torch.Tensor:
     return torch.from_numpy(image_rgb(image)).permute(2, 0, 1)
 
 
-def base_colour_image(loaded: object):
-    """The PIL image a trimesh mesh's material shows (simple or PBR material), or None."""
+def base_colour(loaded: object) -> torch.Tensor | None:
+    """The (3, H, W) texture a trimesh mesh's material shows (simple or PBR material), or None. A
+    glTF material's Base Color factor tints its texture, as glTF viewers and Blender show it."""
     material = getattr(getattr(loaded, "visual", None), "material", None)
     for name in ("image", "baseColorTexture"):
         image = getattr(material, name, None)
         if image is not None:
-            return image
+            texture = texture_tensor(image)
+            factor = getattr(material, "baseColorFactor", None) if name == "baseColorTexture" else None
+            if factor is not None:
+                texture = texture * torch.as_tensor(np.asarray(factor, np.float32)[:3] / 255.0)[:, None, None]
+            return texture
     return None
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
-from .assets import base_colour_image, image_rgb, texture_tensor
+from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import Mesh, MeshError, load_mesh_file, shaded_vertices
@@ -127,10 +127,10 @@ def refine_texture(args: argparse.Namespace, loaded: object, mesh: Mesh):
         return udim_texture(args.init_texture, mesh)
     if args.init_texture:
         return read_texture(args.init_texture)
-    image = base_colour_image(loaded)
-    if image is None:
+    texture = base_colour(loaded)
+    if texture is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
-    return texture_tensor(image)
+    return texture
 
 
 #: The tile number's place in a UDIM texture's file name, as Blender and other painters write it.

@@ -624,13 +624,15 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
     """The GLB a job writes: Base Color is the texture as made (trimesh's default material tinted
     it 0.4 grey, and glTF read its missing metallic factor as fully metal); normals are smooth
     across gentle edges and hard across sharp ones (glTF shades a mesh without normals flat); and a
-    mesh file's own PBR material keeps its metal, roughness and normal map."""
+    mesh file's own PBR material keeps its metal, roughness and normal map. Read back, a texture is
+    tinted by its Base Color factor."""
     import struct
     from pathlib import Path
 
     import trimesh
     from PIL import Image
 
+    from backend.assets import base_colour
     from backend.cli import write_result
 
     def gltf(path: Path) -> dict:
@@ -664,6 +666,7 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
     box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, material=material)
     box.export(tmp_path / "metal.glb")
     mesh, source = load_mesh_file(tmp_path / "metal.glb")
+    assert torch.allclose(base_colour(source), torch.tensor(9 / 255 * 128 / 255))  # tinted, as viewers show it
     written = Path(write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / "metal", source)["mesh"])
     header = gltf(written)
     pbr = header["materials"][0]["pbrMetallicRoughness"]
