@@ -22,7 +22,7 @@ from typing import Any, Iterable, Iterator
 import bpy
 import numpy as np
 
-from .scene_io import flat_colour_of, image_rgba8, principled_image, world_corners
+from .scene_io import base_colour_rgba8, flat_colour_of, world_corners
 
 SOURCE_FILE = "source.json"
 
@@ -194,10 +194,10 @@ def world_matrix(obj: Any) -> Any:
 
 def material_lines(folder: Path, stem: str, label: str, material: Any, has_uvs: bool) -> list[str]:
     """An MTL entry: the Base Color image (if the mesh has UVs to read it through), else the colour."""
-    image = principled_image(material) if has_uvs else None
-    if image is not None:
+    rgba = base_colour_rgba8(material) if has_uvs else None
+    if rgba is not None:
         png = f"{stem}_{label}.png"
-        write_png(folder / png, image_rgba8(image))
+        write_png(folder / png, rgba)
         return [f"newmtl {label}", "Kd 1 1 1", f"map_Kd {png}"]
     colour = flat_colour_of(material) or [0.6, 0.6, 0.6]
     return [f"newmtl {label}", "Kd {:.4f} {:.4f} {:.4f}".format(*colour)]

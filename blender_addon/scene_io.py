@@ -92,25 +92,82 @@ def _principled_nodes(material: Any) -> list[Any]:
     return [node for node in material.node_tree.nodes if node.type == "BSDF_PRINCIPLED"]
 
 
-def _base_colour_image_node(material: Any) -> Any:
-    """The Image Texture node feeding a Principled BSDF's Base Color with a readable image, or None."""
-    for node in _principled_nodes(material):
-        if node.inputs["Base Color"].links:
-            source = node.inputs["Base Color"].links[0].from_node
-            if source.type == "TEX_IMAGE" and source.image is not None and 0 not in tuple(source.image.size):
-                return source  # else no image, or one whose file is missing
+#: Colour-mixing nodes by type, with their factor and two colour inputs (identifiers): glTF's
+#: importer multiplies a Base Color texture by its factor with one, and older files have the other.
+_MIX_INPUTS = {"ShaderNodeMix": ("Factor_Float", "A_Color", "B_Color"), "ShaderNodeMixRGB": ("Fac", "Color1", "Color2")}
+
+
+def _image_behind(socket: Any) -> tuple[Any, tuple[float, float, float]] | None:
+    """The Image Texture node feeding a colour socket, and the constant colour (linear RGB) it is
+    multiplied by on the way: (1, 1, 1) when linked straight in. None for anything else, whose
+    colours Kiln cannot work out."""
+    if not socket.links:
+        return None
+    node = socket.links[0].from_node
+    if node.type == "TEX_IMAGE":
+        return node, (1.0, 1.0, 1.0)
+    names = _MIX_INPUTS.get(node.bl_idname)
+    if names is None or node.blend_type != "MULTIPLY" or getattr(node, "data_type", "RGBA") != "RGBA":
+        return None
+    fac, a, b = (next(i for i in node.inputs if i.identifier == name) for name in names)
+    if fac.links or abs(fac.default_value - 1.0) > 1e-6:
+        return None
+    for image, colour in ((a, b), (b, a)):
+        if image.links and image.links[0].from_node.type == "TEX_IMAGE" and not colour.links:
+            return image.links[0].from_node, tuple(float(c) for c in colour.default_value[:3])
     return None
 
 
-def principled_image(material: Any) -> Any:
-    """The image on a material's Base Color, or None."""
-    node = _base_colour_image_node(material)
-    return node.image if node is not None else None
+def _base_colour_source(material: Any) -> tuple[Any, tuple[float, float, float]] | None:
+    """The Image Texture node feeding a Principled BSDF's Base Color with a readable image (maybe
+    through a Multiply by a colour), and that colour; or None."""
+    for node in _principled_nodes(material):
+        found = _image_behind(node.inputs["Base Color"])
+        if found is not None and found[0].image is not None and 0 not in tuple(found[0].image.size):
+            return found  # else no image, or one whose file is missing
+    return None
 
 
-def existing_texture(obj: Any) -> tuple[Any, str] | None:
-    """The image feeding the Base Color of the object's first material that has one, and the UV
-    map it is read through."""
+@dataclass(frozen=True)
+class BaseColour:
+    """A material's Base Color image, the UV map it is read through, and the colour (linear RGB)
+    it is multiplied by on its way, as glTF imports a Base Color factor: a job starts from what
+    the material shows, and its texture replaces that chain."""
+
+    image: Any
+    uv_map: str
+    tint: tuple[float, float, float] = (1.0, 1.0, 1.0)
+
+    @property
+    def key(self) -> str:
+        """Equal for sources that send the same pixels."""
+        return f"{self.image.name}|{self.tint}"
+
+    def rgba8(self) -> np.ndarray:
+        return self._tinted(image_rgba8(self.image))
+
+    def tile_rgba8(self, number: int) -> np.ndarray | None:
+        rgba = tile_rgba8(self.image, number)
+        return None if rgba is None else self._tinted(rgba)
+
+    def _tinted(self, rgba: np.ndarray) -> np.ndarray:
+        if self.tint == (1.0, 1.0, 1.0):
+            return rgba
+        linear = _srgb_to_linear(rgba[..., :3].astype(np.float32) / 255) * np.asarray(self.tint, np.float32)
+        out = rgba.copy()
+        out[..., :3] = (_linear_to_srgb(linear) * 255 + 0.5).astype(np.uint8)
+        return out
+
+
+def base_colour_rgba8(material: Any) -> np.ndarray | None:
+    """The pixels a material's Base Color image shows (``BaseColour``), or None."""
+    found = _base_colour_source(material)
+    return None if found is None else BaseColour(found[0].image, "", found[1]).rgba8()
+
+
+def existing_texture(obj: Any) -> BaseColour | None:
+    """The Base Color image of the object's first material that has one, with the UV map it is
+    read through."""
     for slot in obj.material_slots:
         found = _material_image(obj, slot.material)
         if found is not None:
@@ -118,13 +175,13 @@ def existing_texture(obj: Any) -> tuple[Any, str] | None:
     return None
 
 
-def _material_image(obj: Any, material: Any) -> tuple[Any, str] | None:
+def _material_image(obj: Any, material: Any) -> BaseColour | None:
     """A material's Base Color image and the UV map it is read through, if the mesh has that map."""
-    source = _base_colour_image_node(material)
-    if source is None:
+    found = _base_colour_source(material)
+    if found is None:
         return None
-    uv_map = _uv_map_read(obj, source)
-    return (source.image, uv_map) if uv_map in obj.data.uv_layers else None
+    uv_map = _uv_map_read(obj, found[0])
+    return BaseColour(found[0].image, uv_map, found[1]) if uv_map in obj.data.uv_layers else None
 
 
 def _uv_map_read(obj: Any, image_node: Any) -> str:
@@ -138,12 +195,15 @@ def _uv_map_read(obj: Any, image_node: Any) -> str:
 def no_texture_reason(obj: Any) -> str:
     """Why ``existing_texture`` finds nothing to refine, naming the fix: an artist who sees an image
     on the model would not believe "no image" when its file is missing or its UV map is gone."""
+    other = None
     for slot in obj.material_slots:
         for node in _principled_nodes(slot.material):
-            links = node.inputs["Base Color"].links
-            source = links[0].from_node if links else None
-            if source is None or source.type != "TEX_IMAGE":
+            found = _image_behind(node.inputs["Base Color"])
+            if found is None:
+                links = node.inputs["Base Color"].links
+                other = other or (links and f"{links[0].from_node.name!r} on {slot.material.name!r}")
                 continue
+            source = found[0]
             image, where = source.image, f"the Image Texture on {slot.material.name!r}'s Base Color"
             if image is None:
                 return f"{where} holds no image: pick one in it"
@@ -152,16 +212,19 @@ def no_texture_reason(obj: Any) -> str:
                         "or unreadable): find it (File > External Data > Find Missing Files)")
             return (f"{where} reads {image.name!r} through the UV map {_uv_map_read(obj, source)!r}, which "
                     f"{obj.name!r} lacks: pick one of its maps in the UV Map node feeding it")
+    if other:
+        return (f"its Base Color comes from the node {other}, whose colours Kiln cannot work out: connect an Image "
+                "Texture straight to Base Color (or through a Multiply by a colour)")
     return "no image texture feeds its material's Base Color: connect one"
 
 
-def slot_sources(obj: Any) -> list[tuple[Any, str] | list[float] | None] | None:
+def slot_sources(obj: Any) -> list[BaseColour | list[float] | None] | None:
     """What each material slot shows: its Base Color image and UV map, else its flat colour, else
     None (no Principled BSDF); None when every slot shows the same, so that one image or colour
     tells the whole story."""
     sources = [_material_image(obj, slot.material) or flat_colour_of(slot.material) for slot in obj.material_slots]
-    shown = {(s[0].name, s[1]) if isinstance(s, tuple) else (tuple(s) if s else None) for s in sources}
-    tiled = any(isinstance(s, tuple) and _is_udim(s[0]) for s in sources)
+    shown = {(s.key, s.uv_map) if isinstance(s, BaseColour) else (tuple(s) if s else None) for s in sources}
+    tiled = any(isinstance(s, BaseColour) and _is_udim(s.image) for s in sources)
     return sources if len(shown) > 1 or tiled else None
 
 
@@ -233,7 +296,7 @@ def flat_colour(obj: Any) -> list[float] | None:
 
 
 def mesh_arrays(obj: Any, uv_map: str | None = None,
-                sources: list[tuple[Any, str] | list[float] | None] | None = None, base: str = "init_texture",
+                sources: list[BaseColour | list[float] | None] | None = None, base: str = "init_texture",
                 selected_faces: bool = False) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
     as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
@@ -281,7 +344,7 @@ def _selected_triangles(obj: Any, mesh: Any) -> np.ndarray:
     return paint.astype(np.uint8)
 
 
-def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float] | None], base: str,
+def _slot_arrays(obj: Any, mesh: Any, sources: list[BaseColour | list[float] | None], base: str,
                  fields: dict[str, Any], arrays: dict[str, protocol.Array]) -> None:
     """Each slot's image with the UVs it is read through, or its colour, and each triangle's slot.
     Each image and UV map is sent once: the first slot's image is ``base``, which the caller sends,
@@ -289,43 +352,42 @@ def _slot_arrays(obj: Any, mesh: Any, sources: list[tuple[Any, str] | list[float
     slots = np.empty(len(mesh.loop_triangles), np.int32)
     mesh.loop_triangles.foreach_get("material_index", slots)
     names = {f"uv:{fields['uv_map']}": "loop_uvs"}
-    first = next((source[0] for source in sources if isinstance(source, tuple)), None)
+    first = next((source for source in sources if isinstance(source, BaseColour)), None)
     if first is not None:
-        names[f"image:{first.name}"] = base
+        names[f"image:{first.key}"] = base
     wire: list[dict[str, Any] | None] = []
     for k, source in enumerate(sources):
-        if not isinstance(source, tuple):
+        if not isinstance(source, BaseColour):
             wire.append(None if source is None else {"color": source})
             continue
-        image, uv_map = source
-        if uv_map not in mesh.uv_layers:
-            raise SceneError(f"{obj.name!r} loses the UV map {uv_map!r} that its material's image "
-                             f"{image.name!r} is read through in its modifiers: keep it in their output, or apply them")
-        if f"image:{image.name}" not in names:
-            names[f"image:{image.name}"] = f"slot_texture_{k}"
-            rgba = image_rgba8(image)
+        if source.uv_map not in mesh.uv_layers:
+            raise SceneError(f"{obj.name!r} loses the UV map {source.uv_map!r} that its material's image "
+                             f"{source.image.name!r} is read through in its modifiers: keep it in their output, or "
+                             "apply them")
+        if f"image:{source.key}" not in names:
+            names[f"image:{source.key}"] = f"slot_texture_{k}"
+            rgba = source.rgba8()
             arrays[f"slot_texture_{k}"] = protocol.array("|u1", rgba.shape, rgba)
-        if f"uv:{uv_map}" not in names:
-            names[f"uv:{uv_map}"] = f"slot_uvs_{k}"
+        if f"uv:{source.uv_map}" not in names:
+            names[f"uv:{source.uv_map}"] = f"slot_uvs_{k}"
             uv = np.empty(len(mesh.loops) * 2, "<f4")
-            mesh.uv_layers[uv_map].data.foreach_get("uv", uv)
+            mesh.uv_layers[source.uv_map].data.foreach_get("uv", uv)
             arrays[f"slot_uvs_{k}"] = protocol.array("<f4", (len(mesh.loops), 2), uv)
-        wire.append({"texture": names[f"image:{image.name}"], "uvs": names[f"uv:{uv_map}"]})
+        wire.append({"texture": names[f"image:{source.key}"], "uvs": names[f"uv:{source.uv_map}"]})
     material = slots.copy()  # tiles join as sources after the slots', so their indices stay
     tiles: dict[tuple[str, int], str | None] = {}  # each tile's array, sent once however many slots show it
     for k, source in enumerate(sources):
-        if not (isinstance(source, tuple) and _is_udim(source[0])):
+        if not (isinstance(source, BaseColour) and _is_udim(source.image)):
             continue
-        image = source[0]
-        for number, inside in _tile_faces(mesh, *source, material == k):
-            if (image.name, number) not in tiles:
-                rgba = tile_rgba8(image, number)
-                tiles[image.name, number] = None if rgba is None else f"slot_texture_{len(wire)}"
+        for number, inside in _tile_faces(mesh, source.image, source.uv_map, material == k):
+            if (source.key, number) not in tiles:
+                rgba = source.tile_rgba8(number)
+                tiles[source.key, number] = None if rgba is None else f"slot_texture_{len(wire)}"
                 if rgba is not None:
                     arrays[f"slot_texture_{len(wire)}"] = protocol.array("|u1", rgba.shape, rgba)
-            if tiles[image.name, number] is not None:
+            if tiles[source.key, number] is not None:
                 slots[inside] = len(wire)
-                wire.append({"texture": tiles[image.name, number], "uvs": wire[k]["uvs"]})
+                wire.append({"texture": tiles[source.key, number], "uvs": wire[k]["uvs"]})
     arrays["triangle_slots"] = protocol.array("<i4", slots.shape, slots.astype("<i4"))
     fields["slot_sources"] = wire
 
@@ -402,9 +464,9 @@ def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array
     its mesh, and its Base Color image read through that image's own UV map, else its flat colour."""
     found = existing_texture(obj) if obj is not None and obj.type == "MESH" else None
     sources = slot_sources(obj) if obj is not None and obj.type == "MESH" else None
-    fields, arrays = mesh_arrays(obj, found[1] if found else None, sources, base="texture")
+    fields, arrays = mesh_arrays(obj, found.uv_map if found else None, sources, base="texture")
     if found:
-        rgba = image_rgba8(found[0])
+        rgba = found.rgba8()
         arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
     elif (colour := flat_colour(obj)) is not None:
         fields["color"] = colour

@@ -34,7 +34,6 @@ from .scene_io import (
     check_paintable,
     existing_texture,
     finish_texture,
-    image_rgba8,
     mesh_arrays,
     no_texture_reason,
     reference_arrays,
@@ -223,10 +222,9 @@ def target_for(obj: Any, refine: bool, selected_faces: bool = False) -> Target:
     if found is None:
         raise SceneError(f"{obj.name!r} has nothing to refine: {no_texture_reason(obj)}; or untick Refine "
                          "Existing Texture")
-    image, uv_map = found
     # each face starts from its own material
-    fields, arrays = mesh_arrays(obj, uv_map, slot_sources(obj), selected_faces=selected_faces)
-    rgba = image_rgba8(image)
+    fields, arrays = mesh_arrays(obj, found.uv_map, slot_sources(obj), selected_faces=selected_faces)
+    rgba = found.rgba8()
     arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
     return Target(obj.name, fields, arrays, obj=obj)
 

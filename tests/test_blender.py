@@ -1035,6 +1035,39 @@ def test_refine_without_a_texture_says_why(kiln, scene) -> None:
     assert obj.material_slots[0].material.name == "Artist Cube"
 
 
+def test_a_base_color_image_multiplied_by_a_colour_is_read_as_the_material_shows_it(kiln, scene) -> None:
+    """glTF's importer multiplies a Base Color texture by its factor with a Mix node: a refine job
+    starts from the image as tinted (the texture replaces the chain); a chain Kiln cannot work out
+    is refused, naming its node."""
+    obj = add_cube()
+    px = link_artist_image(obj).reshape(8, 8, 4)
+    tree = obj.material_slots[0].material.node_tree
+    image, bsdf = (next(n for n in tree.nodes if n.type == kind) for kind in ("TEX_IMAGE", "BSDF_PRINCIPLED"))
+    tint = tree.nodes.new("ShaderNodeMix")
+    tint.data_type, tint.blend_type = "RGBA", "MULTIPLY"
+    tint.inputs["Factor"].default_value = 1.0
+    colour = next(i for i in tint.inputs if i.identifier == "B_Color")
+    colour.default_value = (0.5, 0.8, 1.0, 1.0)
+    tree.links.new(image.outputs["Color"], next(i for i in tint.inputs if i.identifier == "A_Color"))
+    tree.links.new(next(o for o in tint.outputs if o.identifier == "Result_Color"), bsdf.inputs["Base Color"])
+    sent = np.frombuffer(kiln.session.target_for(obj, refine=True).arrays["init_texture"].data, np.uint8)
+    sent = sent.reshape(8, 8, 4)[..., :3] / 255
+
+    def linear(c):
+        return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    shown = linear(np.round(px[..., :3] * 255) / 255) * [0.5, 0.8, 1.0]
+    shown = np.where(shown <= 0.0031308, shown * 12.92, 1.055 * shown ** (1 / 2.4) - 0.055)
+    assert np.abs(sent - shown).max() <= 1 / 255 + 1e-6
+    assert sent[..., 0].mean() < px[..., 0].mean() - 0.05  # darker than the untinted image
+    hue = tree.nodes.new("ShaderNodeHueSaturation")
+    hue.name = "Warmer"
+    tree.links.new(image.outputs["Color"], hue.inputs["Color"])
+    tree.links.new(hue.outputs["Color"], bsdf.inputs["Base Color"])
+    with pytest.raises(kiln.scene_io.SceneError, match="Base Color comes from the node 'Warmer' on 'Artist Cube', "
+                                                       "whose colours Kiln cannot work out"):
+        kiln.session.target_for(obj, refine=True)
+
+
 def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step(kiln, scene) -> None:
     """From Edit Mode too: the job leaves it, and undo goes back to it."""
     select(add_cube("Edited"))
