@@ -559,24 +559,23 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveText
     metals) shows with the new colours; others get a plain Principled BSDF. Replaced materials get
     a fake user so saving never drops them."""
     image = bpy.data.images.new(f"Kiln {obj.name}", size[0], size[1], alpha=True)
-    previous = list(dict.fromkeys(slot.material.name for slot in obj.material_slots if slot.material))
-    for name in previous:
-        bpy.data.materials[name].use_fake_user = True
+    previous = list(dict.fromkeys(slot.material for slot in obj.material_slots if slot.material))
+    for material in previous:
+        material.use_fake_user = True
     if previous:
-        obj["kiln_previous_materials"] = previous
-    made: dict[str, Any] = {}  # the artist's material's name ("" for none) → the one that shows the image
+        obj["kiln_previous_materials"] = [material.name for material in previous]
 
-    def showing(material: Any) -> Any:
-        key = material.name if material is not None and _principled_nodes(material) else ""
-        if key not in made:
-            label = f"Kiln {obj.name}" if key == "" or len(previous) == 1 else f"Kiln {obj.name} ({key})"
-            made[key] = _show_image(material.copy() if key else _plain_material(), label, image, uv_map)
-        return made[key]
+    def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one
+        return material if material is not None and _principled_nodes(material) else None
+    sources = list(dict.fromkeys(kept(slot.material) for slot in obj.material_slots)) or [None]
+    made = {source: _show_image(source.copy() if source else _plain_material(),
+                                f"Kiln {obj.name}" if len(sources) == 1 or not source else
+                                f"Kiln {obj.name} ({source.name})", image, uv_map) for source in sources}
     if obj.material_slots:
         for slot in obj.material_slots:
-            slot.material = showing(slot.material)
+            slot.material = made[kept(slot.material)]
     else:
-        obj.data.materials.append(showing(None))
+        obj.data.materials.append(made[None])
     return LiveTexture(obj.name, image)
 
 

@@ -917,6 +917,7 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     next(n for n in flat.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"].default_value = \
         (1.0, 0.0, 0.0, 1.0)
     obj.data.materials.append(flat)
+    obj.data.materials.append(None)  # an empty slot, whose faces show nothing of their own
     bpy.data.objects.remove(second)
     obj.data.uv_layers.new(name="Other")
     material = obj.material_slots[1].material
@@ -930,7 +931,8 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     scene.refine = True
     session = run_session(kiln, [obj], steps=1)
     target = session.targets[0]
-    first, other, colour = target.fields["slot_sources"]
+    first, other, colour, empty = target.fields["slot_sources"]
+    assert empty is None
     assert first == {"texture": "init_texture", "uvs": "loop_uvs"}  # the texture's own image and map, not sent again
     assert other == {"texture": "slot_texture_1", "uvs": "slot_uvs_1"} and colour["color"] == pytest.approx([1, 0, 0])
     assert target.arrays["slot_texture_1"].shape == (8, 8, 4) and target.arrays["slot_uvs_1"].shape == (24, 2)
@@ -939,7 +941,8 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
     shown = [slot.material for slot in obj.material_slots]
-    assert [m.name for m in shown] == ["Kiln Cube (Artist Cube)", "Kiln Cube (Artist Second)", "Kiln Cube (Flat)"]
+    assert [m.name for m in shown] == ["Kiln Cube (Artist Cube)", "Kiln Cube (Artist Second)", "Kiln Cube (Flat)",
+                                       "Kiln Cube"]
     for material in shown:
         base = next(n for n in material.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"]
         assert base.links[0].from_node.name == kiln.scene_io.TEXTURE_NODE
