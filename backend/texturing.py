@@ -95,6 +95,7 @@ class MeshTexturer:
                 raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
             self.paint = torch.as_tensor(mesh.paint, device=self.device)
             self.focus = mesh.positions[mesh.triangles[mesh.paint]].reshape(-1, 3)
+            events.progress(0, cfg.total_work(self.refine), "finding where the selected faces show")
             self.arc, self.elevations = facing_views(mesh, cfg.elevations, self.device)
             self.painted_texels = uv_coverage(self.corner_uvs[self.paint], texture_size)
         self.strength = strength if self.refine else 1.0
