@@ -116,8 +116,8 @@ class JobRequest:
                                      or not 0 <= guidance <= protocol.MAX_GUIDANCE):
             raise bad(f"guidance {guidance!r} is out of range: choose 0 to {protocol.MAX_GUIDANCE:g}")
         seed = f.get("seed", 0)
-        if not isinstance(seed, int) or seed < 0:
-            raise bad(f"seed {seed!r} must be a whole number ≥ 0")
+        if not isinstance(seed, int) or not 0 <= seed <= protocol.MAX_SEED:
+            raise bad(f"seed {seed!r} is out of range: choose a whole number from 0 to {protocol.MAX_SEED}")
         strength = f.get("strength", 0.5)
         if not isinstance(strength, (int, float)) or not protocol.MIN_STRENGTH <= strength <= protocol.MAX_STRENGTH:
             raise bad(f"strength {strength!r} is out of range: choose {protocol.MIN_STRENGTH:g} (keep nearly all) to "

@@ -42,6 +42,8 @@ MIN_TEXTURE_SIZE, MAX_TEXTURE_SIZE = 512, 4096
 #: Iterations a job may ask for: SIR needs a dozen, SDS and SSD a thousand or more.
 MAX_STEPS = 5000
 MAX_GUIDANCE = 200.0
+#: The largest seed: the generators that take it hold a signed 64-bit integer.
+MAX_SEED = 2**63 - 1
 #: Refining: how far the result may move from the texture (a fraction of the noise a blank start gets).
 MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0
 #: A mesh's ``up_axis``: Blender's is z; glTF's and most OBJ files' y.

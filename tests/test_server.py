@@ -86,6 +86,7 @@ def test_disconnect_mid_frame_leaves_the_server_serving(server: BackendServer) -
     ({"texture_size": 8192}, None, protocol.E_BAD_REQUEST, "texture size 8192 is out of range"),
     ({"steps": 0}, None, protocol.E_BAD_REQUEST, "steps 0 is out of range"),
     ({"steps": protocol.MAX_STEPS + 1}, None, protocol.E_BAD_REQUEST, f"choose 1 to {protocol.MAX_STEPS}"),
+    ({"seed": protocol.MAX_SEED + 1}, None, protocol.E_BAD_REQUEST, f"from 0 to {protocol.MAX_SEED}"),
     ({}, "nan", protocol.E_BAD_MESH, "NaN or infinite"),
     ({}, "no_faces", protocol.E_BAD_MESH, "has no faces"),
     ({"loop_count": "36"}, None, protocol.E_BAD_MESH, "loop_count '36' must be a whole number"),
