@@ -136,7 +136,8 @@ class JobRequest:
             if not isinstance(value, (list, tuple)) or not all(isinstance(x, str) and x for x in value):
                 raise bad(f"{name} must be a list of paths")
         if task in (protocol.TASK_INDEX, protocol.TASK_SEARCH) and not libraries:
-            raise bad("no asset library to search: add your asset folders in Preferences > Add-ons > Kiln")
+            raise bad("no asset library to search: add your asset folders (Preferences > Add-ons > Kiln; --library "
+                      "in the CLI)")
         return cls(prompt=prompt.strip(), task=task, negative_prompt=str(f.get("negative_prompt") or ""), model=model,
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
@@ -450,8 +451,8 @@ def check_reference_options(request: JobRequest, own_reference: bool) -> None:
                            "PLY, ...) or pick one from Find References")
     for folder in request.libraries:
         if not Path(folder).is_dir():
-            raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} is not a folder: fix or remove it in "
-                           "Preferences > Add-ons > Kiln")
+            raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} is not a folder: fix or remove it "
+                           "(Preferences > Add-ons > Kiln; --library in the CLI)")
 
 
 def adaptation(request: JobRequest, prior: Prior, chosen: list, cfg: SIRConfig | DistillConfig,
