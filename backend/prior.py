@@ -344,13 +344,13 @@ def few_step_kind(model: str, lora: str | None = None) -> str | None:
 def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
     """Load a LoRA through diffusers' pipeline loader (Kohya or diffusers format, id, folder or
     file) and fuse it into the UNet and text encoder, so inference costs nothing extra."""
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     path = Path(source).expanduser()
     if not (path.exists() or HF_ID.match(source)):
         raise ModelError(protocol.E_MODEL_NOT_FOUND,
                          f"unknown LoRA {source!r}: give a Hugging Face id such as "
                          "'latent-consistency/lcm-lora-sdv1-5', a folder, or a .safetensors file")
+    from diffusers import DDIMScheduler, StableDiffusionPipeline  # imports transformers' image processors: seconds
+
     # The pipeline wants a scheduler that LoRA loading never uses; with the defaults' steps_offset 0
     # and clip_sample on it would warn, at every fuse, that the config is outdated.
     scheduler = DDIMScheduler(steps_offset=1, clip_sample=False)
