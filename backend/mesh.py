@@ -122,7 +122,12 @@ def shaded_vertices(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     weighted = np.cross(*(solid.triangles[:, [1, 2]] - solid.triangles[:, [0]]).transpose(1, 0, 2))  # area × normal
     normals = np.zeros((len(shading), 3))
     np.add.at(normals, shared.ravel(), np.repeat(weighted, 3, axis=0))
-    normals /= np.maximum(np.linalg.norm(normals, axis=1, keepdims=True), 1e-30)
+    around = np.zeros((len(places), 3))  # for a degenerate face alone in its group: its vertex's whole fan
+    np.add.at(around, welded.ravel(), np.repeat(weighted, 3, axis=0))
+    flat = np.linalg.norm(normals, axis=1) < 1e-30
+    normals[flat] = around[shading[flat, 0]]
+    normals[np.linalg.norm(normals, axis=1) < 1e-30] = (0.0, 0.0, 1.0)  # glTF wants unit normals everywhere
+    normals /= np.linalg.norm(normals, axis=1, keepdims=True)
     uvs = mesh.corner_uvs.reshape(-1, 2).astype(np.float64)
     rows = np.column_stack([shared.ravel(), uvs])
     _, first, vertex = np.unique(rows, axis=0, return_index=True, return_inverse=True)

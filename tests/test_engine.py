@@ -634,6 +634,7 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
 
     from backend.assets import base_colour
     from backend.cli import write_result
+    from backend.mesh import shaded_vertices
 
     def gltf(path: Path) -> dict:
         data = path.read_bytes()
@@ -659,6 +660,9 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
             assert len(out.vertices) == 24 and off_face.max() < 1e-3  # hard edges: each side flat
         else:
             assert len(out.vertices) < 1.5 * len(mesh.positions) and np.median(off_face) > 1  # smooth
+    sliver = Mesh(np.array([[0, 0, 0], [1, 0, 0], [0, 1, 0], [2, 0, 0]], np.float32), np.array([[0, 1, 2], [0, 1, 3]]),
+                  np.zeros((2, 3, 2), np.float32))  # its second face has no area, so no normal of its own
+    assert np.allclose(np.linalg.norm(shaded_vertices(sliver)[2], axis=1), 1)  # glTF wants unit normals
     normal_map = Image.new("RGB", (4, 4), (128, 128, 255))
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.new("RGB", (4, 4), (9, 9, 9)),
                                                    baseColorFactor=[0.5, 0.5, 0.5, 1.0], metallicFactor=1.0,
