@@ -97,6 +97,31 @@ def vase() -> Mesh:
     return mesh
 
 
+def cup() -> tuple[Mesh, np.ndarray]:
+    """A cup (a wall round a floor, Z up) and its inside: the inner wall above the floor and the
+    floor's top. Its faces look every way round, but only views from above see them."""
+    import trimesh
+
+    wall = trimesh.creation.annulus(r_min=0.8, r_max=1.0, height=1.2, sections=32)
+    floor = trimesh.creation.cylinder(radius=0.8, height=0.2, sections=32)
+    floor.apply_translation([0, 0, -0.5])
+    merged = trimesh.util.concatenate([wall, floor]).subdivide().subdivide()
+    centres, normals = np.asarray(merged.triangles_center), np.asarray(merged.face_normals)
+    inner = (np.linalg.norm(centres[:, :2], axis=1) < 0.81) & (np.abs(normals[:, 2]) < 0.1) \
+        & ((centres[:, :2] * normals[:, :2]).sum(axis=1) < 0) & (centres[:, 2] > -0.4)
+    inside = inner | (np.isclose(centres[:, 2], -0.4) & (normals[:, 2] > 0.9))
+    mesh = Mesh(np.asarray(merged.vertices, np.float32), np.asarray(merged.faces, np.int64), None, up_axis="z",
+                name="cup")
+    unwrap(mesh)
+    return mesh, inside
+
+
+def facing_x(mesh: Mesh) -> np.ndarray:
+    """The faces turned to +X: one side of a mesh."""
+    normals = mesh.area_normals()
+    return normals[:, 0] > 0.3 * np.linalg.norm(normals, axis=1)
+
+
 def pattern(phase: float, hue: float, size: int = TEXTURE) -> torch.Tensor:
     """Detailed reference texture: coarse colour bands, mid stripes and a fine checker."""
     v, u = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
@@ -290,16 +315,14 @@ def run(case: Case, label: str, cfg: SIRConfig | DistillConfig, eval_every: int,
     return result
 
 
-def repaint_runs(cases: list[Case], cfg: SIRConfig, seeds: list[int]) -> list[dict]:
-    """Only Selected Faces at one budget: each mesh's faces turned to one side (+X) are blanked to
-    grey in its reference texture and repainted by SIR at strength 1, with views where the part
-    shows (``cameras.facing_views``, as jobs run) and with the whole ring; PSNR over the repainted
-    faces' pixels in held-out views all round."""
+def repaint_runs(cases: list[tuple[Case, np.ndarray]], cfg: SIRConfig, seeds: list[int]) -> list[dict]:
+    """Only Selected Faces at one budget: each mesh's part (faces turned to one side, a cup's
+    inside) is blanked to grey in its reference texture and repainted by SIR at strength 1, with
+    views where the part shows (``cameras.facing_views``, as jobs run) and with the whole ring at
+    every elevation; PSNR over the repainted faces' pixels in held-out views all round."""
     rows = []
-    for case in cases:
+    for case, paint in cases:
         mesh, truth = case.mesh, case.variants[0].to(case.prior.device)
-        normals = mesh.area_normals()
-        paint = normals[:, 0] > 0.3 * np.linalg.norm(normals, axis=1)
         painted = replace(mesh, paint=paint)
         blank = uv_coverage(torch.as_tensor(mesh.corner_uvs[paint], device=truth.device), TEXTURE)
         init = torch.where(blank, torch.full_like(truth, 0.5), truth)
@@ -325,7 +348,8 @@ def repaint_runs(cases: list[Case], cfg: SIRConfig, seeds: list[int]) -> list[di
                              "elevations": len(texturer.elevations), "images_denoised": prior.images,
                              "seconds": round(seconds, 2), "painted_pixels": int(shown.sum()),
                              "psnr_repainted": round(psnr(img[shown], truth_views), 2)})
-                print(f"  {case.name:<6} {views:<10} seed {seed}: arc {arc:5.1f}°  {prior.images} images  "
+                print(f"  {case.name:<6} {views:<10} seed {seed}: arc {arc:5.1f}°, "
+                      f"{len(texturer.elevations)} elevations  {prior.images} images  "
                       f"PSNR on the repainted faces {rows[-1]['psnr_repainted']:.2f} dB", flush=True)
     return rows
 
@@ -396,7 +420,11 @@ def main() -> None:
                   stream_every=5)
     unimodal = {"crate": Case("crate", box_with_own_uvs(), [pattern(0.7, 0.1)], args.device)}
     if args.repaint:
-        cases = [unimodal["crate"]] + ([] if args.quick else [Case("vase", vase(), [pattern(1.3, 0.3)], args.device)])
+        cases = [(unimodal["crate"], facing_x(unimodal["crate"].mesh))]
+        if not args.quick:
+            vase_mesh, (cup_mesh, inside) = vase(), cup()
+            cases += [(Case("vase", vase_mesh, [pattern(1.3, 0.3)], args.device), facing_x(vase_mesh)),
+                      (Case("cup", cup_mesh, [pattern(0.4, 0.6)], args.device), inside)]
         rows = repaint_runs(cases, sir, [0] if args.quick else list(range(args.seeds)))
         out = ROOT / "bench" / "results"
         out.mkdir(parents=True, exist_ok=True)
@@ -405,7 +433,7 @@ def main() -> None:
             writer.writeheader()
             writer.writerows(rows)
         print("\nmean PSNR on the repainted faces (held-out views all round):")
-        for case in cases:
+        for case, _ in cases:
             mean = {v: np.mean([r["psnr_repainted"] for r in rows if r["case"] == case.name and r["views"] == v])
                     for v in ("facing", "whole ring")}
             print(f"  {case.name:<6} facing {mean['facing']:.2f} dB, whole ring {mean['whole ring']:.2f} dB "
