@@ -21,7 +21,7 @@ from . import protocol
 from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
-from .mesh import Mesh, MeshError, load_mesh_file, shaded_vertices
+from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, load_mesh_file, shaded_vertices
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 from .texture import SlotTextures
@@ -70,13 +70,15 @@ class ConsoleEvents(TextureEvents):
         self.bar.write(text, file=sys.stderr)
 
 
-def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None = None) -> dict[str, str]:
+def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None = None,
+                 smooth_angle_deg: float = SMOOTH_ANGLE_DEG) -> dict[str, str]:
     """Write the texture PNG and a textured GLB, placed where the mesh file had it: its node
     carries the mesh's ``origin``, which float32 positions could not hold as finely. The texture is
     the Base Color of a dielectric material (trimesh's default would tint it 0.4 grey, and glTF
     reads a missing metallic factor as fully metal). ``source``, the trimesh object the mesh was
     read from: when the texture is on its own UVs, its PBR material (metal, roughness, normal map)
-    is kept with the new Base Color, as Kiln does in Blender."""
+    is kept with the new Base Color, as Kiln does in Blender. Edges sharper than ``smooth_angle_deg``
+    are hard (``shaded_vertices``)."""
     import trimesh
     from PIL import Image
 
@@ -84,7 +86,7 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None 
     image = Image.fromarray(np.ascontiguousarray(rgba[::-1, :, :3]))  # rows bottom-up → PNG's top-down
     png = out / f"{mesh.name}_texture.png"
     image.save(png)
-    positions, uvs, normals, faces = shaded_vertices(mesh)
+    positions, uvs, normals, faces = shaded_vertices(mesh, smooth_angle_deg)
     material = getattr(getattr(source, "visual", None), "material", None)
     own_uvs = getattr(getattr(source, "visual", None), "uv", None)
     if isinstance(material, trimesh.visual.material.PBRMaterial) and own_uvs is not None \
@@ -270,7 +272,8 @@ def generate_command(args: argparse.Namespace) -> int:
         return out_of_memory(exc, args.low_vram)
     # glTF is Y-up; the object was made Z-up (Blender's convention): (x, y, z) → (x, z, −y).
     mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
-    files = write_result(mesh, events.final, out)
+    # All smooth, as Generate Object in Blender makes it: a marching-cubes skin has bumps, not hard edges.
+    files = write_result(mesh, events.final, out, smooth_angle_deg=180.0)
     return finish(request, out, started, files, stages_s=result.seconds,
                   gaussians=len(result.splats["means"]), triangles=mesh.triangle_count, **events.used())
 

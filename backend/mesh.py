@@ -97,17 +97,18 @@ class Mesh:
                                 "or delete the UV map so Kiln unwraps it")
 
 
-#: Faces meeting at a sharper angle than this keep a hard edge in the meshes Kiln writes, as under
-#: Blender's Smooth by Angle.
+#: Faces meeting at a sharper angle than this keep a hard edge in the textured meshes Kiln writes,
+#: as under Blender's Smooth by Angle.
 SMOOTH_ANGLE_DEG = 30.0
 
 
-def shaded_vertices(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def shaded_vertices(mesh: Mesh, smooth_angle_deg: float = SMOOTH_ANGLE_DEG
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The textured mesh as a file holds it: vertices (N, 3), their UVs (N, 2) and normals (N, 3),
     and faces (T, 3). A glTF mesh without normals is shaded flat, so a vase would show its facets:
-    faces are smooth across edges sharper than ``SMOOTH_ANGLE_DEG`` and hard elsewhere (a box stays
-    a box), wherever the mesh file split its vertices (at UV seams, or everywhere, as STL does).
-    Corners that agree in place, UV and normal share a vertex."""
+    faces are smooth across edges gentler than ``smooth_angle_deg`` and hard across sharper ones (a
+    box stays a box), wherever the mesh file split its vertices (at UV seams, or everywhere, as STL
+    does). Corners that agree in place, UV and normal share a vertex."""
     import trimesh
     from trimesh.graph import connected_component_labels
 
@@ -115,7 +116,7 @@ def shaded_vertices(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     places, welded = np.unique(corners, axis=0, return_inverse=True)
     welded = welded.reshape(-1, 3)
     solid = trimesh.Trimesh(places, welded, process=False)
-    smooth = solid.face_adjacency[solid.face_adjacency_angles < np.radians(SMOOTH_ANGLE_DEG)]
+    smooth = solid.face_adjacency[solid.face_adjacency_angles < np.radians(smooth_angle_deg)]
     groups = connected_component_labels(smooth, node_count=len(welded))  # faces joined by smooth edges
     key = np.stack([welded.ravel(), np.repeat(groups, 3)], axis=1)
     shading, shared = np.unique(key, axis=0, return_inverse=True)

@@ -504,6 +504,8 @@ def test_cli_generates_a_y_up_glb_and_fails_loudly(tmp_path: Path) -> None:
     scene = trimesh.load(summary["mesh"])
     glb = next(iter(scene.geometry.values())) if hasattr(scene, "geometry") else scene
     assert len(glb.faces) == summary["triangles"] and glb.visual.uv is not None
+    corners = np.asarray(glb.vertex_normals)[np.asarray(glb.faces)]  # shaded smooth, as Blender makes it
+    assert np.median(np.degrees(np.arccos(np.clip((corners * glb.face_normals[:, None]).sum(-1), -1, 1)))) > 1
     assert Path(summary["texture"]).is_file() and summary["pipeline_check"]
     bad = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", " ", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
