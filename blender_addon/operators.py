@@ -12,6 +12,7 @@ from typing import Any, Callable, TypeVar
 
 import bpy
 
+from . import scene_io
 from . import session as sessions
 from .backend import protocol
 from .backend_process import BackendError, EnvironmentSetup, StandingBackend
@@ -472,7 +473,31 @@ class KILN_OT_show_textures(bpy.types.Operator):
         return {"FINISHED"}
 
 
+class KILN_OT_restore_materials(bpy.types.Operator):
+    """Put back the materials the selected objects had before Kiln textured them (Kiln's images
+    stay saved in kiln_textures)"""
+
+    bl_idname = "kiln.restore_materials"
+    bl_label = "Restore Materials"
+    bl_options = {"REGISTER", "UNDO"}
+
+    @classmethod
+    def poll(cls, context: bpy.types.Context) -> bool:
+        if _running():
+            cls.poll_message_set("Wait for the job to end, or cancel it")
+            return False
+        if not any(scene_io.PREVIOUS_MATERIALS in o for o in context.selected_objects):
+            cls.poll_message_set("Select objects that Kiln textured")
+            return False
+        return True
+
+    def execute(self, context: bpy.types.Context) -> set[str]:
+        restored = [o.name for o in context.selected_objects if scene_io.restore_materials(o)]
+        self.report({"INFO"}, f"Kiln: restored the materials of {', '.join(restored)}")
+        return {"FINISHED"}
+
+
 CLASSES = (KILN_OT_texture_selected, KILN_OT_generate_object, KILN_OT_index_libraries, KILN_OT_find_references,
            KILN_OT_clear_references, KILN_OT_add_library, KILN_OT_remove_library, KILN_OT_cancel,
            KILN_OT_start_backend, KILN_OT_stop_backend, KILN_OT_unload_models, KILN_OT_setup_backend,
-           KILN_OT_copy_diagnostics, KILN_OT_show_textures)
+           KILN_OT_copy_diagnostics, KILN_OT_show_textures, KILN_OT_restore_materials)

@@ -64,6 +64,8 @@ class KILN_PT_main(bpy.types.Panel):
             row.operator("kiln.generate_object", icon="MESH_MONKEY")
         if operators.hides_textures(context.space_data):
             layout.operator("kiln.show_textures", icon="SHADING_TEXTURE")
+        if not running and context.active_object is not None and scene_io.PREVIOUS_MATERIALS in context.active_object:
+            layout.operator("kiln.restore_materials", icon="LOOP_BACK")
         if not running:
             if operators.REFUSAL is not None:
                 draw_refusal(layout, operators.REFUSAL)

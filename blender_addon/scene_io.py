@@ -550,6 +550,29 @@ class LiveTexture:
 
 #: The nodes Kiln adds to a material: found and replaced when a later job textures it again.
 TEXTURE_NODE, UV_NODE = "Kiln Texture", "Kiln UV"
+#: The object property naming, slot by slot ("" for an empty one), the materials it had before
+#: Kiln's first job since they were set: what Restore Materials puts back.
+PREVIOUS_MATERIALS = "kiln_previous_materials"
+
+
+def _made_by_kiln(material: Any) -> bool:
+    return _uses_nodes(material) and TEXTURE_NODE in material.node_tree.nodes
+
+
+def restore_materials(obj: Any) -> bool:
+    """Put back the materials ``PREVIOUS_MATERIALS`` names, dropping the slots Kiln added; False
+    when there is no record. A material deleted since leaves its slot empty."""
+    if PREVIOUS_MATERIALS not in obj:
+        return False
+    names = list(obj[PREVIOUS_MATERIALS])
+    while len(obj.material_slots) > len(names):  # the slot a job added to a mesh that had none
+        obj.active_material_index = len(obj.material_slots) - 1
+        with bpy.context.temp_override(object=obj):
+            bpy.ops.object.material_slot_remove()
+    for slot, name in zip(obj.material_slots, names):
+        slot.material = bpy.data.materials.get(name) if name else None
+    del obj[PREVIOUS_MATERIALS]
+    return True
 
 
 def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveTexture:
@@ -562,8 +585,8 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveText
     previous = list(dict.fromkeys(slot.material for slot in obj.material_slots if slot.material))
     for material in previous:
         material.use_fake_user = True
-    if previous:
-        obj["kiln_previous_materials"] = [material.name for material in previous]
+    if PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous):
+        obj[PREVIOUS_MATERIALS] = [slot.material.name if slot.material else "" for slot in obj.material_slots]
 
     def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one
         return material if material is not None and _principled_nodes(material) else None

@@ -571,6 +571,31 @@ def test_a_material_that_does_not_use_its_nodes_reads_as_its_colour(kiln, scene)
                                        for n in shown.node_tree.nodes)
 
 
+def test_restore_materials_puts_back_the_artists_after_several_jobs(kiln, scene) -> None:
+    """Kiln's jobs record, slot by slot, the materials an object had before the first of them; a
+    later job on Kiln's own material keeps that record. Restore Materials puts them back (and drops
+    the slot Kiln added to a mesh that had none), as one undo step."""
+    obj = add_cube()
+    obj.data.materials.append(None)
+    plain = add_cube("Plain", artist_material=False)
+    select(obj, plain)
+    assert not kiln.operators.KILN_OT_restore_materials.poll(bpy.context)
+    for _ in range(2):  # two jobs
+        for target in (obj, plain):
+            kiln.scene_io.start_live_texture(target, "UVMap", (8, 8))
+    assert list(obj[kiln.scene_io.PREVIOUS_MATERIALS]) == ["Artist Cube", ""]
+    assert obj.material_slots[0].material.name.startswith("Kiln Cube") and len(plain.material_slots) == 1
+    drawn_ops = [item[1] for item in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context) if item[0] == "operator"]
+    assert "kiln.restore_materials" in drawn_ops
+    bpy.ops.ed.undo_push(message="textured")
+    assert bpy.ops.kiln.restore_materials("EXEC_DEFAULT", True) == {"FINISHED"}
+    assert [s.material.name if s.material else "" for s in obj.material_slots] == ["Artist Cube", ""]
+    assert len(plain.material_slots) == 0 and kiln.scene_io.PREVIOUS_MATERIALS not in obj
+    assert not kiln.operators.KILN_OT_restore_materials.poll(bpy.context)
+    bpy.ops.ed.undo()
+    assert bpy.data.objects["Cube"].material_slots[0].material.name.startswith("Kiln Cube")
+
+
 def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
     obj = add_cube()
     select(obj)
