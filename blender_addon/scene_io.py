@@ -575,17 +575,18 @@ def restore_materials(obj: Any) -> bool:
     return True
 
 
-def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int]) -> LiveTexture:
+def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int], record: bool = True) -> LiveTexture:
     """Create the image and put on every slot a material that shows it as Base Color through
     ``uv_map``. A slot whose material has a Principled BSDF gets a copy of it with only Base Color
     rewired, so the rest of the artist's shading (roughness, normal and bump maps, per-slot
     metals) shows with the new colours; others get a plain Principled BSDF. Replaced materials get
-    a fake user so saving never drops them."""
+    a fake user so saving never drops them, and with ``record`` are named in ``PREVIOUS_MATERIALS``
+    for Restore Materials."""
     image = bpy.data.images.new(f"Kiln {obj.name}", size[0], size[1], alpha=True)
     previous = list(dict.fromkeys(slot.material for slot in obj.material_slots if slot.material))
     for material in previous:
         material.use_fake_user = True
-    if PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous):
+    if record and (PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous)):
         obj[PREVIOUS_MATERIALS] = [slot.material.name if slot.material else "" for slot in obj.material_slots]
 
     def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one

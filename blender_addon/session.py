@@ -478,7 +478,8 @@ class TextureSession:
             return
         rgba = msg.arrays["rgba"]
         if target.live is None:
-            target.live = start_live_texture(obj, target.fields["uv_map"], (rgba.shape[1], rgba.shape[0]))
+            target.live = start_live_texture(obj, target.fields["uv_map"], (rgba.shape[1], rgba.shape[0]),
+                                             record=not target.created)  # a generated object had none before
         target.live.update(rgba)
 
     def _apply_generated(self, target: Target, msg: protocol.Message) -> None:

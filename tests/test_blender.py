@@ -1124,6 +1124,7 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     assert added == {"Kiln red chair"}, added  # the preview is gone, only the object remains
     obj = bpy.data.objects["Kiln red chair"]
     assert tuple(obj.location) == pytest.approx((2.0, -1.0, 0.5)) and obj.select_get()
+    assert kiln.scene_io.PREVIOUS_MATERIALS not in obj  # nothing to restore on an object Kiln made
     assert len(obj.data.polygons) > 100 and [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
     assert not any(m.name.endswith("preview") for m in bpy.data.materials)
     tex = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE]
