@@ -550,8 +550,9 @@ class LiveTexture:
 
 #: The nodes Kiln adds to a material: found and replaced when a later job textures it again.
 TEXTURE_NODE, UV_NODE = "Kiln Texture", "Kiln UV"
-#: The object property naming, slot by slot ("" for an empty one), the materials it had before
-#: Kiln's first job since they were set: what Restore Materials puts back.
+#: The object property holding the materials it had before Kiln's first job since they were set,
+#: what Restore Materials puts back: {"slots": count, "0": material, ...}, empty slots left out. It
+#: points at the materials themselves, so renaming one does not lose it.
 PREVIOUS_MATERIALS = "kiln_previous_materials"
 
 
@@ -559,18 +560,24 @@ def _made_by_kiln(material: Any) -> bool:
     return _uses_nodes(material) and TEXTURE_NODE in material.node_tree.nodes
 
 
+def recorded_materials(obj: Any) -> list[Any] | None:
+    """The materials ``PREVIOUS_MATERIALS`` holds, slot by slot (None for an empty one), or None."""
+    record = obj.get(PREVIOUS_MATERIALS)
+    return None if record is None else [record.get(str(i)) for i in range(record["slots"])]
+
+
 def restore_materials(obj: Any) -> bool:
-    """Put back the materials ``PREVIOUS_MATERIALS`` names, dropping the slots Kiln added; False
-    when there is no record. A material deleted since leaves its slot empty."""
-    if PREVIOUS_MATERIALS not in obj:
+    """Put back the materials ``PREVIOUS_MATERIALS`` holds, dropping the slots Kiln added; False
+    when there is no record."""
+    materials = recorded_materials(obj)
+    if materials is None:
         return False
-    names = list(obj[PREVIOUS_MATERIALS])
-    while len(obj.material_slots) > len(names):  # the slot a job added to a mesh that had none
+    while len(obj.material_slots) > len(materials):  # the slot a job added to a mesh that had none
         obj.active_material_index = len(obj.material_slots) - 1
         with bpy.context.temp_override(object=obj):
             bpy.ops.object.material_slot_remove()
-    for slot, name in zip(obj.material_slots, names):
-        slot.material = bpy.data.materials.get(name) if name else None
+    for slot, material in zip(obj.material_slots, materials):
+        slot.material = material
     del obj[PREVIOUS_MATERIALS]
     return True
 
@@ -587,7 +594,8 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int], record: boo
     for material in previous:
         material.use_fake_user = True
     if record and (PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous)):
-        obj[PREVIOUS_MATERIALS] = [slot.material.name if slot.material else "" for slot in obj.material_slots]
+        obj[PREVIOUS_MATERIALS] = {"slots": len(obj.material_slots),
+                                   **{str(i): s.material for i, s in enumerate(obj.material_slots) if s.material}}
 
     def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one
         return material if material is not None and _principled_nodes(material) else None

@@ -116,7 +116,7 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
     px = pixels(tex.image).reshape(512, 512, 4)
     assert px[..., :3].std() > 0.01 and np.allclose(px[..., 3], 1.0)
     artist = bpy.data.materials["Artist Cube"]
-    assert artist.use_fake_user and list(obj["kiln_previous_materials"]) == ["Artist Cube"]
+    assert artist.use_fake_user and kiln.scene_io.recorded_materials(obj) == [artist]
 
     select(obj)
     bpy.ops.kiln.texture_selected()  # again, same seed: the first result's file must survive
@@ -583,13 +583,15 @@ def test_restore_materials_puts_back_the_artists_after_several_jobs(kiln, scene)
     for _ in range(2):  # two jobs
         for target in (obj, plain):
             kiln.scene_io.start_live_texture(target, "UVMap", (8, 8))
-    assert list(obj[kiln.scene_io.PREVIOUS_MATERIALS]) == ["Artist Cube", ""]
+    artist = bpy.data.materials["Artist Cube"]
+    assert kiln.scene_io.recorded_materials(obj) == [artist, None]
+    artist.name = "Oak"  # renamed since: still put back
     assert obj.material_slots[0].material.name.startswith("Kiln Cube") and len(plain.material_slots) == 1
     drawn_ops = [item[1] for item in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context) if item[0] == "operator"]
     assert "kiln.restore_materials" in drawn_ops
     bpy.ops.ed.undo_push(message="textured")
     assert bpy.ops.kiln.restore_materials("EXEC_DEFAULT", True) == {"FINISHED"}
-    assert [s.material.name if s.material else "" for s in obj.material_slots] == ["Artist Cube", ""]
+    assert [s.material for s in obj.material_slots] == [artist, None]
     assert len(plain.material_slots) == 0 and kiln.scene_io.PREVIOUS_MATERIALS not in obj
     assert not kiln.operators.KILN_OT_restore_materials.poll(bpy.context)
     bpy.ops.ed.undo()
