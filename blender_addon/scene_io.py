@@ -87,9 +87,21 @@ def _uses_nodes(material: Any) -> bool:
 
 
 def _principled_nodes(material: Any) -> list[Any]:
+    """The Principled BSDFs whose shading reaches the material's output: one left unconnected
+    beside an Emission (an unlit look) shows nothing, so it is neither read nor painted."""
     if not _uses_nodes(material):
         return []
-    return [node for node in material.node_tree.nodes if node.type == "BSDF_PRINCIPLED"]
+    output = material.node_tree.get_output_node("ALL")
+    found, seen, todo = [], set(), [output] if output is not None else []
+    while todo:
+        node = todo.pop()
+        if node.name in seen:
+            continue
+        seen.add(node.name)
+        if node.type == "BSDF_PRINCIPLED":
+            found.append(node)
+        todo += [link.from_node for socket in node.inputs for link in socket.links]
+    return found
 
 
 #: Colour-mixing nodes by type, with their factor and two colour inputs (identifiers): glTF's
@@ -615,9 +627,10 @@ def _plain_material() -> Any:
     material = bpy.data.materials.new("Kiln")
     if not material.node_tree:  # Blender < 5 creates node trees only on request
         material.use_nodes = True
-    nodes = material.node_tree.nodes
-    if not _principled_nodes(material):
-        nodes.new("ShaderNodeBsdfPrincipled")
+    tree = material.node_tree
+    if not _principled_nodes(material):  # Blender makes new materials with one; never left without
+        output = tree.get_output_node("ALL") or tree.nodes.new("ShaderNodeOutputMaterial")
+        tree.links.new(tree.nodes.new("ShaderNodeBsdfPrincipled").outputs["BSDF"], output.inputs["Surface"])
     return material
 
 

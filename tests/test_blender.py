@@ -598,6 +598,23 @@ def test_restore_materials_puts_back_the_artists_after_several_jobs(kiln, scene)
     assert bpy.data.objects["Cube"].material_slots[0].material.name.startswith("Kiln Cube")
 
 
+def test_an_unlit_material_gets_a_plain_one_whose_texture_shows(kiln, scene) -> None:
+    """A Principled BSDF left unconnected beside an Emission (an unlit look) shows nothing: it is
+    not read as the texture, and the job's texture goes on a plain material, where it shows."""
+    obj = add_cube()
+    link_artist_image(obj)
+    tree = obj.material_slots[0].material.node_tree
+    emission = tree.nodes.new("ShaderNodeEmission")
+    output = tree.get_output_node("ALL")
+    tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
+    assert kiln.scene_io.existing_texture(obj) is None
+    kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
+    shown = obj.material_slots[0].material
+    surface = shown.node_tree.get_output_node("ALL").inputs["Surface"].links[0].from_node
+    assert surface.type == "BSDF_PRINCIPLED"
+    assert surface.inputs["Base Color"].links[0].from_node.name == kiln.scene_io.TEXTURE_NODE
+
+
 def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
     obj = add_cube()
     select(obj)
