@@ -602,12 +602,7 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int], record: boo
     a fake user so saving never drops them, and with ``record`` are named in ``PREVIOUS_MATERIALS``
     for Restore Materials."""
     image = bpy.data.images.new(f"Kiln {obj.name}", size[0], size[1], alpha=True)
-    previous = list(dict.fromkeys(slot.material for slot in obj.material_slots if slot.material))
-    for material in previous:
-        material.use_fake_user = True
-    if record and (PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous)):
-        obj[PREVIOUS_MATERIALS] = {"slots": len(obj.material_slots),
-                                   **{str(i): s.material for i, s in enumerate(obj.material_slots) if s.material}}
+    _keep_previous(obj, record)
 
     def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one
         return material if material is not None and _principled_nodes(material) else None
@@ -621,6 +616,30 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int], record: boo
     else:
         obj.data.materials.append(made[None])
     return LiveTexture(obj.name, image)
+
+
+def _keep_previous(obj: Any, record: bool = True) -> None:
+    """Before a job replaces ``obj``'s materials: a fake user on each, so saving never drops them,
+    and (with ``record``) the record Restore Materials reads, unless it holds the artist's
+    materials already and these are Kiln's."""
+    previous = list(dict.fromkeys(slot.material for slot in obj.material_slots if slot.material))
+    for material in previous:
+        material.use_fake_user = True
+    if record and (PREVIOUS_MATERIALS not in obj or not all(_made_by_kiln(m) for m in previous)):
+        obj[PREVIOUS_MATERIALS] = {"slots": len(obj.material_slots),
+                                   **{str(i): s.material for i, s in enumerate(obj.material_slots) if s.material}}
+
+
+def share_texture(obj: Any, textured: Any) -> None:
+    """Show on ``obj`` what a job put on ``textured``, whose mesh it shares (a linked duplicate).
+    Slots linked to the mesh already show it; slots linked to the object hold materials of its
+    own, which the job did not reach: they take ``textured``'s."""
+    own = [i for i, slot in enumerate(obj.material_slots) if slot.link == "OBJECT"]
+    if not own:
+        return
+    _keep_previous(obj)
+    for i in own:
+        obj.material_slots[i].material = textured.material_slots[i].material
 
 
 def _plain_material() -> Any:

@@ -37,6 +37,7 @@ from .scene_io import (
     mesh_arrays,
     no_texture_reason,
     reference_arrays,
+    share_texture,
     slot_sources,
     start_live_texture,
     start_preview,
@@ -155,6 +156,7 @@ class Target:
     reference: str = ""                   # the library asset the job warms up toward
     reference_icon: int = 0
     obj: Any = None                       # the object painted: found again after a rename, unlike a name
+    shares: list[Any] = field(default_factory=list)  # selected linked duplicates of ``obj``, shown its texture too
     progress_log: list[int] = field(default_factory=list)
 
     @property
@@ -240,6 +242,10 @@ class TextureSession:
             first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
         self._setup([target_for(obj, refine, selected_faces) for obj in first.values()], job_fields, backend,
                     shared_arrays)
+        by_mesh = dict(zip(first, self.targets, strict=True))
+        for obj in objects:
+            if obj not in first.values():
+                by_mesh[obj.data.as_pointer()].shares.append(obj)
         self.notes += [f"{obj.name} shares its mesh with {first[obj.data.as_pointer()].name}, so it was "
                        "textured once and both show it" for obj in objects if obj not in first.values()]
 
@@ -480,6 +486,8 @@ class TextureSession:
         if target.live is None:
             target.live = start_live_texture(obj, target.fields["uv_map"], (rgba.shape[1], rgba.shape[0]),
                                              record=not target.created)  # a generated object had none before
+            for other in target.shares:
+                share_texture(other, obj)
         target.live.update(rgba)
 
     def _apply_generated(self, target: Target, msg: protocol.Message) -> None:

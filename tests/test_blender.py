@@ -200,16 +200,25 @@ def test_a_udim_map_is_textured_through_a_map_with_each_tile_in_its_own_cell(kil
 
 
 def test_linked_duplicates_are_textured_once(kiln, scene) -> None:
+    """Alt+D: one mesh, several objects, textured once; a duplicate whose slot is linked to the
+    object (a material of its own) shows the texture too, and can restore its own material."""
     original = add_cube("Original", uvs=False)
-    duplicate = bpy.data.objects.new("Duplicate", original.data)  # Alt+D: one mesh, two objects
-    bpy.context.collection.objects.link(duplicate)
-    select(duplicate, original)
+    duplicate = bpy.data.objects.new("Duplicate", original.data)
+    variant = bpy.data.objects.new("Variant", original.data)
+    for obj in (duplicate, variant):
+        bpy.context.collection.objects.link(obj)
+    own = bpy.data.materials.new("Variant's own")
+    variant.material_slots[0].link = "OBJECT"
+    variant.material_slots[0].material = own
+    select(duplicate, original, variant)
     bpy.ops.kiln.texture_selected()
     session = kiln.operators.ACTIVE
     assert [(t.name, t.status) for t in session.targets] == [("Duplicate", "finished")]
     assert [uv.name for uv in original.data.uv_layers] == ["KilnUV"]
     assert original.material_slots[0].material.name == "Kiln Duplicate"
+    assert variant.material_slots[0].material.name == "Kiln Duplicate"
     assert any("Original shares its mesh with Duplicate" in note for note in session.notes)
+    assert kiln.scene_io.recorded_materials(variant) == [own] and own.use_fake_user
 
 
 def test_an_object_far_from_the_world_origin_is_sent_unblurred(kiln, scene) -> None:
