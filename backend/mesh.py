@@ -121,10 +121,11 @@ def shaded_vertices(mesh: Mesh, smooth_angle_deg: float = SMOOTH_ANGLE_DEG
     key = np.stack([welded.ravel(), np.repeat(groups, 3)], axis=1)
     shading, shared = np.unique(key, axis=0, return_inverse=True)
     weighted = np.cross(*(solid.triangles[:, [1, 2]] - solid.triangles[:, [0]]).transpose(1, 0, 2))  # area × normal
+    per_corner = np.repeat(weighted, 3, axis=0)
     normals = np.zeros((len(shading), 3))
-    np.add.at(normals, shared.ravel(), np.repeat(weighted, 3, axis=0))
+    np.add.at(normals, shared.ravel(), per_corner)
     around = np.zeros((len(places), 3))  # for a degenerate face alone in its group: its vertex's whole fan
-    np.add.at(around, welded.ravel(), np.repeat(weighted, 3, axis=0))
+    np.add.at(around, welded.ravel(), per_corner)
     flat = np.linalg.norm(normals, axis=1) < 1e-30
     normals[flat] = around[shading[flat, 0]]
     normals[np.linalg.norm(normals, axis=1) < 1e-30] = (0.0, 0.0, 1.0)  # glTF wants unit normals everywhere

@@ -89,13 +89,14 @@ class MeshTexturer:
         self.painted_texels: torch.Tensor | None = None
         self.focus: np.ndarray | None = None  # the repainted faces' corners, which the views frame
         self.arc, self.elevations = FULL_RING, cfg.elevations  # where views stand: where repainted faces show
+        self.total = cfg.total_work(self.refine)
         self._kept: tuple[PixelLookup, torch.Tensor, torch.Tensor] | None = None  # per pixel: repainted?, kept colour
         if mesh.paint is not None:
             if not self.refine or self.corner_uvs is None:
                 raise ValueError("repainting some faces needs the texture (and UVs) the others keep")
             self.paint = torch.as_tensor(mesh.paint, device=self.device)
             self.focus = mesh.positions[mesh.triangles[mesh.paint]].reshape(-1, 3)
-            events.progress(0, cfg.total_work(self.refine), "finding where the selected faces show")
+            events.progress(0, self.total, "finding where the selected faces show")
             self.arc, self.elevations = facing_views(mesh, cfg.elevations, self.device)
             self.painted_texels = uv_coverage(self.corner_uvs[self.paint], texture_size)
         self.strength = strength if self.refine else 1.0
@@ -104,7 +105,6 @@ class MeshTexturer:
         grid = min(texture_size, prior.resolution)
         self.seen = torch.zeros(grid, grid, dtype=torch.bool, device=self.device)
         self.done = 0
-        self.total = cfg.total_work(self.refine)
         self.last_sent = 0.0
         self._lookup: tuple[Raster, PixelLookup] | None = None
 

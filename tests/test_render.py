@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from backend.cameras import look_at, orbit, perspective
 from backend.mesh import Mesh
@@ -167,23 +170,15 @@ def test_views_of_a_one_sided_part_stand_where_it_shows() -> None:
 def test_views_of_a_cups_inside_stand_above_it() -> None:
     """Repainting a cup's inside: its walls face every way, but the floor and the outer wall hide
     them from below, so the views keep to the elevations above the rim. Without the renders that
-    count what shows, every elevation was kept."""
-    import trimesh
+    count what shows, every elevation was kept. The cup is the repaint bench's."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    from quality import cup
 
     from backend.cameras import FULL_RING, facing_views
     from backend.presets import ELEVATIONS
 
-    wall = trimesh.creation.annulus(r_min=0.8, r_max=1.0, height=1.2)
-    floor = trimesh.creation.cylinder(radius=0.8, height=0.2)
-    floor.apply_translation([0, 0, -0.5])
-    cup = trimesh.util.concatenate([wall, floor])
-    positions, triangles = np.asarray(cup.vertices), np.asarray(cup.faces)
-    centres, normals = np.asarray(cup.triangles_center), np.asarray(cup.face_normals)
-    radial = np.linalg.norm(centres[:, :2], axis=1)
-    inner_wall = (radial < 0.81) & (np.abs(normals[:, 2]) < 0.1) & ((centres[:, :2] * normals[:, :2]).sum(axis=1) < 0)
-    inside = (inner_wall & (centres[:, 2] > -0.4)) | (np.isclose(centres[:, 2], -0.4) & (normals[:, 2] > 0.9))
-    assert inside.sum() > 0
-    arc, elevations = facing_views(Mesh(positions, triangles, None, up_axis="z", paint=inside), ELEVATIONS)
+    mesh, inside = cup()
+    arc, elevations = facing_views(replace(mesh, paint=inside), ELEVATIONS)
     assert arc == FULL_RING and set(elevations) == {e for e in ELEVATIONS if e > 0}
 
 
