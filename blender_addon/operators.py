@@ -183,7 +183,13 @@ class KILN_OT_texture_selected(_SessionOperator, bpy.types.Operator):
         if not super().poll(context):
             return False
         if not any(o.type == "MESH" for o in context.selected_objects):
-            cls.poll_message_set("Select one or more mesh objects")
+            why = ""
+            if context.selected_objects:  # what the selection is instead, and how to make it a mesh
+                try:
+                    scene_io.check_object(context.selected_objects[0])
+                except SceneError as error:
+                    why = f": {error}"
+            cls.poll_message_set(f"Select one or more mesh objects{why}")
             return False
         return True
 

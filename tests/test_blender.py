@@ -341,6 +341,8 @@ def empty_venv_python(tmp_path: Path) -> str:
 
 @pytest.mark.parametrize("case, fragment", [
     ("nothing selected", "Select one or more mesh objects"),
+    ("only a curve selected", r"Select one or more mesh objects: 'Rope' is a curve, not a mesh: convert it "
+                              r"\(Object > Convert > Mesh\)"),
     ("camera selected", "is a camera, not a mesh"),
     ("empty selected", "is an empty, not a mesh"),
     ("collection instance selected", "Make Instances Real"),
@@ -364,6 +366,10 @@ def test_bad_input_gets_a_clear_error_and_the_scene_is_untouched(kiln, scene, tm
     prefs = bpy.context.preferences.addons[kiln.__name__].preferences
     if case == "nothing selected":
         selection = []
+    elif case == "only a curve selected":
+        bpy.ops.curve.primitive_bezier_circle_add()
+        bpy.context.active_object.name = "Rope"
+        selection = [bpy.context.active_object]
     elif case == "camera selected":
         bpy.ops.object.camera_add()
         selection = [obj, bpy.context.active_object]
