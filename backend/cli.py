@@ -279,8 +279,8 @@ def generate_command(args: argparse.Namespace) -> int:
 
 
 def index_command(args: argparse.Namespace) -> int:
-    """Index each folder; unreadable files are listed with the reason, and only a folder that cannot
-    be indexed at all makes the exit code non-zero."""
+    """Index each folder; unreadable files are listed with the reason. A folder that cannot be
+    indexed, or that ends with no assets (a wrong path, most often), makes the exit code non-zero."""
     import torch
     from tqdm import tqdm
 
@@ -290,6 +290,7 @@ def index_command(args: argparse.Namespace) -> int:
     try:
         embedder = WordLlamaEmbedder()
         clip = ClipEmbedder.load(args.clip, args.offline, torch.device("cpu")) if args.clip else None
+        empty = False
         for folder in args.folders:
             with tqdm(total=1, unit="asset", file=sys.stderr, dynamic_ncols=True) as bar:
                 def progress(done: int, total: int, what: str, bar=bar) -> None:
@@ -298,14 +299,14 @@ def index_command(args: argparse.Namespace) -> int:
                     bar.refresh()
 
                 index, report = build_index(Path(folder), embedder, clip, progress)
-            print(f"{index.root}: {len(index)} assets ({len(report.added)} new, {len(report.updated)} changed, "
-                  f"{len(report.removed)} removed, {report.reused} unchanged)")
+            print(report.summary(index))
             for path, reason in report.skipped.items():
                 print(f"  skipped {path}: {reason}", file=sys.stderr)
+            empty = empty or not len(index)
     except (MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
-    return 0
+    return 2 if empty else 0
 
 
 def search_command(args: argparse.Namespace) -> int:

@@ -441,7 +441,8 @@ def check_reference_options(request: JobRequest, own_reference: bool) -> None:
     for asked, what in ((request.adapt_prior, "Adapt Model"), (request.delta_denoising, "Delta Denoising")):
         if asked and not has_reference:
             raise JobError(protocol.E_BAD_REQUEST, f"{what} works from references, and this job has none: turn on "
-                           "Use References (libraries, picked assets or a reference object), or turn it off")
+                           "Use References (libraries, picked assets or a reference object; --reference or "
+                           "--library in the CLI), or turn it off")
     if request.delta_denoising and request.method == "sir":
         raise JobError(protocol.E_BAD_REQUEST, "Delta Denoising corrects score distillation's gradient, which SIR "
                        "does not use: choose SDS or SSD, or turn Delta Denoising off")
@@ -487,8 +488,7 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
             raise Cancelled() from None
         except MeshError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
-        lines.append(f"{index.root.name}: {len(index)} assets ({len(report.added)} new, {len(report.updated)} "
-                     f"changed, {len(report.removed)} removed, {len(report.skipped)} unreadable)")
+        lines.append(report.summary(index))
         events.log(lines[-1])
         for path, reason in report.skipped.items():
             events.log(f"skipped {path}: {reason}")

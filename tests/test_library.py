@@ -223,10 +223,12 @@ def test_clip_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
 def test_cli_indexes_and_textures_with_a_retrieved_reference(tmp_path: Path) -> None:
     lib = small_library(tmp_path / "lib")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    done = subprocess.run([sys.executable, "-m", "backend", "index", str(lib)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert "4 assets" in done.stdout
+    (tmp_path / "typo").mkdir()  # a wrong path indexes as empty: the TD's script must hear of it
+    done = subprocess.run([sys.executable, "-m", "backend", "index", str(lib), str(tmp_path / "typo")], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 2, done.stderr
+    assert "4 assets (4 new" in done.stdout and "typo: 0 assets" in done.stdout, done.stdout
+    assert "holds no .glb, .gltf, .obj, .ply files" in done.stdout
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"),
                            "--prompt", "a wooden crate", "--preset", "pipeline-check", "--size", "512",
@@ -402,7 +404,7 @@ def test_reference_options_are_checked_before_anything_loads() -> None:
     from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
 
     mesh = box_mesh()
-    for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from references"),
+    for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from references.*--reference or --library in the CLI"),
                              ({"delta_denoising": True, "method": "sds"}, "Delta Denoising works from references"),
                              ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD")):
         request = JobRequest.from_fields({"prompt": "a crate", **fields})
