@@ -9,12 +9,18 @@ import bpy
 from . import fixes, operators, properties, scene_io, session
 
 
-class KILN_PT_main(bpy.types.Panel):
-    bl_label = "Kiln"
-    bl_idname = "KILN_PT_main"
+class _KilnPanel:
     bl_space_type = "VIEW_3D"
     bl_region_type = "UI"
     bl_category = "Kiln"
+
+
+class KILN_PT_main(_KilnPanel, bpy.types.Panel):
+    """What every job needs, the buttons and the job's outcome; what most jobs leave as it is
+    lives in the collapsed panels below, so the tab stays short."""
+
+    bl_label = "Kiln"
+    bl_idname = "KILN_PT_main"
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
@@ -23,11 +29,7 @@ class KILN_PT_main(bpy.types.Panel):
         col = layout.column()
         col.enabled = not running
         col.prop(settings, "prompt")
-        col.prop(settings, "negative_prompt")
         col.prop(settings, "model")
-        col.prop(settings, "lora")
-        col.prop(settings, "vae")
-        col.prop(settings, "controlnet")
         col.prop(settings, "method", expand=True)
         row = col.row(align=True)
         row.prop(settings, "refine")
@@ -47,10 +49,6 @@ class KILN_PT_main(bpy.types.Panel):
         row = col.row(align=True)
         row.prop(settings, "seed")
         row.prop(settings, "texture_size", text="Size")
-        row = col.row(align=True)
-        row.prop(settings, "steps")
-        row.prop(settings, "guidance")
-        draw_references(col, settings)
         if running:
             fraction, text = operators.ACTIVE.progress()
             if hasattr(layout, "progress"):
@@ -68,55 +66,110 @@ class KILN_PT_main(bpy.types.Panel):
             layout.operator("kiln.restore_materials", icon="LOOP_BACK")
         if not running:
             if operators.REFUSAL is not None:
-                draw_refusal(layout, operators.REFUSAL)
+                draw_refusal(layout, context, operators.REFUSAL)
             elif operators.ACTIVE is not None:
-                layout.label(text=operators.ACTIVE.summary()[:120],
-                             icon="CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")
+                draw_wrapped(layout.box(), context, operators.ACTIVE.summary(),
+                             "CHECKMARK" if operators.ACTIVE.succeeded else "ERROR")
         for target in operators.ACTIVE.targets if operators.ACTIVE is not None else ():
             if target.reference:
                 row = layout.row()
                 if target.reference_icon:
                     row.template_icon(icon_value=target.reference_icon, scale=3.0)
                 row.label(text=f"Reference: {target.reference}", icon="ASSET_MANAGER")
-        box = layout.box()
-        box.label(text=f"Backend: {session.MANAGER.status()}", icon="CONSOLE")
-        row = box.row(align=True)
-        row.operator("kiln.start_backend", text="Start")
-        row.operator("kiln.stop_backend", text="Stop")
-        row = box.row(align=True)
-        row.operator("kiln.unload_models", icon="TRASH")
-        row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
         prefs = properties.preferences(context)
         if prefs.backend_mode == "START" and not properties.backend_found(prefs):  # the first job would fail
+            box = layout.box()
             box.label(text="No backend environment yet", icon="ERROR")
             properties.draw_setup(box, found=False)
 
 
-def draw_refusal(layout: bpy.types.UILayout, refusal: scene_io.SceneError) -> None:
-    """Why the last press started nothing, wrapped (labels do not wrap), and its fix-it button."""
+class KILN_PT_advanced(_KilnPanel, bpy.types.Panel):
+    """The model's add-ons and the method's knobs: each has a default that suits most jobs."""
+
+    bl_label = "Advanced"
+    bl_idname = "KILN_PT_advanced"
+    bl_parent_id = "KILN_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw(self, context: bpy.types.Context) -> None:
+        settings = context.scene.kiln
+        col = self.layout.column()
+        col.enabled = not operators._running()
+        col.prop(settings, "negative_prompt")
+        row = col.row(align=True)
+        row.prop(settings, "steps")
+        row.prop(settings, "guidance")
+        col.prop(settings, "lora")
+        col.prop(settings, "vae")
+        col.prop(settings, "controlnet")
+
+
+class KILN_PT_references(_KilnPanel, bpy.types.Panel):
+    """ReDream's references, switched on in the header so the panel can stay closed."""
+
+    bl_label = "References"
+    bl_idname = "KILN_PT_references"
+    bl_parent_id = "KILN_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+    def draw_header(self, context: bpy.types.Context) -> None:
+        self.layout.enabled = not operators._running()
+        self.layout.prop(context.scene.kiln, "use_references", text="")
+
+    def draw(self, context: bpy.types.Context) -> None:
+        col = self.layout.column()
+        col.enabled = not operators._running()
+        draw_references(col, context.scene.kiln)
+
+
+class KILN_PT_backend(_KilnPanel, bpy.types.Panel):
+    """Open by default: its line says whether jobs run on a GPU or the CPU."""
+
+    bl_label = "Backend"
+    bl_idname = "KILN_PT_backend"
+    bl_parent_id = "KILN_PT_main"
+
+    def draw(self, context: bpy.types.Context) -> None:
+        layout = self.layout
+        layout.label(text=session.MANAGER.status(), icon="CONSOLE")
+        row = layout.row(align=True)
+        row.operator("kiln.start_backend", text="Start")
+        row.operator("kiln.stop_backend", text="Stop")
+        row = layout.row(align=True)
+        row.operator("kiln.unload_models", icon="TRASH")
+        row.operator("kiln.copy_diagnostics", icon="COPYDOWN")
+
+
+def draw_wrapped(layout: bpy.types.UILayout, context: bpy.types.Context, text: str, icon: str) -> None:
+    """``text`` on as many labels as the sidebar's width needs (labels do not wrap)."""
+    region = getattr(context, "region", None)
+    width = int(region.width / (7 * context.preferences.system.ui_scale)) if region is not None else 52
+    for i, line in enumerate(textwrap.wrap(text, max(width, 24))):
+        layout.label(text=line, icon=icon if i == 0 else "BLANK1")
+
+
+def draw_refusal(layout: bpy.types.UILayout, context: bpy.types.Context, refusal: scene_io.SceneError) -> None:
+    """Why the last press started nothing, and its fix-it button."""
     box = layout.box()
-    for i, line in enumerate(textwrap.wrap(str(refusal), 52)):
-        box.label(text=line, icon="ERROR" if i == 0 else "BLANK1")
+    draw_wrapped(box, context, str(refusal), "ERROR")
     if refusal.fix:
         button = box.operator("kiln.fix", text=fixes.FIXES[refusal.fix][0], icon="TOOL_SETTINGS")
         button.action, button.object = refusal.fix, refusal.obj
 
 
 def draw_references(layout: bpy.types.UILayout, settings: bpy.types.PropertyGroup) -> None:
-    """Use References and where they come from: the artist's object, or assets found in the
-    libraries, each with its thumbnail and a tick box (unticked ones are not used)."""
-    box = layout.box()
-    row = box.row(align=True)
-    row.prop(settings, "use_references")
-    row.operator("kiln.index_libraries", text="", icon="FILE_REFRESH")
-    if not settings.use_references:
-        return
+    """Where references come from: the artist's object, or assets found in the libraries, each
+    with its thumbnail and a tick box (unticked ones are not used). Greyed out, not hidden, while
+    Use References is off, so picks can be made before turning it on."""
+    box = layout
+    box.active = settings.use_references
     box.row().prop(settings, "reference_source", expand=True)
     if settings.reference_source == "OBJECT":
         box.prop(settings, "reference_object", text="")
     else:
         row = box.row(align=True)
         row.operator("kiln.find_references", icon="VIEWZOOM")
+        row.operator("kiln.index_libraries", text="", icon="FILE_REFRESH")
         row.operator("kiln.clear_references", text="", icon="X")
         if not len(settings.hits):
             box.label(text="None found yet: jobs take the assets nearest the prompt", icon="INFO")
@@ -133,4 +186,4 @@ def draw_references(layout: bpy.types.UILayout, settings: bpy.types.PropertyGrou
         row.prop(settings, "delta_denoising")
 
 
-CLASSES = (KILN_PT_main,)
+CLASSES = (KILN_PT_main, KILN_PT_advanced, KILN_PT_references, KILN_PT_backend)

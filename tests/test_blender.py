@@ -548,6 +548,13 @@ def drawn(draw, owner, context, **attributes) -> list:
     return shown
 
 
+def panels_show(kiln) -> list:
+    """What the Kiln tab shows, its sub-panels opened: each panel's header, then its body."""
+    return [item for panel in kiln.panel.CLASSES
+            for draw in (getattr(panel, "draw_header", None), panel.draw) if draw is not None
+            for item in drawn(draw, None, bpy.context)]
+
+
 def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene) -> None:
     """Blender starts in Solid shading, which shows colours, not textures: the panel offers to
     switch its view to Material Preview, and stops once the view shows textures. Kiln's image node
@@ -558,11 +565,10 @@ def test_a_view_whose_shading_hides_textures_offers_material_preview(kiln, scene
     view = area.spaces.active
     with bpy.context.temp_override(area=area, space_data=view):
         assert view.shading.type == "SOLID"
-        assert ("operator", "kiln.show_textures", None) in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+        assert ("operator", "kiln.show_textures", None) in panels_show(kiln)
         assert bpy.ops.kiln.show_textures() == {"FINISHED"}
         assert view.shading.type == "MATERIAL"
-        assert not any(item[1:2] == ("kiln.show_textures",) for item in drawn(kiln.panel.KILN_PT_main.draw, None,
-                                                                              bpy.context))
+        assert not any(item[1:2] == ("kiln.show_textures",) for item in panels_show(kiln))
         view.shading.type, view.shading.color_type = "SOLID", "TEXTURE"
         assert not kiln.operators.hides_textures(view)
     obj = add_cube()
@@ -602,7 +608,7 @@ def test_restore_materials_puts_back_the_artists_after_several_jobs(kiln, scene)
     assert kiln.scene_io.recorded_materials(obj) == [artist, None]
     artist.name = "Oak"  # renamed since: still put back
     assert obj.material_slots[0].material.name.startswith("Kiln Cube") and len(plain.material_slots) == 1
-    drawn_ops = [item[1] for item in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context) if item[0] == "operator"]
+    drawn_ops = [item[1] for item in panels_show(kiln) if item[0] == "operator"]
     assert "kiln.restore_materials" in drawn_ops
     bpy.ops.ed.undo_push(message="textured")
     assert bpy.ops.kiln.restore_materials("EXEC_DEFAULT", True) == {"FINISHED"}
@@ -639,11 +645,11 @@ def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene
     for face in edited.faces:
         face.select_set(face.normal.z > 0.5)
     bmesh.update_edit_mesh(obj.data)
-    assert ("label", "1 face to repaint") in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    assert ("label", "1 face to repaint") in panels_show(kiln)
     bpy.ops.mesh.select_all(action="DESELECT")
-    assert ("label", "No faces selected to repaint") in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    assert ("label", "No faces selected to repaint") in panels_show(kiln)
     bpy.ops.object.mode_set(mode="OBJECT")
-    assert not any("to repaint" in str(item) for item in drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context))
+    assert not any("to repaint" in str(item) for item in panels_show(kiln))
 
 
 def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_found(kiln, scene, monkeypatch) -> None:
@@ -656,13 +662,16 @@ def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_foun
         def __getattr__(self, name: str):
             return getattr(prefs, name)
 
-    shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    shown = panels_show(kiln)
     assert ("prop", "prompt") in shown and ("operator", "kiln.texture_selected", None) in shown
+    assert {("prop", "lora"), ("prop", "steps"), ("prop", "use_references")} <= set(shown)
+    assert all(getattr(bpy.types, name).bl_parent_id == "KILN_PT_main"
+               for name in ("KILN_PT_advanced", "KILN_PT_references", "KILN_PT_backend"))
     assert not any(item[0] == "operator" and item[1] == "kiln.setup_backend" for item in shown)
     refusal = kiln.scene_io.SceneError("switch to Object Mode first", "object_mode", add_cube())
     monkeypatch.setattr(kiln.operators, "REFUSAL", refusal)
     scene.use_references = True
-    shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+    shown = panels_show(kiln)
     assert ("operator", "kiln.fix", "Switch to Object Mode") in shown
     assert ("operator", "kiln.find_references", None) in shown
     assert ("operator", "kiln.setup_backend", "Reinstall Backend…") in \
@@ -671,7 +680,7 @@ def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_foun
         prefs.python_path = ""  # and nothing recorded (KILN_HOME is a fresh folder) nor in $KILN_PYTHON
         monkeypatch.delenv("KILN_PYTHON", raising=False)
         monkeypatch.setattr(kiln.backend_process, "POINTER_FILE", Path(os.environ["KILN_HOME"]) / "none")
-        shown = drawn(kiln.panel.KILN_PT_main.draw, None, bpy.context)
+        shown = panels_show(kiln)
         assert ("label", "No backend environment yet") in shown
         assert ("operator", "kiln.setup_backend", "Set Up Backend…") in shown
         prefs.backend_mode = "CONNECT"

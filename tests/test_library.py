@@ -404,7 +404,7 @@ def test_reference_options_are_checked_before_anything_loads() -> None:
     from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
 
     mesh = box_mesh()
-    for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from references.*--reference or --library in the CLI"),
+    for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from.*--reference or --library in the CLI"),
                              ({"delta_denoising": True, "method": "sds"}, "Delta Denoising works from references"),
                              ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD")):
         request = JobRequest.from_fields({"prompt": "a crate", **fields})
