@@ -751,11 +751,21 @@ class PointPreview:
             bpy.data.materials.remove(material)
 
 
+def _link_new(obj: Any) -> None:
+    """Into the active collection, as Blender's Add menu does, so a generated object lands where the
+    artist is organising; the scene's own collection when that one would hide it or cannot take it
+    (excluded or hidden in the view layer, linked from another file)."""
+    layer = bpy.context.view_layer.active_layer_collection
+    usable = not (layer.exclude or layer.hide_viewport or layer.collection.hide_viewport
+                  or layer.collection.library or layer.collection.override_library)
+    (layer.collection if usable else bpy.context.scene.collection).objects.link(obj)
+
+
 def start_preview(name: str, location: Any) -> PointPreview:
     mesh = bpy.data.meshes.new(f"{name} preview")
     obj = bpy.data.objects.new(f"{name} preview", mesh)
     obj.location = location
-    bpy.context.scene.collection.objects.link(obj)
+    _link_new(obj)
     material = bpy.data.materials.new(f"{name} preview")
     if not material.node_tree:
         material.use_nodes = True
@@ -779,7 +789,7 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
     mesh.shade_smooth()
     obj = bpy.data.objects.new(name, mesh)
     obj.location = location
-    bpy.context.scene.collection.objects.link(obj)
+    _link_new(obj)
     for other in bpy.context.selected_objects:
         other.select_set(False)
     obj.select_set(True)

@@ -1140,7 +1140,11 @@ def test_a_base_color_image_multiplied_by_a_colour_is_read_as_the_material_shows
 
 
 def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step(kiln, scene) -> None:
-    """From Edit Mode too: the job leaves it, and undo goes back to it."""
+    """From Edit Mode too: the job leaves it, and undo goes back to it. The object lands in the
+    active collection, as Blender's Add menu puts objects, unless that one would hide it."""
+    props = bpy.data.collections.new("Props")
+    bpy.context.scene.collection.children.link(props)
+    bpy.context.view_layer.active_layer_collection = bpy.context.view_layer.layer_collection.children["Props"]
     select(add_cube("Edited"))
     bpy.ops.object.mode_set(mode="EDIT")
     bpy.context.scene.cursor.location = (2.0, -1.0, 0.5)
@@ -1167,6 +1171,15 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     assert added == {"Kiln red chair"}, added  # the preview is gone, only the object remains
     obj = bpy.data.objects["Kiln red chair"]
     assert tuple(obj.location) == pytest.approx((2.0, -1.0, 0.5)) and obj.select_get()
+    assert list(obj.users_collection) == [props]
+    layer = bpy.context.view_layer.active_layer_collection
+    assert layer.collection == props
+    layer.hide_viewport = True  # a new object in Props would not show: it goes to the scene's collection
+    hidden = bpy.data.objects.new("Elsewhere", None)
+    kiln.scene_io._link_new(hidden)
+    assert list(hidden.users_collection) == [bpy.context.scene.collection]
+    bpy.data.objects.remove(hidden)
+    layer.hide_viewport = False
     assert kiln.scene_io.PREVIOUS_MATERIALS not in obj  # nothing to restore on an object Kiln made
     assert len(obj.data.polygons) > 100 and [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
     assert not any(m.name.endswith("preview") for m in bpy.data.materials)
@@ -1177,6 +1190,7 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     bpy.ops.ed.undo()
     assert "Kiln red chair" not in bpy.data.objects
     assert set(bpy.data.objects.keys()) == before and bpy.data.objects["Edited"].mode == "EDIT"
+
 
 
 def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) -> None:
