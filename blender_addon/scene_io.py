@@ -679,22 +679,30 @@ def _show_image(material: Any, name: str, image: Any, uv_map: str) -> Any:
 
 
 def finish_texture(live: LiveTexture, seed: int) -> str:
-    """Save the image next to the .blend (``//kiln_textures/``), or pack it into an unsaved file."""
+    """Save the image next to the .blend (``//kiln_textures/``), or pack it into an unsaved file
+    or one whose folder cannot be written (read-only share, full disk), so that saving the .blend
+    never drops the result."""
     image = live.image
     if not bpy.data.filepath:
         image.pack()
         return "packed into the .blend (save the file to write it to disk)"
     folder = Path(bpy.path.abspath("//kiln_textures"))
-    folder.mkdir(parents=True, exist_ok=True)
     stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
     path = folder / f"{stem}_seed{seed}.png"
     counter = 1
     while path.exists():  # an earlier result may still be in use (kept material, undo history)
         path = folder / f"{stem}_seed{seed}_{counter:03d}.png"
         counter += 1
-    image.filepath_raw = str(path)
-    image.file_format = "PNG"
-    image.save()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        image.filepath_raw = str(path)
+        image.file_format = "PNG"
+        image.save()
+    except (OSError, RuntimeError) as error:  # RuntimeError: Blender could not write the file
+        image.filepath_raw = ""
+        image.pack()
+        return (f"packed into the .blend, as {folder} cannot be written ({error}); to have it as a file, save it "
+                "from the Image Editor (Image > Save As)")
     image.filepath = bpy.path.relpath(str(path))
     return str(path)
 

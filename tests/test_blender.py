@@ -770,6 +770,20 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
     assert "none loaded" in kiln.session.MANAGER.unload_models()
 
 
+def test_a_texture_folder_that_cannot_be_written_gets_the_texture_packed(kiln, scene, tmp_path) -> None:
+    """A read-only share or a full disk: the result is packed, so saving the .blend keeps it,
+    and the job still succeeds, saying where the texture is."""
+    (tmp_path / "kiln_textures").write_text("a file where the folder would go")
+    obj = add_cube()
+    select(obj)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    assert kiln.operators.ACTIVE.succeeded
+    image = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE].image
+    assert image.packed_file is not None and image.packed_file.size > 1000
+    assert "packed into the .blend, as" in kiln.operators.ACTIVE.summary()
+    assert "cannot be written" in kiln.operators.ACTIVE.summary()
+
+
 def test_mesh_edited_during_the_job_fails_cleanly(kiln, scene) -> None:
     obj = add_cube(uvs=False)
     session = run_session(kiln, [obj], steps=50)
