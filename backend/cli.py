@@ -299,7 +299,7 @@ def index_command(args: argparse.Namespace) -> int:
                     bar.refresh()
 
                 index, report = build_index(Path(folder), embedder, clip, progress)
-            print(report.summary(index))
+            print(report.summary(index, str(index.root)))
             for path, reason in report.skipped.items():
                 print(f"  skipped {path}: {reason}", file=sys.stderr)
             empty = empty or not len(index)

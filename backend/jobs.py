@@ -488,7 +488,7 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
             raise Cancelled() from None
         except MeshError as exc:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
-        lines.append(report.summary(index))
+        lines.append(report.summary(index, index.root.name))  # the panel is narrow; the folder is in Preferences
         events.log(lines[-1])
         for path, reason in report.skipped.items():
             events.log(f"skipped {path}: {reason}")

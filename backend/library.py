@@ -60,9 +60,10 @@ class Report:
     reused: int = 0
     skipped: dict[str, str] = field(default_factory=dict)   # path → why it could not be read
 
-    def summary(self, index: LibraryIndex) -> str:
-        """One line for the artist or the TD; an empty index says why, as a wrong path is the usual cause."""
-        line = (f"{index.root}: {len(index)} assets ({len(self.added)} new, {len(self.updated)} changed, "
+    def summary(self, index: LibraryIndex, name: str) -> str:
+        """One line for the artist or the TD, the library called ``name``; an empty index says why,
+        as a wrong path is the usual cause."""
+        line = (f"{name}: {len(index)} assets ({len(self.added)} new, {len(self.updated)} changed, "
                 f"{len(self.removed)} removed, {self.reused} unchanged, {len(self.skipped)} unreadable)")
         if not len(index) and not self.skipped:
             line += (f": it holds no {', '.join(ASSET_SUFFIXES)} files (hidden folders are skipped); check the "
