@@ -86,12 +86,19 @@ def _uses_nodes(material: Any) -> bool:
     return material is not None and material.node_tree is not None and (bpy.app.version >= (5, 0) or material.use_nodes)
 
 
-def _principled_nodes(material: Any) -> list[Any]:
-    """The Principled BSDFs whose shading reaches the material's output: one left unconnected
-    beside an Emission (an unlit look) shows nothing, so it is neither read nor painted."""
+def _base_colour_sockets(material: Any) -> list[Any]:
+    """The sockets of the material's own nodes that become a Principled BSDF's Base Color on the
+    way to its output: each such BSDF's Base Color, and the input of a node group (a studio's shared
+    shader) that its Principled BSDF's Base Color is wired straight to. One left unconnected beside an
+    Emission (an unlit look) shows nothing, so it is neither read nor painted."""
     if not _uses_nodes(material):
         return []
-    output = material.node_tree.get_output_node("ALL")
+    return _tree_base_colour_sockets(material.node_tree.get_output_node("ALL"), set())
+
+
+def _tree_base_colour_sockets(output: Any, groups: set[str]) -> list[Any]:
+    """``_base_colour_sockets`` within one node tree, from its output node; ``groups`` holds the
+    node groups being looked into, so a group that contains itself ends the search."""
     found, seen, todo = [], set(), [output] if output is not None else []
     while todo:
         node = todo.pop()
@@ -99,7 +106,16 @@ def _principled_nodes(material: Any) -> list[Any]:
             continue
         seen.add(node.name)
         if node.type == "BSDF_PRINCIPLED":
-            found.append(node)
+            found.append(node.inputs["Base Color"])
+        elif node.type == "GROUP" and node.node_tree is not None and node.node_tree.name not in groups:
+            inner_output = next((n for n in node.node_tree.nodes if n.type == "GROUP_OUTPUT" and n.is_active_output),
+                                None)
+            for inner in _tree_base_colour_sockets(inner_output, groups | {node.node_tree.name}):
+                link = inner.links[0] if inner.links else None
+                if link is not None and link.from_node.type == "GROUP_INPUT":  # else painted inside the group
+                    socket = next(i for i in node.inputs if i.identifier == link.from_socket.identifier)
+                    if socket.type == "RGBA":
+                        found.append(socket)
         todo += [link.from_node for socket in node.inputs for link in socket.links]
     return found
 
@@ -133,8 +149,8 @@ def _image_behind(socket: Any) -> tuple[Any, tuple[float, float, float]] | None:
 def _base_colour_source(material: Any) -> tuple[Any, tuple[float, float, float]] | None:
     """The Image Texture node feeding a Principled BSDF's Base Color with a readable image (maybe
     through a Multiply by a colour), and that colour; or None."""
-    for node in _principled_nodes(material):
-        found = _image_behind(node.inputs["Base Color"])
+    for socket in _base_colour_sockets(material):
+        found = _image_behind(socket)
         if found is not None and found[0].image is not None and 0 not in tuple(found[0].image.size):
             return found  # else no image, or one whose file is missing
     return None
@@ -209,10 +225,10 @@ def no_texture_reason(obj: Any) -> str:
     on the model would not believe "no image" when its file is missing or its UV map is gone."""
     other = None
     for slot in obj.material_slots:
-        for node in _principled_nodes(slot.material):
-            found = _image_behind(node.inputs["Base Color"])
+        for socket in _base_colour_sockets(slot.material):
+            found = _image_behind(socket)
             if found is None:
-                links = node.inputs["Base Color"].links
+                links = socket.links
                 other = other or (links and f"{links[0].from_node.name!r} on {slot.material.name!r}")
                 continue
             source = found[0]
@@ -297,8 +313,8 @@ def flat_colour_of(material: Any) -> list[float] | None:
     Principled BSDF."""
     if material is not None and not _uses_nodes(material):
         return [float(v) for v in _linear_to_srgb(np.array(material.diffuse_color[:3]))]
-    for node in _principled_nodes(material):
-        return [float(v) for v in _linear_to_srgb(np.array(node.inputs["Base Color"].default_value[:3]))]
+    for socket in _base_colour_sockets(material):
+        return [float(v) for v in _linear_to_srgb(np.array(socket.default_value[:3]))]
     return None
 
 
@@ -605,7 +621,7 @@ def start_live_texture(obj: Any, uv_map: str, size: tuple[int, int], record: boo
     _keep_previous(obj, record)
 
     def kept(material: Any) -> Any:  # the artist's material whose copy shows the image, None for a plain one
-        return material if material is not None and _principled_nodes(material) else None
+        return material if material is not None and _base_colour_sockets(material) else None
     sources = list(dict.fromkeys(kept(slot.material) for slot in obj.material_slots)) or [None]
     made = {source: _show_image(source.copy() if source else _plain_material(),
                                 f"Kiln {obj.name}" if len(sources) == 1 or not source else
@@ -647,7 +663,7 @@ def _plain_material() -> Any:
     if not material.node_tree:  # Blender < 5 creates node trees only on request
         material.use_nodes = True
     tree = material.node_tree
-    if not _principled_nodes(material):  # Blender makes new materials with one; never left without
+    if not _base_colour_sockets(material):  # Blender makes new materials with one; never left without
         output = tree.get_output_node("ALL") or tree.nodes.new("ShaderNodeOutputMaterial")
         tree.links.new(tree.nodes.new("ShaderNodeBsdfPrincipled").outputs["BSDF"], output.inputs["Surface"])
     return material
@@ -661,19 +677,19 @@ def _show_image(material: Any, name: str, image: Any, uv_map: str) -> Any:
     for old in (TEXTURE_NODE, UV_NODE):
         if old in nodes:
             nodes.remove(nodes[old])
-    bsdfs = _principled_nodes(material)
+    sockets = _base_colour_sockets(material)
     tex = nodes.new("ShaderNodeTexImage")
     tex.name = tex.label = TEXTURE_NODE
     tex.image = image
     tex.extension = "REPEAT"  # as the backend samples UVs outside the unit square (texture.wrap_uvs)
-    tex.location = (bsdfs[0].location.x - 350, bsdfs[0].location.y)
+    tex.location = (sockets[0].node.location.x - 350, sockets[0].node.location.y)
     uv = nodes.new("ShaderNodeUVMap")
     uv.name = uv.label = UV_NODE
     uv.uv_map = uv_map
     uv.location = (tex.location.x - 250, tex.location.y)
     links.new(uv.outputs["UV"], tex.inputs["Vector"])
-    for bsdf in bsdfs:
-        links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    for socket in sockets:
+        links.new(tex.outputs["Color"], socket)
     nodes.active = tex  # what Solid shading's Texture colour shows, and what Texture Paint paints on
     return material
 

@@ -1034,6 +1034,66 @@ def test_refining_several_materials_sends_each_slots_image_or_colour(kiln, scene
     assert bsdf.inputs["Base Color"].links[0].from_node.image.name == "Artist texture Cube"  # the artist's, untouched
 
 
+def studio_shader(name: str, image=None):
+    """A node group as studios share shaders: a Principled BSDF whose Base Color comes from the
+    group's Albedo input, or with ``image``, from an image inside the group."""
+    group = bpy.data.node_groups.new(name, "ShaderNodeTree")
+    group.interface.new_socket("Albedo", in_out="INPUT", socket_type="NodeSocketColor")
+    group.interface.new_socket("Rough", in_out="INPUT", socket_type="NodeSocketFloat")
+    group.interface.new_socket("Shader", in_out="OUTPUT", socket_type="NodeSocketShader")
+    nodes, links = group.nodes, group.links
+    inputs, outputs, bsdf = (nodes.new(kind) for kind in ("NodeGroupInput", "NodeGroupOutput",
+                                                          "ShaderNodeBsdfPrincipled"))
+    links.new(inputs.outputs["Albedo"], bsdf.inputs["Base Color"])
+    links.new(inputs.outputs["Rough"], bsdf.inputs["Roughness"])
+    links.new(bsdf.outputs["BSDF"], outputs.inputs["Shader"])
+    if image is not None:
+        tex = nodes.new("ShaderNodeTexImage")
+        tex.image = image
+        links.new(tex.outputs["Color"], bsdf.inputs["Base Color"])
+    return group
+
+
+def test_a_principled_bsdf_inside_a_node_group_is_read_and_painted_through_the_groups_input(kiln, scene) -> None:
+    """The group's Albedo input is what Base Color shows: refine reads the image wired to it, and
+    the copy shows the new texture there, the group itself untouched. A group that paints Base
+    Color inside itself cannot be rewired without changing every material using it: plain material."""
+    obj = add_cube()
+    px = link_artist_image(obj)
+    studio = obj.material_slots[0].material
+    nodes, links = studio.node_tree.nodes, studio.node_tree.links
+    shader = nodes.new("ShaderNodeGroup")
+    shader.node_tree = studio_shader("Studio Shader")
+    shader.inputs["Rough"].default_value = 0.7
+    links.new(next(n for n in nodes if n.type == "TEX_IMAGE").outputs["Color"], shader.inputs["Albedo"])
+    links.new(shader.outputs["Shader"], nodes["Material Output"].inputs["Surface"])  # the plain BSDF: unconnected
+    baked = bpy.data.materials.new("Baked")
+    if not baked.node_tree:
+        baked.use_nodes = True
+    inner = baked.node_tree.nodes.new("ShaderNodeGroup")
+    inner.node_tree = studio_shader("Baked Shader", bpy.data.images.new("Baked texture", 8, 8))
+    baked.node_tree.links.new(inner.outputs["Shader"], baked.node_tree.nodes["Material Output"].inputs["Surface"])
+    obj.data.materials.append(baked)
+    for face in obj.data.polygons:
+        face.material_index = 1 if face.normal.z > 0.5 else 0
+    select(obj)
+    scene.refine = True
+    session = run_session(kiln, [obj], steps=1)
+    target = session.targets[0]
+    assert np.array_equal(np.frombuffer(target.arrays["init_texture"].data, np.uint8),
+                          (px * 255 + 0.5).astype(np.uint8))
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
+    copy, plain = (slot.material for slot in obj.material_slots)
+    group = next(n for n in copy.node_tree.nodes if n.type == "GROUP")
+    assert copy.name == "Kiln Cube (Artist Cube)" and group.inputs["Rough"].default_value == pytest.approx(0.7)
+    assert group.inputs["Albedo"].links[0].from_node.name == kiln.scene_io.TEXTURE_NODE
+    assert group.node_tree.name == "Studio Shader" and len(group.node_tree.nodes) == 3  # shared: untouched
+    assert not any(n.type == "GROUP" for n in plain.node_tree.nodes)
+    assert kiln.scene_io.TEXTURE_NODE in plain.node_tree.nodes
+    assert shader.inputs["Albedo"].links[0].from_node.image.name == "Artist texture Cube"  # the artist's, untouched
+
+
 def test_refining_a_udim_image_starts_each_tile_from_its_own(kiln, scene, tmp_path) -> None:
     """Blender's Python reads a UDIM image's first tile only: the faces in its other tiles get
     theirs, read from its files, then from its packed data once the files are gone."""
