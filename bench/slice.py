@@ -7,10 +7,15 @@ backend runs from the backend's environment (``.venv``, or ``KILN_BACKEND_PYTHON
 
 1. Time to apply one texture update of each size in Blender (the add-on's own code path:
    RGBA8 from the wire → float buffer → ``foreach_set`` → ``update``), median of N.
-2. The tiny-model texture job end to end from the operator: cold (backend start included) and
+2. Blender's main-thread time to keep a finished texture as a PNG beside the .blend, for a
+   texture-like frame (smooth colours, fine grain) of each size: ``Image.save`` on the main thread
+   (how Kiln did it) against Kiln's way (``scene_io.save_texture`` encodes on a worker thread,
+   ``saved_texture`` points the image at the file, and Blender reads it back: timed here by
+   reading the pixels, which also copies them, so it is an upper bound), median of N.
+3. The tiny-model texture job end to end from the operator: cold (backend start included) and
    warm (backend running, model cached).
-3. The same job from the CLI, without Blender.
-4. The batch script (``examples/batch_texture.py``), one fresh Blender process per run as a
+4. The same job from the CLI, without Blender.
+5. The batch script (``examples/batch_texture.py``), one fresh Blender process per run as a
    pipeline runs it: with its own backend each time, and with a standing backend
    (``serve --connection-file``) that keeps the model loaded between runs.
 
@@ -74,6 +79,56 @@ def texture_updates(kiln, repeats: int) -> dict[int, float]:
     return results
 
 
+def texture_like(size: int) -> np.ndarray:
+    """(size, size, 4) uint8 like a texture as PNG sees it: smooth colour fields with a fine grain.
+    Noise would be the worst case for any encoder, a flat colour the best."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    grain = np.random.default_rng(size).normal(0, 6, (size, size, 3)).astype(np.float32)
+    rgb = np.stack([np.sin(9 * x + 4 * y), np.cos(7 * y - 3 * x), np.sin(5 * (x + y) ** 2)], -1) * 90 + 128 + grain
+    return np.concatenate([np.clip(rgb, 0, 255).astype(np.uint8), np.full((size, size, 1), 255, np.uint8)], -1)
+
+
+def texture_finish(kiln, repeats: int) -> dict[int, dict[str, float]]:
+    """Main-thread milliseconds to keep a finished texture, Blender's save against Kiln's, and
+    the worker thread's milliseconds, per size (median of ``repeats``)."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(Path(tempfile.mkdtemp(prefix="kiln-bench-finish-")) / "bench.blend"))
+    bpy.ops.mesh.primitive_cube_add()
+    obj = bpy.context.active_object
+    results = {}
+    for size in (1024, 2048, 4096):
+        frame = texture_like(size)
+        arr = protocol.array("|u1", frame.shape, frame)
+        buffer = np.empty(size * size * 4, np.float32)
+        blender, kiln_main, worker = [], [], []
+        for _ in range(repeats):
+            live = kiln.scene_io.start_live_texture(obj, "UVMap", (size, size))
+            live.update(arr)
+            image = live.image
+            image.filepath_raw = str(Path(bpy.path.abspath("//")) / f"blender_{size}.png")
+            image.file_format = "PNG"
+            start = time.perf_counter()
+            image.save()
+            blender.append(time.perf_counter() - start)
+
+            live = kiln.scene_io.start_live_texture(obj, "UVMap", (size, size))
+            live.update(arr)
+            start = time.perf_counter()
+            made = kiln.scene_io.save_texture(live, 0)
+            started = time.perf_counter() - start
+            while not made.done:
+                time.sleep(0.001)
+            worker.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            kiln.scene_io.saved_texture(live, made)
+            live.image.pixels.foreach_get(buffer)  # Blender reads the PNG back
+            kiln_main.append(started + time.perf_counter() - start)
+        results[size] = {"blender_save_ms": statistics.median(blender) * 1000,
+                         "kiln_main_thread_ms": statistics.median(kiln_main) * 1000,
+                         "kiln_worker_ms": statistics.median(worker) * 1000}
+    return results
+
+
 def operator_job(kiln, size: int, steps: int) -> float:
     bpy.ops.wm.read_homefile(use_empty=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(Path(tempfile.mkdtemp()) / "bench.blend"))
@@ -132,6 +187,7 @@ def main() -> None:
     args = parser.parse_args()
     kiln = install()
     updates = texture_updates(kiln, args.repeats)
+    finishes = texture_finish(kiln, args.repeats)
     cold = operator_job(kiln, 1024, args.steps)
     warm = operator_job(kiln, 1024, args.steps)
     cli = cli_job(1024, args.steps)
@@ -139,6 +195,12 @@ def main() -> None:
     batch = batch_runs(args.repeats, args.steps)
     rows = [(f"apply {s}² texture update in Blender (median of {args.repeats})", f"{ms:.1f} ms")
             for s, ms in updates.items()]
+    for s, f in finishes.items():
+        rows += [(f"keep a finished {s}² texture as PNG: Image.save, Blender's main thread",
+                  f"{f['blender_save_ms']:.0f} ms"),
+                 ("  Kiln: main thread (start, point the image at the file, read it back)",
+                  f"{f['kiln_main_thread_ms']:.0f} ms"),
+                 ("  Kiln: the worker thread, encoding and writing, meanwhile", f"{f['kiln_worker_ms']:.0f} ms")]
     rows += [(f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, cold backend", f"{cold:.1f} s"),
              (f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, warm backend", f"{warm:.1f} s"),
              (f"tiny job, vase.obj, 1024², {args.steps} iterations, CLI (process start included)", f"{cli:.1f} s"),
@@ -156,8 +218,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "slice.json").write_text(json.dumps({
         "blender": bpy.app.version_string, "cpu_count": os.cpu_count(), "steps": args.steps,
-        "texture_update_ms": updates, "operator_cold_s": cold, "operator_warm_s": warm, "cli_s": cli, "batch": batch,
-        "date": time.strftime("%Y-%m-%d")}, indent=2))
+        "texture_update_ms": updates, "texture_finish": finishes, "operator_cold_s": cold, "operator_warm_s": warm,
+        "cli_s": cli, "batch": batch, "date": time.strftime("%Y-%m-%d")}, indent=2))
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from typing import Any
 import bpy
 import numpy as np
 
+from . import texture_file
 from .backend import protocol
 
 class SceneError(Exception):
@@ -567,11 +568,13 @@ def _write_uv_map(obj: Any, name: str, loop_uvs: np.ndarray, rewrite: bool = Fal
 @dataclass
 class LiveTexture:
     """The image one job paints into; the float buffer is reused across updates
-    (a fresh 64 MiB allocation per update costs more than the copy itself)."""
+    (a fresh 64 MiB allocation per update costs more than the copy itself). ``frame`` is the
+    last update's pixels, which the PNG is made from once the job ends."""
 
     obj_name: str
     image: Any
     buffer: np.ndarray = field(repr=False, default_factory=lambda: np.empty(0, np.float32))
+    frame: np.ndarray | None = field(repr=False, default=None)
 
     def update(self, rgba: protocol.Array) -> None:
         h, w, _ = rgba.shape
@@ -579,7 +582,8 @@ class LiveTexture:
             self.image.scale(w, h)
         if self.buffer.size != w * h * 4:
             self.buffer = np.empty(w * h * 4, np.float32)
-        np.multiply(np.frombuffer(rgba.data, np.uint8), np.float32(1 / 255), out=self.buffer)
+        self.frame = np.frombuffer(rgba.data, np.uint8).reshape(h, w, 4)
+        np.multiply(self.frame.reshape(-1), np.float32(1 / 255), out=self.buffer)
         self.image.pixels.foreach_set(self.buffer)
         self.image.update()
 
@@ -702,33 +706,34 @@ def _show_image(material: Any, name: str, image: Any, uv_map: str) -> Any:
     return material
 
 
-def finish_texture(live: LiveTexture, seed: int) -> str:
-    """Save the image next to the .blend (``//kiln_textures/``), or pack it into an unsaved file
-    or one whose folder cannot be written (read-only share, full disk), so that saving the .blend
-    never drops the result."""
-    image = live.image
-    if not bpy.data.filepath:
-        image.pack()
-        return "packed into the .blend (save the file to write it to disk)"
-    folder = Path(bpy.path.abspath("//kiln_textures"))
+def save_texture(live: LiveTexture, seed: int) -> texture_file.TextureFile | None:
+    """Start making the image's PNG, to write next to the .blend (``//kiln_textures/``) or to pack
+    into an unsaved file; ``saved_texture`` finishes on the main thread once it is done. None
+    when no frame ever arrived."""
+    if live.frame is None:
+        return None
+    folder = Path(bpy.path.abspath("//kiln_textures")) if bpy.data.filepath else None
     stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
-    path = folder / f"{stem}_seed{seed}.png"
-    counter = 1
-    while path.exists():  # an earlier result may still be in use (kept material, undo history)
-        path = folder / f"{stem}_seed{seed}_{counter:03d}.png"
-        counter += 1
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        image.filepath_raw = str(path)
-        image.file_format = "PNG"
-        image.save()
-    except (OSError, RuntimeError) as error:  # RuntimeError: Blender could not write the file
-        image.filepath_raw = ""
-        image.pack()
-        return (f"packed into the .blend, as {folder} cannot be written ({error}); to have it as a file, save it "
-                "from the Image Editor (Image > Save As)")
-    image.filepath = bpy.path.relpath(str(path))
-    return str(path)
+    return texture_file.TextureFile(live.frame, folder, f"{stem}_seed{seed}")
+
+
+def saved_texture(live: LiveTexture, made: texture_file.TextureFile) -> str:
+    """Point the image at the PNG ``made`` wrote, or pack it into the .blend (an unsaved file, or
+    a folder that cannot be written), so that saving the .blend never drops the result; where it
+    went, for the job's summary. Blender reads the pixels back from it: the same bytes. Raises
+    ReferenceError when the image was undone or deleted meanwhile."""
+    image = live.image
+    if made.path is not None:
+        image.filepath_raw = str(made.path)
+        image.source = "FILE"
+        image.filepath = bpy.path.relpath(str(made.path))
+        return str(made.path)
+    image.pack(data=made.data, data_len=len(made.data))
+    image.source = "FILE"
+    if made.error is None:
+        return "packed into the .blend (save the file to write it to disk)"
+    return (f"packed into the .blend, as {made.folder} cannot be written ({made.error}); to have it as a file, "
+            "save it from the Image Editor (Image > Save As)")
 
 
 # --- generated objects ---------------------------------------------------------------------

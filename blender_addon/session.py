@@ -23,6 +23,7 @@ from . import blend_assets
 from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
 from .client import Client, Disconnected
+from .texture_file import TextureFile
 from .scene_io import (
     LiveTexture,
     PointPreview,
@@ -33,10 +34,11 @@ from .scene_io import (
     build_object,
     check_paintable,
     existing_texture,
-    finish_texture,
     mesh_arrays,
     no_texture_reason,
     reference_arrays,
+    save_texture,
+    saved_texture,
     share_texture,
     slot_sources,
     start_live_texture,
@@ -138,6 +140,12 @@ class _StartFailed:
 
 
 @dataclass
+class _Written:
+    """A target's texture file is made: its image is pointed at it (``saved_texture``)."""
+    target: Target
+
+
+@dataclass
 class Target:
     name: str
     fields: dict[str, Any]
@@ -153,6 +161,7 @@ class Target:
     status: str = "pending"  # pending → running → finished | cancelled | failed
     error: str = ""
     saved_to: str = ""
+    saving: TextureFile | None = None     # the finished texture's PNG, being made off the main thread
     reference: str = ""                   # the library asset the job warms up toward
     reference_icon: int = 0
     obj: Any = None                       # the object painted: found again after a rename, unlike a name
@@ -314,11 +323,13 @@ class TextureSession:
         for target in self.targets:
             if not target.ended:
                 target.status, target.error = "cancelled", why
-            target.live, target.preview, target.created = None, None, False
+            target.live, target.preview, target.created, target.saving = None, None, False, None
 
     @property
     def finished(self) -> bool:
-        return bool(self.failure) or all(t.ended for t in self.targets)
+        """Every job ended and its texture written (or packed): until then the result would not
+        survive saving the .blend, so the operator, and its undo step, wait."""
+        return (bool(self.failure) or all(t.ended for t in self.targets)) and not any(t.saving for t in self.targets)
 
     def close(self) -> None:
         if self.client is not None:
@@ -330,6 +341,9 @@ class TextureSession:
         done = sum(t.done for t in self.targets)
         total = sum(max(t.total, 1) for t in self.targets)
         active = next((t for t in self.targets if t.status == "running"), None)
+        saving = next((t for t in self.targets if t.saving is not None), None)
+        if active is None and saving is not None:
+            return done / total, f"{saving.name}: writing the texture"
         if active is None:
             return done / total, "Starting backend…" if self.client is None else "Queued…"
         eta = f" · ETA {active.eta:.0f} s" if active.eta is not None else ""
@@ -358,7 +372,7 @@ class TextureSession:
         the newest is applied (the backend already drops frames for slow clients; this catches the rest)."""
         if self._abandoned:  # whatever is still queued belongs to a file that is gone
             return
-        batch: list[Any] = []
+        batch: list[Any] = [_Written(t) for t in self.targets if t.saving is not None and t.saving.done]
         try:
             batch.append(self.inbox.get(timeout=timeout) if timeout > 0 else self.inbox.get_nowait())
             while True:
@@ -407,6 +421,13 @@ class TextureSession:
         return None
 
     def _apply(self, item: Any) -> None:
+        if isinstance(item, _Written):
+            target = item.target
+            made, target.saving = target.saving, None
+            target.saved_to = saved_texture(target.live, made)
+            if self.finished:
+                self.close()
+            return
         if isinstance(item, _Connected):
             self.client = item.client
             if self.cancel_requested:
@@ -500,7 +521,7 @@ class TextureSession:
         """Keep the last good texture of any job that produced one, finished or not."""
         drop_preview(target)  # a generation that never reached its object leaves no trace
         if target.live is not None:
-            target.saved_to = finish_texture(target.live, int(self.job_fields["seed"]))
+            target.saving = save_texture(target.live, int(self.job_fields["seed"]))
 
     def _end_unfinished(self, status: str, error: str) -> None:
         for target in self.targets:

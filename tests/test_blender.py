@@ -92,9 +92,12 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
     checksums = []
     original_update = kiln.scene_io.LiveTexture.update
 
+    frames = []
+
     def spy(self, rgba):
         original_update(self, rgba)
         checksums.append(float(pixels(self.image).sum()))
+        frames.append(rgba)
     monkeypatch.setattr(kiln.scene_io.LiveTexture, "update", spy)
 
     bpy.ops.ed.undo_push(message="before Kiln")
@@ -113,8 +116,10 @@ def test_texture_selected_end_to_end_with_undo(kiln, scene, monkeypatch) -> None
     assert uv_node.type == "UVMAP" and uv_node.uv_map == "UVMap"  # the cube's own UVs, untouched
     saved = Path(bpy.path.abspath(tex.image.filepath))
     assert saved.is_file() and saved.parent.name == "kiln_textures" and saved.stat().st_size > 1000
-    px = pixels(tex.image).reshape(512, 512, 4)
+    px = pixels(tex.image).reshape(512, 512, 4)  # read back from the PNG, written off the main thread
     assert px[..., :3].std() > 0.01 and np.allclose(px[..., 3], 1.0)
+    last = np.frombuffer(frames[-1].data, np.uint8).reshape(512, 512, 4)
+    assert tex.image.source == "FILE" and np.array_equal((px * 255 + 0.5).astype(np.uint8), last)
     artist = bpy.data.materials["Artist Cube"]
     assert artist.use_fake_user and kiln.scene_io.recorded_materials(obj) == [artist]
 
@@ -768,6 +773,20 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
     assert kiln.session.MANAGER.status().startswith("running on the CPU (slow")  # from its ready line
     assert "tiny" in kiln.session.MANAGER.unload_models()
     assert "none loaded" in kiln.session.MANAGER.unload_models()
+
+
+def test_texture_pngs_read_back_exactly_and_never_share_a_name(kiln, tmp_path) -> None:
+    rgba = np.random.default_rng(0).integers(0, 256, (5, 37, 4), dtype=np.uint8)  # odd sizes, rows bottom-up
+    path = tmp_path / "odd.png"
+    path.write_bytes(kiln.texture_file.png_bytes(rgba))
+    image = bpy.data.images.load(str(path))
+    try:
+        assert tuple(image.size) == (37, 5)
+        assert np.array_equal((pixels(image) * 255 + 0.5).astype(np.uint8), rgba.ravel())
+    finally:
+        bpy.data.images.remove(image)
+    names = [kiln.texture_file.reserve(tmp_path / "kiln_textures", "Cube_seed0").name for _ in range(3)]
+    assert names == ["Cube_seed0.png", "Cube_seed0_001.png", "Cube_seed0_002.png"]
 
 
 def test_a_texture_folder_that_cannot_be_written_gets_the_texture_packed(kiln, scene, tmp_path) -> None:
