@@ -709,12 +709,14 @@ def _show_image(material: Any, name: str, image: Any, uv_map: str) -> Any:
 def save_texture(live: LiveTexture, seed: int) -> texture_file.TextureFile | None:
     """Start making the image's PNG, to write next to the .blend (``//kiln_textures/``) or to pack
     into an unsaved file; ``saved_texture`` finishes on the main thread once it is done. None
-    when no frame ever arrived."""
-    if live.frame is None:
+    when no frame ever arrived. The job is over, so its pixel buffers go (320 MB at 4096²):
+    the finished session stays referenced until the next job."""
+    frame, live.frame, live.buffer = live.frame, None, np.empty(0, np.float32)
+    if frame is None:
         return None
     folder = Path(bpy.path.abspath("//kiln_textures")) if bpy.data.filepath else None
     stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
-    return texture_file.TextureFile(live.frame, folder, f"{stem}_seed{seed}")
+    return texture_file.TextureFile(frame, folder, f"{stem}_seed{seed}")
 
 
 def saved_texture(live: LiveTexture, made: texture_file.TextureFile) -> str:
