@@ -715,7 +715,8 @@ def save_texture(live: LiveTexture, seed: int) -> texture_file.TextureFile | Non
     if frame is None:
         return None
     folder = Path(bpy.path.abspath("//kiln_textures")) if bpy.data.filepath else None
-    stem = re.sub(r"[^\w.-]+", "_", live.obj_name)
+    # Blender 5 names run to 254 bytes, file names to 255 with the seed and counter after them.
+    stem = re.sub(r"[^\w.-]+", "_", live.obj_name).encode()[:120].decode(errors="ignore")
     return texture_file.TextureFile(frame, folder, f"{stem}_seed{seed}")
 
 

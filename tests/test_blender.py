@@ -875,6 +875,18 @@ def test_an_object_renamed_mid_job_still_gets_its_texture(kiln, scene) -> None:
     assert obj.material_slots[0].material.name == "Kiln Renamed"
 
 
+def test_an_object_with_the_longest_name_blender_allows_gets_its_texture_file(kiln, scene) -> None:
+    """Blender 5 takes names of up to 254 bytes: with the seed after it, the file name must still fit."""
+    obj = add_cube()
+    obj.name = "Ваза" * 64  # cut to Blender's limit: 127 letters in 5.0, 31 in 4.2
+    select(obj)
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    image = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE].image
+    saved = Path(bpy.path.abspath(image.filepath))
+    assert image.packed_file is None and saved.is_file() and saved.name.startswith("ВазаВаза")
+    assert saved.name.endswith("_seed0.png") and len(saved.name.encode()) <= 255
+
+
 def test_deleting_the_object_mid_job_cancels_its_job(kiln, scene) -> None:
     obj = add_cube()
     session = run_session(kiln, [obj], steps=400)
