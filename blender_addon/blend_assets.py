@@ -138,12 +138,24 @@ def caption(asset: Any) -> str:
     return text + (f" ({', '.join(tags)})" if tags else "")
 
 
+def unused_stem(folder: Path, name: str) -> str:
+    """A file name for asset ``name`` that no other asset of the .blend has taken: names that
+    differ only in the characters OBJ and MTL files cannot hold ("Chair A", "Chair_A"; "Стул",
+    "Стол") would otherwise overwrite each other's files. The caption keeps the real name."""
+    base = re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_")[:100] or "asset"
+    stem, counter = base, 1
+    while (folder / f"{stem}.obj").exists():
+        counter += 1
+        stem = f"{base}_{counter}"
+    return stem
+
+
 def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str) -> Path:
     """One OBJ (Y-up, as OBJ files are read) for the (object, evaluated mesh) pairs in world space,
     one material per material slot: the image on its Base Color through the mesh's render UV map,
     else its colour. Centred on the asset: its place in the .blend means nothing to a reference,
     and the file's six digits would blur an asset far from the origin."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "asset"
+    stem = unused_stem(folder, name)
     lines, mtl, offset, uv_offset, materials = [f"mtllib {stem}.mtl"], [], 0, 0, {}
     worlds = []
     for obj, mesh in meshes:

@@ -1482,6 +1482,14 @@ def write_asset_blend(path: Path) -> None:
     bpy.data.batch_remove([chair, loose, *lamp.objects, lamp, mat, image])
 
 
+def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_own(kiln, tmp_path) -> None:
+    stems = []
+    for name in ("Стул", "Стол", "Chair A", "Chair_A", "x" * 250):
+        stems.append(kiln.blend_assets.unused_stem(tmp_path, name))
+        (tmp_path / f"{stems[-1]}.obj").touch()
+    assert stems == ["asset", "asset_2", "Chair_A", "Chair_A_2", "x" * 100]
+
+
 def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:
     """.blend files in Kiln's folders and in Blender's asset libraries: their mesh and collection
     assets are exported once (captions from the asset metadata), indexed with the rest, found by
