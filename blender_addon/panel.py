@@ -26,8 +26,7 @@ class KILN_PT_main(_KilnPanel, bpy.types.Panel):
         layout = self.layout
         settings = context.scene.kiln
         running = operators._running()
-        col = layout.column()
-        col.enabled = not running
+        col = settings_column(layout)
         col.prop(settings, "prompt")
         col.prop(settings, "model")
         col.prop(settings, "method", expand=True)
@@ -83,18 +82,29 @@ class KILN_PT_main(_KilnPanel, bpy.types.Panel):
             properties.draw_setup(box, found=False)
 
 
-class KILN_PT_advanced(_KilnPanel, bpy.types.Panel):
+class _KilnSubPanel(_KilnPanel):
+    """Under the main panel, closed at first: what most jobs leave as it is."""
+
+    bl_parent_id = "KILN_PT_main"
+    bl_options = {"DEFAULT_CLOSED"}
+
+
+def settings_column(layout: bpy.types.UILayout) -> bpy.types.UILayout:
+    """A column greyed out while a job runs: a change then would reach only the next job."""
+    col = layout.column()
+    col.enabled = not operators._running()
+    return col
+
+
+class KILN_PT_advanced(_KilnSubPanel, bpy.types.Panel):
     """The model's add-ons and the method's knobs: each has a default that suits most jobs."""
 
     bl_label = "Advanced"
     bl_idname = "KILN_PT_advanced"
-    bl_parent_id = "KILN_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw(self, context: bpy.types.Context) -> None:
         settings = context.scene.kiln
-        col = self.layout.column()
-        col.enabled = not operators._running()
+        col = settings_column(self.layout)
         col.prop(settings, "negative_prompt")
         row = col.row(align=True)
         row.prop(settings, "steps")
@@ -104,30 +114,26 @@ class KILN_PT_advanced(_KilnPanel, bpy.types.Panel):
         col.prop(settings, "controlnet")
 
 
-class KILN_PT_references(_KilnPanel, bpy.types.Panel):
+class KILN_PT_references(_KilnSubPanel, bpy.types.Panel):
     """ReDream's references, switched on in the header so the panel can stay closed."""
 
     bl_label = "References"
     bl_idname = "KILN_PT_references"
-    bl_parent_id = "KILN_PT_main"
-    bl_options = {"DEFAULT_CLOSED"}
 
     def draw_header(self, context: bpy.types.Context) -> None:
         self.layout.enabled = not operators._running()
         self.layout.prop(context.scene.kiln, "use_references", text="")
 
     def draw(self, context: bpy.types.Context) -> None:
-        col = self.layout.column()
-        col.enabled = not operators._running()
-        draw_references(col, context.scene.kiln)
+        draw_references(settings_column(self.layout), context.scene.kiln)
 
 
-class KILN_PT_backend(_KilnPanel, bpy.types.Panel):
-    """Open by default: its line says whether jobs run on a GPU or the CPU."""
+class KILN_PT_backend(_KilnSubPanel, bpy.types.Panel):
+    """Open at first: its line says whether jobs run on a GPU or the CPU."""
 
     bl_label = "Backend"
     bl_idname = "KILN_PT_backend"
-    bl_parent_id = "KILN_PT_main"
+    bl_options: set[str] = set()
 
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
