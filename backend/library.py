@@ -184,9 +184,10 @@ def caption_for(path: Path) -> str:
 
 
 def name_words(name: str) -> str:
-    """A file or object name as words ("OldBarrel_02.001" → "old barrel")."""
+    """A file or object name as words ("OldBarrel_02.001" → "old barrel", "my vase (1)" → "my vase"):
+    letters in any script, nothing else."""
     words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
-    words = re.sub(r"[_\-.]+|\d+", " ", words)
+    words = re.sub(r"[\W\d_]+", " ", words)
     return " ".join(words.lower().split()) or name
 
 

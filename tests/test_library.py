@@ -64,6 +64,8 @@ def small_library(folder: Path) -> Path:
 def test_captions_come_from_a_sidecar_or_the_file_name(tmp_path: Path) -> None:
     assert caption_for(tmp_path / "old_barrel-02.glb") == "old barrel"
     assert caption_for(tmp_path / "RustyLantern.obj") == "rusty lantern"
+    assert caption_for(tmp_path / "my vase (1).obj") == "my vase"
+    assert caption_for(tmp_path / "Ваза синяя.glb") == "ваза синяя"
     (tmp_path / "x1.ply.txt").write_text("a moss-covered stone well\n")
     assert caption_for(tmp_path / "x1.ply") == "a moss-covered stone well"
 
