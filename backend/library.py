@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -24,6 +23,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from . import protocol
 from .assets import ASSET_SUFFIXES, Asset, load_asset
 from .cameras import orbit
 from .embed import ClipEmbedder, TextEmbedder
@@ -180,15 +180,7 @@ def caption_for(path: Path) -> str:
         text = sidecar.read_text(encoding="utf-8", errors="replace").strip()
         if text:
             return text
-    return name_words(path.stem)
-
-
-def name_words(name: str) -> str:
-    """A file or object name as words ("OldBarrel_02.001" → "old barrel", "my vase (1)" → "my vase"):
-    letters in any script, nothing else."""
-    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
-    words = re.sub(r"[\W\d_]+", " ", words)
-    return " ".join(words.lower().split()) or name
+    return protocol.name_words(path.stem)
 
 
 def thumbnails(asset: Asset) -> np.ndarray:

@@ -355,6 +355,14 @@ def prompt_words(prompt: str, count: int = 3) -> list[str]:
     return [w for w in words if w.lower() not in ("a", "an", "the")][:count]
 
 
+def name_words(name: str) -> str:
+    """A file, object or asset name as words, letters in any script and nothing else
+    ("OldBarrel_02.001" → "old barrel", "my vase (1)" → "my vase"): one rule for the captions of
+    asset files (backend) and of .blend assets (Blender)."""
+    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", name)
+    return " ".join(re.sub(r"[\W\d_]+", " ", words).lower().split()) or name
+
+
 # --- connection files (a backend started outside Blender) ---------------------------------------
 
 def user_folder() -> Path:

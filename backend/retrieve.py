@@ -16,7 +16,7 @@ import numpy as np
 from . import protocol
 from .assets import Asset, load_asset
 from .jobs import JobRequest, mesh_from_message, slot_textures_from_message, texture_from_message
-from .library import Hit, LibraryIndex, caption_for, name_words, search, thumbnails
+from .library import Hit, LibraryIndex, caption_for, search, thumbnails
 from .mesh import MeshError
 from .tiles import pack_tiles
 
@@ -61,7 +61,7 @@ def choose(request: JobRequest, own: tuple[Asset, str] | None, count: int,
     the request's files, else ``count`` hits of a library search; [] when it asks for none."""
     if own is not None:
         asset, name = own
-        return [Chosen(asset, name_words(name), name, 1.0, thumbnails(asset))]
+        return [Chosen(asset, protocol.name_words(name), name, 1.0, thumbnails(asset))]
     if request.references:
         chosen = []
         for file in request.references:

@@ -13,8 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import struct
-import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -22,7 +20,9 @@ from typing import Any, Iterable, Iterator
 import bpy
 import numpy as np
 
+from .backend import protocol
 from .scene_io import base_colour_rgba8, flat_colour_of, world_corners
+from .texture_file import png_bytes
 
 SOURCE_FILE = "source.json"
 
@@ -129,8 +129,7 @@ def evaluated_meshes(objects: list[Any], depsgraph: Any) -> Iterator[list[tuple[
 
 def caption(asset: Any) -> str:
     """"oak chair: a sturdy oak chair (furniture, wood)": the name in words, the description, the tags."""
-    words = re.sub(r"([a-z])([A-Z])", r"\1 \2", asset.name)
-    text = " ".join(re.sub(r"[_\-.]+|\d+", " ", words).lower().split()) or asset.name
+    text = protocol.name_words(asset.name)
     data = asset.asset_data
     if data is not None and data.description.strip():
         text += f": {data.description.strip()}"
@@ -209,20 +208,7 @@ def material_lines(folder: Path, stem: str, label: str, material: Any, has_uvs: 
     rgba = base_colour_rgba8(material) if has_uvs else None
     if rgba is not None:
         png = f"{stem}_{label}.png"
-        write_png(folder / png, rgba)
+        (folder / png).write_bytes(png_bytes(rgba[..., :3]))  # map_Kd holds colour only
         return [f"newmtl {label}", "Kd 1 1 1", f"map_Kd {png}"]
     colour = flat_colour_of(material) or [0.6, 0.6, 0.6]
     return [f"newmtl {label}", "Kd {:.4f} {:.4f} {:.4f}".format(*colour)]
-
-
-def write_png(path: Path, rgba: np.ndarray) -> None:
-    """(H, W, 4) uint8 rows bottom-up (Blender's order) → an RGB PNG, with the standard library."""
-    rows = np.ascontiguousarray(rgba[::-1, :, :3])
-    h, w, _ = rows.shape
-    raw = b"".join(b"\x00" + rows[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack("!I", len(data)) + kind + data + struct.pack("!I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack("!IIBBBBB", w, h, 8, 2, 0, 0, 0))
-                     + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b""))

@@ -777,14 +777,17 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
 
 def test_texture_pngs_read_back_exactly_and_never_share_a_name(kiln, tmp_path) -> None:
     rgba = np.random.default_rng(0).integers(0, 256, (5, 37, 4), dtype=np.uint8)  # odd sizes, rows bottom-up
-    path = tmp_path / "odd.png"
-    path.write_bytes(kiln.texture_file.png_bytes(rgba))
-    image = bpy.data.images.load(str(path))
-    try:
-        assert tuple(image.size) == (37, 5)
-        assert np.array_equal((pixels(image) * 255 + 0.5).astype(np.uint8), rgba.ravel())
-    finally:
-        bpy.data.images.remove(image)
+    rgb = rgba.copy()
+    rgb[..., 3] = 255
+    for written, expected in ((rgba, rgba), (rgba[..., :3], rgb)):  # textures, and .blend assets' colour maps
+        path = tmp_path / f"odd{written.shape[-1]}.png"
+        path.write_bytes(kiln.texture_file.png_bytes(written))
+        image = bpy.data.images.load(str(path))
+        try:
+            assert tuple(image.size) == (37, 5)
+            assert np.array_equal((pixels(image) * 255 + 0.5).astype(np.uint8), expected.ravel())
+        finally:
+            bpy.data.images.remove(image)
     names = [kiln.texture_file.reserve(tmp_path / "kiln_textures", "Cube_seed0").name for _ in range(3)]
     assert names == ["Cube_seed0.png", "Cube_seed0_001.png", "Cube_seed0_002.png"]
 
