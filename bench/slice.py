@@ -12,10 +12,12 @@ backend runs from the backend's environment (``.venv``, or ``KILN_BACKEND_PYTHON
    (how Kiln did it) against Kiln's way (``scene_io.save_texture`` encodes on a worker thread,
    ``saved_texture`` points the image at the file, and Blender reads it back: timed here by
    reading the pixels, which also copies them, so it is an upper bound), median of N.
-3. The tiny-model texture job end to end from the operator: cold (backend start included) and
+3. Starting a refine job from a procedural material, which Cycles bakes on the main thread
+   (``session.target_for``), on a 50k-face sphere at 1024² and 2048², median of N.
+4. The tiny-model texture job end to end from the operator: cold (backend start included) and
    warm (backend running, model cached).
-4. The same job from the CLI, without Blender.
-5. The batch script (``examples/batch_texture.py``), one fresh Blender process per run as a
+5. The same job from the CLI, without Blender.
+6. The batch script (``examples/batch_texture.py``), one fresh Blender process per run as a
    pipeline runs it: with its own backend each time, and with a standing backend
    (``serve --connection-file``) that keeps the model loaded between runs.
 
@@ -129,6 +131,30 @@ def texture_finish(kiln, repeats: int) -> dict[int, dict[str, float]]:
     return results
 
 
+def refine_bake(kiln, repeats: int) -> dict[int, float]:
+    """Seconds Blender's main thread takes to read what a procedural material shows as a refine
+    job starts (``session.target_for``, Cycles baking it), on a 50k-face sphere, per size."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.mesh.primitive_uv_sphere_add(segments=250, ring_count=200)
+    obj = bpy.context.active_object
+    material = bpy.data.materials.new("Stone")
+    if not material.node_tree:
+        material.use_nodes = True
+    tree = material.node_tree
+    bsdf = next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED")
+    tree.links.new(tree.nodes.new("ShaderNodeTexNoise").outputs["Color"], bsdf.inputs["Base Color"])
+    obj.data.materials.append(material)
+    results = {}
+    for size in (1024, 2048):
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            kiln.session.target_for(obj, refine=True, size=size)
+            times.append(time.perf_counter() - start)
+        results[size] = statistics.median(times)
+    return results
+
+
 def operator_job(kiln, size: int, steps: int) -> float:
     bpy.ops.wm.read_homefile(use_empty=True)
     bpy.ops.wm.save_as_mainfile(filepath=str(Path(tempfile.mkdtemp()) / "bench.blend"))
@@ -188,6 +214,7 @@ def main() -> None:
     kiln = install()
     updates = texture_updates(kiln, args.repeats)
     finishes = texture_finish(kiln, args.repeats)
+    bakes = refine_bake(kiln, args.repeats)
     cold = operator_job(kiln, 1024, args.steps)
     warm = operator_job(kiln, 1024, args.steps)
     cli = cli_job(1024, args.steps)
@@ -201,6 +228,8 @@ def main() -> None:
                  ("  Kiln: main thread (start, point the image at the file, read it back)",
                   f"{f['kiln_main_thread_ms']:.0f} ms"),
                  ("  Kiln: the worker thread, encoding and writing, meanwhile", f"{f['kiln_worker_ms']:.0f} ms")]
+    rows += [(f"refine start, procedural material baked, 50k-face sphere, {s}² (median of {args.repeats})",
+              f"{b:.2f} s") for s, b in bakes.items()]
     rows += [(f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, cold backend", f"{cold:.1f} s"),
              (f"tiny job, Suzanne, 1024², {args.steps} iterations, operator, warm backend", f"{warm:.1f} s"),
              (f"tiny job, vase.obj, 1024², {args.steps} iterations, CLI (process start included)", f"{cli:.1f} s"),
@@ -218,7 +247,8 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "slice.json").write_text(json.dumps({
         "blender": bpy.app.version_string, "cpu_count": os.cpu_count(), "steps": args.steps,
-        "texture_update_ms": updates, "texture_finish": finishes, "operator_cold_s": cold, "operator_warm_s": warm,
+        "texture_update_ms": updates, "texture_finish": finishes, "refine_bake_s": bakes,
+        "operator_cold_s": cold, "operator_warm_s": warm,
         "cli_s": cli, "batch": batch, "date": time.strftime("%Y-%m-%d")}, indent=2))
 
 

@@ -81,7 +81,7 @@ def _same_corners(a: Any, b: Any) -> bool:
     return bool(np.array_equal(ia, ib))
 
 
-def _uses_nodes(material: Any) -> bool:
+def uses_nodes(material: Any) -> bool:
     """Before Blender 5, a material may keep a node tree it does not use (Use Nodes off): it then
     shows its Viewport Display colour, and its nodes mean nothing."""
     return material is not None and material.node_tree is not None and (bpy.app.version >= (5, 0) or material.use_nodes)
@@ -92,7 +92,7 @@ def _base_colour_sockets(material: Any) -> list[Any]:
     way to its output: each such BSDF's Base Color, and the input of a node group (a studio's shared
     shader) that its Principled BSDF's Base Color is wired straight to. One left unconnected beside an
     Emission (an unlit look) shows nothing, so it is neither read nor painted."""
-    if not _uses_nodes(material):
+    if not uses_nodes(material):
         return []
     return _tree_base_colour_sockets(material.node_tree.get_output_node("ALL"), set())
 
@@ -221,16 +221,14 @@ def _uv_map_read(obj: Any, image_node: Any) -> str:
     return next((uv.name for uv in obj.data.uv_layers if uv.active_render), "")
 
 
-def no_texture_reason(obj: Any) -> str:
-    """Why ``existing_texture`` finds nothing to refine, naming the fix: an artist who sees an image
-    on the model would not believe "no image" when its file is missing or its UV map is gone."""
-    other = None
+def image_problem(obj: Any) -> str | None:
+    """Why a Base Color image Kiln would read is unusable (no image picked, its file missing, its
+    UV map gone), naming the fix; None when there is none. An artist who sees an image on the model
+    would not believe "no image", and a bake would only copy the missing-image pink."""
     for slot in obj.material_slots:
         for socket in _base_colour_sockets(slot.material):
             found = _image_behind(socket)
             if found is None:
-                links = socket.links
-                other = other or (links and f"{links[0].from_node.name!r} on {slot.material.name!r}")
                 continue
             source = found[0]
             image, where = source.image, f"the Image Texture on {slot.material.name!r}'s Base Color"
@@ -239,12 +237,30 @@ def no_texture_reason(obj: Any) -> str:
             if 0 in tuple(image.size):
                 return (f"{where} shows {image.name!r}, which has no pixels (its file {image.filepath!r} is missing "
                         "or unreadable): find it (File > External Data > Find Missing Files)")
-            return (f"{where} reads {image.name!r} through the UV map {_uv_map_read(obj, source)!r}, which "
-                    f"{obj.name!r} lacks: pick one of its maps in the UV Map node feeding it")
-    if other:
-        return (f"its Base Color comes from the node {other}, whose colours Kiln cannot work out: connect an Image "
-                "Texture straight to Base Color (or through a Multiply by a colour)")
-    return "no image texture feeds its material's Base Color: connect one"
+            if _uv_map_read(obj, source) not in obj.data.uv_layers:
+                return (f"{where} reads {image.name!r} through the UV map {_uv_map_read(obj, source)!r}, which "
+                        f"{obj.name!r} lacks: pick one of its maps in the UV Map node feeding it")
+    return None
+
+
+def unreadable_colour(obj: Any) -> str | None:
+    """The first node through which a material slot's Base Color comes that Kiln cannot read from an
+    image or a colour (a procedural texture, a ramp, a Hue/Saturation tweak), or a shader that keeps
+    its colour inside (a Diffuse BSDF, a node group that paints inside itself); None when every
+    slot reads directly. Such colours are baked to refine from."""
+    for slot in obj.material_slots:
+        material = slot.material
+        if not uses_nodes(material):
+            continue
+        sockets = _base_colour_sockets(material)
+        for socket in sockets:
+            if socket.links and _image_behind(socket) is None:
+                return f"the node {socket.links[0].from_node.name!r} on {material.name!r}"
+        output = material.node_tree.get_output_node("ALL")
+        surface = output.inputs["Surface"].links if output is not None else ()
+        if not sockets and surface and surface[0].from_node.type != "EMISSION":
+            return f"the shader {surface[0].from_node.name!r} on {material.name!r}"
+    return None
 
 
 def slot_sources(obj: Any) -> list[BaseColour | list[float] | None] | None:
@@ -320,7 +336,7 @@ def flat_colour_of(material: Any) -> list[float] | None:
     """A material's Principled Base Color value, display-referred: what an object painted with a
     colour rather than an image looks like (a material without nodes: its colour); None without a
     Principled BSDF."""
-    if material is not None and not _uses_nodes(material):
+    if material is not None and not uses_nodes(material):
         return [float(v) for v in _linear_to_srgb(np.array(material.diffuse_color[:3]))]
     for socket in _base_colour_sockets(material):
         return [float(v) for v in _linear_to_srgb(np.array(socket.default_value[:3]))]
@@ -597,7 +613,7 @@ PREVIOUS_MATERIALS = "kiln_previous_materials"
 
 
 def _made_by_kiln(material: Any) -> bool:
-    return _uses_nodes(material) and TEXTURE_NODE in material.node_tree.nodes
+    return uses_nodes(material) and TEXTURE_NODE in material.node_tree.nodes
 
 
 def recorded_materials(obj: Any) -> list[Any] | None:

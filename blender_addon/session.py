@@ -22,6 +22,7 @@ import numpy as np
 from . import blend_assets
 from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
+from .bake import bake_base_colour
 from .client import Client, Disconnected
 from .texture_file import TextureFile
 from .scene_io import (
@@ -34,8 +35,8 @@ from .scene_io import (
     build_object,
     check_paintable,
     existing_texture,
+    image_problem,
     mesh_arrays,
-    no_texture_reason,
     reference_arrays,
     save_texture,
     saved_texture,
@@ -43,6 +44,7 @@ from .scene_io import (
     slot_sources,
     start_live_texture,
     start_preview,
+    unreadable_colour,
 )
 
 
@@ -167,6 +169,7 @@ class Target:
     obj: Any = None                       # the object painted: found again after a rename, unlike a name
     shares: list[Any] = field(default_factory=list)  # selected linked duplicates of ``obj``, shown its texture too
     progress_log: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what the artist should know of how it was sent
 
     @property
     def ended(self) -> bool:
@@ -222,22 +225,30 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
     return {**options, **library}, {}
 
 
-def target_for(obj: Any, refine: bool, selected_faces: bool = False) -> Target:
-    """What to send for one object; in refine mode its current texture and that texture's UVs,
-    and with ``selected_faces`` which of its triangles may change (a blank start changes them all,
-    as the panel shows by greying the option out)."""
+def target_for(obj: Any, refine: bool, selected_faces: bool = False, size: int = 1024) -> Target:
+    """What to send for one object; in refine mode what it shows now: its Base Color images read
+    through their UVs (each face from its own material), or, where colours come from nodes Kiln
+    cannot read (a procedural texture, a ramp, flat colours), those colours baked by Cycles at
+    ``size``² onto the render UV map. With ``selected_faces``, which of its triangles may change (a
+    blank start changes them all, as the panel shows by greying the option out)."""
     check_paintable(obj)
     if not refine:
         return Target(obj.name, *mesh_arrays(obj), obj=obj)
-    found = existing_texture(obj)
-    if found is None:
-        raise SceneError(f"{obj.name!r} has nothing to refine: {no_texture_reason(obj)}; or untick Refine "
-                         "Existing Texture")
-    # each face starts from its own material
-    fields, arrays = mesh_arrays(obj, found.uv_map, slot_sources(obj), selected_faces=selected_faces)
-    rgba = found.rgba8()
+    found, problem, unreadable = existing_texture(obj), image_problem(obj), unreadable_colour(obj)
+    if problem is not None:
+        raise SceneError(f"{obj.name!r} has nothing to refine: {problem}; or untick Refine Existing Texture")
+    if found is not None and unreadable is None:
+        fields, arrays = mesh_arrays(obj, found.uv_map, slot_sources(obj), selected_faces=selected_faces)
+        rgba = found.rgba8()
+        note = ""
+    else:
+        rgba, uv_map = bake_base_colour(obj, size)
+        fields, arrays = mesh_arrays(obj, uv_map, selected_faces=selected_faces)
+        why = f"its colours come through {unreadable}" if unreadable else "its materials show flat colours"
+        note = (f"{obj.name}: {why}, so Kiln baked what they show ({size}² on the UV map {uv_map!r}, lighting "
+                "left out) and refined from that")
     arrays["init_texture"] = protocol.array("|u1", rgba.shape, rgba)
-    return Target(obj.name, fields, arrays, obj=obj)
+    return Target(obj.name, fields, arrays, obj=obj, notes=[note] if note else [])
 
 
 class TextureSession:
@@ -249,8 +260,9 @@ class TextureSession:
         first: dict[int, Any] = {}  # linked duplicates share one mesh, its UV maps and its materials
         for obj in objects:
             first.setdefault(obj.data.as_pointer() if obj.type == "MESH" else id(obj), obj)
-        self._setup([target_for(obj, refine, selected_faces) for obj in first.values()], job_fields, backend,
-                    shared_arrays)
+        self._setup([target_for(obj, refine, selected_faces, int(job_fields["texture_size"]))
+                     for obj in first.values()], job_fields, backend, shared_arrays)
+        self.notes += [note for target in self.targets for note in target.notes]
         by_mesh = dict(zip(first, self.targets, strict=True))
         for obj in objects:
             if obj not in first.values():

@@ -1091,7 +1091,8 @@ def studio_shader(name: str, image=None):
 def test_a_principled_bsdf_inside_a_node_group_is_read_and_painted_through_the_groups_input(kiln, scene) -> None:
     """The group's Albedo input is what Base Color shows: refine reads the image wired to it, and
     the copy shows the new texture there, the group itself untouched. A group that paints Base
-    Color inside itself cannot be rewired without changing every material using it: plain material."""
+    Color inside itself cannot be rewired without changing every material using it: plain material;
+    and refine bakes the colours it shows, the group put back as it was."""
     obj = add_cube()
     px = link_artist_image(obj)
     studio = obj.material_slots[0].material
@@ -1101,6 +1102,9 @@ def test_a_principled_bsdf_inside_a_node_group_is_read_and_painted_through_the_g
     shader.inputs["Rough"].default_value = 0.7
     links.new(next(n for n in nodes if n.type == "TEX_IMAGE").outputs["Color"], shader.inputs["Albedo"])
     links.new(shader.outputs["Shader"], nodes["Material Output"].inputs["Surface"])  # the plain BSDF: unconnected
+    target = kiln.session.target_for(obj, refine=True)
+    assert np.array_equal(np.frombuffer(target.arrays["init_texture"].data, np.uint8),
+                          (px * 255 + 0.5).astype(np.uint8)) and not target.notes
     baked = bpy.data.materials.new("Baked")
     if not baked.node_tree:
         baked.use_nodes = True
@@ -1113,9 +1117,10 @@ def test_a_principled_bsdf_inside_a_node_group_is_read_and_painted_through_the_g
     select(obj)
     scene.refine = True
     session = run_session(kiln, [obj], steps=1)
-    target = session.targets[0]
-    assert np.array_equal(np.frombuffer(target.arrays["init_texture"].data, np.uint8),
-                          (px * 255 + 0.5).astype(np.uint8))
+    assert "through the shader 'Group' on 'Baked', so Kiln baked" in session.notes[0]
+    assert len(inner.node_tree.nodes) == 4  # the bake's stand-ins are gone from the group, its wiring back
+    inner_bsdf = next(n for n in inner.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    assert [link.to_node.type for link in inner_bsdf.outputs["BSDF"].links] == ["GROUP_OUTPUT"]
     pump_until(session, lambda: session.finished)
     assert session.succeeded, session.summary()
     copy, plain = (slot.material for slot in obj.material_slots)
@@ -1189,14 +1194,18 @@ def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> Non
 
 
 def test_refine_without_a_texture_says_why(kiln, scene) -> None:
-    """No image on Base Color, an image whose file is missing, one read through a UV map the mesh
-    lacks: each refusal names its own cause and fix, and the material stays."""
-    obj = add_cube()  # its image is not wired into Base Color
+    """No image in the Image Texture on Base Color, an image whose file is missing, one read through
+    a UV map the mesh lacks: each refusal names its own cause and fix, and the material stays."""
+    obj = add_cube()
     select(obj)
     scene.refine = True
-    with pytest.raises(RuntimeError, match="'Cube' has nothing to refine: no image texture feeds its material's"):
-        bpy.ops.kiln.texture_selected()
     link_artist_image(obj)
+    image_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "TEX_IMAGE")
+    image_node.image = None
+    with pytest.raises(RuntimeError, match="'Cube' has nothing to refine: the Image Texture on 'Artist Cube''s Base "
+                                           "Color holds no image: pick one in it"):
+        bpy.ops.kiln.texture_selected()
+    image_node.image = bpy.data.images["Artist texture Cube"]
     image = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "TEX_IMAGE").image
     image.source, image.filepath = "FILE", "//gone/oak.png"
     image.reload()
@@ -1238,13 +1247,68 @@ def test_a_base_color_image_multiplied_by_a_colour_is_read_as_the_material_shows
     shown = np.where(shown <= 0.0031308, shown * 12.92, 1.055 * shown ** (1 / 2.4) - 0.055)
     assert np.abs(sent - shown).max() <= 1 / 255 + 1e-6
     assert sent[..., 0].mean() < px[..., 0].mean() - 0.05  # darker than the untinted image
+
+
+def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene) -> None:
+    """A colour through a Hue/Saturation node, a procedural texture, a flat colour: Cycles bakes
+    what each slot shows onto the render UV map, the job refines from that and says so, and the
+    scene is left as it was (engine, selection, active nodes, no extra images). A UV map past the
+    unit square cannot be baked into one image: refused with the fix."""
+    obj = add_cube()
+    other = add_cube("Other")
+    tree = obj.material_slots[0].material.node_tree
+    bsdf = next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED")
+    colour = tree.nodes.new("ShaderNodeRGB")
+    colour.outputs[0].default_value = (0.8, 0.2, 0.2, 1.0)
     hue = tree.nodes.new("ShaderNodeHueSaturation")
-    hue.name = "Warmer"
-    tree.links.new(image.outputs["Color"], hue.inputs["Color"])
+    hue.name = "Greyer"
+    hue.inputs["Saturation"].default_value = 0.0
+    tree.links.new(colour.outputs[0], hue.inputs["Color"])
     tree.links.new(hue.outputs["Color"], bsdf.inputs["Base Color"])
-    with pytest.raises(kiln.scene_io.SceneError, match="Base Color comes from the node 'Warmer' on 'Artist Cube', "
-                                                       "whose colours Kiln cannot work out"):
-        kiln.session.target_for(obj, refine=True)
+    flat = bpy.data.materials.new("Flat")
+    if not flat.node_tree:
+        flat.use_nodes = True
+    metal = next(n for n in flat.node_tree.nodes if n.type == "BSDF_PRINCIPLED")
+    metal.inputs["Base Color"].default_value, metal.inputs["Metallic"].default_value = (0.0, 0.0, 1.0, 1.0), 1.0
+    obj.data.materials.append(flat)
+    for face in obj.data.polygons:
+        face.material_index = 1 if face.normal.z > 0.5 else 0
+    select(other, obj)
+    tree.nodes.active = bsdf
+    engine, nodes_before, images_before = bpy.context.scene.render.engine, len(tree.nodes), set(bpy.data.images)
+    target = kiln.session.target_for(obj, refine=True, size=256)
+    assert target.notes and "through the node 'Greyer' on 'Artist Cube', so Kiln baked" in target.notes[0]
+    sent = np.frombuffer(target.arrays["init_texture"].data, np.uint8).reshape(256, 256, 4)
+    found = {tuple(c) for c in np.unique(sent.reshape(-1, 4)[:, :3], axis=0)}
+    grey = next(c for c in found if c[0] > 100 and c[0] == c[1] == c[2])  # the red, greyed by the node
+    assert {grey, (0, 0, 255)} <= found, found  # and the top's flat blue, though a metal
+    assert bpy.context.scene.render.engine == engine and len(tree.nodes) == nodes_before
+    assert tree.nodes.active == bsdf and set(bpy.data.images) == images_before
+    assert {o.name for o in bpy.context.selected_objects} == {"Cube", "Other"}
+    assert bpy.context.view_layer.objects.active == other
+    painted = other.data.color_attributes.new("Paint", "BYTE_COLOR", "CORNER")  # vertex colours
+    painted.data.foreach_set("color", np.tile([0.0, 1.0, 0.0, 1.0], len(other.data.loops)).astype(np.float32))
+    other_tree = other.material_slots[0].material.node_tree
+    attribute = other_tree.nodes.new("ShaderNodeVertexColor")
+    attribute.layer_name = "Paint"
+    other_tree.links.new(attribute.outputs["Color"],
+                         next(n for n in other_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    sent = np.frombuffer(kiln.session.target_for(other, refine=True, size=64).arrays["init_texture"].data, np.uint8)
+    assert (0, 255, 0) in {tuple(c) for c in sent.reshape(-1, 4)[:, :3]}
+    uv = obj.data.uv_layers.active.data[0].uv
+    uv.x += 1.0  # one corner in the next UV tile
+    with pytest.raises(kiln.scene_io.SceneError, match="reaches past the unit square .* wire an Image Texture"):
+        kiln.session.target_for(obj, refine=True, size=256)
+    uv.x -= 1.0
+
+    noise = tree.nodes.new("ShaderNodeTexNoise")  # procedural: every texel its own colour
+    tree.links.new(noise.outputs["Color"], bsdf.inputs["Base Color"])
+    select(obj)
+    scene.refine = True
+    assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
+    session = kiln.operators.ACTIVE
+    assert session.succeeded and any("through the node 'Noise Texture'" in note for note in session.notes)
+    assert bpy.context.scene.render.engine == engine
 
 
 def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step(kiln, scene) -> None:
