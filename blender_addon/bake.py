@@ -23,34 +23,42 @@ from .scene_io import SceneError, image_rgba8, uses_nodes
 MARGIN_PER_1024 = 4
 
 
-def bake_uv_map(obj: Any) -> str:
+#: The way out a refusal offers, by what the bake is for.
+REFINE, REFERENCE = "untick Refine Existing Texture", "pick another reference object"
+
+
+def _bake_uv_map(obj: Any, instead: str) -> str:
     """The UV map a bake writes through, Blender's render map; SceneError naming the fix when there
     is none or its faces spread over several UV tiles (one image cannot hold those)."""
     mesh = obj.data
     layer = next((uv for uv in mesh.uv_layers if uv.active_render), None)
     if layer is None:
         raise SceneError(f"{obj.name!r} has no UV map to carry the colours its material shows: add one (Edit Mode > "
-                         "UV > Smart UV Project), or untick Refine Existing Texture", "add_uv_map", obj)
+                         f"UV > Smart UV Project), or {instead}", "add_uv_map", obj)
     uv = np.empty(len(mesh.loops) * 2, np.float32)
     layer.data.foreach_get("uv", uv)
     if uv.size and (uv.min() < -1e-4 or uv.max() > 1 + 1e-4):
         raise SceneError(f"{obj.name!r}'s UV map {layer.name!r} reaches past the unit square (UDIM tiles or "
                          "repeats), so its material's colours cannot be baked into one image to refine: wire an "
-                         "Image Texture into Base Color, or untick Refine Existing Texture")
+                         f"Image Texture into Base Color, or {instead}")
     return layer.name
 
 
-def bake_base_colour(obj: Any, size: int) -> tuple[np.ndarray, str]:
+def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.ndarray, str]:
     """(size, size, 4) uint8 of the Base Color ``obj``'s materials show, lighting left out, rows
-    bottom-up, and the UV map it lies on."""
-    uv_map = bake_uv_map(obj)
+    bottom-up, and the UV map it lies on; refusals offer ``instead`` as the way out."""
+    if obj.library is not None or obj.data.library is not None or any(
+            slot.material is not None and slot.material.library is not None for slot in obj.material_slots):
+        raise SceneError(f"{obj.name!r}'s colours come through nodes Kiln cannot read, and baking them needs its "
+                         f"materials, which are linked from another file: make them local, or {instead}")
+    uv_map = _bake_uv_map(obj, instead)
     materials = list(dict.fromkeys(slot.material for slot in obj.material_slots))
     if not materials or any(m is None or not uses_nodes(m) for m in materials):
-        raise SceneError(f"{obj.name!r} has a material slot without a node material, so the colours it shows "
-                         "cannot be baked to refine: give each slot a material, or untick Refine Existing Texture")
+        raise SceneError(f"{obj.name!r} has no material, or a slot without a node material, so the colours it "
+                         f"shows cannot be baked: give each slot a material, or {instead}")
     if not hasattr(bpy.context.scene, "cycles"):
         raise SceneError("Kiln bakes the colours of this material with Cycles, which is turned off: enable it "
-                         "(Preferences > Add-ons > Cycles Render Engine), or untick Refine Existing Texture")
+                         f"(Preferences > Add-ons > Cycles Render Engine), or {instead}")
     image = bpy.data.images.new("Kiln bake", size, size)
     try:
         with ExitStack() as stack:
@@ -66,7 +74,7 @@ def bake_base_colour(obj: Any, size: int) -> tuple[np.ndarray, str]:
                                     margin=max(1, size * MARGIN_PER_1024 // 1024), use_selected_to_active=False)
             except RuntimeError as error:
                 raise SceneError(f"Cycles could not bake the colours {obj.name!r} shows ({str(error).strip()}): "
-                                 "make it visible and renderable, or untick Refine Existing Texture") from None
+                                 f"make it visible and renderable, or {instead}") from None
         return image_rgba8(image), uv_map
     finally:
         bpy.data.images.remove(image)

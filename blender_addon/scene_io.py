@@ -512,14 +512,17 @@ def world_corners(mesh: Any, matrix: np.ndarray) -> tuple[np.ndarray, np.ndarray
     return np.ascontiguousarray(tris), np.ascontiguousarray(loops)
 
 
-def reference_arrays(obj: Any) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+def reference_arrays(obj: Any, baked: tuple[np.ndarray, str] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The artist's reference object as SUBMIT fields and arrays (``protocol.REFERENCE_PREFIX``):
-    its mesh, and its Base Color image read through that image's own UV map, else its flat colour."""
-    found = existing_texture(obj) if obj is not None and obj.type == "MESH" else None
-    sources = slot_sources(obj) if obj is not None and obj.type == "MESH" else None
-    fields, arrays = mesh_arrays(obj, found.uv_map if found else None, sources, base="texture")
-    if found:
-        rgba = found.rgba8()
+    its mesh, and ``baked`` (the colours it shows and their UV map, ``bake.bake_base_colour``) or
+    its Base Color image read through that image's own UV map, else its flat colour."""
+    found = existing_texture(obj) if obj is not None and obj.type == "MESH" and baked is None else None
+    sources = slot_sources(obj) if obj is not None and obj.type == "MESH" and baked is None else None
+    uv_map = baked[1] if baked else found.uv_map if found else None
+    fields, arrays = mesh_arrays(obj, uv_map, sources, base="texture")
+    if baked or found:
+        rgba = baked[0] if baked else found.rgba8()
         arrays["texture"] = protocol.array("|u1", rgba.shape, rgba)
     elif (colour := flat_colour(obj)) is not None:
         fields["color"] = colour

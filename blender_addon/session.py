@@ -22,7 +22,7 @@ import numpy as np
 from . import blend_assets
 from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
-from .bake import bake_base_colour
+from .bake import REFERENCE, bake_base_colour
 from .client import Client, Disconnected
 from .texture_file import TextureFile
 from .scene_io import (
@@ -197,6 +197,11 @@ def read_settings(settings: Any) -> dict[str, Any]:
     return fields
 
 
+#: The size a reference object's colours are baked at when Kiln cannot read them (a procedural
+#: material): the backend renders references at the model's resolution, 512² for SD 1.5.
+REFERENCE_BAKE_SIZE = 1024
+
+
 def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The fields (and, for the artist's own object, arrays) that give a job its references when
     Use References is on: the reference object, else the ticked search hits, else the libraries
@@ -211,7 +216,9 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
         if obj is None:
             raise SceneError("Use References takes an object, but none is picked: pick the reference object in "
                              "the Kiln panel, or switch the source to Libraries")
-        fields, arrays = reference_arrays(obj)
+        readable = obj.type != "MESH" or unreadable_colour(obj) is None
+        baked = None if readable else bake_base_colour(obj, REFERENCE_BAKE_SIZE, REFERENCE)
+        fields, arrays = reference_arrays(obj, baked)
         return {**options, **fields}, arrays
     if len(settings.hits):
         picked = [hit.file for hit in settings.hits if hit.use]

@@ -1498,6 +1498,12 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     fields, arrays = kiln.operators.job_request(bpy.context)
     assert [source["color"][2] > 0.8 for source in fields["reference_slot_sources"]] == [False, True]
     assert sorted(np.bincount(np.frombuffer(arrays["reference_triangle_slots"].data, np.int32))) == [2, 10]
+    checker = blue.node_tree.nodes.new("ShaderNodeTexChecker")  # procedural: baked, as Kiln cannot read it
+    blue.node_tree.links.new(checker.outputs["Color"], next(
+        n for n in blue.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    fields, arrays = kiln.operators.job_request(bpy.context)
+    assert arrays["reference_texture"].shape == (1024, 1024, 4) and "reference_slot_sources" not in fields
+    assert len(blue.node_tree.nodes) == 3  # the bake's nodes are gone
     select(obj)
     assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
     assert kiln.operators.ACTIVE.targets[0].reference.startswith("Blockout (score 1.00")
