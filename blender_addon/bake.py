@@ -66,16 +66,15 @@ def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.nda
                 stack.enter_context(_colours_as_emission(tree))
             for material in materials:
                 stack.enter_context(_active_image_node(material, image))
-            stack.enter_context(_only_selected(obj))
+            stack.enter_context(_alone_and_shown(obj))  # refused for an object outside the view layer
             stack.enter_context(_cycles_for_baking())
             stack.enter_context(_busy_cursor())
-            try:
-                bpy.ops.object.bake(type="EMIT", uv_layer=uv_map, use_clear=True, target="IMAGE_TEXTURES",
-                                    margin=max(1, size * MARGIN_PER_1024 // 1024), use_selected_to_active=False)
-            except RuntimeError as error:
-                raise SceneError(f"Cycles could not bake the colours {obj.name!r} shows ({str(error).strip()}): "
-                                 f"make it visible and renderable, or {instead}") from None
+            bpy.ops.object.bake(type="EMIT", uv_layer=uv_map, use_clear=True, target="IMAGE_TEXTURES",
+                                margin=max(1, size * MARGIN_PER_1024 // 1024), use_selected_to_active=False)
         return image_rgba8(image), uv_map
+    except RuntimeError as error:
+        raise SceneError(f"Cycles could not bake the colours {obj.name!r} shows ({str(error).strip()}): make it "
+                         f"visible (in the view layer, shown in viewports and renders), or {instead}") from None
     finally:
         bpy.data.images.remove(image)
 
@@ -138,18 +137,24 @@ def _active_image_node(material: Any, image: Any) -> Iterator[None]:
 
 
 @contextmanager
-def _only_selected(obj: Any) -> Iterator[None]:
-    """``obj`` alone selected and active: Blender bakes every selected object."""
+def _alone_and_shown(obj: Any) -> Iterator[None]:
+    """``obj`` alone selected and active (Blender bakes every selected object) and shown: a
+    reference object is often hidden, from the viewport or from renders, which baking skips."""
     layer = bpy.context.view_layer
     selected, active = list(bpy.context.selected_objects), layer.objects.active
-    for other in selected:
-        other.select_set(False)
-    obj.select_set(True)
-    layer.objects.active = obj
+    hidden = (obj.hide_get(), obj.hide_viewport, obj.hide_render, obj.hide_select)
+    obj.hide_set(False)
+    obj.hide_viewport = obj.hide_render = obj.hide_select = False
     try:
+        for other in selected:
+            other.select_set(False)
+        obj.select_set(True)
+        layer.objects.active = obj
         yield
     finally:
         obj.select_set(False)
+        obj.hide_viewport, obj.hide_render, obj.hide_select = hidden[1:]
+        obj.hide_set(hidden[0])
         for other in selected:
             other.select_set(True)
         layer.objects.active = active

@@ -1501,9 +1501,14 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     checker = blue.node_tree.nodes.new("ShaderNodeTexChecker")  # procedural: baked, as Kiln cannot read it
     blue.node_tree.links.new(checker.outputs["Color"], next(
         n for n in blue.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    scene.reference_object.hide_render = True  # references are often kept out of renders, or hidden
+    scene.reference_object.hide_set(True)
     fields, arrays = kiln.operators.job_request(bpy.context)
     assert arrays["reference_texture"].shape == (1024, 1024, 4) and "reference_slot_sources" not in fields
-    assert len(blue.node_tree.nodes) == 3  # the bake's nodes are gone
+    assert len(blue.node_tree.nodes) == 3  # the bake's nodes are gone, and the object hidden again
+    assert scene.reference_object.hide_render and scene.reference_object.hide_get()
+    scene.reference_object.hide_render = False
+    scene.reference_object.hide_set(False)
     select(obj)
     assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
     assert kiln.operators.ACTIVE.targets[0].reference.startswith("Blockout (score 1.00")
