@@ -1191,6 +1191,9 @@ def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> Non
     rgba = kiln.scene_io.image_rgba8(image)
     assert rgba.shape == (8, 4096, 4)  # aspect kept
     assert np.abs(rgba[4, :, 0].astype(float) - np.linspace(0, 255, 4096)).max() < 1
+    hdr = bpy.data.images.new("linear", 5, 1, float_buffer=True)  # linear values, sent as sRGB bytes
+    hdr.pixels.foreach_set(np.array([[v, v, v, 1.0] for v in (0.0, 0.0031308, 0.2159, 0.5, 4.0)], np.float32).ravel())
+    assert kiln.scene_io.image_rgba8(hdr)[0, :, 0].tolist() == [0, 10, 128, 188, 255]
 
 
 def test_refine_without_a_texture_says_why(kiln, scene) -> None:
