@@ -53,9 +53,12 @@ def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.nda
                          f"materials, which are linked from another file: make them local, or {instead}")
     uv_map = _bake_uv_map(obj, instead)
     materials = list(dict.fromkeys(slot.material for slot in obj.material_slots))
-    if not materials or any(m is None or not uses_nodes(m) for m in materials):
-        raise SceneError(f"{obj.name!r} has no material, or a slot without a node material, so the colours it "
-                         f"shows cannot be baked: give each slot a material, or {instead}")
+    if not materials:
+        raise SceneError(f"{obj.name!r} has no material, so it shows no colours to start from: give it one, or "
+                         f"{instead}")
+    if any(m is None or not uses_nodes(m) for m in materials):
+        raise SceneError(f"{obj.name!r} has an empty material slot or a material without nodes (Use Nodes off), "
+                         f"so the colours it shows cannot be baked: give each slot a node material, or {instead}")
     if not hasattr(bpy.context.scene, "cycles"):
         raise SceneError("Kiln bakes the colours of this material with Cycles, which is turned off: enable it "
                          f"(Preferences > Add-ons > Cycles Render Engine), or {instead}")

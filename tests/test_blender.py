@@ -1298,6 +1298,13 @@ def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene) ->
                          next(n for n in other_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
     sent = np.frombuffer(kiln.session.target_for(other, refine=True, size=64).arrays["init_texture"].data, np.uint8)
     assert (0, 255, 0) in {tuple(c) for c in sent.reshape(-1, 4)[:, :3]}
+    bare = add_cube("Bare", artist_material=False)
+    with pytest.raises(kiln.scene_io.SceneError, match="'Bare' has no material, so it shows no colours to start "
+                                                       "from: give it one, or untick Refine Existing Texture"):
+        kiln.session.target_for(bare, refine=True, size=64)
+    bare.data.materials.append(None)
+    with pytest.raises(kiln.scene_io.SceneError, match="has an empty material slot"):
+        kiln.session.target_for(bare, refine=True, size=64)
     uv = obj.data.uv_layers.active.data[0].uv
     uv.x += 1.0  # one corner in the next UV tile
     with pytest.raises(kiln.scene_io.SceneError, match="reaches past the unit square .* wire an Image Texture"):
