@@ -16,7 +16,8 @@ from typing import Any, Iterator
 import bpy
 import numpy as np
 
-from .scene_io import SceneError, image_rgba8, uses_nodes
+from .materials import image_rgba8, uses_nodes
+from .scene_io import SceneError
 
 #: Texels of colour grown past each UV island's edge, per 1024 texels of size: the backend samples
 #: the start texture at exact UVs, but mipmaps and bilinear reads at seams reach a little past them.

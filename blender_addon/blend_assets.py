@@ -21,7 +21,8 @@ import bpy
 import numpy as np
 
 from .backend import protocol
-from .scene_io import base_colour_rgba8, flat_colour_of, world_corners
+from .materials import base_colour_rgba8, flat_colour_of
+from .scene_io import world_corners
 from .texture_file import png_bytes
 
 SOURCE_FILE = "source.json"

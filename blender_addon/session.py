@@ -25,6 +25,7 @@ from .backend_process import BackendChoice, BackendError, BackendProcess, Standi
 from .bake import REFERENCE, bake_base_colour
 from .client import Client, Disconnected
 from .texture_file import TextureFile
+from .materials import existing_texture, image_problem, slot_sources, unreadable_colour
 from .scene_io import (
     LiveTexture,
     PointPreview,
@@ -34,17 +35,13 @@ from .scene_io import (
     add_uv_map,
     build_object,
     check_paintable,
-    existing_texture,
-    image_problem,
     mesh_arrays,
     reference_arrays,
     save_texture,
     saved_texture,
     share_texture,
-    slot_sources,
     start_live_texture,
     start_preview,
-    unreadable_colour,
 )
 
 

@@ -590,7 +590,7 @@ def test_a_material_that_does_not_use_its_nodes_reads_as_its_colour(kiln, scene)
     link_artist_image(obj)
     material = obj.material_slots[0].material
     material.use_nodes, material.diffuse_color = False, (1.0, 0.0, 0.0, 1.0)
-    assert kiln.scene_io.existing_texture(obj) is None and kiln.scene_io.flat_colour(obj) == pytest.approx([1, 0, 0])
+    assert kiln.materials.existing_texture(obj) is None and kiln.materials.flat_colour(obj) == pytest.approx([1, 0, 0])
     kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
     shown = obj.material_slots[0].material
     assert shown.use_nodes and not any(n.type == "TEX_IMAGE" and n.image.name.startswith("Artist")
@@ -633,7 +633,7 @@ def test_an_unlit_material_gets_a_plain_one_whose_texture_shows(kiln, scene) -> 
     emission = tree.nodes.new("ShaderNodeEmission")
     output = tree.get_output_node("ALL")
     tree.links.new(emission.outputs["Emission"], output.inputs["Surface"])
-    assert kiln.scene_io.existing_texture(obj) is None
+    assert kiln.materials.existing_texture(obj) is None
     kiln.scene_io.start_live_texture(obj, "UVMap", (8, 8))
     shown = obj.material_slots[0].material
     surface = shown.node_tree.get_output_node("ALL").inputs["Surface"].links[0].from_node
@@ -1188,12 +1188,12 @@ def test_textures_over_the_largest_size_are_sent_scaled_down(kiln, scene) -> Non
     px = np.zeros((16, 8192, 4), np.float32)
     px[..., 0], px[..., 3] = np.linspace(0, 1, 8192), 1.0
     image.pixels.foreach_set(px.ravel())
-    rgba = kiln.scene_io.image_rgba8(image)
+    rgba = kiln.materials.image_rgba8(image)
     assert rgba.shape == (8, 4096, 4)  # aspect kept
     assert np.abs(rgba[4, :, 0].astype(float) - np.linspace(0, 255, 4096)).max() < 1
     hdr = bpy.data.images.new("linear", 5, 1, float_buffer=True)  # linear values, sent as sRGB bytes
     hdr.pixels.foreach_set(np.array([[v, v, v, 1.0] for v in (0.0, 0.0031308, 0.2159, 0.5, 4.0)], np.float32).ravel())
-    assert kiln.scene_io.image_rgba8(hdr)[0, :, 0].tolist() == [0, 10, 128, 188, 255]
+    assert kiln.materials.image_rgba8(hdr)[0, :, 0].tolist() == [0, 10, 128, 188, 255]
 
 
 def test_refine_without_a_texture_says_why(kiln, scene) -> None:
