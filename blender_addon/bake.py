@@ -48,6 +48,10 @@ def _bake_uv_map(obj: Any, instead: str) -> str:
 def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.ndarray, str]:
     """(size, size, 4) uint8 of the Base Color ``obj``'s materials show, lighting left out, rows
     bottom-up, and the UV map it lies on; refusals offer ``instead`` as the way out."""
+    if obj.library is not None or obj.data.library is not None or any(
+            slot.material is not None and slot.material.library is not None for slot in obj.material_slots):
+        raise SceneError(f"{obj.name!r}'s colours come through nodes Kiln cannot read, and baking them needs its "
+                         f"materials, which are linked from another file: make them local, or {instead}")
     uv_map = _bake_uv_map(obj, instead)
     materials = list(dict.fromkeys(slot.material for slot in obj.material_slots))
     if not materials:
@@ -56,20 +60,13 @@ def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.nda
     if any(m is None or not uses_nodes(m) for m in materials):
         raise SceneError(f"{obj.name!r} has an empty material slot or a material without nodes (Use Nodes off), "
                          f"so the colours it shows cannot be baked: give each slot a node material, or {instead}")
-    trees = _trees(materials)
-    linked = [d.name for d in (obj, obj.data, *materials, *trees) if getattr(d, "library", None) is not None]
-    if linked:  # the bake stands shaders in for a moment, which linked data cannot take
-        raise SceneError(f"Kiln bakes the colours {obj.name!r} shows, which needs its materials and node groups "
-                         f"editable, but {', '.join(map(repr, linked))} {'is' if len(linked) == 1 else 'are'} "
-                         f"linked from another file: make {'it' if len(linked) == 1 else 'them'} local (Object > "
-                         f"Relations > Make Local > All), or {instead}")
     if not hasattr(bpy.context.scene, "cycles"):
         raise SceneError("Kiln bakes the colours of this material with Cycles, which is turned off: enable it "
                          f"(Preferences > Add-ons > Cycles Render Engine), or {instead}")
     image = bpy.data.images.new("Kiln bake", size, size)
     try:
         with ExitStack() as stack:
-            for tree in trees:
+            for tree in _trees(materials):
                 stack.enter_context(_colours_as_emission(tree))
             for material in materials:
                 stack.enter_context(_active_image_node(material, image))
