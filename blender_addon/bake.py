@@ -48,10 +48,14 @@ def _bake_uv_map(obj: Any, instead: str) -> str:
 def bake_base_colour(obj: Any, size: int, instead: str = REFINE) -> tuple[np.ndarray, str]:
     """(size, size, 4) uint8 of the Base Color ``obj``'s materials show, lighting left out, rows
     bottom-up, and the UV map it lies on; refusals offer ``instead`` as the way out."""
-    if obj.library is not None or obj.data.library is not None or any(
-            slot.material is not None and slot.material.library is not None for slot in obj.material_slots):
-        raise SceneError(f"{obj.name!r}'s colours come through nodes Kiln cannot read, and baking them needs its "
-                         f"materials, which are linked from another file: make them local, or {instead}")
+    linked = [d.name for d in (obj, obj.data, *(s.material for s in obj.material_slots if s.material))
+              if d.library is not None]
+    if linked:  # Blender bakes only local objects, and into local materials (a linked one bakes nothing)
+        raise SceneError(f"Kiln bakes the colours {obj.name!r} shows, which Blender does only for local objects and "
+                         f"materials, and {', '.join(map(repr, dict.fromkeys(linked)))} "
+                         f"{'is' if len(set(linked)) == 1 else 'are'} linked from another file: make "
+                         f"{'it' if len(set(linked)) == 1 else 'them'} local (Object > Relations > Make Local > "
+                         f"Selected Objects, Data and Materials), or {instead}")
     uv_map = _bake_uv_map(obj, instead)
     materials = list(dict.fromkeys(slot.material for slot in obj.material_slots))
     if not materials:

@@ -1252,7 +1252,7 @@ def test_a_base_color_image_multiplied_by_a_colour_is_read_as_the_material_shows
     assert sent[..., 0].mean() < px[..., 0].mean() - 0.05  # darker than the untinted image
 
 
-def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene) -> None:
+def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene, tmp_path) -> None:
     """A colour through a Hue/Saturation node, a procedural texture, a flat colour: Cycles bakes
     what each slot shows onto the render UV map, the job refines from that and says so, and the
     scene is left as it was (engine, selection, active nodes, no extra images). A UV map past the
@@ -1298,6 +1298,26 @@ def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene) ->
                          next(n for n in other_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
     sent = np.frombuffer(kiln.session.target_for(other, refine=True, size=64).arrays["init_texture"].data, np.uint8)
     assert (0, 255, 0) in {tuple(c) for c in sent.reshape(-1, 4)[:, :3]}
+    shared = studio_shader("Shared Stone")  # a node group from a library: baked through, left as it was
+    flat_linked = bpy.data.materials.new("Library flat")
+    for block in (shared, flat_linked):
+        block.use_fake_user = True
+    bpy.data.libraries.write(str(tmp_path / "shaders.blend"), {shared, flat_linked}, fake_user=True)
+    bpy.data.node_groups.remove(shared)
+    bpy.data.materials.remove(flat_linked)
+    with bpy.data.libraries.load(str(tmp_path / "shaders.blend"), link=True) as (_, linked):
+        linked.node_groups, linked.materials = ["Shared Stone"], ["Library flat"]
+    stone = add_cube("Stone")
+    stone_tree = stone.material_slots[0].material.node_tree
+    group = stone_tree.nodes.new("ShaderNodeGroup")
+    group.node_tree = linked.node_groups[0]
+    stone_tree.links.new(stone_tree.nodes.new("ShaderNodeTexChecker").outputs["Color"], group.inputs["Albedo"])
+    stone_tree.links.new(group.outputs["Shader"], stone_tree.nodes["Material Output"].inputs["Surface"])
+    sent = np.frombuffer(kiln.session.target_for(stone, refine=True, size=64).arrays["init_texture"].data, np.uint8)
+    assert len(np.unique(sent.reshape(-1, 4), axis=0)) >= 3 and len(group.node_tree.nodes) == 3  # checks, gaps
+    stone.material_slots[0].material = linked.materials[0]  # a linked material would bake nothing
+    with pytest.raises(kiln.scene_io.SceneError, match="'Library flat' is linked from another file: make it local"):
+        kiln.session.target_for(stone, refine=True, size=64)
     bare = add_cube("Bare", artist_material=False)
     with pytest.raises(kiln.scene_io.SceneError, match="'Bare' has no material, so it shows no colours to start "
                                                        "from: give it one, or untick Refine Existing Texture"):
