@@ -25,6 +25,16 @@ def uses_nodes(material: Any) -> bool:
     return material is not None and material.node_tree is not None and (bpy.app.version >= (5, 0) or material.use_nodes)
 
 
+def output_node(material: Any) -> Any:
+    """The Material Output that shows: the one for all engines, else the one for the scene's
+    render engine, else the other engine's (an artist may keep a Cycles-only and an EEVEE-only
+    output; ``get_output_node("ALL")`` finds neither)."""
+    tree = material.node_tree
+    first = "CYCLES" if bpy.context.scene.render.engine == "CYCLES" else "EEVEE"
+    return next((node for target in ("ALL", first, {"CYCLES": "EEVEE", "EEVEE": "CYCLES"}[first])
+                 if (node := tree.get_output_node(target)) is not None), None)
+
+
 def base_colour_sockets(material: Any) -> list[Any]:
     """The sockets of the material's own nodes that become a Principled BSDF's Base Color on the
     way to its output: each such BSDF's Base Color, and the input of a node group (a studio's shared
@@ -32,7 +42,7 @@ def base_colour_sockets(material: Any) -> list[Any]:
     Emission (an unlit look) shows nothing, so it is neither read nor painted."""
     if not uses_nodes(material):
         return []
-    return _tree_base_colour_sockets(material.node_tree.get_output_node("ALL"), set())
+    return _tree_base_colour_sockets(output_node(material), set())
 
 
 def _tree_base_colour_sockets(output: Any, groups: set[str]) -> list[Any]:
@@ -194,7 +204,7 @@ def unreadable_colour(obj: Any) -> str | None:
         for socket in sockets:
             if socket.links and _image_behind(socket) is None:
                 return f"the node {socket.links[0].from_node.name!r} on {material.name!r}"
-        output = material.node_tree.get_output_node("ALL")
+        output = output_node(material)
         surface = output.inputs["Surface"].links if output is not None else ()
         if not sockets and surface and surface[0].from_node.type != "EMISSION":
             return f"the shader {surface[0].from_node.name!r} on {material.name!r}"

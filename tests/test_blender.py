@@ -931,6 +931,7 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     obj.data.uv_layers.new(name="Second")  # the image is read through the render UV map, not this one
     obj.data.uv_layers.active = obj.data.uv_layers["Second"]
     px = link_artist_image(obj)
+    obj.material_slots[0].material.node_tree.nodes["Material Output"].target = "CYCLES"  # no output for "all"
     scene.refine, scene.strength = True, 0.2
     session = run_session(kiln, [obj], steps=1)
     sent = session.targets[0].arrays["init_texture"]
@@ -942,6 +943,8 @@ def test_refine_sends_the_existing_texture_and_keeps_its_uv_map(kiln, scene) -> 
     assert session.succeeded, session.summary()
     uv_node = next(n for n in obj.material_slots[0].material.node_tree.nodes if n.type == "UVMAP")
     assert uv_node.uv_map == "UVMap"
+    kept = obj.material_slots[0].material.node_tree.nodes  # a copy of the artist's, not a plain one
+    assert any(n.type == "TEX_IMAGE" and n.name != kiln.scene_io.TEXTURE_NODE for n in kept)
     assert bpy.data.materials["Artist Cube"].use_fake_user  # the original stays
 
 
