@@ -74,15 +74,30 @@ def _tree_base_colour_sockets(output: Any, groups: set[str]) -> list[Any]:
 _MIX_INPUTS = {"ShaderNodeMix": ("Factor_Float", "A_Color", "B_Color"), "ShaderNodeMixRGB": ("Fac", "Color1", "Color2")}
 
 
-def _image_behind(socket: Any) -> tuple[Any, tuple[float, float, float]] | None:
-    """The Image Texture node feeding a colour socket, and the constant colour (linear RGB) it is
-    multiplied by on the way: (1, 1, 1) when linked straight in. None for anything else, whose
-    colours Kiln cannot work out."""
+def _reads_uvs(image_node: Any) -> bool:
+    """Whether an Image Texture lays its image on the surface by a UV map as it is, the way Kiln
+    reads it: flat projection, its vector unlinked, from a UV Map node or a Texture Coordinate's
+    UV. A Mapping node (a tiled texture), box projection or generated coordinates place it
+    otherwise, which only a bake reproduces."""
+    if image_node.projection != "FLAT":
+        return False
+    links = image_node.inputs["Vector"].links
+    if not links:
+        return True
+    source = links[0].from_node
+    return source.type == "UVMAP" or (source.type == "TEX_COORD" and links[0].from_socket.identifier == "UV")
+
+
+def _image_behind(socket: Any, placed_any_way: bool = False) -> tuple[Any, tuple[float, float, float]] | None:
+    """The Image Texture node feeding a colour socket by a UV map (``_reads_uvs``; with
+    ``placed_any_way``, however it is placed), and the constant colour (linear RGB) it is multiplied
+    by on the way: (1, 1, 1) when linked straight in. None for anything else, whose colours Kiln
+    cannot work out."""
     if not socket.links:
         return None
     node = socket.links[0].from_node
     if node.type == "TEX_IMAGE":
-        return node, (1.0, 1.0, 1.0)
+        return (node, (1.0, 1.0, 1.0)) if placed_any_way or _reads_uvs(node) else None
     names = _MIX_INPUTS.get(node.bl_idname)
     if names is None or node.blend_type != "MULTIPLY" or getattr(node, "data_type", "RGBA") != "RGBA":
         return None
@@ -91,15 +106,17 @@ def _image_behind(socket: Any) -> tuple[Any, tuple[float, float, float]] | None:
         return None
     for image, colour in ((a, b), (b, a)):
         if image.links and image.links[0].from_node.type == "TEX_IMAGE" and not colour.links:
-            return image.links[0].from_node, tuple(float(c) for c in colour.default_value[:3])
+            found = image.links[0].from_node
+            tint = tuple(float(c) for c in colour.default_value[:3])
+            return (found, tint) if placed_any_way or _reads_uvs(found) else None
     return None
 
 
-def _base_colour_source(material: Any) -> tuple[Any, tuple[float, float, float]] | None:
+def _base_colour_source(material: Any, placed_any_way: bool = False) -> tuple[Any, tuple[float, float, float]] | None:
     """The Image Texture node feeding a Principled BSDF's Base Color with a readable image (maybe
-    through a Multiply by a colour), and that colour; or None."""
+    through a Multiply by a colour; ``_image_behind``), and that colour; or None."""
     for socket in base_colour_sockets(material):
-        found = _image_behind(socket)
+        found = _image_behind(socket, placed_any_way)
         if found is not None and found[0].image is not None and 0 not in tuple(found[0].image.size):
             return found  # else no image, or one whose file is missing
     return None
@@ -137,8 +154,9 @@ class BaseColour:
 
 
 def base_colour_rgba8(material: Any) -> np.ndarray | None:
-    """The pixels a material's Base Color image shows (``BaseColour``), or None."""
-    found = _base_colour_source(material)
+    """The pixels a material's Base Color image shows (``BaseColour``), or None. However the image
+    is placed: a .blend asset exported as a reference shows its texture, if not its tiling."""
+    found = _base_colour_source(material, placed_any_way=True)
     return None if found is None else BaseColour(found[0].image, "", found[1]).rgba8()
 
 
@@ -175,7 +193,7 @@ def image_problem(obj: Any) -> str | None:
     would not believe "no image", and a bake would only copy the missing-image pink."""
     for slot in obj.material_slots:
         for socket in base_colour_sockets(slot.material):
-            found = _image_behind(socket)
+            found = _image_behind(socket, placed_any_way=True)
             if found is None:
                 continue
             source = found[0]
@@ -185,7 +203,7 @@ def image_problem(obj: Any) -> str | None:
             if 0 in tuple(image.size):
                 return (f"{where} shows {image.name!r}, which has no pixels (its file {image.filepath!r} is missing "
                         "or unreadable): find it (File > External Data > Find Missing Files)")
-            if _uv_map_read(obj, source) not in obj.data.uv_layers:
+            if _reads_uvs(source) and _uv_map_read(obj, source) not in obj.data.uv_layers:
                 return (f"{where} reads {image.name!r} through the UV map {_uv_map_read(obj, source)!r}, which "
                         f"{obj.name!r} lacks: pick one of its maps in the UV Map node feeding it")
     return None
@@ -203,6 +221,10 @@ def unreadable_colour(obj: Any) -> str | None:
         sockets = base_colour_sockets(material)
         for socket in sockets:
             if socket.links and _image_behind(socket) is None:
+                found = _image_behind(socket, placed_any_way=True)
+                if found is not None:
+                    return (f"the Image Texture {found[0].name!r} on {material.name!r}, placed by other than a UV "
+                            "map as it is (a Mapping node, box projection, generated coordinates)")
                 return f"the node {socket.links[0].from_node.name!r} on {material.name!r}"
         output = output_node(material)
         surface = output.inputs["Surface"].links if output is not None else ()

@@ -1301,6 +1301,16 @@ def test_refine_bakes_the_colours_kiln_cannot_read_from_an_image(kiln, scene, tm
                          next(n for n in other_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
     sent = np.frombuffer(kiln.session.target_for(other, refine=True, size=64).arrays["init_texture"].data, np.uint8)
     assert (0, 255, 0) in {tuple(c) for c in sent.reshape(-1, 4)[:, :3]}
+    tiled = add_cube("Tiled")  # an image tiled by a Mapping node: read through the UVs it would be wrong
+    link_artist_image(tiled)
+    tiled_tree = tiled.material_slots[0].material.node_tree
+    mapping = tiled_tree.nodes.new("ShaderNodeMapping")
+    mapping.inputs["Scale"].default_value = (4.0, 4.0, 1.0)
+    tiled_tree.links.new(tiled_tree.nodes.new("ShaderNodeTexCoord").outputs["UV"], mapping.inputs["Vector"])
+    tiled_tree.links.new(mapping.outputs["Vector"], next(n for n in tiled_tree.nodes if n.type == "TEX_IMAGE")
+                         .inputs["Vector"])
+    target = kiln.session.target_for(tiled, refine=True, size=64)
+    assert target.arrays["init_texture"].shape == (64, 64, 4) and "placed by other than a UV map" in target.notes[0]
     shared = studio_shader("Shared Stone")  # a node group from a library: baked through, left as it was
     flat_linked = bpy.data.materials.new("Library flat")
     for block in (shared, flat_linked):
