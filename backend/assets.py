@@ -10,7 +10,9 @@ colours, else from its material's flat colour.
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -138,6 +140,34 @@ def image_rgb(image: object) -> np.ndarray:
 def texture_tensor(image: object) -> torch.Tensor:
     """A PIL image as the (3, H, W) float texture a job reads (``image_rgb``)."""
     return torch.from_numpy(image_rgb(image)).permute(2, 0, 1)
+
+
+def texture_placement_problem(path: Path) -> str | None:
+    """Why the Base Color texture of a glTF file cannot be read as laid 1:1 on its first UV set,
+    the only way trimesh reads it: a KHR_texture_transform (tiling, offset, rotation) or another
+    UV set. None for other files, or when it is read right."""
+    suffix = path.suffix.lower()
+    if suffix not in (".glb", ".gltf"):
+        return None
+    data = path.read_bytes()
+    if suffix == ".glb":
+        if data[:4] != b"glTF" or data[16:20] != b"JSON":
+            return None  # not ours to judge: trimesh has read it, or said why not
+        data = data[20:20 + struct.unpack("<I", data[12:16])[0]]
+    try:
+        header = json.loads(data)
+    except ValueError:
+        return None
+    for material in header.get("materials", []):
+        texture = material.get("pbrMetallicRoughness", {}).get("baseColorTexture")
+        if texture is None:
+            continue
+        name = material.get("name", "a material")
+        if "KHR_texture_transform" in texture.get("extensions", {}):
+            return f"{name!r}'s Base Color texture is placed by KHR_texture_transform (tiled, offset or turned)"
+        if texture.get("texCoord", 0) != 0:
+            return f"{name!r}'s Base Color texture is read through UV set {texture['texCoord']}, not the first"
+    return None
 
 
 def base_colour(loaded: object) -> torch.Tensor | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
-from .assets import base_colour, image_rgb, texture_tensor
+from .assets import base_colour, image_rgb, texture_placement_problem, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, load_mesh_file, shaded_vertices
@@ -129,6 +129,9 @@ def refine_texture(args: argparse.Namespace, loaded: object, mesh: Mesh):
         return udim_texture(args.init_texture, mesh)
     if args.init_texture:
         return read_texture(args.init_texture)
+    if (problem := texture_placement_problem(Path(args.mesh))) is not None:
+        raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh}: {problem}, which Kiln cannot read as it shows: bake it "
+                       "to the first UV set (in Blender: refine there, where Kiln bakes it), or pass --init-texture")
     texture = base_colour(loaded)
     if texture is None:
         raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import subprocess
 import sys
 
@@ -835,6 +836,20 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert (tmp_path / "b" / "vase_texture.png").is_file()
     none = run_cli("texture", str(VASE), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "c"))
     assert none.returncode == 2 and "no texture to refine" in none.stderr
+    # A texture tiled by KHR_texture_transform: trimesh would read it 1:1 on the UVs, so it is refused.
+    data = glb.read_bytes()
+    length = struct.unpack("<I", data[12:16])[0]
+    header = json.loads(data[20:20 + length])
+    header["materials"][0]["pbrMetallicRoughness"]["baseColorTexture"]["extensions"] = {
+        "KHR_texture_transform": {"scale": [4, 4]}}
+    chunk = json.dumps(header).encode()
+    chunk += b" " * (-len(chunk) % 4)
+    rest = data[20 + length:]
+    tiled = tmp_path / "tiled.glb"
+    tiled.write_bytes(b"glTF" + struct.pack("<II", 2, 20 + len(chunk) + len(rest)) + struct.pack("<I", len(chunk))
+                      + b"JSON" + chunk + rest)
+    refused = run_cli("texture", str(tiled), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "t"))
+    assert refused.returncode == 2 and "placed by KHR_texture_transform" in refused.stderr, refused.stderr
     bad = run_cli("texture", str(glb), "--prompt", "a vase", "--refine", "--strength", "3", "--out", str(tmp_path))
     assert bad.returncode == 2 and "strength 3.0 is out of range" in bad.stderr
     # Options that only refining reads are never dropped without a word: --init-texture refines,
