@@ -149,11 +149,14 @@ def texture_placement_problem(path: Path) -> str | None:
     suffix = path.suffix.lower()
     if suffix not in (".glb", ".gltf"):
         return None
-    data = path.read_bytes()
-    if suffix == ".glb":
-        if data[:4] != b"glTF" or data[16:20] != b"JSON":
-            return None  # not ours to judge: trimesh has read it, or said why not
-        data = data[20:20 + struct.unpack("<I", data[12:16])[0]]
+    with path.open("rb") as file:  # a GLB's JSON chunk only: its binary one may run to hundreds of MB
+        if suffix == ".gltf":
+            data = file.read()
+        else:
+            head = file.read(20)
+            if head[:4] != b"glTF" or head[16:20] != b"JSON":
+                return None  # not ours to judge: trimesh has read it, or said why not
+            data = file.read(struct.unpack("<I", head[12:16])[0])
     try:
         header = json.loads(data)
     except ValueError:

@@ -136,6 +136,7 @@ def shaded_vertices(mesh: Mesh, smooth_angle_deg: float = SMOOTH_ANGLE_DEG
     return (corners[first].astype(np.float32), uvs[first].astype(np.float32),
             normals[shared.ravel()[first]].astype(np.float32), vertex.reshape(-1, 3))
 
+
 def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     """Load OBJ/GLB/PLY/... with trimesh for the CLI; returns the Mesh and the trimesh object."""
     import trimesh

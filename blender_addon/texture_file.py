@@ -76,7 +76,7 @@ class TextureFile:
         self.data = png_bytes(rgba)
         if self.folder is None:
             return
-        path = None
+        path = part = None
         try:
             path = reserve(self.folder, stem)
             part = path.with_name(path.name + ".part")  # never a half-written PNG under the real name
@@ -85,6 +85,6 @@ class TextureFile:
             self.path = path
         except OSError as error:  # a read-only share, a full disk, a file where the folder goes
             self.error = error
-            if path is not None:
-                path.unlink(missing_ok=True)
-                path.with_name(path.name + ".part").unlink(missing_ok=True)
+            for leftover in (path, part):
+                if leftover is not None:
+                    leftover.unlink(missing_ok=True)
