@@ -24,8 +24,14 @@ from .scene_io import SceneError
 MARGIN_PER_1024 = 4
 
 
+#: The size the colours of a reference (a reference object, a .blend asset exported for the
+#: libraries) are baked at when Kiln cannot read them: the backend renders references at the
+#: model's resolution, 512² for SD 1.5.
+REFERENCE_SIZE = 1024
+
 #: The way out a refusal offers, by what the bake is for.
 REFINE, REFERENCE = "untick Refine Existing Texture", "pick another reference object"
+EXPORT = "leave it: Kiln exports it for the libraries with flat colours"
 
 
 def _bake_uv_map(obj: Any, instead: str) -> str:

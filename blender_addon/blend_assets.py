@@ -1,10 +1,11 @@
 """Assets inside .blend files: Blender's own asset libraries, and .blend files in Kiln's folders.
 
 The backend has no Blender, so the add-on exports each mesh-object or collection asset once, as
-OBJ with its materials (Base Color images as PNG, else flat colours) and a caption from the asset's
-metadata (name, description, tags), into a cache folder that the backend indexes like any other
-library. A .blend is exported again only when it changes; its exports go when it goes. Main thread
-only: appending touches ``bpy.data``, and everything appended is removed again at once.
+OBJ with its materials (Base Color images as PNG; colours from other nodes, such as a procedural
+wood, baked by Cycles; else flat colours) and a caption from the asset's metadata (name,
+description, tags), into a cache folder that the backend indexes like any other library. A
+.blend is exported again only when it changes; its exports go when it goes. Main thread only:
+appending touches ``bpy.data``, and everything appended is removed again at once.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from typing import Any, Iterable, Iterator
 import bpy
 import numpy as np
 
+from .bake import EXPORT, REFERENCE_SIZE, bake_base_colour
 from .backend import protocol
-from .materials import base_colour_rgba8, flat_colour_of
-from .scene_io import world_corners
+from .materials import base_colour_rgba8, flat_colour_of, unreadable_colour
+from .scene_io import SceneError, world_corners
 from .texture_file import png_bytes
 
 SOURCE_FILE = "source.json"
@@ -69,8 +71,9 @@ def drop_stale(blends: list[Path]) -> list[str]:
 
 def export_blend(blend: Path) -> tuple[int, list[str]]:
     """Export the .blend's mesh and collection assets; returns how many, and notes on what was
-    skipped. Appended data is removed before returning, whatever happens; a file that cannot be
-    read leaves no export behind (and is tried again at the next indexing)."""
+    skipped or exported with flat colours. Appended data is removed before returning, whatever
+    happens; a file that cannot be read leaves no export behind (and is tried again at the next
+    indexing)."""
     folder = export_folder(blend)
     shutil.rmtree(folder, ignore_errors=True)
     folder.mkdir(parents=True)
@@ -84,13 +87,19 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
             dst.objects, dst.collections = list(src.objects), list(src.collections)
         assets = [(o, [o]) for o in dst.objects if o is not None] + \
                  [(c, list(c.all_objects)) for c in dst.collections if c is not None]
-        depsgraph = evaluate({o for _, objects in assets for o in objects if o.type == "MESH"})
+        scratch = scratch_scene({o for _, objects in assets for o in objects if o.type == "MESH"})
+        depsgraph = scratch.view_layers[0].depsgraph
         for asset, objects in assets:
             with evaluated_meshes([o for o in objects if o.type == "MESH"], depsgraph) as meshes:
                 if not meshes:
-                    notes.append(f"{blend.name}: {asset.name} has no mesh to read")
+                    notes.append(f"skipped {blend.name}: {asset.name} has no mesh to read")
                     continue
-                write_obj(folder, asset.name, meshes, caption(asset))
+                baked = {}
+                for obj, _ in meshes:
+                    baked[obj.name], problem = baked_colours(obj, scratch)
+                    if problem:
+                        notes.append(f"{blend.name}: {asset.name} exported with flat colours: {problem}")
+                write_obj(folder, asset.name, meshes, caption(asset), baked)
             written += 1
     except BaseException:
         shutil.rmtree(folder, ignore_errors=True)
@@ -106,14 +115,30 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
     return written, notes
 
 
-def evaluate(objects: set[Any]) -> Any:
-    """A depsgraph of the appended objects in a scratch scene (removed with the rest of the
-    appended data): an asset is what its modifiers make, and appended objects are in no scene."""
+def scratch_scene(objects: set[Any]) -> Any:
+    """A scene of the appended objects (removed with the rest of the appended data) to evaluate and
+    bake them in: an asset is what its modifiers make, and appended objects are in no scene."""
     scratch = bpy.data.scenes.new("Kiln export")
     for obj in objects:
         scratch.collection.objects.link(obj)
     scratch.view_layers[0].update()
-    return scratch.view_layers[0].depsgraph
+    return scratch
+
+
+def baked_colours(obj: Any, scratch: Any) -> tuple[np.ndarray | None, str]:
+    """The colours ``obj``'s materials show, baked by Cycles in the scratch scene, when they come
+    through nodes Kiln cannot read from an image (a procedural wood, a tiled texture): a flat colour
+    would make a poor reference. (None, "") when no bake is needed; (None, why) when it cannot be
+    done (no UV map, UDIM, Cycles off)."""
+    if unreadable_colour(obj) is None:
+        return None, ""
+    try:
+        # The bake operator finds its object through the context, not the view layer alone.
+        with bpy.context.temp_override(scene=scratch, view_layer=scratch.view_layers[0], object=obj,
+                                       active_object=obj, selected_objects=[obj], selected_editable_objects=[obj]):
+            return bake_base_colour(obj, REFERENCE_SIZE, EXPORT)[0], ""
+    except SceneError as error:
+        return None, str(error)
 
 
 @contextmanager
@@ -150,11 +175,14 @@ def unused_stem(folder: Path, name: str) -> str:
     return stem
 
 
-def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str) -> Path:
+def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str,
+              baked: dict[str, np.ndarray | None] | None = None) -> Path:
     """One OBJ (Y-up, as OBJ files are read) for the (object, evaluated mesh) pairs in world space,
     one material per material slot: the image on its Base Color through the mesh's render UV map,
-    else its colour. Centred on the asset: its place in the .blend means nothing to a reference,
-    and the file's six digits would blur an asset far from the origin."""
+    else its colour; or one material for all of an object's faces where ``baked`` holds the colours
+    its slots show on that map, by object name. Centred on the asset: its place in the .blend
+    means nothing to a reference, and the file's six digits would blur an asset far from the
+    origin."""
     stem = unused_stem(folder, name)
     lines, mtl, offset, uv_offset, materials = [f"mtllib {stem}.mtl"], [], 0, 0, {}
     worlds = []
@@ -177,13 +205,23 @@ def write_obj(folder: Path, name: str, meshes: list[tuple[Any, Any]], text: str)
             layer.data.foreach_get("uv", uv)
             lines += [f"vt {u:.6g} {v:.6g}" for u, v in uv.reshape(-1, 2)]
             uv_offset += len(mesh.loops)
+        rgba = (baked or {}).get(obj.name)
+        if rgba is not None and layer is not None:
+            label = f"m{len(materials)}"
+            materials[("baked", obj.name)] = label
+            mtl += image_lines(folder, stem, label, rgba)
+            slots[:] = -1  # one material for every face
         for slot in sorted(set(slots.tolist())):
-            material = obj.material_slots[slot].material if slot < len(obj.material_slots) else None
-            key = (material.name if material else "", layer is not None)
-            if key not in materials:
-                materials[key] = f"m{len(materials)}"
-                mtl += material_lines(folder, stem, materials[key], material, layer is not None)
-            lines.append(f"usemtl {materials[key]}")
+            if slot < 0:
+                label = materials[("baked", obj.name)]
+            else:
+                material = obj.material_slots[slot].material if slot < len(obj.material_slots) else None
+                key = (material.name if material else "", layer is not None)
+                if key not in materials:
+                    materials[key] = f"m{len(materials)}"
+                    mtl += material_lines(folder, stem, materials[key], material, layer is not None)
+                label = materials[key]
+            lines.append(f"usemtl {label}")
             for t, lp in zip(tris[slots == slot], loops[slots == slot], strict=True):
                 lines.append("f " + " ".join(f"{v}/{u}" if layer is not None else f"{v}" for v, u in zip(t, lp)))
         offset += len(mesh.vertices)
@@ -208,8 +246,14 @@ def material_lines(folder: Path, stem: str, label: str, material: Any, has_uvs: 
     """An MTL entry: the Base Color image (if the mesh has UVs to read it through), else the colour."""
     rgba = base_colour_rgba8(material) if has_uvs else None
     if rgba is not None:
-        png = f"{stem}_{label}.png"
-        (folder / png).write_bytes(png_bytes(rgba[..., :3]))  # map_Kd holds colour only
-        return [f"newmtl {label}", "Kd 1 1 1", f"map_Kd {png}"]
+        return image_lines(folder, stem, label, rgba)
     colour = flat_colour_of(material) or [0.6, 0.6, 0.6]
     return [f"newmtl {label}", "Kd {:.4f} {:.4f} {:.4f}".format(*colour)]
+
+
+def image_lines(folder: Path, stem: str, label: str, rgba: np.ndarray) -> list[str]:
+    """An MTL entry showing ``rgba`` (rows bottom-up, as Blender holds them and OBJ's UVs read
+    them), written beside the OBJ as PNG."""
+    png = f"{stem}_{label}.png"
+    (folder / png).write_bytes(png_bytes(rgba[..., :3]))  # map_Kd holds colour only
+    return [f"newmtl {label}", "Kd 1 1 1", f"map_Kd {png}"]

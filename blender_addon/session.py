@@ -22,7 +22,7 @@ import numpy as np
 from . import blend_assets
 from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
-from .bake import REFERENCE, bake_base_colour
+from .bake import REFERENCE, REFERENCE_SIZE, bake_base_colour
 from .client import Client, Disconnected
 from .texture_file import TextureFile
 from .materials import existing_texture, image_problem, slot_sources, unreadable_colour
@@ -194,11 +194,6 @@ def read_settings(settings: Any) -> dict[str, Any]:
     return fields
 
 
-#: The size a reference object's colours are baked at when Kiln cannot read them (a procedural
-#: material): the backend renders references at the model's resolution, 512² for SD 1.5.
-REFERENCE_BAKE_SIZE = 1024
-
-
 def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The fields (and, for the artist's own object, arrays) that give a job its references when
     Use References is on: the reference object, else the ticked search hits, else the libraries
@@ -214,7 +209,7 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
             raise SceneError("Use References takes an object, but none is picked: pick the reference object in "
                              "the Kiln panel, or switch the source to Libraries")
         readable = obj.type != "MESH" or unreadable_colour(obj) is None
-        baked = None if readable else bake_base_colour(obj, REFERENCE_BAKE_SIZE, REFERENCE)
+        baked = None if readable else bake_base_colour(obj, REFERENCE_SIZE, REFERENCE)
         fields, arrays = reference_arrays(obj, baked)
         return {**options, **fields}, arrays
     if len(settings.hits):
@@ -606,8 +601,8 @@ class IndexSession(TextureSession):
         blend = self.pending.pop(0)
         target.status, target.phase = "running", f"exporting the assets of {blend.name}"
         try:
-            count, skipped = blend_assets.export_blend(blend)
-            self.notes += [f"{blend.name}: {count} assets exported"] + [f"skipped {why}" for why in skipped]
+            count, notes = blend_assets.export_blend(blend)
+            self.notes += [f"{blend.name}: {count} assets exported", *notes]
         except (OSError, RuntimeError, ValueError) as exc:
             self.notes.append(f"skipped {blend.name}: {exc}")
         target.done, target.total = len(self.blends) - len(self.pending), len(self.blends)

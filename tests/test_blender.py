@@ -1611,6 +1611,48 @@ def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_
     assert stems == ["asset", "asset_2", "Chair_A", "Chair_A_2", "x" * 100]
 
 
+def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, scene, tmp_path) -> None:
+    """A procedural material (a red and blue checker) is exported as what it shows, baked by Cycles
+    in a scene of its own; an asset without a UV map to bake onto keeps its flat colour, with a note
+    saying why. The artist's scene, its render engine included, is untouched."""
+    checker = bpy.data.materials.new("painted checker")
+    if not checker.node_tree:
+        checker.use_nodes = True
+    tree = checker.node_tree
+    squares = tree.nodes.new("ShaderNodeTexChecker")
+    squares.inputs["Color1"].default_value, squares.inputs["Color2"].default_value = (1, 0, 0, 1), (0, 0, 1, 1)
+    tree.links.new(squares.outputs["Color"],
+                   next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    assets = []
+    for name in ("Crate", "Bare"):
+        bpy.ops.mesh.primitive_cube_add()
+        obj = bpy.context.active_object
+        obj.name = name
+        obj.data.materials.append(checker)
+        obj.asset_mark()
+        assets.append(obj)
+    assets[1].data.uv_layers.remove(assets[1].data.uv_layers[0])
+    path = tmp_path / "crates.blend"
+    bpy.data.libraries.write(str(path), set(assets), fake_user=True)
+    bpy.data.batch_remove([*assets, checker])
+    engine, counts = bpy.context.scene.render.engine, {k: len(getattr(bpy.data, k)) for k in ("objects", "scenes")}
+
+    count, notes = kiln.blend_assets.export_blend(path)
+    assert count == 2 and notes == ["crates.blend: Bare exported with flat colours: 'Bare' has no UV map to carry "
+                                    "the colours its material shows: add one (Edit Mode > UV > Smart UV Project), or "
+                                    "leave it: Kiln exports it for the libraries with flat colours"], notes
+    assert bpy.context.scene.render.engine == engine and counts == {k: len(getattr(bpy.data, k)) for k in counts}
+    folder = kiln.blend_assets.export_folder(path)
+    assert (folder / "Crate.mtl").read_text().count("newmtl") == 1 and "map_Kd" in (folder / "Crate.mtl").read_text()
+    baked = bpy.data.images.load(str(next(folder.glob("Crate_*.png"))))
+    try:
+        colours = {tuple(c) for c in np.round(pixels(baked).reshape(-1, 4)[:, :3], 2).tolist()}
+    finally:
+        bpy.data.images.remove(baked)
+    assert {(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)} <= colours
+    assert "Kd 0.9063" in (folder / "Bare.mtl").read_text() and "map_Kd" not in (folder / "Bare.mtl").read_text()
+
+
 def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:
     """.blend files in Kiln's folders and in Blender's asset libraries: their mesh and collection
     assets are exported once (captions from the asset metadata), indexed with the rest, found by
