@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
-from .assets import base_colour, image_rgb, texture_placement_problem, texture_tensor
+from .assets import base_colour, image_rgb, missing_texture, texture_placement_problem, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, load_mesh_file, shaded_vertices
@@ -134,7 +134,10 @@ def refine_texture(args: argparse.Namespace, loaded: object, mesh: Mesh):
                        "to the first UV set (in Blender: refine there, where Kiln bakes it), or pass --init-texture")
     texture = base_colour(loaded)
     if texture is None:
-        raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine: pass --init-texture")
+        missing = missing_texture(Path(args.mesh))
+        raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh} carries no texture to refine"
+                       + (f": {missing}: put the file there, or pass --init-texture" if missing else
+                          ": pass --init-texture"))
     return texture
 
 
@@ -303,8 +306,8 @@ def index_command(args: argparse.Namespace) -> int:
 
                 index, report = build_index(Path(folder), embedder, clip, progress)
             print(report.summary(index, str(index.root)))
-            for path, reason in report.skipped.items():
-                print(f"  skipped {path}: {reason}", file=sys.stderr)
+            for line in report.problems():
+                print(f"  {line}", file=sys.stderr)
             empty = empty or not len(index)
     except (MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from . import protocol
-from .assets import Asset
+from .assets import Asset, missing_texture
 from .events import TextureEvents
 from .mesh import Mesh, MeshError
 from .presets import (
@@ -490,8 +490,8 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
             raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
         lines.append(report.summary(index, index.root.name))  # the panel is narrow; the folder is in Preferences
         events.log(lines[-1])
-        for path, reason in report.skipped.items():
-            events.log(f"skipped {path}: {reason}")
+        for line in report.problems():
+            events.log(line)
     return lines
 
 
@@ -537,6 +537,9 @@ def references_for(request: JobRequest, own: tuple[Asset, str] | None, positions
         chosen = choose(request, own, cfg.adapt.assets, clip)
     except MeshError as exc:
         raise JobError(protocol.E_BAD_REQUEST, str(exc)) from None
+    for reference in chosen if own is None else []:
+        if reference.asset.texture is None and (missing := missing_texture(Path(reference.label))) is not None:
+            events.log(f"the reference {Path(reference.label).name} shows flat colours: {missing}")
     primary = chosen[0]
     name = Path(primary.label).name
     events.progress(0, total, f"facing reference {name}")

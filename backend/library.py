@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from . import protocol
-from .assets import ASSET_SUFFIXES, Asset, load_asset
+from .assets import ASSET_SUFFIXES, Asset, load_asset, missing_texture
 from .cameras import orbit
 from .embed import ClipEmbedder, TextEmbedder
 from .mesh import MeshError
@@ -59,6 +59,7 @@ class Report:
     removed: list[str] = field(default_factory=list)
     reused: int = 0
     skipped: dict[str, str] = field(default_factory=dict)   # path → why it could not be read
+    untextured: dict[str, str] = field(default_factory=dict)  # path → why its texture was not found
 
     def summary(self, index: LibraryIndex, name: str) -> str:
         """One line for the artist or the TD, the library called ``name``; an empty index says why,
@@ -69,6 +70,13 @@ class Report:
             line += (f": it holds no {', '.join(ASSET_SUFFIXES)} files (hidden folders are skipped); check the "
                      "folder's path")
         return line
+
+    def problems(self) -> list[str]:
+        """A line per asset that was skipped or indexed without its texture (its thumbnails and
+        references then show flat colours), with the reason."""
+        return ([f"skipped {path}: {why}" for path, why in self.skipped.items()]
+                + [f"{path} indexed in flat colours: {why}: put the file there and index again"
+                   for path, why in self.untextured.items()])
 
 
 @dataclass
@@ -238,12 +246,15 @@ def build_index(root: Path, embedder: TextEmbedder, clip: ClipEmbedder | None = 
             report.skipped[rel] = was_bad["reason"]
             continue
         try:
-            views = thumbnails(load_asset(path))
+            asset = load_asset(path)
+            views = thumbnails(asset)
         except MeshError as exc:
             skipped[rel] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "reason": str(exc)}
             report.skipped[rel] = str(exc)
             continue
         (report.updated if known else report.added).append(rel)
+        if asset.texture is None and (why := missing_texture(path)) is not None:
+            report.untextured[rel] = why
         entries.append(Entry(rel, stat.st_size, stat.st_mtime_ns, caption_for(path)))
         text_rows.append(None)
         thumbs.append(views)

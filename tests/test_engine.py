@@ -836,6 +836,13 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert (tmp_path / "b" / "vase_texture.png").is_file()
     none = run_cli("texture", str(VASE), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "c"))
     assert none.returncode == 2 and "no texture to refine" in none.stderr
+    # An OBJ copied without its .mtl: refused saying so, not refined from the grey trimesh makes up.
+    moved = tmp_path / "moved.obj"
+    moved.write_text("mtllib moved.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\n"
+                     "f 1/1 2/2 3/3\nf 1/1 2/2 4/3\nf 1/1 3/2 4/3\nf 2/1 3/2 4/3\n")
+    grey = run_cli("texture", str(moved), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "g"))
+    assert grey.returncode == 2 and f"its material library 'moved.mtl' is not in {tmp_path}: put the file there" \
+        in grey.stderr, grey.stderr
     # A texture tiled by KHR_texture_transform: trimesh would read it 1:1 on the UVs, so it is refused.
     data = glb.read_bytes()
     length = struct.unpack("<I", data[12:16])[0]

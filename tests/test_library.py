@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from test_exact_prior import box_mesh, pattern
 
-from backend import library, protocol
+from backend import assets, library, protocol
 from backend.assets import Asset, load_asset
 from backend.cameras import orbit
 from backend.cli import write_result
@@ -99,6 +99,41 @@ def test_index_is_incremental_and_skips_bad_files_with_a_reason(tmp_path: Path, 
     stored = LibraryIndex.load(lib)
     assert [e.path for e in stored.entries] == [e.path for e in third.entries]
     assert (lib / INDEX_FILE).is_file() and not (lib / (INDEX_FILE + ".tmp")).exists()
+
+
+def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path: Path, embedder) -> None:
+    """trimesh drops a texture it cannot find without a word; the index names the file and where it
+    was looked for, so a library copied without its textures does not quietly turn grey."""
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    corners = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\nusemtl oak\n" \
+              "f 1/1 2/2 3/3\nf 1/1 2/2 4/3\nf 1/1 3/2 4/3\nf 2/1 3/2 4/3\n"
+    (lib / "crate.obj").write_text("mtllib crate.mtl\n" + corners)
+    (lib / "crate.mtl").write_text("newmtl oak\nKd 1 1 1\nmap_Kd -s 1 1 1 oak planks.png\n")
+    (lib / "stool.obj").write_text("mtllib gone.mtl\n" + corners)
+    save(box_mesh(), pattern(16, 0.0), lib, "barrel")
+    glb = (lib / "barrel.glb").read_bytes()
+    length = int.from_bytes(glb[12:16], "little")
+    header = json.loads(glb[20:20 + length])
+    header["images"] = [{"uri": "rusty%20metal.png"}]  # the file a .gltf names beside it
+    (lib / "barrel.gltf").write_text(json.dumps(header))
+    (lib / "barrel.glb").unlink()
+
+    assert assets.missing_texture(lib / "crate.obj") == \
+        f"'oak' in crate.mtl shows the texture 'planks.png', which is not in {lib}"
+    assert assets.missing_texture(lib / "stool.obj") == f"its material library 'gone.mtl' is not in {lib}"
+    assert assets.missing_texture(lib / "barrel.gltf") == \
+        f"its material shows the texture 'rusty metal.png', which is not in {lib}"
+    _, report = build_index(lib, embedder)
+    assert sorted(report.added) == ["crate.obj", "stool.obj"] and "barrel.gltf" in report.skipped
+    assert report.problems()[1:] == [
+        f"crate.obj indexed in flat colours: 'oak' in crate.mtl shows the texture 'planks.png', which is not in {lib}: "
+        "put the file there and index again",
+        f"stool.obj indexed in flat colours: its material library 'gone.mtl' is not in {lib}: put the file there and "
+        "index again"]
+    assert load_asset(lib / "stool.obj").texture is None  # not the grey trimesh makes up for it
+    (lib / "oak planks.png").touch()
+    assert assets.missing_texture(lib / "crate.obj") is None  # found: a name with a space, after options
 
 
 def test_search_finds_the_asset_whose_caption_is_nearest(tmp_path: Path, embedder) -> None:
@@ -246,19 +281,28 @@ def test_server_indexes_a_library_and_reports_the_reference_a_job_uses(server, t
 
     lib = small_library(tmp_path)
     (lib / "broken.glb").write_bytes(b"nope")
+    lantern = lib / "lost_lantern.obj"  # copied without its .mtl: indexed, and used, in flat colours
+    lantern.write_text("mtllib lost_lantern.mtl\n" + (lib / "glass_ball.obj").read_text())
     sock = server.connect()
     protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": [str(lib)]})
     msgs = read_until(sock, protocol.DONE, protocol.ERROR)
     assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
     logs = [m.get("text") for m in msgs if m.type == protocol.LOG]
-    assert any("4 assets (4 new" in text and "1 unreadable" in text for text in logs), logs
+    assert any("5 assets (5 new" in text and "1 unreadable" in text for text in logs), logs
     assert any(text.startswith("skipped broken.glb") for text in logs)
+    assert f"lost_lantern.obj indexed in flat colours: its material library 'lost_lantern.mtl' is not in {lib}: " \
+           "put the file there and index again" in logs, logs
 
     submit(sock, prompt="a metal barrel", libraries=[str(lib)])
     msgs = read_until(sock, protocol.DONE, protocol.ERROR)
     assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
     reference = next(m for m in msgs if m.type == protocol.REFERENCE)
     assert reference.get("file").endswith("metal_barrel.ply") and reference.arrays["thumbnails"].shape == (4, 64, 64, 3)
+    submit(sock, prompt="a lantern", references=[str(lantern)])
+    msgs = read_until(sock, protocol.DONE, protocol.ERROR)
+    assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
+    assert f"the reference lost_lantern.obj shows flat colours: its material library 'lost_lantern.mtl' is not in " \
+           f"{lib}" in [m.get("text") for m in msgs if m.type == protocol.LOG]
 
     protocol.send(sock, protocol.SUBMIT, {"task": protocol.TASK_INDEX, "libraries": []})
     error = read_until(sock, protocol.DONE, protocol.ERROR)[-1]
