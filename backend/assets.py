@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from .cameras import Cameras
-from .mesh import Mesh, load_mesh_file
+from .mesh import Mesh
+from .mesh_file import flat_colour, is_placeholder, load_mesh_file
 from .raster import rasterize_views
 from .texture import SlotTextures, image_mask, render, sample_image
 
@@ -116,8 +117,7 @@ def load_asset(path: Path) -> Asset:
     if getattr(visual, "kind", None) == "vertex":
         colours = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255
     else:
-        flat = _flat_colour(visual)
-        colours = np.broadcast_to(flat, (len(mesh.positions), 3))
+        colours = np.broadcast_to(flat_colour(getattr(visual, "material", None)), (len(mesh.positions), 3))
     return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]))
 
 
@@ -224,28 +224,6 @@ def base_colour(loaded: object) -> torch.Tensor | None:
     material = getattr(getattr(loaded, "visual", None), "material", None)
     for name in ("image", "baseColorTexture"):
         image = getattr(material, name, None)
-        if image is not None and not _placeholder(image):
-            texture = texture_tensor(image)
-            factor = getattr(material, "baseColorFactor", None) if name == "baseColorTexture" else None
-            if factor is not None:
-                texture = texture * torch.as_tensor(np.asarray(factor, np.float32)[:3] / 255.0)[:, None, None]
-            return texture
+        if image is not None and not is_placeholder(image):
+            return texture_tensor(image)  # a glTF factor is folded in as the file is read
     return None
-
-
-def _placeholder(image: object) -> bool:
-    """Whether ``image`` is the 2×2 grey trimesh makes up for a mesh with UVs and no material (an
-    OBJ without its .mtl): refining from it would start from grey instead of saying nothing is there."""
-    from trimesh.visual.material import color_image
-
-    return image.size == (2, 2) and np.array_equal(np.asarray(image.convert("RGBA")), np.asarray(color_image()))
-
-
-def _flat_colour(visual: object) -> np.ndarray:
-    material = getattr(visual, "material", None)
-    for name in ("main_color", "baseColorFactor"):
-        colour = getattr(material, name, None)
-        if colour is not None:
-            return np.asarray(colour, np.float32)[:3] / (255.0 if np.asarray(colour).dtype == np.uint8 else 1.0)
-    return np.full(3, 0.6, np.float32)
-

@@ -1,4 +1,4 @@
-"""The triangle mesh a job textures, its validation, and reading mesh files.
+"""The triangle mesh a job textures and its validation (``mesh_file`` reads mesh files).
 
 Blender meshes carry UVs per loop (face corner), and n-gons share loops between the triangles they
 split into. The backend therefore works on per-corner UVs and, when it unwraps a mesh itself
@@ -9,7 +9,6 @@ matches exactly what Blender will sample.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -135,43 +134,3 @@ def shaded_vertices(mesh: Mesh, smooth_angle_deg: float = SMOOTH_ANGLE_DEG
     _, first, vertex = np.unique(rows, axis=0, return_index=True, return_inverse=True)
     return (corners[first].astype(np.float32), uvs[first].astype(np.float32),
             normals[shared.ravel()[first]].astype(np.float32), vertex.reshape(-1, 3))
-
-
-def load_mesh_file(path: Path) -> tuple[Mesh, object]:
-    """Load OBJ/GLB/PLY/... with trimesh for the CLI; returns the Mesh and the trimesh object."""
-    import trimesh
-
-    if not path.is_file():
-        raise MeshError(f"mesh file {str(path)!r} does not exist")
-    try:
-        loaded = trimesh.load(path, force="mesh", process=False)
-    except Exception as exc:  # trimesh raises many types for unreadable files
-        raise MeshError(f"could not read {str(path)!r} as a mesh: {exc}") from None
-    if not isinstance(loaded, trimesh.Trimesh):
-        raise MeshError(f"{str(path)!r} holds no triangle mesh")
-    faces = np.asarray(loaded.faces, np.int64).reshape(-1, 3)
-    uv = getattr(loaded.visual, "uv", None)
-    corner_uvs = None
-    if uv is not None and len(uv) == len(loaded.vertices):
-        corner_uvs = np.asarray(uv, np.float32)[faces]
-    vertices = np.asarray(loaded.vertices, np.float64).reshape(-1, 3)
-    origin = far_origin(vertices)
-    mesh = Mesh((vertices if origin is None else vertices - origin).astype(np.float32), faces, corner_uvs,
-                up_axis="y", name=path.stem, origin=origin)
-    return mesh, loaded
-
-
-#: How many times its own size a mesh may lie from its file's origin before its positions are kept
-#: relative to its centre: float32 then rounds them by over 1e-5 of that size.
-FAR = 100.0
-
-
-def far_origin(vertices: np.ndarray) -> np.ndarray | None:
-    """The centre of float64 ``vertices`` when they lie over ``FAR`` times their size from zero,
-    else None (the file's own origin serves, and stays the pivot of what Kiln writes back)."""
-    finite = vertices[np.isfinite(vertices).all(axis=1)]  # NaN vertices are refused by ``validate``
-    if not len(finite):
-        return None
-    lo, hi = finite.min(axis=0), finite.max(axis=0)
-    centre, size = (lo + hi) / 2, float((hi - lo).max())
-    return centre if np.abs(centre).max() > FAR * size else None

@@ -40,7 +40,8 @@ from backend.cameras import FULL_RING, orbit  # noqa: E402
 from backend.distill import DistillTexturer  # noqa: E402
 from backend.events import TextureEvents  # noqa: E402
 from backend.exact_prior import ExactPrior, Reference  # noqa: E402
-from backend.mesh import Mesh, load_mesh_file  # noqa: E402
+from backend.mesh import Mesh  # noqa: E402
+from backend.mesh_file import load_mesh_file  # noqa: E402
 from backend.presets import PRESETS, DistillConfig, SIRConfig  # noqa: E402
 from backend.raster import rasterize_views  # noqa: E402
 from backend.reference import ReferenceViews  # noqa: E402

@@ -23,7 +23,7 @@ import numpy as np
 
 from .bake import EXPORT, REFERENCE_SIZE, bake_base_colour
 from .backend import protocol
-from .materials import base_colour_rgba8, flat_colour_of, unreadable_colour
+from .materials import base_colour_rgba8, linear_flat_colour, unreadable_colour
 from .scene_io import SceneError, world_corners
 from .texture_file import png_bytes
 
@@ -247,7 +247,7 @@ def material_lines(folder: Path, stem: str, label: str, material: Any, has_uvs: 
     rgba = base_colour_rgba8(material) if has_uvs else None
     if rgba is not None:
         return image_lines(folder, stem, label, rgba)
-    colour = flat_colour_of(material) or [0.6, 0.6, 0.6]
+    colour = linear_flat_colour(material) or [0.3185] * 3  # Kd is linear: 0.6 grey in sRGB, as meshes without one
     return [f"newmtl {label}", "Kd {:.4f} {:.4f} {:.4f}".format(*colour)]
 
 

@@ -325,15 +325,22 @@ def _linear_to_srgb(c: np.ndarray) -> np.ndarray:
     return _TO_SRGB[steps.astype(np.uint16)]
 
 
-def flat_colour_of(material: Any) -> list[float] | None:
-    """A material's Principled Base Color value, display-referred: what an object painted with a
-    colour rather than an image looks like (a material without nodes: its colour); None without a
-    Principled BSDF."""
+def linear_flat_colour(material: Any) -> list[float] | None:
+    """A material's Principled Base Color value, linear as Blender holds it (and as an OBJ's Kd
+    and glTF's factor carry it; a material without nodes: its colour); None without a Principled
+    BSDF."""
     if material is not None and not uses_nodes(material):
-        return [float(v) for v in _linear_to_srgb(np.array(material.diffuse_color[:3]))]
+        return [float(v) for v in material.diffuse_color[:3]]
     for socket in base_colour_sockets(material):
-        return [float(v) for v in _linear_to_srgb(np.array(socket.default_value[:3]))]
+        return [float(v) for v in socket.default_value[:3]]
     return None
+
+
+def flat_colour_of(material: Any) -> list[float] | None:
+    """``linear_flat_colour`` display-referred (sRGB): what an object painted with a colour rather
+    than an image looks like."""
+    linear = linear_flat_colour(material)
+    return None if linear is None else [float(v) for v in _linear_to_srgb(np.array(linear))]
 
 
 def flat_colour(obj: Any) -> list[float] | None:

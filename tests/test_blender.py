@@ -1650,7 +1650,7 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
     finally:
         bpy.data.images.remove(baked)
     assert {(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)} <= colours
-    assert "Kd 0.9063" in (folder / "Bare.mtl").read_text() and "map_Kd" not in (folder / "Bare.mtl").read_text()
+    assert "Kd 0.8000" in (folder / "Bare.mtl").read_text() and "map_Kd" not in (folder / "Bare.mtl").read_text()
 
 
 def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:

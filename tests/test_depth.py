@@ -11,7 +11,7 @@ from conftest import ROOT
 from backend.cameras import orbit
 from backend.events import TextureEvents
 from backend.jobs import JobRequest, ModelCache, run_texture_job
-from backend.mesh import load_mesh_file
+from backend.mesh_file import load_mesh_file
 from backend.prior import LatentDiffusionPrior, Views, load_prior
 from backend.raster import rasterize_views
 from backend.texturing import depth_maps

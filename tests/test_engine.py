@@ -16,7 +16,8 @@ from conftest import ROOT
 from backend import protocol
 from backend.events import TextureEvents
 from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
-from backend.mesh import Mesh, MeshError, load_mesh_file
+from backend.mesh import Mesh, MeshError
+from backend.mesh_file import load_mesh_file
 from backend.presets import PRESETS, resolve
 from backend.prior import ModelError, load_prior
 from backend.protocol import MAX_TRIANGLES
@@ -602,7 +603,6 @@ def test_a_mesh_far_from_its_files_origin_keeps_its_shape_and_place(tmp_path) ->
     import trimesh
 
     from backend.cli import write_result
-    from backend.mesh import load_mesh_file
 
     vertices = np.asarray(trimesh.load(VASE, force="mesh", process=False).vertices, np.float64)
     far = tmp_path / "far.obj"
@@ -665,13 +665,14 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
                   np.zeros((2, 3, 2), np.float32))  # its second face has no area, so no normal of its own
     assert np.allclose(np.linalg.norm(shaded_vertices(sliver)[2], axis=1), 1)  # glTF wants unit normals
     normal_map = Image.new("RGB", (4, 4), (128, 128, 255))
-    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.new("RGB", (4, 4), (9, 9, 9)),
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.new("RGB", (4, 4), (200, 200, 200)),
                                                    baseColorFactor=[0.5, 0.5, 0.5, 1.0], metallicFactor=1.0,
                                                    roughnessFactor=0.2, normalTexture=normal_map)
     box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, material=material)
     box.export(tmp_path / "metal.glb")
     mesh, source = load_mesh_file(tmp_path / "metal.glb")
-    assert torch.allclose(base_colour(source), torch.tensor(9 / 255 * 128 / 255))  # tinted, as viewers show it
+    # Tinted as glTF viewers and Blender show it, in linear light: 147, not the bytes halved (100).
+    assert torch.allclose(base_colour(source), torch.tensor(147 / 255))
     written = Path(write_result(mesh, np.zeros((8, 8, 4), np.uint8), tmp_path / "metal", source)["mesh"])
     header = gltf(written)
     pbr = header["materials"][0]["pbrMetallicRoughness"]

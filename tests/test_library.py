@@ -30,7 +30,7 @@ from backend.prior import ModelError, Views
 from backend.raster import rasterize_views
 from backend.reference import ReferenceViews, choose_yaw, clip_facing, prior_facing
 from backend.sir import SIRTexturer
-from backend.texture import render
+from backend.texture import render, sample_image
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +134,45 @@ def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path
     assert load_asset(lib / "stool.obj").texture is None  # not the grey trimesh makes up for it
     (lib / "oak planks.png").touch()
     assert assets.missing_texture(lib / "crate.obj") is None  # found: a name with a space, after options
+
+
+def test_assets_show_their_colours_as_gltf_and_blender_read_them(tmp_path: Path) -> None:
+    """Base Color factors multiply linear light, and a file's materials keep their own colours when
+    trimesh joins them into one texture (it would multiply the sRGB bytes by the factor's bytes and
+    wrap them: red turned cyan)."""
+    import trimesh
+    from PIL import Image
+
+    def part(colour, factor, at):
+        box = trimesh.creation.box()
+        texture = None if colour is None else Image.new("RGB", (8, 8), colour)
+        box.visual = trimesh.visual.TextureVisuals(
+            uv=np.full((len(box.vertices), 2), 0.5), material=trimesh.visual.material.PBRMaterial(
+                baseColorTexture=texture, baseColorFactor=factor))
+        return box.apply_translation((at, 0, 0))
+
+    scene = trimesh.Scene([part((200, 30, 0), [1.0, 1.0, 1.0, 1.0], 0), part((0, 60, 255), [0.5, 1.0, 1.0, 1.0], 3),
+                           part(None, [0.2, 0.2, 0.2, 1.0], 6)])
+    scene.export(tmp_path / "three.glb")
+    asset = load_asset(tmp_path / "three.glb")
+    x = asset.mesh.positions[asset.mesh.triangles].mean(axis=1)[:, 0]
+    shown = sample_image(asset.texture, torch.as_tensor(asset.mesh.corner_uvs).mean(dim=1)) * 255
+    for at, expected in ((0, (200, 30, 0)), (3, (0, 60, 255)), (6, (124, 124, 124))):  # linear 0.2 is 124 in sRGB
+        assert np.allclose(shown[np.abs(x - at - x.min() - 0.5) < 1].numpy(), expected, atol=1.5), (at, expected)
+    trimesh.Scene([part((255, 255, 255), [0.2, 0.2, 0.2, 1.0], 0)]).export(tmp_path / "tinted.glb")
+    tinted = load_asset(tmp_path / "tinted.glb")
+    assert np.allclose(tinted.texture.mean(dim=(1, 2)) * 255, 124, atol=1)
+    trimesh.Scene([part(None, [0.2, 0.2, 0.2, 1.0], 0)]).export(tmp_path / "flat.glb")
+    assert np.allclose(load_asset(tmp_path / "flat.glb").corner_colours * 255, 124, atol=1)
+    # Two materials of flat colours (linear Kd, as Blender writes and reads it): each part its own.
+    (tmp_path / "two.mtl").write_text("newmtl dark\nKd 0.2 0.2 0.2\nnewmtl red\nKd 1 0 0\n")
+    (tmp_path / "two.obj").write_text("mtllib two.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nv 5 0 0\nv 6 0 0\n"
+                                      "v 5 1 0\nv 5 0 1\nusemtl dark\nf 1 2 3\nf 1 2 4\nf 1 3 4\nf 2 3 4\n"
+                                      "usemtl red\nf 5 6 7\nf 5 6 8\nf 5 7 8\nf 6 7 8\n")
+    two = load_asset(tmp_path / "two.obj")
+    left = two.mesh.positions[two.mesh.triangles].mean(axis=1)[:, 0] < 3
+    assert np.allclose(two.corner_colours[left] * 255, 124, atol=1)
+    assert np.allclose(two.corner_colours[~left] * 255, (255, 0, 0), atol=1)
 
 
 def test_search_finds_the_asset_whose_caption_is_nearest(tmp_path: Path, embedder) -> None:

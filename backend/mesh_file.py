@@ -1,0 +1,186 @@
+"""Reading mesh files (OBJ, glTF, PLY, ... through trimesh) for the CLI and the asset library:
+the triangles, their UVs, and the colours their materials show as one texture.
+
+A file of several parts or materials is joined here rather than by trimesh, whose joining of
+textures multiplies sRGB bytes by a Base Color factor's bytes and wraps them (red turns cyan) and
+can leave a part's texture out of the atlas it packs. Colours follow glTF and Blender's importers:
+a Base Color factor and an MTL's Kd are linear light, textures sRGB.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .mesh import Mesh, MeshError
+from .protocol import MAX_TEXTURE_SIZE
+
+
+def load_mesh_file(path: Path) -> tuple[Mesh, object]:
+    """The Mesh in a file, and the trimesh object it was read from (its parts joined, their
+    colours on one texture through its UVs when any part has a texture)."""
+    import trimesh
+
+    if not path.is_file():
+        raise MeshError(f"mesh file {str(path)!r} does not exist")
+    try:
+        scene = trimesh.load(path, force="scene", process=False)
+        loaded = join_parts([g for g in scene.dump() if isinstance(g, trimesh.Trimesh)])
+    except Exception as exc:  # trimesh raises many types for unreadable files
+        raise MeshError(f"could not read {str(path)!r} as a mesh: {exc}") from None
+    faces = np.asarray(loaded.faces, np.int64).reshape(-1, 3)
+    uv = getattr(loaded.visual, "uv", None)
+    corner_uvs = None
+    if uv is not None and len(uv) == len(loaded.vertices):
+        corner_uvs = np.asarray(uv, np.float32)[faces]
+    vertices = np.asarray(loaded.vertices, np.float64).reshape(-1, 3)
+    origin = far_origin(vertices)
+    mesh = Mesh((vertices if origin is None else vertices - origin).astype(np.float32), faces, corner_uvs,
+                up_axis="y", name=path.stem, origin=origin)
+    return mesh, loaded
+
+
+#: Texels of each part's own edge colour around its cell of a joined texture, so that bilinear
+#: reads and mipmaps at a cell's border do not take the next part's colours.
+GUTTER = 2
+
+
+def join_parts(parts: list) -> object:
+    """One trimesh mesh of ``parts`` (in the file's frame), each showing its own colours. When any
+    part has a texture, each part's colours (its texture with the Base Color factor folded in, else
+    its flat or mean vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide,
+    and its UVs are moved into that cell; UVs past the unit square (a tiled texture) are clamped to
+    it, as one cell cannot repeat. Otherwise each part's flat colour becomes its vertex colours."""
+    import trimesh
+    from PIL import Image
+
+    for part in parts:
+        fold_base_colour_factor(getattr(part.visual, "material", None))
+    if len(parts) < 2:
+        return parts[0] if parts else trimesh.Trimesh()
+    pictures = [part_picture(part) for part in parts]
+    vertices = np.concatenate([p.vertices for p in parts])
+    offsets = np.cumsum([0] + [len(p.vertices) for p in parts[:-1]])
+    faces = np.concatenate([p.faces + o for p, o in zip(parts, offsets, strict=True)])
+    if all(picture is None or picture.size == (1, 1) for picture in pictures):
+        colours = [np.asarray(p.visual.vertex_colors)[:, :3] if getattr(p.visual, "kind", None) == "vertex"
+                   else np.tile(np.asarray((picture or Image.new("RGB", (1, 1), _GREY)).convert("RGB"))[0, 0],
+                                (len(p.vertices), 1)) for p, picture in zip(parts, pictures, strict=True)]
+        return trimesh.Trimesh(vertices, faces, vertex_colors=np.concatenate(colours).astype(np.uint8), process=False)
+    columns = math.ceil(math.sqrt(len(parts)))
+    rows = math.ceil(len(parts) / columns)
+    largest = max(max(p.size) for p in pictures if p is not None)
+    cell = min(largest + 2 * GUTTER, MAX_TEXTURE_SIZE // max(columns, rows))
+    inner = cell - 2 * GUTTER
+    atlas = np.zeros((rows * cell, columns * cell, 3), np.uint8)
+    uvs = []
+    for k, (part, picture) in enumerate(zip(parts, pictures, strict=True)):
+        row, column = divmod(k, columns)
+        texels = np.asarray((picture or Image.new("RGB", (1, 1), _GREY)).convert("RGB").resize((inner, inner)))
+        atlas[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell] = \
+            np.pad(texels, ((GUTTER, GUTTER), (GUTTER, GUTTER), (0, 0)), mode="edge")
+        uv = getattr(part.visual, "uv", None)
+        own = np.clip(np.asarray(uv, np.float64), 0, 1) if uv is not None and picture is not None \
+            and picture.size != (1, 1) else np.full((len(part.vertices), 2), 0.5)
+        bottom = (rows - 1 - row) * cell  # UVs count rows from the bottom, images from the top
+        uvs.append(np.stack([(column * cell + GUTTER + own[:, 0] * inner) / atlas.shape[1],
+                             (bottom + GUTTER + own[:, 1] * inner) / atlas.shape[0]], axis=1))
+    material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(atlas), metallicFactor=0.0,
+                                                   roughnessFactor=0.5)
+    return trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=np.concatenate(uvs),
+                                                                                 material=material), process=False)
+
+
+#: What a part without a material shows: mid grey, sRGB.
+_GREY = (153, 153, 153)
+
+
+def part_picture(part: object) -> object | None:
+    """A part's colours as a PIL image: its texture (read through its UVs), else a 1×1 image of its
+    flat colour or the mean of its vertex colours; None without any."""
+    from PIL import Image
+
+    visual = part.visual
+    material = getattr(visual, "material", None)
+    image = getattr(material, "baseColorTexture", None) or getattr(material, "image", None)
+    if image is not None and not is_placeholder(image) and getattr(visual, "uv", None) is not None:
+        return image
+    if getattr(visual, "kind", None) == "vertex":
+        colour = np.asarray(visual.vertex_colors, np.float64)[:, :3].mean(axis=0)
+        return Image.new("RGB", (1, 1), tuple(int(c + 0.5) for c in colour))
+    if material is None:
+        return None
+    return Image.new("RGB", (1, 1), tuple(int(c * 255 + 0.5) for c in flat_colour(material)))
+
+
+def flat_colour(material: object) -> np.ndarray:
+    """What a material shows without a texture, sRGB in [0, 1]: glTF's Base Color factor (white
+    when left out) or an MTL's Kd, both linear as Blender's importers read them; mid grey for
+    the material trimesh makes up for a mesh with UVs and none of its own."""
+    import trimesh
+
+    if isinstance(material, trimesh.visual.material.PBRMaterial):
+        factor = material.baseColorFactor
+        linear = np.ones(3) if factor is None else np.asarray(factor, np.float64)[:3] / 255
+    elif getattr(material, "diffuse", None) is not None and not is_placeholder(getattr(material, "image", None)):
+        linear = np.asarray(material.diffuse, np.float64)[:3] / 255
+    else:
+        return np.asarray(_GREY, np.float32) / 255
+    return linear_to_srgb(linear).astype(np.float32)
+
+
+def is_placeholder(image: object) -> bool:
+    """Whether ``image`` is the 2×2 grey trimesh makes up for a mesh with UVs and no material (an
+    OBJ without its .mtl): refining from it would start from grey instead of saying nothing is there."""
+    from trimesh.visual.material import color_image
+
+    return image is not None and image.size == (2, 2) \
+        and np.array_equal(np.asarray(image.convert("RGBA")), np.asarray(color_image()))
+
+
+def fold_base_colour_factor(material: object) -> None:
+    """Multiply a glTF material's Base Color texture by its factor, in linear light as glTF and
+    Blender's importer do, and drop the factor, so nothing downstream applies it again."""
+    import trimesh
+    from PIL import Image
+
+    if not isinstance(material, trimesh.visual.material.PBRMaterial) or material.baseColorTexture is None \
+            or material.baseColorFactor is None:
+        return
+    factor = np.asarray(material.baseColorFactor, np.float64) / 255
+    image = material.baseColorTexture
+    if not np.allclose(factor, 1):
+        mode = "RGBA" if "A" in image.getbands() else "RGB"
+        texels = np.asarray(image.convert(mode), np.float64) / 255
+        texels[..., :3] = linear_to_srgb(srgb_to_linear(texels[..., :3]) * factor[:3])
+        if mode == "RGBA":
+            texels[..., 3] *= factor[3]
+        material.baseColorTexture = Image.fromarray((texels * 255 + 0.5).astype(np.uint8), mode)
+    material.baseColorFactor = None
+
+
+def srgb_to_linear(c: np.ndarray) -> np.ndarray:
+    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+
+
+def linear_to_srgb(c: np.ndarray) -> np.ndarray:
+    c = np.clip(c, 0.0, 1.0)
+    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
+
+
+#: How many times its own size a mesh may lie from its file's origin before its positions are kept
+#: relative to its centre: float32 then rounds them by over 1e-5 of that size.
+FAR = 100.0
+
+
+def far_origin(vertices: np.ndarray) -> np.ndarray | None:
+    """The centre of float64 ``vertices`` when they lie over ``FAR`` times their size from zero,
+    else None (the file's own origin serves, and stays the pivot of what Kiln writes back)."""
+    finite = vertices[np.isfinite(vertices).all(axis=1)]  # NaN vertices are refused by ``validate``
+    if not len(finite):
+        return None
+    lo, hi = finite.min(axis=0), finite.max(axis=0)
+    centre, size = (lo + hi) / 2, float((hi - lo).max())
+    return centre if np.abs(centre).max() > FAR * size else None
