@@ -22,7 +22,7 @@ from .assets import base_colour, image_rgb, missing_texture, texture_placement_p
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, shaded_vertices
-from .mesh_file import load_mesh_file
+from .mesh_file import load_mesh_file, parts_without_uvs
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 from .texture import SlotTextures
@@ -121,6 +121,22 @@ def output_folder(path: str) -> Path:
     if not os.access(out, os.W_OK):
         raise JobError(protocol.E_BAD_REQUEST, f"the --out folder {path!r} is not writable: choose another")
     return out
+
+
+def partial_uv_map(args: argparse.Namespace, mesh: Mesh, loaded: object) -> None:
+    """A file whose parts have UVs only in part: a blank start unwraps the whole mesh (its parts
+    without UVs would each take one colour on the map joining them); refining (a repaint mask
+    included), which reads the file's UVs, is refused naming the parts."""
+    bare = parts_without_uvs(loaded)
+    if not bare:
+        return
+    names = ", ".join(map(repr, bare[:5])) + (f" and {len(bare) - 5} more" if len(bare) > 5 else "")
+    parts = f"its part {names} has" if len(bare) == 1 else f"its parts {names} have"
+    if refining(args):
+        raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh}: {parts} no UV map, so the texture to refine cannot "
+                       "lie on them: give every part UVs, or texture it from blank")
+    print(f"kiln: {args.mesh}: {parts} no UV map, so Kiln unwraps the whole mesh", file=sys.stderr)
+    mesh.corner_uvs = None
 
 
 def refine_texture(args: argparse.Namespace, loaded: object, mesh: Mesh):
@@ -252,6 +268,7 @@ def texture_command(args: argparse.Namespace) -> int:
         out = output_folder(args.out)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
+        partial_uv_map(args, mesh, loaded)
         init = refine_texture(args, loaded, mesh) if refining(args) else None
         if args.repaint_mask:
             mesh.paint = repaint_faces(args.repaint_mask, mesh)

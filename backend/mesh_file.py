@@ -51,8 +51,9 @@ def join_parts(parts: list) -> object:
     """One trimesh mesh of ``parts`` (in the file's frame), each showing its own colours. When any
     part has a texture, each part's colours (its texture with the Base Color factor folded in, else
     its flat or mean vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide,
-    and its UVs are moved into that cell; UVs past the unit square (a tiled texture) are clamped to
-    it, as one cell cannot repeat. Otherwise each part's flat colour becomes its vertex colours."""
+    and its UVs are moved into that cell (a part without UVs reads its cell's centre:
+    ``parts_without_uvs``); UVs past the unit square (a tiled texture) are clamped to it, as one
+    cell cannot repeat. Otherwise each part's flat colour becomes its vertex colours."""
     import trimesh
     from PIL import Image
 
@@ -82,15 +83,27 @@ def join_parts(parts: list) -> object:
         atlas[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell] = \
             np.pad(texels, ((GUTTER, GUTTER), (GUTTER, GUTTER), (0, 0)), mode="edge")
         uv = getattr(part.visual, "uv", None)
-        own = np.clip(np.asarray(uv, np.float64), 0, 1) if uv is not None and picture is not None \
-            and picture.size != (1, 1) else np.full((len(part.vertices), 2), 0.5)
+        own = np.full((len(part.vertices), 2), 0.5) if uv is None else np.clip(np.asarray(uv, np.float64), 0, 1)
         bottom = (rows - 1 - row) * cell  # UVs count rows from the bottom, images from the top
         uvs.append(np.stack([(column * cell + GUTTER + own[:, 0] * inner) / atlas.shape[1],
                              (bottom + GUTTER + own[:, 1] * inner) / atlas.shape[0]], axis=1))
     material = trimesh.visual.material.PBRMaterial(baseColorTexture=Image.fromarray(atlas), metallicFactor=0.0,
                                                    roughnessFactor=0.5)
-    return trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=np.concatenate(uvs),
-                                                                                 material=material), process=False)
+    joined = trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(uv=np.concatenate(uvs),
+                                                                                   material=material), process=False)
+    joined.metadata[WITHOUT_UVS] = [p.metadata.get("name", f"part {k + 1}") for k, p in enumerate(parts)
+                                    if getattr(p.visual, "uv", None) is None]
+    return joined
+
+
+#: The metadata key of a joined mesh's parts that had no UVs (each then reads one texel of its
+#: flat colour): the joined map holds their colours, but cannot carry a texture on them.
+WITHOUT_UVS = "kiln_parts_without_uvs"
+
+
+def parts_without_uvs(loaded: object) -> list[str]:
+    """The names of the parts of a file whose UVs ``join_parts`` made up."""
+    return list(getattr(loaded, "metadata", {}).get(WITHOUT_UVS, []))
 
 
 #: What a part without a material shows: mid grey, sRGB.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import struct
@@ -841,6 +842,23 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     moved = tmp_path / "moved.obj"
     moved.write_text("mtllib moved.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\n"
                      "f 1/1 2/2 3/3\nf 1/1 2/2 4/3\nf 1/1 3/2 4/3\nf 2/1 3/2 4/3\n")
+    # A file with UVs only on some parts: refining cannot lie on the others; a blank start unwraps.
+    import trimesh
+    from PIL import Image
+
+    from backend.cli import partial_uv_map
+
+    box, ball = trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation((3, 0, 0))
+    box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, image=Image.new("RGB", (4, 4)))
+    trimesh.Scene({"Box": box, "Ball": ball}).export(tmp_path / "mixed.glb")
+    mixed = run_cli("texture", str(tmp_path / "mixed.glb"), "--prompt", "a vase", "--refine", "--out", str(tmp_path))
+    assert mixed.returncode == 2 and "its part 'Ball' has no UV map, so the texture to refine cannot lie on them" \
+        in mixed.stderr, mixed.stderr
+    args = argparse.Namespace(mesh="mixed.glb", refine=False, init_texture=None, repaint_mask=None, strength=None)
+    mesh, loaded = load_mesh_file(tmp_path / "mixed.glb")
+    assert mesh.corner_uvs is not None
+    partial_uv_map(args, mesh, loaded)
+    assert mesh.corner_uvs is None  # unwrapped whole
     grey = run_cli("texture", str(moved), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "g"))
     assert grey.returncode == 2 and f"its material library 'moved.mtl' is not in {tmp_path}: put the file there" \
         in grey.stderr, grey.stderr
