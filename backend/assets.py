@@ -10,12 +10,9 @@ colours, else from its material's flat colour.
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from dataclasses import dataclass, replace
 from pathlib import Path
-from urllib.parse import unquote
 
 import numpy as np
 import torch
@@ -141,81 +138,6 @@ def image_rgb(image: object) -> np.ndarray:
 def texture_tensor(image: object) -> torch.Tensor:
     """A PIL image as the (3, H, W) float texture a job reads (``image_rgb``)."""
     return torch.from_numpy(image_rgb(image)).permute(2, 0, 1)
-
-
-def _gltf_header(path: Path) -> dict | None:
-    """A glTF file's JSON (a GLB's JSON chunk only: its binary one may run to hundreds of MB), or
-    None for other files and for what is not glTF (trimesh has read it, or said why not)."""
-    suffix = path.suffix.lower()
-    if suffix not in (".glb", ".gltf"):
-        return None
-    with path.open("rb") as file:
-        if suffix == ".gltf":
-            data = file.read()
-        else:
-            head = file.read(20)
-            if head[:4] != b"glTF" or head[16:20] != b"JSON":
-                return None
-            data = file.read(struct.unpack("<I", head[12:16])[0])
-    try:
-        header = json.loads(data)
-    except ValueError:
-        return None
-    return header if isinstance(header, dict) else None
-
-
-def texture_placement_problem(path: Path) -> str | None:
-    """Why the Base Color texture of a glTF file cannot be read as laid 1:1 on its first UV set,
-    the only way trimesh reads it: a KHR_texture_transform (tiling, offset, rotation) or another
-    UV set. None for other files, or when it is read right."""
-    for material in (_gltf_header(path) or {}).get("materials", []):
-        texture = material.get("pbrMetallicRoughness", {}).get("baseColorTexture")
-        if texture is None:
-            continue
-        name = material.get("name", "a material")
-        if "KHR_texture_transform" in texture.get("extensions", {}):
-            return f"{name!r}'s Base Color texture is placed by KHR_texture_transform (tiled, offset or turned)"
-        if texture.get("texCoord", 0) != 0:
-            return f"{name!r}'s Base Color texture is read through UV set {texture['texCoord']}, not the first"
-    return None
-
-
-def missing_texture(path: Path) -> str | None:
-    """The file holding an OBJ's or glTF's colour texture (or an OBJ's material library) that is
-    not where the model names it, moved or left behind in a copy; None when none is missing.
-    trimesh drops such a texture without a word, leaving the material's flat colour."""
-    if path.suffix.lower() == ".obj":
-        return _obj_missing_texture(path)
-    header = _gltf_header(path) or {}
-    textures, images = header.get("textures", []), header.get("images", [])
-    for material in header.get("materials", []):
-        index = material.get("pbrMetallicRoughness", {}).get("baseColorTexture", {}).get("index")
-        source = textures[index].get("source") if isinstance(index, int) and index < len(textures) else None
-        uri = images[source].get("uri", "") if isinstance(source, int) and source < len(images) else ""
-        if uri and not uri.startswith("data:") and not (path.parent / unquote(uri)).is_file():
-            name = repr(material["name"]) if material.get("name") else "its material"
-            return f"{name} shows the texture {unquote(uri)!r}, which is not in {path.parent}"
-    return None
-
-
-def _obj_missing_texture(path: Path) -> str | None:
-    """``missing_texture`` for an OBJ: its ``mtllib`` files, and the ``map_Kd`` each names."""
-    with path.open("rb") as file:
-        libraries = [line[6:].decode(errors="replace").strip() for line in file if line.startswith(b"mtllib")]
-    for name in libraries:
-        library = path.parent / name
-        if not library.is_file():
-            return f"its material library {name!r} is not in {path.parent}"
-        material = "a material"
-        for line in library.read_text(errors="replace").splitlines():
-            words = line.split()
-            if words[:1] == ["newmtl"]:
-                material = " ".join(words[1:])
-            elif words[:1] and words[0].lower() == "map_kd" and len(words) > 1:
-                # options (-s 1 1 1, -bm 0.5...) come before the file name, which may hold spaces
-                if not any((library.parent / " ".join(words[i:])).is_file() for i in range(1, len(words))):
-                    return f"{material!r} in {name} shows the texture {words[-1]!r}, which is not in {library.parent}"
-    return None
 
 
 def base_colour(loaded: object) -> torch.Tensor | None:

@@ -18,11 +18,11 @@ from pathlib import Path
 import numpy as np
 
 from . import protocol
-from .assets import base_colour, image_rgb, missing_texture, texture_placement_problem, texture_tensor
+from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, shaded_vertices
-from .mesh_file import load_mesh_file, parts_without_uvs
+from .mesh_file import load_mesh_file, missing_texture, parts_without_uvs, texture_placement_problem
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 from .texture import SlotTextures

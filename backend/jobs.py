@@ -12,9 +12,10 @@ import numpy as np
 import torch
 
 from . import protocol
-from .assets import Asset, missing_texture
+from .assets import Asset
 from .events import TextureEvents
 from .mesh import Mesh, MeshError
+from .mesh_file import missing_texture
 from .presets import (
     GENERATE_PRESETS,
     METHODS,

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from . import protocol
-from .assets import ASSET_SUFFIXES, Asset, load_asset, missing_texture
+from .assets import ASSET_SUFFIXES, Asset, load_asset
+from .mesh_file import missing_texture
 from .cameras import orbit
 from .embed import ClipEmbedder, TextEmbedder
 from .mesh import MeshError

@@ -9,8 +9,11 @@ a Base Color factor and an MTL's Kd are linear light, textures sRGB.
 
 from __future__ import annotations
 
+import json
 import math
+import struct
 from pathlib import Path
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -29,7 +32,9 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
         scene = trimesh.load(path, force="scene", process=False)
         loaded = join_parts([g for g in scene.dump() if isinstance(g, trimesh.Trimesh)])
     except Exception as exc:  # trimesh raises many types for unreadable files
-        raise MeshError(f"could not read {str(path)!r} as a mesh: {exc}") from None
+        gone = missing_buffer(path)
+        raise MeshError(f"could not read {str(path)!r} as a mesh: "
+                        + (f"{gone}: copy it there" if gone else str(exc))) from None
     faces = np.asarray(loaded.faces, np.int64).reshape(-1, 3)
     uv = getattr(loaded.visual, "uv", None)
     corner_uvs = None
@@ -40,6 +45,91 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     mesh = Mesh((vertices if origin is None else vertices - origin).astype(np.float32), faces, corner_uvs,
                 up_axis="y", name=path.stem, origin=origin)
     return mesh, loaded
+
+
+def _gltf_header(path: Path) -> dict | None:
+    """A glTF file's JSON (a GLB's JSON chunk only: its binary one may run to hundreds of MB), or
+    None for other files and for what is not glTF (trimesh has read it, or said why not)."""
+    suffix = path.suffix.lower()
+    if suffix not in (".glb", ".gltf"):
+        return None
+    with path.open("rb") as file:
+        if suffix == ".gltf":
+            data = file.read()
+        else:
+            head = file.read(20)
+            if head[:4] != b"glTF" or head[16:20] != b"JSON":
+                return None
+            data = file.read(struct.unpack("<I", head[12:16])[0])
+    try:
+        header = json.loads(data)
+    except ValueError:
+        return None
+    return header if isinstance(header, dict) else None
+
+
+def texture_placement_problem(path: Path) -> str | None:
+    """Why the Base Color texture of a glTF file cannot be read as laid 1:1 on its first UV set,
+    the only way trimesh reads it: a KHR_texture_transform (tiling, offset, rotation) or another
+    UV set. None for other files, or when it is read right."""
+    for material in (_gltf_header(path) or {}).get("materials", []):
+        texture = material.get("pbrMetallicRoughness", {}).get("baseColorTexture")
+        if texture is None:
+            continue
+        name = material.get("name", "a material")
+        if "KHR_texture_transform" in texture.get("extensions", {}):
+            return f"{name!r}'s Base Color texture is placed by KHR_texture_transform (tiled, offset or turned)"
+        if texture.get("texCoord", 0) != 0:
+            return f"{name!r}'s Base Color texture is read through UV set {texture['texCoord']}, not the first"
+    return None
+
+
+def missing_buffer(path: Path) -> str | None:
+    """The file holding a .gltf's geometry that is not where it names it (trimesh says only its
+    name), said with where it was looked for; None when none is missing."""
+    for buffer in (_gltf_header(path) or {}).get("buffers", []):
+        uri = buffer.get("uri", "") if isinstance(buffer, dict) else ""
+        if uri and not uri.startswith("data:") and not (path.parent / unquote(uri)).is_file():
+            return f"the file {unquote(uri)!r} holding its geometry is not in {path.parent}"
+    return None
+
+
+def missing_texture(path: Path) -> str | None:
+    """The file holding an OBJ's or glTF's colour texture (or an OBJ's material library) that is
+    not where the model names it, moved or left behind in a copy; None when none is missing.
+    trimesh drops such a texture without a word, leaving the material's flat colour."""
+    if path.suffix.lower() == ".obj":
+        return _obj_missing_texture(path)
+    header = _gltf_header(path) or {}
+    textures, images = header.get("textures", []), header.get("images", [])
+    for material in header.get("materials", []):
+        index = material.get("pbrMetallicRoughness", {}).get("baseColorTexture", {}).get("index")
+        source = textures[index].get("source") if isinstance(index, int) and index < len(textures) else None
+        uri = images[source].get("uri", "") if isinstance(source, int) and source < len(images) else ""
+        if uri and not uri.startswith("data:") and not (path.parent / unquote(uri)).is_file():
+            name = repr(material["name"]) if material.get("name") else "its material"
+            return f"{name} shows the texture {unquote(uri)!r}, which is not in {path.parent}"
+    return None
+
+
+def _obj_missing_texture(path: Path) -> str | None:
+    """``missing_texture`` for an OBJ: its ``mtllib`` files, and the ``map_Kd`` each names."""
+    with path.open("rb") as file:
+        libraries = [line[6:].decode(errors="replace").strip() for line in file if line.startswith(b"mtllib")]
+    for name in libraries:
+        library = path.parent / name
+        if not library.is_file():
+            return f"its material library {name!r} is not in {path.parent}"
+        material = "a material"
+        for line in library.read_text(errors="replace").splitlines():
+            words = line.split()
+            if words[:1] == ["newmtl"]:
+                material = " ".join(words[1:])
+            elif words[:1] and words[0].lower() == "map_kd" and len(words) > 1:
+                # options (-s 1 1 1, -bm 0.5...) come before the file name, which may hold spaces
+                if not any((library.parent / " ".join(words[i:])).is_file() for i in range(1, len(words))):
+                    return f"{material!r} in {name} shows the texture {words[-1]!r}, which is not in {library.parent}"
+    return None
 
 
 #: Texels of each part's own edge colour around its cell of a joined texture, so that bilinear

@@ -16,7 +16,7 @@ import torch
 from conftest import ROOT
 from test_exact_prior import box_mesh, pattern
 
-from backend import assets, library, protocol
+from backend import library, mesh_file, protocol
 from backend.assets import Asset, load_asset
 from backend.cameras import orbit
 from backend.cli import write_result
@@ -103,7 +103,8 @@ def test_index_is_incremental_and_skips_bad_files_with_a_reason(tmp_path: Path, 
 
 def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path: Path, embedder) -> None:
     """trimesh drops a texture it cannot find without a word; the index names the file and where it
-    was looked for, so a library copied without its textures does not quietly turn grey."""
+    was looked for, so a library copied without its textures does not quietly turn grey. A .gltf's
+    missing geometry file is named too (trimesh says only its name)."""
     lib = tmp_path / "lib"
     lib.mkdir()
     corners = "v 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\nusemtl oak\n" \
@@ -115,17 +116,20 @@ def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path
     glb = (lib / "barrel.glb").read_bytes()
     length = int.from_bytes(glb[12:16], "little")
     header = json.loads(glb[20:20 + length])
-    header["images"] = [{"uri": "rusty%20metal.png"}]  # the file a .gltf names beside it
+    header["images"] = [{"uri": "rusty%20metal.png"}]  # files a .gltf names beside it, left behind
+    header["buffers"][0]["uri"] = "barrel%20data.bin"
     (lib / "barrel.gltf").write_text(json.dumps(header))
     (lib / "barrel.glb").unlink()
 
-    assert assets.missing_texture(lib / "crate.obj") == \
+    assert mesh_file.missing_texture(lib / "crate.obj") == \
         f"'oak' in crate.mtl shows the texture 'planks.png', which is not in {lib}"
-    assert assets.missing_texture(lib / "stool.obj") == f"its material library 'gone.mtl' is not in {lib}"
-    assert assets.missing_texture(lib / "barrel.gltf") == \
+    assert mesh_file.missing_texture(lib / "stool.obj") == f"its material library 'gone.mtl' is not in {lib}"
+    assert mesh_file.missing_texture(lib / "barrel.gltf") == \
         f"its material shows the texture 'rusty metal.png', which is not in {lib}"
     _, report = build_index(lib, embedder)
-    assert sorted(report.added) == ["crate.obj", "stool.obj"] and "barrel.gltf" in report.skipped
+    assert sorted(report.added) == ["crate.obj", "stool.obj"]
+    assert report.skipped["barrel.gltf"].endswith(f"the file 'barrel data.bin' holding its geometry is not in {lib}: "
+                                                  "copy it there"), report.skipped
     assert report.problems()[1:] == [
         f"crate.obj indexed in flat colours: 'oak' in crate.mtl shows the texture 'planks.png', which is not in {lib}: "
         "put the file there and index again",
@@ -133,7 +137,7 @@ def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path
         "index again"]
     assert load_asset(lib / "stool.obj").texture is None  # not the grey trimesh makes up for it
     (lib / "oak planks.png").touch()
-    assert assets.missing_texture(lib / "crate.obj") is None  # found: a name with a space, after options
+    assert mesh_file.missing_texture(lib / "crate.obj") is None  # found: a name with a space, after options
 
 
 def test_assets_show_their_colours_as_gltf_and_blender_read_them(tmp_path: Path) -> None:
