@@ -21,6 +21,11 @@ from .mesh import Mesh, MeshError
 from .protocol import MAX_TEXTURE_SIZE
 
 
+#: glTF extensions that compress geometry, which trimesh does not decode.
+_COMPRESSIONS = {"KHR_draco_mesh_compression": "Draco (KHR_draco_mesh_compression)",
+                 "EXT_meshopt_compression": "meshoptimizer (EXT_meshopt_compression)"}
+
+
 def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     """The Mesh in a file, and the trimesh object it was read from (its parts joined, their
     colours on one texture through its UVs when any part has a texture)."""
@@ -28,6 +33,11 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
 
     if not path.is_file():
         raise MeshError(f"mesh file {str(path)!r} does not exist")
+    compressed = [_COMPRESSIONS[name] for name in (_gltf_header(path) or {}).get("extensionsRequired", [])
+                  if name in _COMPRESSIONS]
+    if compressed:  # trimesh reads such a file as a heap of vertices at the origin, without a word
+        raise MeshError(f"{str(path)!r} is compressed with {compressed[0]}, which Kiln's reader (trimesh) cannot "
+                        "decode: export it uncompressed (Blender's glTF exporter: untick Compression)")
     try:
         scene = trimesh.load(path, force="scene", process=False)
         loaded = join_parts([g for g in scene.dump() if isinstance(g, trimesh.Trimesh)])

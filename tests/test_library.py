@@ -120,6 +120,10 @@ def test_an_asset_whose_texture_file_is_missing_is_indexed_saying_which(tmp_path
     header["buffers"][0]["uri"] = "barrel%20data.bin"
     (lib / "barrel.gltf").write_text(json.dumps(header))
     (lib / "barrel.glb").unlink()
+    header["extensionsRequired"] = ["KHR_draco_mesh_compression"]  # trimesh would read a heap at the origin
+    (tmp_path / "packed.gltf").write_text(json.dumps(header))
+    with pytest.raises(MeshError, match="compressed with Draco .* export it uncompressed"):
+        load_asset(tmp_path / "packed.gltf")
 
     assert mesh_file.missing_texture(lib / "crate.obj") == \
         f"'oak' in crate.mtl shows the texture 'planks.png', which is not in {lib}"
