@@ -46,7 +46,7 @@ def _bake_uv_map(obj: Any, instead: str) -> str:
     layer.data.foreach_get("uv", uv)
     if uv.size and (uv.min() < -1e-4 or uv.max() > 1 + 1e-4):
         raise SceneError(f"{obj.name!r}'s UV map {layer.name!r} reaches past the unit square (UDIM tiles or "
-                         "repeats), so its material's colours cannot be baked into one image to refine: wire an "
+                         "repeats), so its material's colours cannot be baked into one image: wire an "
                          f"Image Texture into Base Color, or {instead}")
     return layer.name
 

@@ -91,14 +91,17 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
         depsgraph = scratch.view_layers[0].depsgraph
         for asset, objects in assets:
             with evaluated_meshes([o for o in objects if o.type == "MESH"], depsgraph) as meshes:
-                if not meshes:
-                    notes.append(f"skipped {blend.name}: {asset.name} has no mesh to read")
-                    continue
-                baked = {}
-                for obj, _ in meshes:
-                    baked[obj.name], problem = baked_colours(obj, scratch)
-                    if problem:
-                        notes.append(f"{blend.name}: {asset.name} exported with flat colours: {problem}")
+                shown = [obj for obj, _ in meshes]
+            if not shown:
+                notes.append(f"skipped {blend.name}: {asset.name} has no mesh to read")
+                continue
+            baked = {}  # before the meshes are read for writing: giving one a UV map re-evaluates them all
+            for obj in shown:
+                baked[obj.name], problem = baked_colours(obj, scratch)
+                if problem:
+                    notes.append(f"{blend.name}: {asset.name} exported with flat colours: {problem}")
+            depsgraph.update()
+            with evaluated_meshes(shown, depsgraph) as meshes:
                 write_obj(folder, asset.name, meshes, caption(asset), baked)
             written += 1
     except BaseException:
@@ -128,17 +131,32 @@ def scratch_scene(objects: set[Any]) -> Any:
 def baked_colours(obj: Any, scratch: Any) -> tuple[np.ndarray | None, str]:
     """The colours ``obj``'s materials show, baked by Cycles in the scratch scene, when they come
     through nodes Kiln cannot read from an image (a procedural wood, a tiled texture): a flat colour
-    would make a poor reference. (None, "") when no bake is needed; (None, why) when it cannot be
-    done (no UV map, UDIM, Cycles off)."""
+    would make a poor reference. An object without a UV map (procedural materials often need none)
+    is given one by Smart UV Project first: it is the appended copy, removed after the export.
+    (None, "") when no bake is needed; (None, why) when it cannot be done (UDIM, Cycles off)."""
     if unreadable_colour(obj) is None:
         return None, ""
     try:
-        # The bake operator finds its object through the context, not the view layer alone.
+        # The operators find their object through the context, not the view layer alone.
         with bpy.context.temp_override(scene=scratch, view_layer=scratch.view_layers[0], object=obj,
                                        active_object=obj, selected_objects=[obj], selected_editable_objects=[obj]):
+            if not obj.data.uv_layers:
+                _smart_uv_project(obj, scratch.view_layers[0])
             return bake_base_colour(obj, REFERENCE_SIZE, EXPORT)[0], ""
     except SceneError as error:
         return None, str(error)
+
+
+def _smart_uv_project(obj: Any, layer: Any) -> None:
+    """A UV map for ``obj``'s mesh, by Smart UV Project in Edit Mode, in the scratch scene."""
+    obj.data.uv_layers.new(name="UVMap")
+    layer.objects.active = obj
+    bpy.ops.object.mode_set(mode="EDIT")
+    try:
+        bpy.ops.mesh.select_all(action="SELECT")
+        bpy.ops.uv.smart_project(island_margin=0.01)
+    finally:
+        bpy.ops.object.mode_set(mode="OBJECT")
 
 
 @contextmanager

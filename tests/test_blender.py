@@ -1613,8 +1613,9 @@ def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_
 
 def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, scene, tmp_path) -> None:
     """A procedural material (a red and blue checker) is exported as what it shows, baked by Cycles
-    in a scene of its own; an asset without a UV map to bake onto keeps its flat colour, with a note
-    saying why. The artist's scene, its render engine included, is untouched."""
+    in a scene of its own; an asset without a UV map gets one by Smart UV Project for it, from Edit
+    Mode on another object too. An asset whose UV map spans UDIM tiles keeps its flat colour, with a
+    note saying why. The artist's scene, its render engine and Edit Mode included, is untouched."""
     checker = bpy.data.materials.new("painted checker")
     if not checker.node_tree:
         checker.use_nodes = True
@@ -1624,7 +1625,7 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
     tree.links.new(squares.outputs["Color"],
                    next(n for n in tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
     assets = []
-    for name in ("Crate", "Bare"):
+    for name in ("Crate", "Bare", "Tiles"):
         bpy.ops.mesh.primitive_cube_add()
         obj = bpy.context.active_object
         obj.name = name
@@ -1632,25 +1633,36 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
         obj.asset_mark()
         assets.append(obj)
     assets[1].data.uv_layers.remove(assets[1].data.uv_layers[0])
+    uv = np.empty(len(assets[2].data.loops) * 2, np.float32)
+    assets[2].data.uv_layers[0].data.foreach_get("uv", uv)
+    assets[2].data.uv_layers[0].data.foreach_set("uv", uv + 1)  # tile 1012
     path = tmp_path / "crates.blend"
     bpy.data.libraries.write(str(path), set(assets), fake_user=True)
     bpy.data.batch_remove([*assets, checker])
+    edited = add_cube("Edited")
+    select(edited)
+    bpy.ops.object.mode_set(mode="EDIT")
     engine, counts = bpy.context.scene.render.engine, {k: len(getattr(bpy.data, k)) for k in ("objects", "scenes")}
 
     count, notes = kiln.blend_assets.export_blend(path)
-    assert count == 2 and notes == ["crates.blend: Bare exported with flat colours: 'Bare' has no UV map to carry "
-                                    "the colours its material shows: add one (Edit Mode > UV > Smart UV Project), or "
-                                    "leave it: Kiln exports it for the libraries with flat colours"], notes
+    assert count == 3 and notes == ["crates.blend: Tiles exported with flat colours: 'Tiles''s UV map 'UVMap' reaches "
+                                    "past the unit square (UDIM tiles or repeats), so its material's colours cannot be "
+                                    "baked into one image: wire an Image Texture into Base Color, or leave it: Kiln "
+                                    "exports it for the libraries with flat colours"], notes
     assert bpy.context.scene.render.engine == engine and counts == {k: len(getattr(bpy.data, k)) for k in counts}
+    assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == edited
     folder = kiln.blend_assets.export_folder(path)
-    assert (folder / "Crate.mtl").read_text().count("newmtl") == 1 and "map_Kd" in (folder / "Crate.mtl").read_text()
-    baked = bpy.data.images.load(str(next(folder.glob("Crate_*.png"))))
-    try:
-        colours = {tuple(c) for c in np.round(pixels(baked).reshape(-1, 4)[:, :3], 2).tolist()}
-    finally:
-        bpy.data.images.remove(baked)
-    assert {(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)} <= colours
-    assert "Kd 0.8000" in (folder / "Bare.mtl").read_text() and "map_Kd" not in (folder / "Bare.mtl").read_text()
+    for name in ("Crate", "Bare"):
+        assert (folder / f"{name}.mtl").read_text().count("newmtl") == 1
+        assert "map_Kd" in (folder / f"{name}.mtl").read_text() and "\nvt " in (folder / f"{name}.obj").read_text()
+        baked = bpy.data.images.load(str(next(folder.glob(f"{name}_*.png"))))
+        try:
+            colours = {tuple(c) for c in np.round(pixels(baked).reshape(-1, 4)[:, :3], 2).tolist()}
+        finally:
+            bpy.data.images.remove(baked)
+        assert {(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)} <= colours, name
+    tiles = (folder / "Tiles.mtl").read_text()
+    assert "Kd 0.8000" in tiles and "map_Kd" not in tiles  # Kd linear, as Blender writes and reads it
 
 
 def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:
