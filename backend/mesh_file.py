@@ -9,6 +9,7 @@ a Base Color factor and an MTL's Kd are linear light, textures sRGB.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -150,7 +151,8 @@ GUTTER = 2
 def join_parts(parts: list) -> object:
     """One trimesh mesh of ``parts`` (in the file's frame), each showing its own colours. When any
     part has a texture, each part's colours (its texture with the Base Color factor folded in, else
-    its flat or mean vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide,
+    its flat or mean vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide
+    (parts showing the same pixels share one),
     and its UVs are moved into that cell (a part without UVs reads its cell's centre:
     ``parts_without_uvs``); UVs past the unit square (a tiled texture) are clamped to it, as one
     cell cannot repeat. Otherwise each part's flat colour becomes its vertex colours."""
@@ -170,18 +172,22 @@ def join_parts(parts: list) -> object:
                    else np.tile(np.asarray((picture or Image.new("RGB", (1, 1), _GREY)).convert("RGB"))[0, 0],
                                 (len(p.vertices), 1)) for p, picture in zip(parts, pictures, strict=True)]
         return trimesh.Trimesh(vertices, faces, vertex_colors=np.concatenate(colours).astype(np.uint8), process=False)
-    columns = math.ceil(math.sqrt(len(parts)))
-    rows = math.ceil(len(parts) / columns)
+    keys = [_picture_key(picture) for picture in pictures]
+    distinct = dict(zip(keys, pictures, strict=True))  # parts showing the same texture share its cell
+    columns = math.ceil(math.sqrt(len(distinct)))
+    rows = math.ceil(len(distinct) / columns)
     largest = max(max(p.size) for p in pictures if p is not None)
     cell = min(largest + 2 * GUTTER, MAX_TEXTURE_SIZE // max(columns, rows))
     inner = cell - 2 * GUTTER
     atlas = np.zeros((rows * cell, columns * cell, 3), np.uint8)
-    uvs = []
-    for k, (part, picture) in enumerate(zip(parts, pictures, strict=True)):
+    for k, picture in enumerate(distinct.values()):
         row, column = divmod(k, columns)
         texels = np.asarray((picture or Image.new("RGB", (1, 1), _GREY)).convert("RGB").resize((inner, inner)))
         atlas[row * cell:(row + 1) * cell, column * cell:(column + 1) * cell] = \
             np.pad(texels, ((GUTTER, GUTTER), (GUTTER, GUTTER), (0, 0)), mode="edge")
+    uvs = []
+    for part, key in zip(parts, keys, strict=True):
+        row, column = divmod(list(distinct).index(key), columns)
         uv = getattr(part.visual, "uv", None)
         own = np.full((len(part.vertices), 2), 0.5) if uv is None else np.clip(np.asarray(uv, np.float64), 0, 1)
         bottom = (rows - 1 - row) * cell  # UVs count rows from the bottom, images from the top
@@ -204,6 +210,13 @@ WITHOUT_UVS = "kiln_parts_without_uvs"
 def parts_without_uvs(loaded: object) -> list[str]:
     """The names of the parts of a file whose UVs ``join_parts`` made up."""
     return list(getattr(loaded, "metadata", {}).get(WITHOUT_UVS, []))
+
+
+def _picture_key(picture: object | None) -> tuple:
+    """Equal for parts showing the same pixels: a file's parts often share one texture."""
+    if picture is None:
+        return ()
+    return picture.size, picture.mode, hashlib.sha1(picture.tobytes()).hexdigest()
 
 
 #: What a part without a material shows: mid grey, sRGB.
