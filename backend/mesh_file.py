@@ -155,7 +155,8 @@ def join_parts(parts: list) -> object:
     (parts showing the same pixels share one),
     and its UVs are moved into that cell (a part without UVs reads its cell's centre:
     ``parts_without_uvs``); UVs past the unit square (a tiled texture) are clamped to it, as one
-    cell cannot repeat. Otherwise each part's flat colour becomes its vertex colours."""
+    cell cannot repeat. Parts that all show one texture keep it, and their UVs, as they are.
+    Without textures, each part's flat colour becomes its vertex colours."""
     import trimesh
     from PIL import Image
 
@@ -174,6 +175,10 @@ def join_parts(parts: list) -> object:
         return trimesh.Trimesh(vertices, faces, vertex_colors=np.concatenate(colours).astype(np.uint8), process=False)
     keys = [_picture_key(picture) for picture in pictures]
     distinct = dict(zip(keys, pictures, strict=True))  # parts showing the same texture share its cell
+    if len(distinct) == 1 and all(getattr(p.visual, "uv", None) is not None for p in parts):
+        # One texture for all (a node per part, one material): kept as it is, UVs and repeats too.
+        return trimesh.Trimesh(vertices, faces, visual=trimesh.visual.TextureVisuals(
+            uv=np.concatenate([p.visual.uv for p in parts]), material=parts[0].visual.material), process=False)
     columns = math.ceil(math.sqrt(len(distinct)))
     rows = math.ceil(len(distinct) / columns)
     largest = max(max(p.size) for p in pictures if p is not None)

@@ -167,13 +167,18 @@ def test_assets_show_their_colours_as_gltf_and_blender_read_them(tmp_path: Path)
     shown = sample_image(asset.texture, torch.as_tensor(asset.mesh.corner_uvs).mean(dim=1)) * 255
     for at, expected in ((0, (200, 30, 0)), (3, (0, 60, 255)), (6, (124, 124, 124))):  # linear 0.2 is 124 in sRGB
         assert np.allclose(shown[np.abs(x - at - x.min() - 0.5) < 1].numpy(), expected, atol=1.5), (at, expected)
-    # Parts sharing one texture (a game asset's atlas) share one cell of it, at its own size.
+    # Parts sharing one texture (a game asset's atlas) keep it as it is, and their UVs, repeats too;
+    # beside another texture, they share one cell of it.
     shared = [part((40, 90, 160), [1.0, 1.0, 1.0, 1.0], at) for at in (0, 3, 6, 9)]
-    shared[0].visual.material.baseColorTexture = Image.new("RGB", (256, 256), (40, 90, 160))
+    shared[0].visual.material.baseColorTexture = Image.new("RGB", (256, 128), (40, 90, 160))
+    shared[1].visual.uv = shared[1].visual.uv * 3  # tiled three times
     for other in shared[1:]:
         other.visual.material = shared[0].visual.material
     trimesh.Scene(shared).export(tmp_path / "shared.glb")
-    assert load_asset(tmp_path / "shared.glb").texture.shape == (3, 256 + 4, 256 + 4)
+    one = load_asset(tmp_path / "shared.glb")
+    assert one.texture.shape == (3, 128, 256) and one.mesh.corner_uvs.max() == pytest.approx(1.5)
+    trimesh.Scene([*shared, part((0, 0, 0), [1.0, 1.0, 1.0, 1.0], 12)]).export(tmp_path / "shared_and_black.glb")
+    assert load_asset(tmp_path / "shared_and_black.glb").texture.shape == (3, 256 + 4, 2 * (256 + 4))
     trimesh.Scene([part((255, 255, 255), [0.2, 0.2, 0.2, 1.0], 0)]).export(tmp_path / "tinted.glb")
     tinted = load_asset(tmp_path / "tinted.glb")
     assert np.allclose(tinted.texture.mean(dim=(1, 2)) * 255, 124, atol=1)
