@@ -71,6 +71,23 @@ class ConsoleEvents(TextureEvents):
         self.bar.write(text, file=sys.stderr)
 
 
+def result_paths(out: Path, name: str) -> dict[str, Path]:
+    """Where a job on the mesh ``name`` writes its texture, its textured mesh and its summary."""
+    return {"texture": out / f"{name}_texture.png", "mesh": out / f"{name}.glb", "summary": out / "result.json"}
+
+
+def keep_inputs(args: argparse.Namespace, out: Path) -> None:
+    """Refuse, before any work, an --out where a result would be written over one of the job's own
+    input files: with --out the mesh's folder, its .glb would be replaced by the result."""
+    written = result_paths(out, Path(args.mesh).stem).values()
+    for given in filter(None, [args.mesh, args.init_texture, args.repaint_mask, *(args.reference or [])]):
+        source = Path(given)
+        for target in written:
+            if source.is_file() and target.is_file() and target.samefile(source):
+                raise JobError(protocol.E_BAD_REQUEST, f"--out {str(out)!r} would write the result {target.name!r} "
+                               f"over the input file {given!r}: choose another folder for --out")
+
+
 def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None = None,
                  smooth_angle_deg: float = SMOOTH_ANGLE_DEG) -> dict[str, str]:
     """Write the texture PNG and a textured GLB, placed where the mesh file had it: its node
@@ -85,7 +102,8 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None 
 
     out.mkdir(parents=True, exist_ok=True)
     image = Image.fromarray(np.ascontiguousarray(rgba[::-1, :, :3]))  # rows bottom-up → PNG's top-down
-    png = out / f"{mesh.name}_texture.png"
+    paths = result_paths(out, mesh.name)
+    png = paths["texture"]
     image.save(png)
     positions, uvs, normals, faces = shaded_vertices(mesh, smooth_angle_deg)
     material = getattr(getattr(source, "visual", None), "material", None)
@@ -98,7 +116,7 @@ def write_result(mesh: Mesh, rgba: np.ndarray, out: Path, source: object | None 
         material = trimesh.visual.material.PBRMaterial(baseColorTexture=image, metallicFactor=0.0,
                                                        roughnessFactor=0.5)
     visual = trimesh.visual.TextureVisuals(uv=uvs, material=material)
-    glb = out / f"{mesh.name}.glb"
+    glb = paths["mesh"]
     placed = np.eye(4) if mesh.origin is None else trimesh.transformations.translation_matrix(mesh.origin)
     scene = trimesh.Scene()
     scene.add_geometry(trimesh.Trimesh(positions, faces, vertex_normals=normals, visual=visual, process=False),
@@ -134,7 +152,7 @@ def partial_uv_map(args: argparse.Namespace, mesh: Mesh, loaded: object) -> None
     parts = f"its part {names} has" if len(bare) == 1 else f"its parts {names} have"
     if refining(args):
         raise JobError(protocol.E_BAD_REQUEST, f"{args.mesh}: {parts} no UV map, so the texture to refine cannot "
-                       "lie on them: give every part UVs, or texture it from blank")
+                       f"lie on {'it' if len(bare) == 1 else 'them'}: give every part UVs, or texture it from blank")
     print(f"kiln: {args.mesh}: {parts} no UV map, so Kiln unwraps the whole mesh", file=sys.stderr)
     mesh.corner_uvs = None
 
@@ -243,7 +261,7 @@ def finish(request: JobRequest, out: Path, started: float, files: dict[str, str]
     """result.json, the pipeline-check notice where it applies, and the summary on stdout."""
     summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
                "method": request.method, "pipeline_check": request.model == "tiny", **extra, **files}
-    (out / "result.json").write_text(json.dumps(summary, indent=2))
+    result_paths(out, "")["summary"].write_text(json.dumps(summary, indent=2))
     if request.model == "tiny":
         print(f"PIPELINE CHECK: made with the built-in tiny random-weight model. The {request.task} result is "
               "noise by design; it proves the pipeline runs end to end. Use --model with real weights for art.")
@@ -266,6 +284,7 @@ def texture_command(args: argparse.Namespace) -> int:
     try:
         request = request_from(args, protocol.TASK_TEXTURE)
         out = output_folder(args.out)
+        keep_inputs(args, out)
         mesh, loaded = load_mesh_file(Path(args.mesh))
         mesh.up_axis = args.up
         partial_uv_map(args, mesh, loaded)

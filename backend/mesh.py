@@ -58,14 +58,14 @@ class Mesh:
                             f"got {p.shape} and {t.shape}")
         if t.shape[0] == 0:
             raise MeshError(f"mesh {self.name!r} has no faces: Kiln textures surfaces. "
-                            "Add faces (e.g. Edit Mode > Face > Fill) or select another object")
+                            "Add faces (in Blender: Edit Mode > Face > Fill), or texture another mesh")
         if t.shape[0] > MAX_TRIANGLES:
             raise MeshError(f"mesh {self.name!r} has {t.shape[0]:,} triangles, over Kiln's limit of "
-                            f"{MAX_TRIANGLES:,}: reduce it first (Decimate modifier, then Apply)")
+                            f"{MAX_TRIANGLES:,}: reduce it first (in Blender: a Decimate modifier, then Apply)")
         if not np.isfinite(p).all():
             bad = int((~np.isfinite(p)).any(axis=1).sum())
             raise MeshError(f"mesh {self.name!r} has {bad} vertices with NaN or infinite coordinates: "
-                            "fix or delete them (Edit Mode > Mesh > Clean Up) before texturing")
+                            "fix or delete them (in Blender: Edit Mode > Mesh > Clean Up) before texturing")
         if t.min() < 0 or t.max() >= p.shape[0]:
             raise MeshError(f"mesh {self.name!r}: triangle indices out of range")
         if self.up_axis not in UP_AXES:
@@ -92,7 +92,7 @@ class Mesh:
                 raise MeshError(f"mesh {self.name!r}: UVs of shape {self.corner_uvs.shape} "
                                 f"do not match {t.shape[0]} triangles")
             if not np.isfinite(self.corner_uvs).all():
-                raise MeshError(f"mesh {self.name!r} has NaN UVs: re-unwrap it (UV > Smart UV Project) "
+                raise MeshError(f"mesh {self.name!r} has NaN UVs: re-unwrap it (in Blender: UV > Smart UV Project) "
                                 "or delete the UV map so Kiln unwraps it")
 
 

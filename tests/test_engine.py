@@ -718,6 +718,13 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
     assert "loading model" not in result.stderr
     result = run_cli("texture", str(VASE), "--prompt", "x", "--library", str(tmp_path / "gone"), "--out", str(tmp_path))
     assert result.returncode == 2 and "gone' is not a folder" in result.stderr
+    # --out the mesh's own folder: its .glb would be replaced by the result.
+    import trimesh
+    trimesh.creation.box().export(tmp_path / "box.glb")
+    kept = (tmp_path / "box.glb").read_bytes()
+    result = run_cli("texture", str(tmp_path / "box.glb"), "--prompt", "x", "--out", str(tmp_path))
+    assert result.returncode == 2 and "would write the result 'box.glb' over the input file" in result.stderr
+    assert (tmp_path / "box.glb").read_bytes() == kept and "loading model" not in result.stderr
 
 
 def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_traceback(
@@ -851,8 +858,9 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     box, ball = trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation((3, 0, 0))
     box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, image=Image.new("RGB", (4, 4)))
     trimesh.Scene({"Box": box, "Ball": ball}).export(tmp_path / "mixed.glb")
-    mixed = run_cli("texture", str(tmp_path / "mixed.glb"), "--prompt", "a vase", "--refine", "--out", str(tmp_path))
-    assert mixed.returncode == 2 and "its part 'Ball' has no UV map, so the texture to refine cannot lie on them" \
+    mixed = run_cli("texture", str(tmp_path / "mixed.glb"), "--prompt", "a vase", "--refine", "--out",
+                    str(tmp_path / "m"))
+    assert mixed.returncode == 2 and "its part 'Ball' has no UV map, so the texture to refine cannot lie on it" \
         in mixed.stderr, mixed.stderr
     args = argparse.Namespace(mesh="mixed.glb", refine=False, init_texture=None, repaint_mask=None, strength=None)
     mesh, loaded = load_mesh_file(tmp_path / "mixed.glb")
