@@ -120,6 +120,7 @@ class LibraryIndex:
                    tensors["text"], tensors["thumbnails"], tensors.get("images"), meta.get("skipped", {}))
 
     def save(self) -> None:
+        from safetensors import SafetensorError
         from safetensors.numpy import save_file
 
         meta = {"format": FORMAT, "embedder": self.embedder, "clip": self.clip,
@@ -132,9 +133,10 @@ class LibraryIndex:
         try:
             save_file(tensors, str(tmp), metadata={"kiln": json.dumps(meta)})
             os.replace(tmp, self.root / INDEX_FILE)  # a crash mid-write leaves the old index whole
-        except OSError as exc:
-            raise MeshError(f"cannot write the library index in {str(self.root)!r}: {exc.strerror}. Make the "
-                            "folder writable, or copy the assets to a folder you own") from None
+        except (OSError, SafetensorError) as exc:  # safetensors' own writer raises its own type for I/O errors
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc).split(": ", 1)[-1]
+            raise MeshError(f"cannot write the library index in {str(self.root)!r} ({why}): make the folder "
+                            "writable, or copy the assets to a folder you own") from None
 
     def text_scores(self, query: np.ndarray, k: int) -> list[tuple[int, float]]:
         """The k rows nearest ``query`` (a unit vector) by cosine, best first."""

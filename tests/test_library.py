@@ -195,6 +195,15 @@ def test_assets_show_their_colours_as_gltf_and_blender_read_them(tmp_path: Path)
     assert np.allclose(two.corner_colours[~left] * 255, (255, 0, 0), atol=1)
 
 
+def test_a_library_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path, embedder) -> None:
+    """safetensors raises its own error type for I/O errors, not OSError (a read-only share; here,
+    a folder where the index's part file goes, as tests run as root)."""
+    lib = small_library(tmp_path)
+    (lib / (INDEX_FILE + ".tmp")).mkdir()
+    with pytest.raises(MeshError, match="cannot write the library index in .* make the folder writable"):
+        build_index(lib, embedder)
+
+
 def test_search_finds_the_asset_whose_caption_is_nearest(tmp_path: Path, embedder) -> None:
     index, _ = build_index(small_library(tmp_path), embedder)
     for prompt, expected in (("a wooden crate", "wooden_crate.glb"), ("a metal barrel", "metal_barrel.ply"),
