@@ -135,6 +135,7 @@ def adapted(prior, identity: str, chosen: list["Chosen"], cfg: Adaptation, backg
     """The prior with the references' LoRA attached (trained now, or read from the cache), for the
     length of a job; whatever happens, the prior leaves without it."""
     from peft import set_peft_model_state_dict
+    from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
     if getattr(prior, "unet", None) is None:
@@ -150,10 +151,14 @@ def adapted(prior, identity: str, chosen: list["Chosen"], cfg: Adaptation, backg
             events.log(f"adapting the model to {len(chosen)} reference(s): {cfg.steps} LoRA steps on "
                        f"{cfg.views} views each")
             state = train(prior, chosen, cfg, background, seed, events, total)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file(state, str(tmp), metadata={"kiln": json.dumps({"model": identity, **asdict(cfg)})})
-            os.replace(tmp, path)
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                save_file(state, str(tmp), metadata={"kiln": json.dumps({"model": identity, **asdict(cfg)})})
+                os.replace(tmp, path)
+            except (OSError, SafetensorError) as exc:  # a full disk or read-only home: the LoRA still serves
+                events.log(f"could not keep the trained LoRA in {path.parent} ({exc}): this job uses it, and the "
+                           "next with these references trains it again; set KILN_CACHE to a writable folder")
         yield
     finally:
         prior.unet.unload_lora()

@@ -491,6 +491,13 @@ def test_adaptation_learns_the_references_is_cached_and_leaves_the_model_as_it_w
     with pytest.raises(ModelError, match="no network weights"):
         with adapted(exact_case()[1], "exact", chosen, cfg, 1.0, 0, Log(), 100):
             pass
+    # A cache that cannot be written (a full disk, a read-only home) costs the cache, not the job.
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "lora").write_text("a file where the folder goes")
+    monkeypatch.setenv("KILN_CACHE", str(tmp_path / "full"))
+    with adapted(prior, "tiny", chosen, replace(cfg, steps=2), 1.0, 0, Log(), 100):
+        assert any("lora" in name for name, _ in prior.unet.named_parameters())
+    assert any(line.startswith("could not keep the trained LoRA") for line in Log.lines), Log.lines
 
 
 def test_delta_denoising_cancels_the_prior_where_the_render_is_the_reference() -> None:
