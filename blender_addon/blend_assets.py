@@ -23,7 +23,7 @@ import numpy as np
 
 from .bake import EXPORT, REFERENCE_SIZE, bake_base_colour
 from .backend import protocol
-from .materials import base_colour_rgba8, linear_flat_colour, unreadable_colour
+from .materials import base_colour_rgba8, image_problem, linear_flat_colour, unreadable_colour
 from .scene_io import SceneError, world_corners
 from .texture_file import png_bytes
 
@@ -133,7 +133,11 @@ def baked_colours(obj: Any, scratch: Any) -> tuple[np.ndarray | None, str]:
     through nodes Kiln cannot read from an image (a procedural wood, a tiled texture): a flat colour
     would make a poor reference. An object without a UV map (procedural materials often need none)
     is given one by Smart UV Project first: it is the appended copy, removed after the export.
-    (None, "") when no bake is needed; (None, why) when it cannot be done (UDIM, Cycles off)."""
+    (None, "") when no bake is needed; (None, why) when it cannot be done (UDIM, Cycles off) or
+    an image the material shows is missing (a bake would copy Blender's pink)."""
+    missing = image_problem(obj)
+    if missing is not None:
+        return None, missing
     if unreadable_colour(obj) is None:
         return None, ""
     try:

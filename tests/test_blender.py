@@ -1614,8 +1614,9 @@ def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_
 def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, scene, tmp_path) -> None:
     """A procedural material (a red and blue checker) is exported as what it shows, baked by Cycles
     in a scene of its own; an asset without a UV map gets one by Smart UV Project for it, from Edit
-    Mode on another object too. An asset whose UV map spans UDIM tiles keeps its flat colour, with a
-    note saying why. The artist's scene, its render engine and Edit Mode included, is untouched."""
+    Mode on another object too. An asset whose UV map spans UDIM tiles, or whose image file is
+    missing, keeps its flat colour, with a note saying why. The artist's scene, its render engine
+    and Edit Mode included, is untouched."""
     checker = bpy.data.materials.new("painted checker")
     if not checker.node_tree:
         checker.use_nodes = True
@@ -1632,23 +1633,39 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
         obj.data.materials.append(checker)
         obj.asset_mark()
         assets.append(obj)
+    lost = bpy.data.materials.new("lost oak")  # an image whose file is not there: a bake would copy the pink
+    if not lost.node_tree:
+        lost.use_nodes = True
+    image = lost.node_tree.nodes.new("ShaderNodeTexImage")
+    image.image = bpy.data.images.new("gone.png", 4, 4)
+    image.image.source, image.image.filepath = "FILE", str(tmp_path / "gone.png")
+    lost.node_tree.links.new(image.outputs["Color"],
+                             next(n for n in lost.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    bpy.ops.mesh.primitive_cube_add()
+    assets.append(bpy.context.active_object)
+    assets[-1].name = "Lost"
+    assets[-1].data.materials.append(lost)
+    assets[-1].asset_mark()
     assets[1].data.uv_layers.remove(assets[1].data.uv_layers[0])
     uv = np.empty(len(assets[2].data.loops) * 2, np.float32)
     assets[2].data.uv_layers[0].data.foreach_get("uv", uv)
     assets[2].data.uv_layers[0].data.foreach_set("uv", uv + 1)  # tile 1012
     path = tmp_path / "crates.blend"
     bpy.data.libraries.write(str(path), set(assets), fake_user=True)
-    bpy.data.batch_remove([*assets, checker])
+    bpy.data.batch_remove([*assets, checker, lost, image.image])
     edited = add_cube("Edited")
     select(edited)
     bpy.ops.object.mode_set(mode="EDIT")
     engine, counts = bpy.context.scene.render.engine, {k: len(getattr(bpy.data, k)) for k in ("objects", "scenes")}
 
     count, notes = kiln.blend_assets.export_blend(path)
-    assert count == 3 and notes == ["crates.blend: Tiles exported with flat colours: 'Tiles''s UV map 'UVMap' reaches "
-                                    "past the unit square (UDIM tiles or repeats), so its material's colours cannot be "
-                                    "baked into one image: wire an Image Texture into Base Color, or leave it: Kiln "
-                                    "exports it for the libraries with flat colours"], notes
+    assert count == 4 and sorted(notes) == [
+        "crates.blend: Lost exported with flat colours: the Image Texture on 'lost oak''s Base Color shows "
+        f"'gone.png', which has no pixels (its file {str(tmp_path / 'gone.png')!r} is missing or unreadable): find "
+        "it (File > External Data > Find Missing Files)",
+        "crates.blend: Tiles exported with flat colours: 'Tiles''s UV map 'UVMap' reaches past the unit square (UDIM "
+        "tiles or repeats), so its material's colours cannot be baked into one image: wire an Image Texture into Base "
+        "Color, or leave it: Kiln exports it for the libraries with flat colours"], notes
     assert bpy.context.scene.render.engine == engine and counts == {k: len(getattr(bpy.data, k)) for k in counts}
     assert bpy.context.mode == "EDIT_MESH" and bpy.context.view_layer.objects.active == edited
     folder = kiln.blend_assets.export_folder(path)
