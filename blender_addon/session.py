@@ -208,6 +208,10 @@ def reference_fields(settings: Any, library: dict[str, Any]) -> tuple[dict[str, 
         if obj is None:
             raise SceneError("Use References takes an object, but none is picked: pick the reference object in "
                              "the Kiln panel, or switch the source to Libraries")
+        missing = image_problem(obj) if obj.type == "MESH" else None
+        if missing is not None:  # else it would be sent in flat colours without a word
+            raise SceneError(f"the reference object {obj.name!r} cannot show its colours: {missing}; or pick another "
+                             "reference object")
         readable = obj.type != "MESH" or unreadable_colour(obj) is None
         baked = None if readable else bake_base_colour(obj, REFERENCE_SIZE, REFERENCE)
         fields, arrays = reference_arrays(obj, baked)

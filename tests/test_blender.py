@@ -1552,6 +1552,16 @@ def test_find_pick_and_object_references(kiln, scene, tmp_path) -> None:
     assert scene.reference_object.hide_render and scene.reference_object.hide_get()
     scene.reference_object.hide_render = False
     scene.reference_object.hide_set(False)
+    lost = blue.node_tree.nodes.new("ShaderNodeTexImage")  # an image whose file is gone: refused, not sent flat
+    lost.image = bpy.data.images.new("gone.png", 4, 4)
+    lost.image.source, lost.image.filepath = "FILE", "//gone.png"
+    blue.node_tree.links.new(lost.outputs["Color"], next(
+        n for n in blue.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
+    with pytest.raises(kiln.scene_io.SceneError, match="the reference object 'Blockout' cannot show its colours: the "
+                                                       "Image Texture .* no pixels .*; or pick another reference"):
+        kiln.operators.job_request(bpy.context)
+    blue.node_tree.links.new(checker.outputs["Color"], next(
+        n for n in blue.node_tree.nodes if n.type == "BSDF_PRINCIPLED").inputs["Base Color"])
     select(obj)
     assert bpy.ops.kiln.texture_selected() == {"FINISHED"}
     assert kiln.operators.ACTIVE.targets[0].reference.startswith("Blockout (score 1.00")
