@@ -34,6 +34,7 @@ class Asset:
     # materials brings them to compose in the job (``resolved``)
     texture: torch.Tensor | SlotTextures | None = None
     corner_colours: np.ndarray | None = None   # (T, 3, 3) in [0, 1] where there is no texture
+    coloured: bool = True  # False for a file with no colours of its own (no texture, vertex colours or material)
 
     def resolved(self, device: torch.device) -> "Asset":
         """This asset with its texture composed, if it came as several materials' (``SlotTextures``)."""
@@ -111,11 +112,14 @@ def load_asset(path: Path) -> Asset:
     if texture is not None and mesh.corner_uvs is not None:
         return Asset(mesh, texture=texture)
     visual = loaded.visual
+    material = getattr(visual, "material", None)
     if getattr(visual, "kind", None) == "vertex":
         colours = np.asarray(visual.vertex_colors, np.float32)[:, :3] / 255
     else:
-        colours = np.broadcast_to(flat_colour(getattr(visual, "material", None)), (len(mesh.positions), 3))
-    return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]))
+        colours = np.broadcast_to(flat_colour(material), (len(mesh.positions), 3))
+    return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]),
+                 coloured=getattr(visual, "kind", None) == "vertex" or material is not None
+                 and not is_placeholder(getattr(material, "image", None)))
 
 
 #: PIL's modes for one channel of more than 8 bits, and what a full-scale value is in each: 16-bit

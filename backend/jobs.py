@@ -541,6 +541,10 @@ def references_for(request: JobRequest, own: tuple[Asset, str] | None, positions
     for reference in chosen if own is None else []:
         if reference.asset.texture is None and (missing := missing_texture(Path(reference.label))) is not None:
             events.log(f"the reference {Path(reference.label).name} shows flat colours: {missing}")
+        elif not reference.asset.coloured:
+            events.log(f"the reference {Path(reference.label).name} has no colours of its own (no texture, vertex "
+                       "colours or material), so Kiln sees it grey and pulls the first updates toward grey: pick a "
+                       "coloured asset for colours, or use it for its shape alone")
     primary = chosen[0]
     name = Path(primary.label).name
     events.progress(0, total, f"facing reference {name}")

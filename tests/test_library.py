@@ -366,6 +366,8 @@ def test_server_indexes_a_library_and_reports_the_reference_a_job_uses(server, t
     assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
     reference = next(m for m in msgs if m.type == protocol.REFERENCE)
     assert reference.get("file").endswith("metal_barrel.ply") and reference.arrays["thumbnails"].shape == (4, 64, 64, 3)
+    assert any(m.get("text", "").startswith("the reference metal_barrel.ply has no colours of its own")
+               for m in msgs if m.type == protocol.LOG)  # a bare PLY: seen grey
     submit(sock, prompt="a lantern", references=[str(lantern)])
     msgs = read_until(sock, protocol.DONE, protocol.ERROR)
     assert msgs[-1].type == protocol.DONE and msgs[-1].get("status") == "finished", msgs[-1]
