@@ -118,8 +118,8 @@ def load_asset(path: Path) -> Asset:
     else:
         colours = np.broadcast_to(flat_colour(material), (len(mesh.positions), 3))
     return Asset(mesh, corner_colours=np.ascontiguousarray(colours[mesh.triangles]),
-                 coloured=getattr(visual, "kind", None) == "vertex" or material is not None
-                 and not is_placeholder(getattr(material, "image", None)))
+                 coloured=getattr(visual, "kind", None) == "vertex"
+                 or (material is not None and not is_placeholder(getattr(material, "image", None))))
 
 
 #: PIL's modes for one channel of more than 8 bits, and what a full-scale value is in each: 16-bit
@@ -145,8 +145,8 @@ def texture_tensor(image: object) -> torch.Tensor:
 
 
 def base_colour(loaded: object) -> torch.Tensor | None:
-    """The (3, H, W) texture a trimesh mesh's material shows (simple or PBR material), or None. A
-    glTF material's Base Color factor tints its texture, as glTF viewers and Blender show it."""
+    """The (3, H, W) texture a trimesh mesh's material shows (simple or PBR material), or None;
+    ``mesh_file`` has folded a glTF Base Color factor into it, as glTF viewers and Blender show it."""
     material = getattr(getattr(loaded, "visual", None), "material", None)
     for name in ("image", "baseColorTexture"):
         image = getattr(material, name, None)

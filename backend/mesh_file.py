@@ -149,14 +149,15 @@ GUTTER = 2
 
 
 def join_parts(parts: list) -> object:
-    """One trimesh mesh of ``parts`` (in the file's frame), each showing its own colours. When any
-    part has a texture, each part's colours (its texture with the Base Color factor folded in, else
-    its flat or mean vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide
-    (parts showing the same pixels share one),
-    and its UVs are moved into that cell (a part without UVs reads its cell's centre:
-    ``parts_without_uvs``); UVs past the unit square (a tiled texture) are clamped to it, as one
-    cell cannot repeat. Parts that all show one texture keep it, and their UVs, as they are.
-    Without textures, each part's flat colour becomes its vertex colours."""
+    """One trimesh mesh of ``parts`` (in the file's frame), each showing its own colours.
+
+    Parts that all show one texture keep it, and their UVs, as they are. When they show several,
+    each part's colours (its texture with the Base Color factor folded in, else its flat or mean
+    vertex colour) get a cell of one texture, at most ``MAX_TEXTURE_SIZE`` wide (parts showing the
+    same pixels share one), and its UVs are moved into that cell: a part without UVs reads its
+    cell's centre (``parts_without_uvs``), and UVs past the unit square (a tiled texture) are
+    clamped to it, as one cell cannot repeat. Without textures, each part's flat colour becomes
+    its vertex colours."""
     import trimesh
     from PIL import Image
 
