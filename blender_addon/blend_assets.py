@@ -29,6 +29,10 @@ from .texture_file import png_bytes
 
 SOURCE_FILE = "source.json"
 
+#: Object types exported as the mesh they evaluate to: a lamp's bevelled-curve cable or a sign's
+#: text is part of what the asset looks like.
+SURFACES = {"MESH", "CURVE", "SURFACE", "FONT", "META"}
+
 
 def cache_root() -> Path:
     """Where exported .blend assets live: the extension's user folder (never the add-on's own)."""
@@ -87,16 +91,16 @@ def export_blend(blend: Path) -> tuple[int, list[str]]:
             dst.objects, dst.collections = list(src.objects), list(src.collections)
         assets = [(o, [o]) for o in dst.objects if o is not None] + \
                  [(c, list(c.all_objects)) for c in dst.collections if c is not None]
-        scratch = scratch_scene({o for _, objects in assets for o in objects if o.type == "MESH"})
+        scratch = scratch_scene({o for _, objects in assets for o in objects if o.type in SURFACES})
         depsgraph = scratch.view_layers[0].depsgraph
         for asset, objects in assets:
-            with evaluated_meshes([o for o in objects if o.type == "MESH"], depsgraph) as meshes:
+            with evaluated_meshes([o for o in objects if o.type in SURFACES], depsgraph) as meshes:
                 shown = [obj for obj, _ in meshes]
             if not shown:
                 notes.append(f"skipped {blend.name}: {asset.name} has no mesh to read")
                 continue
             baked = {}  # before the meshes are read for writing: giving one a UV map re-evaluates them all
-            for obj in shown:
+            for obj in (o for o in shown if o.type == "MESH"):  # Blender bakes meshes only
                 baked[obj.name], problem = baked_colours(obj, scratch)
                 if problem:
                     notes.append(f"{blend.name}: {asset.name} exported with flat colours: {problem}")

@@ -1692,6 +1692,37 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
     assert "Kd 0.8000" in tiles and "map_Kd" not in tiles  # Kd linear, as Blender writes and reads it
 
 
+def test_a_collection_asset_is_exported_with_its_curves_and_text(kiln, tmp_path) -> None:
+    """A sign: a board (mesh), its lettering (text) and a hanging wire (a bevelled curve); each
+    is part of what the asset looks like, exported as the mesh it evaluates to."""
+    sign = bpy.data.collections.new("Sign")
+    parts = []
+    bpy.ops.mesh.primitive_cube_add()
+    parts.append(bpy.context.active_object)
+    bpy.ops.object.text_add(location=(0, 0, 1.2))
+    parts.append(bpy.context.active_object)
+    parts[-1].data.extrude = 0.05
+    bpy.ops.curve.primitive_bezier_circle_add(location=(0, 0, 2))
+    parts.append(bpy.context.active_object)
+    parts[-1].data.bevel_depth = 0.02
+    for part in parts:
+        for c in part.users_collection:
+            c.objects.unlink(part)
+        sign.objects.link(part)
+    sign.asset_mark()
+    path = tmp_path / "signs.blend"
+    bpy.data.libraries.write(str(path), {sign}, fake_user=True)
+    kinds = sorted(o.type for o in sign.objects)
+    bpy.data.batch_remove([*sign.objects, sign])
+    assert kinds == ["CURVE", "FONT", "MESH"]
+
+    assert kiln.blend_assets.export_blend(path) == (1, [])
+    rows = [line.split() for line in (kiln.blend_assets.export_folder(path) / "Sign.obj").read_text().splitlines()]
+    heights = [float(r[2]) for r in rows if r[0] == "v"]
+    assert sum(r[0] == "f" for r in rows) > 500  # the cube's 12 triangles, the letters' and the wire's
+    assert max(heights) - min(heights) > 2.9  # from the board's foot to the wire at the top
+
+
 def test_blend_assets_are_exported_indexed_and_searchable(kiln, scene, tmp_path) -> None:
     """.blend files in Kiln's folders and in Blender's asset libraries: their mesh and collection
     assets are exported once (captions from the asset metadata), indexed with the rest, found by
