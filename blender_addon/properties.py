@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import bpy
 from bpy.props import (
     BoolProperty,
@@ -207,7 +209,8 @@ def backend_choice(context: bpy.types.Context) -> BackendChoice:
 
 
 def kiln_folders(prefs: KilnPreferences) -> list[str]:
-    return [bpy.path.abspath(lib.path) for lib in prefs.libraries if lib.path.strip()]
+    """Kiln's library folders as absolute paths: relative to the .blend ("//"), or typed with "~"."""
+    return [os.path.expanduser(bpy.path.abspath(lib.path.strip())) for lib in prefs.libraries if lib.path.strip()]
 
 
 def blend_folders(context: bpy.types.Context) -> list[str]:

@@ -1613,6 +1613,19 @@ def write_asset_blend(path: Path) -> None:
     bpy.data.batch_remove([chair, loose, *lamp.objects, lamp, mat, image])
 
 
+def test_library_folders_typed_with_a_tilde_or_spaces_are_found(kiln) -> None:
+    prefs = bpy.context.preferences.addons[kiln.__name__].preferences
+    saved = [lib.path for lib in prefs.libraries]
+    prefs.libraries.clear()
+    prefs.libraries.add().path = "~/kiln assets "
+    try:
+        assert kiln.properties.kiln_folders(prefs) == [str(Path.home() / "kiln assets")]
+    finally:
+        prefs.libraries.clear()
+        for path in saved:
+            prefs.libraries.add().path = path
+
+
 def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_own(kiln, tmp_path) -> None:
     stems = []
     for name in ("Стул", "Стол", "Chair A", "Chair_A", "x" * 250):
