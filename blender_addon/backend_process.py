@@ -43,9 +43,9 @@ def find_python(preference: str) -> Path:
     if POINTER_FILE.is_file():
         candidates.append((POINTER_FILE.read_text(encoding="utf-8").strip(), str(POINTER_FILE)))
     for value, source in candidates:
-        if not value:
+        if not value.strip():
             continue
-        path = Path(value).expanduser()
+        path = Path(value.strip()).expanduser()  # pasted paths bring spaces and newlines along
         if path.is_file():
             return path
         raise BackendError(f"the backend Python set in {source} does not exist: {path}; {SET_UP}, "

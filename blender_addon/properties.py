@@ -204,13 +204,18 @@ def preferences(context: bpy.types.Context) -> KilnPreferences:
 def backend_choice(context: bpy.types.Context) -> BackendChoice:
     prefs = preferences(context)
     if prefs.backend_mode == "CONNECT":
-        return BackendChoice(connection_file=bpy.path.abspath(prefs.connection_file.strip()))
+        return BackendChoice(connection_file=typed_path(prefs.connection_file))
     return BackendChoice(python_preference=prefs.python_path)
 
 
+def typed_path(text: str) -> str:
+    """A path from a preference field as an absolute one: relative to the .blend ("//"), typed
+    with "~", or pasted with spaces around it."""
+    return os.path.expanduser(bpy.path.abspath(text.strip()))
+
+
 def kiln_folders(prefs: KilnPreferences) -> list[str]:
-    """Kiln's library folders as absolute paths: relative to the .blend ("//"), or typed with "~"."""
-    return [os.path.expanduser(bpy.path.abspath(lib.path.strip())) for lib in prefs.libraries if lib.path.strip()]
+    return [typed_path(lib.path) for lib in prefs.libraries if lib.path.strip()]
 
 
 def blend_folders(context: bpy.types.Context) -> list[str]:
