@@ -1703,9 +1703,10 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
         assert {(1.0, 0.0, 0.0), (0.0, 0.0, 1.0)} <= colours, name
     tiles = (folder / "Tiles.mtl").read_text()
     assert "Kd 0.8000" in tiles and "map_Kd" not in tiles  # Kd linear, as Blender writes and reads it
+    bpy.ops.object.mode_set(mode="OBJECT")
 
 
-def test_a_collection_asset_is_exported_with_its_curves_and_text(kiln, tmp_path) -> None:
+def test_a_collection_asset_is_exported_with_its_curves_and_text(kiln, scene, tmp_path) -> None:
     """A sign: a board (mesh), its lettering (text) and a hanging wire (a bevelled curve); each
     is part of what the asset looks like, exported as the mesh it evaluates to."""
     sign = bpy.data.collections.new("Sign")
