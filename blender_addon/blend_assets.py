@@ -149,7 +149,10 @@ def baked_colours(obj: Any, scratch: Any) -> tuple[np.ndarray | None, str]:
         with bpy.context.temp_override(scene=scratch, view_layer=scratch.view_layers[0], object=obj,
                                        active_object=obj, selected_objects=[obj], selected_editable_objects=[obj]):
             if not obj.data.uv_layers:
-                _smart_uv_project(obj, scratch.view_layers[0])
+                try:
+                    _smart_uv_project(obj, scratch.view_layers[0])
+                except RuntimeError as error:  # an operator refused: the asset keeps its flat colours
+                    return None, f"it has no UV map, and Smart UV Project failed on it ({str(error).strip()})"
             return bake_base_colour(obj, REFERENCE_SIZE, EXPORT)[0], ""
     except SceneError as error:
         return None, str(error)
@@ -161,8 +164,10 @@ def _smart_uv_project(obj: Any, layer: Any) -> None:
     layer.objects.active = obj
     bpy.ops.object.mode_set(mode="EDIT")
     try:
-        bpy.ops.mesh.select_all(action="SELECT")
-        bpy.ops.uv.smart_project(island_margin=0.01)
+        # Named outright: else the operators take the edit object of the artist's scene, if any.
+        with bpy.context.temp_override(edit_object=obj):
+            bpy.ops.mesh.select_all(action="SELECT")
+            bpy.ops.uv.smart_project(island_margin=0.01)
     finally:
         bpy.ops.object.mode_set(mode="OBJECT")
 

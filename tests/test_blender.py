@@ -1678,7 +1678,10 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
     bpy.data.batch_remove([*assets, checker, lost, image.image])
     edited = add_cube("Edited")
     select(edited)
+    own_uvs = np.empty(len(edited.data.loops) * 2, np.float32)
+    edited.data.uv_layers[0].data.foreach_get("uv", own_uvs)
     bpy.ops.object.mode_set(mode="EDIT")
+    bpy.ops.mesh.select_all(action="DESELECT")
     engine, counts = bpy.context.scene.render.engine, {k: len(getattr(bpy.data, k)) for k in ("objects", "scenes")}
 
     count, notes = kiln.blend_assets.export_blend(path)
@@ -1704,6 +1707,11 @@ def test_blend_assets_whose_colours_come_from_nodes_are_exported_baked(kiln, sce
     tiles = (folder / "Tiles.mtl").read_text()
     assert "Kd 0.8000" in tiles and "map_Kd" not in tiles  # Kd linear, as Blender writes and reads it
     bpy.ops.object.mode_set(mode="OBJECT")
+    # Smart UV Project ran on the asset's copy, not on the mesh the artist has in Edit Mode.
+    after = np.empty_like(own_uvs)
+    edited.data.uv_layers[0].data.foreach_get("uv", after)
+    assert np.array_equal(after, own_uvs) and not any(p.select for p in edited.data.polygons)
+    assert kiln.blend_assets.export_blend(path) == (count, notes)  # from Object Mode too
 
 
 def test_a_collection_asset_is_exported_with_its_curves_and_text(kiln, scene, tmp_path) -> None:
