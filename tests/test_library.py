@@ -195,6 +195,35 @@ def test_assets_show_their_colours_as_gltf_and_blender_read_them(tmp_path: Path)
     assert np.allclose(two.corner_colours[~left] * 255, (255, 0, 0), atol=1)
 
 
+def test_a_files_nodes_are_placed_mirrored_ones_too_and_share_their_texture(tmp_path: Path) -> None:
+    """Nodes of one mesh and texture (instances), one of them mirrored: each where its node puts it,
+    faces outward (a mirror flips the winding back), and the texture read once, not once per node."""
+    import trimesh
+    from PIL import Image
+
+    from backend.mesh_file import load_mesh_file, placed_parts
+
+    box = trimesh.creation.box()
+    box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5,
+                                               image=Image.new("RGB", (64, 64), (10, 200, 30)))
+    scene = trimesh.Scene()
+    scene.add_geometry(box, node_name="crate0", geom_name="crate")
+    for k, scale in ((1, 1), (2, -1)):  # two more nodes of the same mesh, the last mirrored
+        place = trimesh.transformations.translation_matrix((3.0 * k, 0, 0)) @ np.diag([scale, 1, 1, 1])
+        scene.graph.update(frame_to=f"crate{k}", frame_from=scene.graph.base_frame, matrix=place, geometry="crate")
+    scene.export(tmp_path / "crates.glb")
+    loaded = trimesh.load(tmp_path / "crates.glb", force="scene", process=False)
+    parts = placed_parts(loaded)
+    assert len({id(p.visual) for p in parts}) == 1  # shared, not copied per node
+    mesh, joined = load_mesh_file(tmp_path / "crates.glb")
+    assert mesh.triangle_count == 36 and joined.visual.material.baseColorTexture.size == (64, 64)
+    corners = mesh.positions[mesh.triangles].astype(np.float64)
+    outward = np.cross(corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0])
+    centres = np.round(corners.mean(axis=1)[:, 0] / 3) * 3  # each face's crate, by its x
+    away = corners.mean(axis=1) - np.stack([centres, np.zeros_like(centres), np.zeros_like(centres)], axis=1)
+    assert ((outward * away).sum(axis=1) > 0).all()
+
+
 def test_a_library_folder_that_cannot_be_written_is_a_clear_error(tmp_path: Path, embedder) -> None:
     """safetensors raises its own error type for I/O errors, not OSError (a read-only share; here,
     a folder where the index's part file goes, as tests run as root)."""
