@@ -18,6 +18,7 @@ from urllib.parse import unquote
 
 import numpy as np
 
+from .colour import linear_to_srgb, srgb_to_linear
 from .mesh import Mesh, MeshError
 from .protocol import MAX_TEXTURE_SIZE
 
@@ -315,15 +316,6 @@ def fold_base_colour_factor(material: object) -> None:
             texels[..., 3] *= factor[3]
         material.baseColorTexture = Image.fromarray((texels * 255 + 0.5).astype(np.uint8), mode)
     material.baseColorFactor = None
-
-
-def srgb_to_linear(c: np.ndarray) -> np.ndarray:
-    return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
-
-
-def linear_to_srgb(c: np.ndarray) -> np.ndarray:
-    c = np.clip(c, 0.0, 1.0)
-    return np.where(c <= 0.0031308, c * 12.92, 1.055 * c ** (1 / 2.4) - 0.055)
 
 
 #: How many times its own size a mesh may lie from its file's origin before its positions are kept
