@@ -71,9 +71,13 @@ class ConsoleEvents(TextureEvents):
         self.bar.write(text, file=sys.stderr)
 
 
+#: The summary every CLI job writes beside its results.
+SUMMARY_FILE = "result.json"
+
+
 def result_paths(out: Path, name: str) -> dict[str, Path]:
     """Where a job on the mesh ``name`` writes its texture, its textured mesh and its summary."""
-    return {"texture": out / f"{name}_texture.png", "mesh": out / f"{name}.glb", "summary": out / "result.json"}
+    return {"texture": out / f"{name}_texture.png", "mesh": out / f"{name}.glb", "summary": out / SUMMARY_FILE}
 
 
 def keep_inputs(args: argparse.Namespace, out: Path) -> None:
@@ -261,7 +265,7 @@ def finish(request: JobRequest, out: Path, started: float, files: dict[str, str]
     """result.json, the pipeline-check notice where it applies, and the summary on stdout."""
     summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
                "method": request.method, "pipeline_check": request.model == "tiny", **extra, **files}
-    result_paths(out, "")["summary"].write_text(json.dumps(summary, indent=2))
+    (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if request.model == "tiny":
         print(f"PIPELINE CHECK: made with the built-in tiny random-weight model. The {request.task} result is "
               "noise by design; it proves the pipeline runs end to end. Use --model with real weights for art.")

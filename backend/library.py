@@ -25,10 +25,10 @@ import torch
 
 from . import protocol
 from .assets import ASSET_SUFFIXES, Asset, load_asset
-from .mesh_file import missing_texture
 from .cameras import orbit
 from .embed import ClipEmbedder, TextEmbedder
 from .mesh import MeshError
+from .mesh_file import missing_texture
 
 INDEX_FILE = ".kiln-index.safetensors"
 ANN_FILE = ".kiln-index.usearch"   # the HNSW graph of large libraries, rebuilt whenever the index is

@@ -191,8 +191,8 @@ def join_parts(parts: list) -> object:
     faces = np.concatenate([p.faces + o for p, o in zip(parts, offsets, strict=True)])
     if all(picture is None or picture.size == (1, 1) for picture in pictures):
         colours = [np.asarray(p.visual.vertex_colors)[:, :3] if getattr(p.visual, "kind", None) == "vertex"
-                   else np.tile(np.asarray((picture or Image.new("RGB", (1, 1), _GREY)).convert("RGB"))[0, 0],
-                                (len(p.vertices), 1)) for p, picture in zip(parts, pictures, strict=True)]
+                   else np.tile(picture.convert("RGB").getpixel((0, 0)) if picture else _GREY, (len(p.vertices), 1))
+                   for p, picture in zip(parts, pictures, strict=True)]
         return trimesh.Trimesh(vertices, faces, vertex_colors=np.concatenate(colours).astype(np.uint8), process=False)
     hashed: dict[int, tuple] = {}  # parts often hold the very same image: hashed once
     for picture in pictures:

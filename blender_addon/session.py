@@ -24,7 +24,6 @@ from .backend import protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
 from .bake import REFERENCE, REFERENCE_SIZE, bake_base_colour
 from .client import Client, Disconnected
-from .texture_file import TextureFile
 from .materials import existing_texture, image_problem, slot_sources, unreadable_colour
 from .scene_io import (
     LiveTexture,
@@ -43,6 +42,7 @@ from .scene_io import (
     start_live_texture,
     start_preview,
 )
+from .texture_file import TextureFile
 
 
 class BackendManager:
