@@ -80,7 +80,7 @@ class ClipEmbedder:
             model = CLIPModel.from_pretrained(where, local_files_only=offline or path.is_dir()).to(device).eval()
             tokenizer = CLIPTokenizer.from_pretrained(where, local_files_only=offline or path.is_dir())
         except Exception as exc:  # hub, filesystem and config errors all end here
-            raise explain_load_error(exc, f"CLIP {source!r}", offline) from None
+            raise explain_load_error(exc, f"CLIP {source!r}", offline, local=path.is_dir()) from None
         return cls(model, tokenizer, source, device)
 
     @torch.no_grad()

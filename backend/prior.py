@@ -291,7 +291,7 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     else:
         prior = _load_stable_diffusion(model, device, offline)
     if controlnet:
-        prior.controlnet = _load_controlnet(controlnet, device, prior.dtype, offline)
+        prior.controlnet = _load_controlnet(controlnet, prior, offline)
     if lora:
         _fuse_lora(prior, lora, offline)
     if vae:  # after the LoRA: diffusers' LoRA loader builds a pipeline around the model's own VAE
@@ -357,13 +357,40 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
     pipe = StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
                                    unet=prior.unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
+    where, local = (str(path), True) if path.exists() else (source, offline)
     try:
-        pipe.load_lora_weights(str(path) if path.exists() else source,
-                               local_files_only=offline or path.exists())
-        pipe.fuse_lora()
-        pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
+        adapted = _adapted_layers(pipe.lora_state_dict(where, local_files_only=local)[0])
+        pipe.load_lora_weights(where, local_files_only=local)
+        missing = adapted - _loaded_layers(pipe)
+        if not missing:
+            pipe.fuse_lora()
+            pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     except Exception as exc:  # hub, filesystem, format and shape errors all end here
-        raise explain_load_error(exc, f"LoRA {source!r}", offline) from None
+        if "size mismatch for " not in str(exc):  # torch's load_state_dict names each layer sized otherwise
+            raise explain_load_error(exc, f"LoRA {source!r}", offline, local=path.exists()) from None
+        missing = len({part.split(":", 1)[0].split(".lora")[0] for part in str(exc).split("size mismatch for ")[1:]})
+    if missing:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"LoRA {source!r} was trained on another model than {prior.name}: {missing} of the layers "
+                         f"it adapts {'are' if missing > 1 else 'is'} missing from {prior.name} or sized otherwise "
+                         "(an SDXL LoRA on SD 1.5, say). Pick a LoRA made for this model's base, or the model the "
+                         "LoRA was made for")
+
+
+def _adapted_layers(weights: dict[str, Any]) -> int:
+    """How many layers a LoRA changes: one up (B) matrix each, in every layout diffusers converts
+    to, counted where it is not zero (as ``_loaded_layers`` counts them)."""
+    return sum(1 for key, up in weights.items() if key.endswith(("up.weight", "lora_B.weight")) and bool(up.any()))
+
+
+def _loaded_layers(pipe: Any) -> int:
+    """How many layers a LoRA was loaded into. diffusers loads the layers that match the model and
+    only logs the rest, so a LoRA for another model would otherwise be fused in part, changing the
+    model in ways its author never trained, without a word in Blender. peft adds adapters by layer
+    name and starts their up (B) matrices at zero, so a layer the file filled is one whose B is not."""
+    return sum(1 for model in (pipe.unet, pipe.text_encoder) for layer in model.modules()
+               if isinstance(getattr(layer, "lora_B", None), torch.nn.ModuleDict)
+               and any(bool(up.weight.any()) for up in layer.lora_B.values()))
 
 
 def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
@@ -417,15 +444,44 @@ def _taesd_file(path: Path) -> Any:
     return vae
 
 
-def _load_controlnet(source: str, device: torch.device, dtype: torch.dtype, offline: bool) -> Any:
+def _load_controlnet(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
     from diffusers import ControlNetModel
 
+    published = _published_config(source, "config.json", offline)
+    if published is not None:
+        _check_controlnet(source, published, prior)
     net = _load_part(source, "ControlNet", "'lllyasviel/sd-controlnet-depth'", offline,
-                     lambda path: ControlNetModel.from_single_file(str(path), dtype=dtype,
+                     lambda path: ControlNetModel.from_single_file(str(path), dtype=prior.dtype,
                                                                    local_files_only=offline),
-                     lambda name, local: ControlNetModel.from_pretrained(name, dtype=dtype,
+                     lambda name, local: ControlNetModel.from_pretrained(name, dtype=prior.dtype,
                                                                          local_files_only=local))
-    return net.to(device).eval()
+    _check_controlnet(source, net.config, prior)
+    return net.to(prior.device).eval()
+
+
+#: A depth ControlNet for each family, to name in a refusal.
+_DEPTH_CONTROLNETS = {"SD 1.x": "'lllyasviel/sd-controlnet-depth'",
+                      "SD 2.x": "'thibaud/controlnet-sd21-depth-diffusers'"}
+
+
+def _check_controlnet(source: str, config: dict, prior: LatentDiffusionPrior) -> None:
+    """A ControlNet adds its residuals to the UNet's at every level, so it must be cut from the
+    same architecture: an SD 1.5 ControlNet on SD 2.1 would fail at the first denoising step."""
+    ours = prior.unet.config
+    width, levels = config.get("cross_attention_dim"), tuple(config.get("block_out_channels") or ())
+    if (width, levels) == (ours["cross_attention_dim"], tuple(ours["block_out_channels"])):
+        return
+    theirs, family = _family(config), _family(ours)
+    if theirs and family and theirs != family:
+        instead = _DEPTH_CONTROLNETS.get(family)
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"ControlNet {source!r} was made for {theirs}, and {prior.name} is {family}: pick a depth "
+                         f"ControlNet made for {family}{f' such as {instead}' if instead else ''}, or a {theirs} "
+                         "model")
+    raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                     f"ControlNet {source!r} was cut from another UNet than {prior.name}'s (text embeddings {width} "
+                     f"wide against {ours['cross_attention_dim']}, levels {levels} against "
+                     f"{tuple(ours['block_out_channels'])}): pick a depth ControlNet made for the model's base")
 
 
 def _load_part(source: str, what: str, example: str, offline: bool, from_file: Callable[[Path], Any],
@@ -442,14 +498,74 @@ def _load_part(source: str, what: str, example: str, offline: bool, from_file: C
     except ModelError:
         raise
     except Exception as exc:  # hub, filesystem, format and config errors all end here
-        raise explain_load_error(exc, f"{what} {source!r}", offline) from None
+        raise explain_load_error(exc, f"{what} {source!r}", offline, local=path.exists()) from None
     raise ModelError(protocol.E_MODEL_NOT_FOUND, f"unknown {what} {source!r}: give a Hugging Face id such as "
                      f"{example}, a diffusers folder, or a .safetensors file")
+
+
+#: A model's family, by the width of the text embeddings its UNet (or ControlNet) attends to.
+_FAMILIES = {768: "SD 1.x", 1024: "SD 2.x", 2048: "SDXL"}
+#: What to pick instead of a model Kiln cannot use.
+_PICK_SD = ("pick an SD 1.x or 2.x model, such as 'stable-diffusion-v1-5/stable-diffusion-v1-5' (the default), "
+            "'stabilityai/stable-diffusion-2-1-base' or a fine-tune of either")
+
+
+def _family(config: dict) -> str | None:
+    return _FAMILIES.get(config.get("cross_attention_dim"))
+
+
+def _published_config(source: str, filename: str, offline: bool) -> dict | None:
+    """A config file of a diffusers folder or Hugging Face repo, read before its weights are
+    fetched (kilobytes rather than gigabytes); None where it cannot be had, so that loading itself
+    reports why."""
+    import json
+
+    path = Path(source).expanduser()
+    try:
+        if path.is_dir():
+            file = path / filename
+        elif HF_ID.match(source):
+            from huggingface_hub import hf_hub_download
+
+            file = Path(hf_hub_download(source, filename, local_files_only=offline))
+        else:
+            return None
+        return json.loads(file.read_text(encoding="utf-8"))
+    except Exception:  # absent, offline, private: from_pretrained says which, in its own words
+        return None
+
+
+def check_architecture(label: str, unet: Any, index: dict | None = None) -> None:
+    """Refuse a model whose architecture is not SD 1.x/2.x's, which Kiln's prior is written for: one
+    CLIP text encoder feeding a UNet that takes four latent channels (five with SD 2's depth channel).
+    SDXL, inpainting and edit models load as a Stable Diffusion pipeline all the same and would fail
+    at the first denoising step with a shape error; ``index`` is the folder's model_index.json."""
+    index = index or {}
+    name = index.get("_class_name", "")
+    if index and ("transformer" in index or "unet" not in index):
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label} is a {name or 'pipeline without a UNet'}, not Stable "
+                         f"Diffusion 1.x/2.x, which Kiln's priors are built on: {_PICK_SD}")
+    if "text_encoder_2" in index or unet.get("addition_embed_type") == "text_time":
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label} is an SDXL model (two text encoders, 1024² views), "
+                         f"which Kiln does not run yet: {_PICK_SD}")
+    channels = unet.get("in_channels")
+    if channels == 9:
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label} is an inpainting model (its UNet takes a mask and a "
+                         "masked image beside the latents) and Kiln denoises whole views: pick the model it was "
+                         "made from (for 'stable-diffusion-v1-5/stable-diffusion-inpainting', "
+                         "'stable-diffusion-v1-5/stable-diffusion-v1-5')")
+    if channels not in (4, 5):
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label}'s UNet takes {channels} input channels, and Kiln "
+                         f"drives text-to-image UNets of 4 (5 with SD 2's depth channel): {_PICK_SD}")
 
 
 def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> LatentDiffusionPrior:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     path = Path(model).expanduser()
+    if path.is_dir() or (HF_ID.match(model) and not path.exists()):
+        unet = _published_config(model, "unet/config.json", offline)
+        if unet is not None:
+            check_architecture(f"model {model!r}", unet, _published_config(model, "model_index.json", offline))
     if path.is_dir():
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
@@ -470,7 +586,7 @@ def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str)
         return StableDiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=offline,
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as exc:  # hub, filesystem and config errors all end here
-        raise explain_load_error(exc, label, offline) from None
+        raise explain_load_error(exc, label, offline, local=Path(source).is_dir()) from None
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
@@ -479,11 +595,17 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
     try:
         return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=offline)
     except Exception as exc:
-        raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline) from None
+        raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline, local=True) from None
 
 
-def explain_load_error(exc: Exception, label: str, offline: bool) -> ModelError:
+def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = False) -> ModelError:
+    """One message for the many ways loading fails; ``local``: the source is a file or folder on this
+    machine, whose failure is never for want of a download."""
     text = f"{type(exc).__name__}: {exc}"
+    if local:
+        return ModelError(protocol.E_MODEL_NOT_FOUND,
+                          f"could not read {label}, which is on this machine ({text[:500]}): check that it is "
+                          "complete and is what the field asks for")
     if offline or "offline" in text.lower() or "connect" in text.lower():
         return ModelError(protocol.E_WEIGHTS_OFFLINE,
                           f"the weights of {label} are not on this machine and it is offline. Download them "
@@ -496,6 +618,7 @@ def explain_load_error(exc: Exception, label: str, offline: bool) -> ModelError:
 
 
 def _from_pipeline(name: str, pipe: Any, device: torch.device, dtype: torch.dtype) -> LatentDiffusionPrior:
+    check_architecture(f"model {name!r}", pipe.unet.config)  # a single file has no config to read beforehand
     pipe.to(device)
     config = pipe.scheduler.config
     return LatentDiffusionPrior(name, pipe.unet.eval(), pipe.vae.eval(), pipe.text_encoder.eval(), pipe.tokenizer,

@@ -68,6 +68,28 @@ def test_controlnet_loads_from_a_folder_and_conditions_on_depth(controlnet_folde
         load_prior("tiny", torch.device("cpu"), controlnet="not a controlnet!")
 
 
+def test_a_controlnet_cut_from_another_unet_is_refused_before_its_weights_load(controlnet_folder, tmp_path) -> None:
+    """An SD 1.5 ControlNet on SD 2.1 (or an SDXL one on SD 1.5) would fail at the first denoising
+    step with a shape error; its config alone (a folder without weights, as a hub download begins)
+    is enough to refuse it, naming both families and a ControlNet that fits."""
+    import json
+    from types import SimpleNamespace
+
+    from backend.prior import ModelError, _check_controlnet
+
+    config = json.loads((controlnet_folder / "config.json").read_text())
+    wider = tmp_path / "sdxl-depth"
+    wider.mkdir()
+    (wider / "config.json").write_text(json.dumps(dict(config, cross_attention_dim=64)))
+    with pytest.raises(ModelError, match=r"cut from another UNet than tiny's \(text embeddings 64 wide against 32"):
+        load_prior("tiny", torch.device("cpu"), controlnet=str(wider))
+    sd21 = SimpleNamespace(name="stabilityai/stable-diffusion-2-1-base", unet=SimpleNamespace(config=dict(
+        cross_attention_dim=1024, block_out_channels=(320, 640, 1280, 1280))))
+    with pytest.raises(ModelError, match="made for SD 1.x, and stabilityai/stable-diffusion-2-1-base is SD 2.x: pick "
+                                         "a depth ControlNet made for SD 2.x such as 'thibaud/controlnet-sd21-depth"):
+        _check_controlnet("lllyasviel/sd-controlnet-depth", dict(config, cross_attention_dim=768), sd21)
+
+
 def test_texture_job_with_a_depth_controlnet_runs_end_to_end(controlnet_folder) -> None:
     mesh, _ = load_mesh_file(ROOT / "examples" / "vase.obj")
     request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512, "steps": 1,

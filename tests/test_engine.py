@@ -558,7 +558,8 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError) as err:
         load_prior(str(broken), torch.device("cpu"), offline=True)
-    assert "broken.safetensors" in str(err.value)
+    assert err.value.code == protocol.E_MODEL_NOT_FOUND and "broken.safetensors', which is on this machine" in \
+        str(err.value) and "not on this machine" not in str(err.value)
 
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
@@ -573,6 +574,42 @@ def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) 
     assert torch.allclose(embeds, tiny.encode_prompt("a vase", ""))
     assert torch.allclose(loaded.schedule.alphas_cumprod, tiny.schedule.alphas_cumprod)
     assert loaded.resolution == tiny.resolution == 64
+
+
+def test_models_of_other_architectures_are_refused_before_their_weights_are_fetched(tmp_path, monkeypatch) -> None:
+    """SDXL, inpainting and diffusion-transformer models load as a Stable Diffusion pipeline (or
+    half do) and then failed at the first denoising step with a shape error. They are refused by
+    their configs: a saved SDXL-like folder, and a hub id whose cache holds only the configs (as the
+    first kilobytes of a download would), saying what to pick instead."""
+    import huggingface_hub.constants
+    from diffusers import DDIMScheduler, UNet2DConditionModel
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    torch.manual_seed(0)
+    inpainting = UNet2DConditionModel.from_config(dict(tiny.unet.config, in_channels=9))
+    save_pipeline(tiny, tmp_path / "inpainting", DDIMScheduler(**SD_SCHEDULER), unet=inpainting)
+    with pytest.raises(ModelError, match="is an inpainting model .* pick the model it was made from"):
+        load_prior(str(tmp_path / "inpainting"), torch.device("cpu"))
+
+    def cached_repo(repo: str, files: dict[str, dict]) -> None:
+        folder = tmp_path / "hub" / f"models--{repo.replace('/', '--')}"
+        (folder / "refs").mkdir(parents=True)
+        (folder / "refs" / "main").write_text("0" * 40)
+        for name, content in files.items():
+            (folder / "snapshots" / ("0" * 40) / name).parent.mkdir(parents=True, exist_ok=True)
+            (folder / "snapshots" / ("0" * 40) / name).write_text(json.dumps(content))
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    unet = dict(tiny.unet.config)
+    cached_repo("kiln-tests/xl", {"model_index.json": {"_class_name": "StableDiffusionXLPipeline", "unet": [],
+                                                       "text_encoder_2": []},
+                                  "unet/config.json": dict(unet, addition_embed_type="text_time")})
+    cached_repo("kiln-tests/dit", {"model_index.json": {"_class_name": "StableDiffusion3Pipeline", "transformer": []},
+                                   "unet/config.json": unet})
+    with pytest.raises(ModelError, match="is an SDXL model .* pick an SD 1.x or 2.x model"):
+        load_prior("kiln-tests/xl", torch.device("cpu"), offline=True)
+    with pytest.raises(ModelError, match="is a StableDiffusion3Pipeline, not Stable Diffusion 1.x/2.x"):
+        load_prior("kiln-tests/dit", torch.device("cpu"), offline=True)
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -1138,6 +1175,47 @@ def test_a_lora_is_fused_into_the_model_through_diffusers_loader(tmp_path) -> No
     assert fused.few_step == "lcm" and not any("lora" in n for n, _ in fused.unet.named_parameters())
     with pytest.raises(ModelError, match="unknown LoRA"):
         load_prior("tiny", torch.device("cpu"), lora="no such lora")
+
+
+#: The attention layers LoRAs adapt, in the UNet and the text encoder.
+LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(tmp_path) -> None:
+    """Most LoRAs artists download are in Kohya's layout (lora_unet_..., lora_te_..., alphas):
+    it loads. diffusers fused the layers of a LoRA for another model that matched and only logged
+    the rest; such a LoRA is refused, and one whose layers are sized for another model too."""
+    from safetensors.torch import save_file
+
+    tiny = load_prior("tiny", torch.device("cpu"))
+    generator = torch.Generator().manual_seed(0)
+    weights = {}
+    for prefix, model in (("lora_unet_", tiny.unet), ("lora_te_", tiny.text_encoder)):
+        for name, layer in model.named_modules():
+            if name.endswith(LORA_LAYERS):
+                key = prefix + name.replace(".", "_")
+                weights[f"{key}.lora_down.weight"] = torch.randn(4, layer.in_features, generator=generator) * 0.1
+                weights[f"{key}.lora_up.weight"] = torch.randn(layer.out_features, 4, generator=generator) * 0.1
+                weights[f"{key}.alpha"] = torch.tensor(4.0)
+    save_file(weights, tmp_path / "kohya.safetensors")
+    fused = load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "kohya.safetensors"))
+    original = load_prior("tiny", torch.device("cpu"))
+    for model, own in ((fused.unet, original.unet), (fused.text_encoder, original.text_encoder)):
+        changed = [n for (n, p), q in zip(model.named_parameters(), own.parameters()) if not torch.equal(p, q)]
+        assert changed and all(n.removesuffix(".weight").endswith(LORA_LAYERS) for n in changed)
+
+    foreign = dict(weights, **{"lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_to_q.lora_down.weight":
+                               torch.ones(4, 32), "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_"
+                               "to_q.lora_up.weight": torch.ones(32, 4)})
+    save_file(foreign, tmp_path / "foreign.safetensors")
+    with pytest.raises(ModelError, match="trained on another model than tiny: 1 of the layers it adapts is missing"):
+        load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "foreign.safetensors"))
+    wide = {key: torch.zeros(4, 64) if key.endswith("attn2_to_k.lora_down.weight") else value
+            for key, value in weights.items()}
+    save_file(wide, tmp_path / "wide.safetensors")
+    with pytest.raises(ModelError, match=r"trained on another model than tiny: \d+ of the layers it adapts are "
+                                         "missing from tiny or sized otherwise"):
+        load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "wide.safetensors"))
 
 
 def tiny_taesd(latent_channels: int = 4):
