@@ -425,6 +425,15 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
                          f"{2 ** (len(vae.config.block_out_channels) - 1)} size, and {prior.name} works in "
                          f"{own.latent_channels} at 1/{prior.latent_factor}: pick the VAE made for this model "
                          "(madebyollin/taesd for SD 1.x/2.x)")
+    scale, own_scale = vae.config.get("scaling_factor"), own.get("scaling_factor")
+    if isinstance(vae, AutoencoderKL) and isinstance(prior.vae, AutoencoderKL) and abs(scale - own_scale) > 1e-4:
+        # The same architecture trained to another latent space (SDXL's VAE on SD 1.5): every view
+        # would decode to wrong colours and the job would still finish.
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"VAE {source!r} scales its latents by {scale:g}, and {prior.name}'s by {own_scale:g}: it "
+                         f"was made for another model{' (SDXL)' if abs(scale - 0.13025) < 1e-4 else ''}. Pick the "
+                         "VAE made for this model ('stabilityai/sd-vae-ft-mse' or 'madebyollin/taesd' for SD "
+                         "1.x/2.x)")
     return vae.to(prior.device, prior.dtype).eval()
 
 

@@ -1233,8 +1233,8 @@ def test_a_tiny_autoencoder_replaces_the_models_vae(tmp_path) -> None:
     """A TAESD folder takes the VAE's place: encoding and decoding follow TAESD's own convention
     (images in [0, 1], latents already scaled), gradients reach the render (SDS needs them), the
     cache keeps the two variants apart, and a texturing job runs with it. A single file must be
-    TAESD's published architecture; a VAE of another latent shape, or an unknown name, is
-    refused with what to pick instead."""
+    TAESD's published architecture; a VAE of another latent shape or scale (SDXL's, which shares
+    SD's architecture), or an unknown name, is refused with what to pick instead."""
     from diffusers import AutoencoderTiny
     from safetensors.torch import save_file
 
@@ -1274,6 +1274,14 @@ def test_a_tiny_autoencoder_replaces_the_models_vae(tmp_path) -> None:
         load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "taesd-sd3"))
     with pytest.raises(ModelError, match="unknown VAE"):
         load_prior("tiny", torch.device("cpu"), vae="no such vae")
+    own = load_prior("tiny", torch.device("cpu")).vae
+    own.save_pretrained(tmp_path / "vae-ft")  # a fine-tuned VAE of the model's own latent space swaps in
+    assert type(load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "vae-ft")).vae).__name__ == "AutoencoderKL"
+    own.register_to_config(scaling_factor=0.13025)
+    own.save_pretrained(tmp_path / "sdxl-vae")
+    with pytest.raises(ModelError, match=r"scales its latents by 0.13025, and tiny's by 0.18215: it was made for "
+                                         r"another model \(SDXL\)"):
+        load_prior("tiny", torch.device("cpu"), vae=str(tmp_path / "sdxl-vae"))
 
 
 def test_view_dependent_prompts_follow_dreamfusions_rule_and_reach_the_unet() -> None:
