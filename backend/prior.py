@@ -413,7 +413,8 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
 
     vae = _load_part(source, "VAE", "'madebyollin/taesd' (fast, for SD 1.x/2.x)", offline, from_file,
                      lambda name, local: AutoModel.from_pretrained(name, dtype=prior.dtype,
-                                                                   local_files_only=local))
+                                                                   local_files_only=local,
+                                                                   variant=_folder_variant(Path(name))))
     if not isinstance(vae, (AutoencoderKL, AutoencoderTiny)):
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{source!r} holds a {type(vae).__name__}, not a VAE: give an "
                          "autoencoder such as 'madebyollin/taesd' or 'stabilityai/sd-vae-ft-mse'")
@@ -463,7 +464,8 @@ def _load_controlnet(source: str, prior: LatentDiffusionPrior, offline: bool) ->
                      lambda path: ControlNetModel.from_single_file(str(path), dtype=prior.dtype,
                                                                    local_files_only=offline),
                      lambda name, local: ControlNetModel.from_pretrained(name, dtype=prior.dtype,
-                                                                         local_files_only=local))
+                                                                         local_files_only=local,
+                                                                         variant=_folder_variant(Path(name))))
     _check_controlnet(source, net.config, prior)
     return net.to(prior.device).eval()
 
@@ -593,9 +595,20 @@ def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str)
 
     try:
         return StableDiffusionPipeline.from_pretrained(source, dtype=dtype, local_files_only=offline,
+                                                       variant=_folder_variant(Path(source) / "unet"),
                                                        safety_checker=None, requires_safety_checker=False)
     except Exception as exc:  # hub, filesystem and config errors all end here
         raise explain_load_error(exc, label, offline, local=Path(source).is_dir()) from None
+
+
+def _folder_variant(folder: Path) -> str | None:
+    """The variant a downloaded folder of weights (a model part's, or a pipeline's UNet's) holds
+    them as when it holds no plain ones: one fetched with ``variant="fp16"`` has only
+    ``diffusion_pytorch_model.fp16.safetensors`` (or its shards), which diffusers reads only when
+    told the variant."""
+    names = [f.name for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")]
+    variants = {name.split(".")[1].split("-")[0] if name.count(".") == 2 else None for name in names}
+    return None if not variants or None in variants else sorted(variants)[0]
 
 
 def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:

@@ -575,6 +575,14 @@ def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) 
     assert torch.allclose(loaded.schedule.alphas_cumprod, tiny.schedule.alphas_cumprod)
     assert loaded.resolution == tiny.resolution == 64
 
+    # Folders downloaded as the fp16 variant hold only *.fp16.safetensors, which diffusers reads
+    # only when told the variant: a model's and a part's (here its VAE) load all the same.
+    save_pipeline(tiny, tmp_path / "fp16", DDIMScheduler(**SD_SCHEDULER), variant="fp16")
+    tiny.vae.save_pretrained(tmp_path / "vae-fp16", variant="fp16")
+    assert not list((tmp_path / "fp16" / "unet").glob("*model.safetensors"))
+    half = load_prior(str(tmp_path / "fp16"), torch.device("cpu"), vae=str(tmp_path / "vae-fp16"))
+    assert torch.allclose(half.encode_prompt("a vase", ""), embeds)
+
 
 def test_models_of_other_architectures_are_refused_before_their_weights_are_fetched(tmp_path, monkeypatch) -> None:
     """SDXL, inpainting and diffusion-transformer models load as a Stable Diffusion pipeline (or
@@ -1100,13 +1108,13 @@ def test_turbo_preset_runs_guidance_free() -> None:
     assert rec.textures[-1][1]
 
 
-def save_pipeline(prior, folder, scheduler, unet=None) -> None:
+def save_pipeline(prior, folder, scheduler, unet=None, variant=None) -> None:
     """A prior's parts as the diffusers folder a user would download."""
     from diffusers import StableDiffusionPipeline
 
     StableDiffusionPipeline(vae=prior.vae, text_encoder=prior.text_encoder, tokenizer=prior.tokenizer,
                             unet=unet or prior.unet, scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(folder)
+                            requires_safety_checker=False).save_pretrained(folder, variant=variant)
 
 
 class Logged(Recorder):
