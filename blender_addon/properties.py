@@ -104,15 +104,15 @@ class KilnSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the texture, or the generated object, should show")
     negative_prompt: StringProperty(name="Negative", description="What the result should avoid")
     model: StringProperty(
-        name="Model", default=DEFAULT_MODEL,
+        name="Model", default=DEFAULT_MODEL, subtype="FILE_PATH",
         description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "
                     "random-weight model that checks the pipeline offline; its output is not art)")
     lora: StringProperty(
-        name="LoRA", default="",
+        name="LoRA", default="", subtype="FILE_PATH",
         description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
                     "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
     vae: StringProperty(
-        name="VAE", default="",
+        name="VAE", default="", subtype="FILE_PATH",
         description="Optional autoencoder in place of the model's (Hugging Face id, folder or .safetensors). "
                     "madebyollin/taesd (for SD 1.x/2.x) encodes and decodes views several times faster, with "
                     "slightly softer detail: worth it with few-step models, where the VAE takes the most time")
@@ -120,7 +120,7 @@ class KilnSettings(bpy.types.PropertyGroup):
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")
     controlnet: StringProperty(
-        name="Depth ControlNet", default="",
+        name="Depth ControlNet", default="", subtype="FILE_PATH",
         description="Optional: a depth ControlNet (Hugging Face id such as lllyasviel/sd-controlnet-depth, a "
                     "folder or a .safetensors file) so the generated views follow the mesh's shape")
     method: EnumProperty(name="Method", default="sir", items=[
@@ -209,9 +209,10 @@ def backend_choice(context: bpy.types.Context) -> BackendChoice:
 
 
 def typed_path(text: str) -> str:
-    """A path from a preference field as an absolute one: relative to the .blend ("//"), typed
-    with "~", or pasted with spaces around it."""
-    return os.path.expanduser(bpy.path.abspath(text.strip()))
+    """A path from a field as an absolute one: relative to the .blend ("//", as the file browser
+    writes it), typed with "~", or pasted with spaces or quotes around it (Windows' Copy as Path
+    quotes). Anything else (a Hugging Face id, 'tiny') comes back as typed."""
+    return os.path.expanduser(bpy.path.abspath(text.strip().strip('"\'').strip()))
 
 
 def kiln_folders(prefs: KilnPreferences) -> list[str]:

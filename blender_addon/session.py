@@ -25,6 +25,7 @@ from .backend_process import BackendChoice, BackendError, BackendProcess, Standi
 from .bake import REFERENCE, REFERENCE_SIZE, bake_base_colour
 from .client import Client, Disconnected
 from .materials import existing_texture, image_problem, slot_sources, unreadable_colour
+from .properties import typed_path
 from .scene_io import (
     LiveTexture,
     PointPreview,
@@ -181,14 +182,14 @@ def read_settings(settings: Any) -> dict[str, Any]:
     if not protocol.MIN_TEXTURE_SIZE <= settings.texture_size <= protocol.MAX_TEXTURE_SIZE:
         raise SceneError(f"texture size {settings.texture_size} is out of range: choose "
                          f"{protocol.MIN_TEXTURE_SIZE} to {protocol.MAX_TEXTURE_SIZE} pixels")
-    if not settings.model.strip():
+    if not typed_path(settings.model):
         raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
-    fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": settings.model.strip(),
+    fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": typed_path(settings.model),
               "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
               "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
     for name in ("controlnet", "lora", "vae"):
-        if getattr(settings, name).strip():
-            fields[name] = getattr(settings, name).strip()
+        if typed_path(getattr(settings, name)):
+            fields[name] = typed_path(getattr(settings, name))
     if settings.refine:  # the backend refines when the job carries a texture; strength says how far
         fields["strength"] = float(settings.strength)
     return fields

@@ -1626,6 +1626,22 @@ def test_library_folders_typed_with_a_tilde_or_spaces_are_found(kiln) -> None:
             prefs.libraries.add().path = path
 
 
+def test_model_fields_take_paths_from_the_file_browser_and_pasted_ones(kiln, scene, tmp_path) -> None:
+    """The model, LoRA, VAE and ControlNet fields browse for a file: in a saved .blend the browser
+    writes a path relative to it ("//"), which the backend, started elsewhere, must get absolute.
+    A path pasted with quotes (Windows' Copy as Path) or typed with "~" is read as meant; Hugging
+    Face ids and 'tiny' go as typed."""
+    assert all(scene.bl_rna.properties[name].subtype == "FILE_PATH" for name in ("model", "lora", "vae", "controlnet"))
+    scene.model, scene.lora = "//weights/model", f'"{tmp_path / "my lora.safetensors"}" '
+    scene.vae, scene.controlnet = "~/vae", "lllyasviel/sd-controlnet-depth"
+    fields = kiln.session.read_settings(scene)
+    assert fields["model"] == str(tmp_path / "weights" / "model")
+    assert fields["lora"] == str(tmp_path / "my lora.safetensors")
+    assert fields["vae"] == str(Path.home() / "vae") and fields["controlnet"] == "lllyasviel/sd-controlnet-depth"
+    scene.model = " tiny "
+    assert kiln.session.read_settings(scene)["model"] == "tiny"
+
+
 def test_blend_assets_whose_names_read_alike_in_a_file_name_keep_files_of_their_own(kiln, tmp_path) -> None:
     stems = []
     for name in ("Стул", "Стол", "Chair A", "Chair_A", "x" * 250):
