@@ -570,6 +570,38 @@ def check_architecture(label: str, unet: Any, index: dict | None = None) -> None
                          f"drives text-to-image UNets of 4 (5 with SD 2's depth channel): {_PICK_SD}")
 
 
+#: Tensor names in single-file checkpoints (the original layout) that mark other families.
+_SDXL_KEY, _DIT_KEYS = "conditioner.embedders.1.", ("model.diffusion_model.joint_blocks.", "double_blocks.")
+_UNET_INPUT_KEY = "model.diffusion_model.input_blocks.0.0.weight"
+_VAE_KEYS = ("encoder.", "decoder.", "quant_conv.", "post_quant_conv.")
+
+
+def _check_checkpoint(path: Path, label: str) -> None:
+    """``check_architecture`` for a single .safetensors checkpoint, from its header alone (tensor
+    names and shapes): an SDXL checkpoint is 6.5 GB to read, and then failed at the first UNet call.
+    A LoRA, VAE or ControlNet file put in the model field is named as such."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as weights:
+            names = list(weights.keys())
+            channels = weights.get_slice(_UNET_INPUT_KEY).get_shape()[1] if _UNET_INPUT_KEY in names else 4
+    except Exception:  # not a safetensors file: loading says so in its own words
+        return
+    part = ("LoRA" if names and all("lora" in name or name.endswith(".alpha") for name in names) else
+            "ControlNet" if any(name.startswith("control_model.") or "controlnet_cond_embedding" in name
+                                for name in names) else
+            "VAE" if names and all(name.startswith(_VAE_KEYS) for name in names) else None)
+    if part:  # the file went into the wrong field
+        raise ModelError(protocol.E_MODEL_NOT_FOUND,
+                         f"{label} is a {part}, not a model: put it in the {part} field (--{part.lower()} in the "
+                         "CLI) and keep a Stable Diffusion model, such as the default, in the model field")
+    if any(name.startswith(_DIT_KEYS) for name in names):
+        check_architecture(label, {}, {"_class_name": "diffusion transformer (SD 3, Flux)", "transformer": []})
+    sdxl = any(name.startswith(_SDXL_KEY) for name in names)
+    check_architecture(label, {"in_channels": channels, "addition_embed_type": "text_time" if sdxl else None})
+
+
 def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> LatentDiffusionPrior:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     path = Path(model).expanduser()
@@ -580,6 +612,8 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
     if path.is_dir():
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
+        if path.suffix == ".safetensors":
+            _check_checkpoint(path, f"checkpoint {str(path)!r}")
         pipe = _from_single_file(path, dtype, offline)
     elif HF_ID.match(model) and not path.exists():
         pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
@@ -620,15 +654,28 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
         raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline, local=True) from None
 
 
+#: How huggingface_hub and requests say the hub could not be reached (or was not to be).
+_NO_HUB = ("localentrynotfound", "offlinemodeisenabled", "outgoing traffic", "offline mode", "connect to",
+           "establish a new connection", "max retries exceeded", "connectionerror")
+
+
 def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = False) -> ModelError:
     """One message for the many ways loading fails; ``local``: the source is a file or folder on this
-    machine, whose failure is never for want of a download."""
+    machine, which lacks no download unless reading it reached for the hub (a single checkpoint's
+    base configuration)."""
     text = f"{type(exc).__name__}: {exc}"
+    wants_hub = any(sign in text.lower() for sign in _NO_HUB)
+    if local and wants_hub:
+        return ModelError(protocol.E_WEIGHTS_OFFLINE,
+                          f"{label} is on this machine, but reading it needs files it does not hold (for a single "
+                          "checkpoint, the configuration and tokenizer of the model it was made from: a few MB from "
+                          "the Hugging Face hub, fetched once and kept) and this machine is offline. Connect once, "
+                          f"or give the model as a diffusers folder. ({text[:300]})")
     if local:
         return ModelError(protocol.E_MODEL_NOT_FOUND,
                           f"could not read {label}, which is on this machine ({text[:500]}): check that it is "
                           "complete and is what the field asks for")
-    if offline or "offline" in text.lower() or "connect" in text.lower():
+    if offline or wants_hub:
         return ModelError(protocol.E_WEIGHTS_OFFLINE,
                           f"the weights of {label} are not on this machine and it is offline. Download them "
                           "once where there is internet (e.g. `huggingface-cli download <id>`), or pick a local "

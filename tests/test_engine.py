@@ -620,6 +620,39 @@ def test_models_of_other_architectures_are_refused_before_their_weights_are_fetc
         load_prior("kiln-tests/dit", torch.device("cpu"), offline=True)
 
 
+def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_offline(tmp_path, monkeypatch) -> None:
+    """A single .safetensors file is judged by its tensor names and shapes before gigabytes are
+    read: SDXL, inpainting and Flux checkpoints, and a LoRA or VAE put in the model field, are
+    named. An SD 1.5 checkpoint offline says what it lacks: diffusers reads a single file with its
+    base model's configuration and tokenizer from the hub, which the file does not hold."""
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    sd15 = {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1, 768),
+            "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}
+    cases = {
+        "inpainting": ({**sd15, "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 9, 1, 1)},
+                       "is an inpainting model"),
+        "xl": ({**sd15, "conditioner.embedders.1.model.ln_final.weight": torch.zeros(1)}, "is an SDXL model"),
+        "flux": ({"double_blocks.0.img_attn.norm.key_norm.scale": torch.zeros(1)}, "is a diffusion transformer"),
+        "lora": ({"lora_unet_mid_block_attentions_0_proj_in.lora_down.weight": torch.zeros(1, 1),
+                  "lora_unet_mid_block_attentions_0_proj_in.alpha": torch.zeros(())},
+                 r"is a LoRA, not a model: put it in the LoRA field \(--lora in the CLI\)"),
+        "vae": ({"encoder.conv_in.weight": torch.zeros(1), "decoder.conv_out.weight": torch.zeros(1)},
+                "is a VAE, not a model"),
+    }
+    for name, (weights, message) in cases.items():
+        save_file(weights, tmp_path / f"{name}.safetensors")
+        with pytest.raises(ModelError, match=message):
+            load_prior(str(tmp_path / f"{name}.safetensors"), torch.device("cpu"), offline=True)
+    save_file(sd15, tmp_path / "sd15.safetensors")
+    with pytest.raises(ModelError) as err:
+        load_prior(str(tmp_path / "sd15.safetensors"), torch.device("cpu"), offline=True)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE
+    assert "is on this machine, but reading it needs files it does not hold" in str(err.value)
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, env=env, capture_output=True,
