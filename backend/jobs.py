@@ -104,7 +104,9 @@ class JobRequest:
             raise bad(f"unknown task {task!r}: one of {', '.join(map(repr, tasks))}")
         prompt = f.get("prompt") or ""
         if task != protocol.TASK_INDEX and (not isinstance(prompt, str) or not prompt.strip()):
-            raise bad("the prompt is empty: type what the texture should show, e.g. 'weathered bronze'")
+            raise bad("the prompt is empty: type " + {protocol.TASK_GENERATE: "what the object should be, e.g. 'a "
+                      "wooden chair'", protocol.TASK_SEARCH: "what to find references for, e.g. 'a chair'"}.get(
+                          task, "what the texture should show, e.g. 'weathered bronze'"))
         size = f.get("texture_size", 1024)
         if not isinstance(size, int) or not protocol.MIN_TEXTURE_SIZE <= size <= protocol.MAX_TEXTURE_SIZE:
             raise bad(f"texture size {size!r} is out of range: choose {protocol.MIN_TEXTURE_SIZE} to "

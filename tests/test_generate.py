@@ -509,7 +509,7 @@ def test_cli_generates_a_y_up_glb_and_fails_loudly(tmp_path: Path) -> None:
     assert Path(summary["texture"]).is_file() and summary["pipeline_check"]
     bad = subprocess.run([sys.executable, "-m", "backend", "generate", "--prompt", " ", "--out", str(out)],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert bad.returncode == 2 and "prompt is empty" in bad.stderr
+    assert bad.returncode == 2 and "prompt is empty: type what the object should be" in bad.stderr
 
 
 PLUGIN_MODULE = '''
