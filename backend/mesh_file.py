@@ -35,6 +35,8 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
 
     if not path.is_file():
         raise MeshError(f"mesh file {str(path)!r} does not exist")
+    if path.stat().st_size == 0:  # an export or copy that failed part-way; trimesh's words name no cause
+        raise MeshError(f"mesh file {str(path)!r} is empty (0 bytes): export or copy it again")
     compressed = [_COMPRESSIONS[name] for name in (_gltf_header(path) or {}).get("extensionsRequired", [])
                   if name in _COMPRESSIONS]
     if compressed:  # trimesh reads such a file as a heap of vertices at the origin, without a word
@@ -45,7 +47,8 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     except Exception as exc:  # trimesh raises many types for unreadable files
         gone = missing_buffer(path)
         raise MeshError(f"could not read {str(path)!r} as a mesh: "
-                        + (f"{gone}: copy it there" if gone else str(exc))) from None
+                        + (f"{gone}: copy it there" if gone else f"{exc} (is it cut short or of another format? "
+                           "export it again)")) from None
     faces = np.asarray(loaded.faces, np.int64).reshape(-1, 3)
     uv = getattr(loaded.visual, "uv", None)
     corner_uvs = None

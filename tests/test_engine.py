@@ -70,6 +70,20 @@ def test_bad_meshes_are_refused_with_the_fix(change, fragment) -> None:
         mesh.validate()
 
 
+def test_an_empty_or_cut_short_mesh_file_is_named_as_such(tmp_path) -> None:
+    """A failed export or copy: trimesh's words ("index 0 is out of bounds", "chunk was not expected
+    length!") named no cause."""
+    import trimesh
+
+    (tmp_path / "empty.glb").write_bytes(b"")
+    with pytest.raises(MeshError, match=r"'.*empty.glb' is empty \(0 bytes\): export or copy it again"):
+        load_mesh_file(tmp_path / "empty.glb")
+    (tmp_path / "cut.glb").write_bytes(trimesh.creation.box().export(file_type="glb")[:300])
+    with pytest.raises(MeshError, match=r"could not read '.*cut.glb' as a mesh: .*\(is it cut short or of another "
+                                        r"format\? export it again\)"):
+        load_mesh_file(tmp_path / "cut.glb")
+
+
 def test_unwrap_gives_per_loop_uvs_that_reproduce_the_corners() -> None:
     mesh = grid_mesh()
     assert mesh.corner_uvs is None
