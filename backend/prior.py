@@ -371,10 +371,10 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
         missing = len({part.split(":", 1)[0].split(".lora")[0] for part in str(exc).split("size mismatch for ")[1:]})
     if missing:
         raise ModelError(protocol.E_MODEL_NOT_FOUND,
-                         f"LoRA {source!r} was trained on another model than {prior.name}: {missing} of the layers "
-                         f"it adapts {'are' if missing > 1 else 'is'} missing from {prior.name} or sized otherwise "
-                         "(an SDXL LoRA on SD 1.5, say). Pick a LoRA made for this model's base, or the model the "
-                         "LoRA was made for")
+                         f"LoRA {source!r} does not fit {prior.name}: {missing} of the layers it adapts "
+                         f"{'are' if missing > 1 else 'is'} missing from {prior.name} or sized otherwise, so it was "
+                         "trained on another model (an SDXL LoRA on SD 1.5, say) or adapts layers diffusers cannot "
+                         "load. Pick a LoRA made for this model's base, or the model the LoRA was made for")
 
 
 def _adapted_layers(weights: dict[str, Any]) -> int:

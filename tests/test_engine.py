@@ -1263,13 +1263,13 @@ def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(t
                                torch.ones(4, 32), "lora_unet_down_blocks_3_attentions_0_transformer_blocks_0_attn1_"
                                "to_q.lora_up.weight": torch.ones(32, 4)})
     save_file(foreign, tmp_path / "foreign.safetensors")
-    with pytest.raises(ModelError, match="trained on another model than tiny: 1 of the layers it adapts is missing"):
+    with pytest.raises(ModelError, match="does not fit tiny: 1 of the layers it adapts is missing from tiny"):
         load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "foreign.safetensors"))
     wide = {key: torch.zeros(4, 64) if key.endswith("attn2_to_k.lora_down.weight") else value
             for key, value in weights.items()}
     save_file(wide, tmp_path / "wide.safetensors")
-    with pytest.raises(ModelError, match=r"trained on another model than tiny: \d+ of the layers it adapts are "
-                                         "missing from tiny or sized otherwise"):
+    with pytest.raises(ModelError, match=r"does not fit tiny: \d+ of the layers it adapts are missing from tiny or "
+                                         "sized otherwise, so it was trained on another model"):
         load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "wide.safetensors"))
 
 
