@@ -213,8 +213,9 @@ def image_problem(obj: Any) -> str | None:
 def unreadable_colour(obj: Any) -> str | None:
     """The first node through which a material slot's Base Color comes that Kiln cannot read from an
     image or a colour (a procedural texture, a ramp, a Hue/Saturation tweak), or a shader that keeps
-    its colour inside (a Diffuse BSDF, a node group that paints inside itself); None when every
-    slot reads directly. Such colours are baked to refine from."""
+    its colour inside (a Diffuse BSDF, an Emission, a node group that paints inside itself); None
+    when every slot reads directly. Such colours are baked to refine from, and for references and
+    exported assets, which would otherwise go grey."""
     for slot in obj.material_slots:
         material = slot.material
         if not uses_nodes(material):
@@ -229,7 +230,7 @@ def unreadable_colour(obj: Any) -> str | None:
                 return f"the node {socket.links[0].from_node.name!r} on {material.name!r}"
         output = output_node(material)
         surface = output.inputs["Surface"].links if output is not None else ()
-        if not sockets and surface and surface[0].from_node.type != "EMISSION":
+        if not sockets and surface:  # an Emission (an unlit look), a Toon or Glass BSDF: no Base Color
             return f"the shader {surface[0].from_node.name!r} on {material.name!r}"
     return None
 

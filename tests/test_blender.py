@@ -641,6 +641,27 @@ def test_an_unlit_material_gets_a_plain_one_whose_texture_shows(kiln, scene) -> 
     assert surface.inputs["Base Color"].links[0].from_node.name == kiln.scene_io.TEXTURE_NODE
 
 
+def test_an_unlit_materials_colours_are_baked_to_refine_from_and_as_a_reference(kiln, scene) -> None:
+    """An Emission showing an image (an unlit look, baked lighting) has no Base Color to read: as
+    a reference it was sent grey, and Refine said it showed flat colours. Cycles bakes what it shows."""
+    obj = add_cube()
+    link_artist_image(obj)
+    tree = obj.material_slots[0].material.node_tree
+    image = next(n for n in tree.nodes if n.type == "TEX_IMAGE")
+    image.image.pixels.foreach_set(np.tile([1.0, 0.5, 0.0, 1.0], 64).astype(np.float32))  # orange
+    emission = tree.nodes.new("ShaderNodeEmission")
+    emission.name = "Unlit"
+    tree.links.new(image.outputs["Color"], emission.inputs["Color"])
+    tree.links.new(emission.outputs["Emission"], tree.get_output_node("ALL").inputs["Surface"])
+    target = kiln.session.target_for(obj, refine=True, size=64)
+    assert "through the shader 'Unlit' on 'Artist Cube', so Kiln baked" in target.notes[0]
+    scene.use_references, scene.reference_source, scene.reference_object = True, "OBJECT", obj
+    fields, arrays = kiln.session.reference_fields(scene, {})
+    texture = arrays[kiln.backend.protocol.REFERENCE_PREFIX + "texture"]
+    sent = np.frombuffer(texture.data, np.uint8).reshape(texture.shape)
+    assert (255, 128, 0) in {tuple(c) for c in sent.reshape(-1, 4)[:, :3]}  # a byte image's pixels are sRGB
+
+
 def test_edit_mode_shows_how_many_faces_only_selected_faces_repaints(kiln, scene) -> None:
     obj = add_cube()
     select(obj)
