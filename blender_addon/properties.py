@@ -80,7 +80,7 @@ class KilnPreferences(bpy.types.AddonPreferences):
         else:
             layout.prop(self, "python_path")
             try:
-                layout.label(text=f"Using {find_python(self.python_path)}", icon="CHECKMARK")
+                layout.label(text=f"Using {find_python(typed_path(self.python_path))}", icon="CHECKMARK")
                 found = True
             except BackendError as exc:
                 layout.label(text=str(exc)[:120], icon="ERROR")
@@ -174,7 +174,7 @@ def unregister() -> None:
 
 def backend_found(prefs: KilnPreferences) -> bool:
     try:
-        find_python(prefs.python_path)
+        find_python(typed_path(prefs.python_path))
     except BackendError:
         return False
     return True
@@ -205,7 +205,7 @@ def backend_choice(context: bpy.types.Context) -> BackendChoice:
     prefs = preferences(context)
     if prefs.backend_mode == "CONNECT":
         return BackendChoice(connection_file=typed_path(prefs.connection_file))
-    return BackendChoice(python_preference=prefs.python_path)
+    return BackendChoice(python_preference=typed_path(prefs.python_path))
 
 
 def typed_path(text: str) -> str:

@@ -1634,14 +1634,18 @@ def write_asset_blend(path: Path) -> None:
     bpy.data.batch_remove([chair, loose, *lamp.objects, lamp, mat, image])
 
 
-def test_library_folders_typed_with_a_tilde_or_spaces_are_found(kiln) -> None:
+def test_paths_typed_in_the_preferences_with_a_tilde_spaces_or_quotes_are_found(kiln) -> None:
     prefs = bpy.context.preferences.addons[kiln.__name__].preferences
     saved = [lib.path for lib in prefs.libraries]
     prefs.libraries.clear()
     prefs.libraries.add().path = "~/kiln assets "
+    prefs.python_path = f'"{BACKEND_PYTHON}"'  # Windows' Copy as Path quotes what it copies
     try:
         assert kiln.properties.kiln_folders(prefs) == [str(Path.home() / "kiln assets")]
+        assert kiln.properties.backend_found(prefs)
+        assert kiln.properties.backend_choice(bpy.context).python_preference == BACKEND_PYTHON
     finally:
+        prefs.python_path = BACKEND_PYTHON
         prefs.libraries.clear()
         for path in saved:
             prefs.libraries.add().path = path
