@@ -26,7 +26,8 @@ from .presets import (
     resolve,
     resolve_generate,
 )
-from .prior import LatentDiffusionPrior, Prior, load_prior, readable_tokens, set_low_vram, unread_words
+from .prior import (LatentDiffusionPrior, Prior, first_download, load_prior, readable_tokens, set_low_vram,
+                    unread_words)
 from .texture import SlotTextures, shared_uv_area
 from .tiles import pack_tiles
 from .unwrap import Unwrapping
@@ -185,7 +186,8 @@ class ModelCache:
         switched on the loaded model, so toggling it costs no reload."""
         key = (request.model, request.controlnet, request.lora, request.vae)
         if key not in self.priors:
-            events.progress(0, 1, f"loading model {request.model}")
+            events.progress(0, 1, f"downloading {request.model} (first use: gigabytes, which takes minutes)"
+                            if first_download(request.model, request.offline) else f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
                                           lora=request.lora, vae=request.vae)

@@ -331,6 +331,18 @@ def load_plugin(spec: str, device: torch.device, offline: bool) -> Prior:
     return prior
 
 
+def first_download(model: str, offline: bool) -> bool:
+    """Whether loading ``model`` will download it: a Hugging Face id this machine has not fetched,
+    with the hub in reach. The first load of SD takes minutes (gigabytes), which the artist should
+    be told rather than watch 'loading' stand still."""
+    from huggingface_hub import try_to_load_from_cache
+
+    if offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not HF_ID.match(model) \
+            or Path(model).expanduser().exists():
+        return False
+    return not isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+
+
 def few_step_kind(model: str, lora: str | None = None) -> str | None:
     """'lcm' or 'turbo' when the model (or its LoRA) is a few-step distillation, by the names
     they are published under (latent-consistency/lcm-lora-sdv1-5, SimianLuo/LCM_Dreamshaper_v7,

@@ -634,6 +634,36 @@ def test_models_of_other_architectures_are_refused_before_their_weights_are_fetc
         load_prior("kiln-tests/dit", torch.device("cpu"), offline=True)
 
 
+def test_a_models_first_download_is_announced_as_such(tmp_path, monkeypatch) -> None:
+    """SD's first load fetches gigabytes: the job's phase says so rather than 'loading' for minutes.
+    Only a Hugging Face id missing from the cache, with the hub in reach, is a download."""
+    import huggingface_hub.constants
+
+    from backend import jobs
+    from backend.prior import first_download
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    snapshot = tmp_path / "hub" / "models--kiln-tests--cached" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "model_index.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert first_download("kiln-tests/never-fetched", offline=False)
+    assert not first_download("kiln-tests/cached", offline=False)
+    assert not first_download("kiln-tests/never-fetched", offline=True)
+    assert not first_download("tiny", offline=False) and not first_download(str(tmp_path), offline=False)
+
+    def no_network(model, **_):  # what a download would do is beside the point here
+        raise ModelError(protocol.E_WEIGHTS_OFFLINE, "stopped before the download")
+    monkeypatch.setattr(jobs, "load_prior", no_network)
+    rec = Recorder()
+    with pytest.raises(ModelError):
+        ModelCache().get(JobRequest.from_fields({"prompt": "a vase", "model": "kiln-tests/never-fetched"}), rec)
+    assert rec.progress_calls == [(0, 1, "downloading kiln-tests/never-fetched (first use: gigabytes, which takes "
+                                          "minutes)")]
+
+
 def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_offline(tmp_path, monkeypatch) -> None:
     """A single .safetensors file is judged by its tensor names and shapes before gigabytes are
     read: SDXL, inpainting and Flux checkpoints, and a LoRA or VAE put in the model field, are
