@@ -190,7 +190,17 @@ def read_texture(path: str):
     try:
         return texture_tensor(Image.open(path))
     except OSError as exc:
-        raise JobError(protocol.E_BAD_REQUEST, f"cannot read --init-texture: {exc}") from None
+        raise unreadable_image("--init-texture", exc) from None
+
+
+def unreadable_image(option: str, exc: OSError) -> JobError:
+    """Pillow's "cannot identify image file" names no way out: an EXR or HDR from a VFX pipeline
+    is the usual cause."""
+    from PIL import UnidentifiedImageError
+
+    hint = (" (Kiln reads PNG, JPEG, TGA, TIFF, WebP and BMP: save an EXR or HDR as a 16-bit PNG)"
+            if isinstance(exc, UnidentifiedImageError) else "")
+    return JobError(protocol.E_BAD_REQUEST, f"cannot read {option}: {exc}{hint}")
 
 
 def udim_texture(pattern: str, mesh: Mesh) -> SlotTextures:
@@ -228,7 +238,7 @@ def repaint_faces(path: str, mesh: Mesh) -> np.ndarray:
     try:
         mask = image_rgb(Image.open(path)) @ np.array([0.299, 0.587, 0.114], np.float32)  # PIL's luma weights
     except OSError as exc:
-        raise JobError(protocol.E_BAD_REQUEST, f"cannot read --repaint-mask: {exc}") from None
+        raise unreadable_image("--repaint-mask", exc) from None
     centres = mesh.corner_uvs.mean(axis=1) % 1.0  # Blender repeats the image, and so the mask, outside 0-1
     height, width = mask.shape
     paint = mask[(centres[:, 1] * height).astype(int).clip(0, height - 1),

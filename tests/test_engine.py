@@ -1017,6 +1017,21 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     assert blank.returncode == 2 and "add --refine" in blank.stderr and "loading model" not in blank.stderr
 
 
+def test_a_texture_or_mask_pillow_cannot_read_says_which_formats_it_can(tmp_path) -> None:
+    from dataclasses import replace
+
+    from backend.cli import read_texture, repaint_faces
+
+    exr = tmp_path / "paint.exr"
+    exr.write_bytes(b"v/1\x01" + bytes(64))  # OpenEXR's magic number, as a VFX pipeline writes them
+    with pytest.raises(JobError, match=r"cannot read --init-texture: .*paint.exr.* \(Kiln reads PNG, JPEG, .* save an "
+                                       r"EXR or HDR as a 16-bit PNG\)"):
+        read_texture(str(exr))
+    with pytest.raises(JobError, match=r"cannot read --repaint-mask: .*save an EXR or HDR as a 16-bit PNG"):
+        mesh = grid_mesh()
+        repaint_faces(str(exr), replace(mesh, corner_uvs=np.zeros((len(mesh.triangles), 3, 2), np.float32)))
+
+
 def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
     """--init-texture paint.<UDIM>.png: each face starts from its own tile's file, in its tile's
     cell of the texture, which the .glb reads through its UVs."""
