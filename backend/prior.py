@@ -621,6 +621,12 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
         unet = _published_config(model, "unet/config.json", offline)
         if unet is not None:
             check_architecture(f"model {model!r}", unet, _published_config(model, "model_index.json", offline))
+    if path.is_dir() and not (path / "model_index.json").is_file():
+        files = sorted(f.name for f in path.iterdir() if f.suffix in (".safetensors", ".ckpt"))
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "
+                         "model_index.json): " + (f"give the checkpoint file it holds, {files[0]!r}, instead" if files
+                                                  else "give a diffusers folder (model_index.json and a folder per "
+                                                  "part), a .safetensors file or a Hugging Face id"))
     if path.is_dir():
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):

@@ -574,6 +574,9 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
         load_prior(str(broken), torch.device("cpu"), offline=True)
     assert err.value.code == protocol.E_MODEL_NOT_FOUND and "broken.safetensors', which is on this machine" in \
         str(err.value) and "not on this machine" not in str(err.value)
+    with pytest.raises(ModelError, match=r"is not a diffusers folder \(it has no model_index.json\): give the "
+                                         "checkpoint file it holds, 'broken.safetensors', instead"):
+        load_prior(str(tmp_path), torch.device("cpu"))
 
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
