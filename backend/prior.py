@@ -280,6 +280,8 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
     offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    model, controlnet, lora, vae = (from_hub_url(source, offline) if source else source
+                                    for source in (model, controlnet, lora, vae))
     if model.startswith(PLUGIN):
         if controlnet or lora or vae:
             raise ModelError(protocol.E_MODEL_NOT_FOUND, "a plug-in prior takes no ControlNet, LoRA or VAE from "
@@ -298,6 +300,30 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
         prior.vae = _load_vae(vae, prior, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
     return prior
+
+
+#: A Hugging Face page's address: a repository's, or a file's (``/blob/`` or ``/resolve/``).
+_HUB_URL = re.compile(r"^https?://(?:www\.)?(?:huggingface\.co|hf\.co)/(?!datasets/|spaces/)([\w.-]+/[\w.-]+)"
+                      r"(?:/tree/[^/?#]+|/(?:blob|resolve)/([^/]+)/([^?#]+?))?/?(?:[?#].*)?$")
+
+
+def from_hub_url(source: str, offline: bool) -> str:
+    """A Hugging Face page's address, as artists copy it from the browser, as what Kiln loads: a
+    repository's page as its id, a file's page as that file, fetched into the hub's cache."""
+    from urllib.parse import unquote
+
+    match = _HUB_URL.match(source.strip())
+    if match is None:
+        return source
+    repo, revision, filename = match.groups()
+    if filename is None:
+        return repo
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return hf_hub_download(repo, unquote(filename), revision=revision, local_files_only=offline)
+    except Exception as exc:  # hub, filesystem and permission errors all end here
+        raise explain_load_error(exc, f"the file {unquote(filename)!r} of {repo!r}", offline) from None
 
 
 #: Model names with this prefix name a prior written outside Kiln: ``python:MODULE:FUNCTION``.

@@ -631,8 +631,9 @@ def test_models_of_other_architectures_are_refused_before_their_weights_are_fetc
                                   "unet/config.json": dict(unet, addition_embed_type="text_time")})
     cached_repo("kiln-tests/dit", {"model_index.json": {"_class_name": "StableDiffusion3Pipeline", "transformer": []},
                                    "unet/config.json": unet})
-    with pytest.raises(ModelError, match="is an SDXL model .* pick an SD 1.x or 2.x model"):
-        load_prior("kiln-tests/xl", torch.device("cpu"), offline=True)
+    for name in ("kiln-tests/xl", "https://huggingface.co/kiln-tests/xl", "https://huggingface.co/kiln-tests/xl/tree/main"):
+        with pytest.raises(ModelError, match="is an SDXL model .* pick an SD 1.x or 2.x model"):
+            load_prior(name, torch.device("cpu"), offline=True)  # an id, or its page's address
     with pytest.raises(ModelError, match="is a StableDiffusion3Pipeline, not Stable Diffusion 1.x/2.x"):
         load_prior("kiln-tests/dit", torch.device("cpu"), offline=True)
 
@@ -1284,10 +1285,13 @@ def test_a_lora_is_fused_into_the_model_through_diffusers_loader(tmp_path) -> No
 LORA_LAYERS = ("to_q", "to_k", "to_v", "to_out.0", "q_proj", "k_proj", "v_proj", "out_proj")
 
 
-def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(tmp_path) -> None:
+def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(tmp_path, monkeypatch) -> None:
     """Most LoRAs artists download are in Kohya's layout (lora_unet_..., lora_te_..., alphas):
     it loads. diffusers fused the layers of a LoRA for another model that matched and only logged
     the rest; such a LoRA is refused, and one whose layers are sized for another model too."""
+    import shutil
+
+    import huggingface_hub.constants
     from safetensors.torch import save_file
 
     tiny = load_prior("tiny", torch.device("cpu"))
@@ -1302,6 +1306,16 @@ def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(t
                 weights[f"{key}.alpha"] = torch.tensor(4.0)
     save_file(weights, tmp_path / "kohya.safetensors")
     fused = load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "kohya.safetensors"))
+    # The address of the file's page on the hub, as copied from the browser, fetches it (here from the cache).
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    snapshot = tmp_path / "hub" / "models--kiln-tests--loras" / "snapshots" / ("0" * 40)
+    (snapshot / "styles").mkdir(parents=True)
+    shutil.copy(tmp_path / "kohya.safetensors", snapshot / "styles" / "my style.safetensors")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    fetched = load_prior("tiny", torch.device("cpu"), lora="https://huggingface.co/kiln-tests/loras/blob/main/styles/"
+                                                           "my%20style.safetensors")
+    assert all(torch.equal(p, q) for p, q in zip(fetched.unet.parameters(), fused.unet.parameters()))
     original = load_prior("tiny", torch.device("cpu"))
     for model, own in ((fused.unet, original.unet), (fused.text_encoder, original.text_encoder)):
         changed = [n for (n, p), q in zip(model.named_parameters(), own.parameters()) if not torch.equal(p, q)]
