@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import protocol
-from .prior import HF_ID, ModelError, explain_load_error
+from .prior import HF_ID, ModelError, explain_load_error, from_hub_url
 
 
 class TextEmbedder(Protocol):
@@ -69,6 +69,7 @@ class ClipEmbedder:
         CLIPModel and its tokenizer."""
         from transformers import CLIPModel, CLIPTokenizer
 
+        source = from_hub_url(source, offline)  # a repository's page, copied from the browser
         path = Path(source).expanduser()
         if not path.is_dir() and not HF_ID.match(source):
             raise ModelError(protocol.E_MODEL_NOT_FOUND,

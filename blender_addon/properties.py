@@ -66,7 +66,7 @@ class KilnPreferences(bpy.types.AddonPreferences):
         description="Also index the mesh and collection assets of the .blend files in Blender's asset libraries "
                     "(Preferences > File Paths > Asset Libraries)")
     clip_model: StringProperty(
-        name="CLIP", default="",
+        name="CLIP", default="", subtype="DIR_PATH",
         description="Optional CLIP weights (Hugging Face id such as openai/clip-vit-base-patch32, or a folder): "
                     "libraries are then also searched by what the assets look like. Re-index after changing it")
 
@@ -234,4 +234,4 @@ def library_fields(prefs: KilnPreferences) -> dict[str, object]:
 
     exported = [str(cache_root())] if any(p.is_dir() for p in cache_root().iterdir()) else []
     return {"libraries": kiln_folders(prefs) + exported,
-            **({"clip": prefs.clip_model.strip()} if prefs.clip_model.strip() else {})}
+            **({"clip": typed_path(prefs.clip_model)} if typed_path(prefs.clip_model) else {})}

@@ -1640,12 +1640,14 @@ def test_paths_typed_in_the_preferences_with_a_tilde_spaces_or_quotes_are_found(
     prefs.libraries.clear()
     prefs.libraries.add().path = "~/kiln assets "
     prefs.python_path = f'"{BACKEND_PYTHON}"'  # Windows' Copy as Path quotes what it copies
+    prefs.clip_model = ' "~/clip" '
     try:
         assert kiln.properties.kiln_folders(prefs) == [str(Path.home() / "kiln assets")]
         assert kiln.properties.backend_found(prefs)
         assert kiln.properties.backend_choice(bpy.context).python_preference == BACKEND_PYTHON
+        assert kiln.properties.library_fields(prefs)["clip"] == str(Path.home() / "clip")
     finally:
-        prefs.python_path = BACKEND_PYTHON
+        prefs.python_path, prefs.clip_model = BACKEND_PYTHON, ""
         prefs.libraries.clear()
         for path in saved:
             prefs.libraries.add().path = path

@@ -352,6 +352,9 @@ def test_clip_reranks_and_faces_when_given(tmp_path: Path, embedder) -> None:
 def test_clip_that_does_not_exist_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="unknown CLIP model"):
         ClipEmbedder.load(str(tmp_path / "missing"), offline=True, device=torch.device("cpu"))
+    with pytest.raises(ModelError, match="the weights of CLIP 'openai/clip-vit-base-patch32' are not on this machine"):
+        ClipEmbedder.load("https://huggingface.co/openai/clip-vit-base-patch32", offline=True,
+                          device=torch.device("cpu"))  # its page's address, read as its id
 
 
 def test_cli_indexes_and_textures_with_a_retrieved_reference(tmp_path: Path) -> None:
