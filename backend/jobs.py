@@ -597,6 +597,16 @@ def _generate_job(request: JobRequest, events: TextureEvents, models: ModelCache
                                delta_denoising=request.delta_denoising)
 
 
+#: Names Windows reserves for devices, with any extension ("con.glb" cannot be written there).
+_WINDOWS_DEVICES = {"con", "prn", "aux", "nul", *(f"{port}{n}" for port in ("com", "lpt") for n in range(1, 10))}
+#: Bytes of a generated object's file name stem: file systems allow 255 for the whole name, and
+#: a prompt's first words may be one long word (or a clause of CJK text, three bytes a letter).
+_MAX_NAME_BYTES = 100
+
+
 def object_name(prompt: str) -> str:
-    """A file-safe object name ("a red chair, ornate" → "red_chair")."""
-    return "_".join(w.lower() for w in protocol.prompt_words(prompt)) or "kiln_object"
+    """A file-safe object name ("a red chair, ornate" → "red_chair"), short enough for any file
+    system and none of Windows' device names."""
+    name = "_".join(w.lower() for w in protocol.prompt_words(prompt)) or "kiln_object"
+    name = name.encode()[:_MAX_NAME_BYTES].decode(errors="ignore").rstrip("_")
+    return f"{name}_object" if name in _WINDOWS_DEVICES else name

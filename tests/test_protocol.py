@@ -128,6 +128,9 @@ def test_protocol_module_is_stdlib_only() -> None:
     ("an_odd  name!", ["odd", "name"], "odd_name"),
     ("赤い椅子", ["赤い椅子"], "赤い椅子"),
     (", only a clause", [], "kiln_object"),
+    ("CON", ["CON"], "con_object"),  # Windows cannot write con.glb, whatever the extension
+    ("x" * 400, ["x" * 400], "x" * 100),  # a file name past 255 bytes failed once the object was made
+    ("花瓶" * 100, ["花瓶" * 100], "花瓶" * 16 + "花"),  # 99 bytes: a letter is never cut in half
 ])
 def test_one_naming_rule_for_generated_objects(prompt: str, words: list[str], file_name: str) -> None:
     """Blender's object ("Kiln red chair") and the CLI's files ("red_chair") take the same words."""
