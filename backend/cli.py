@@ -265,7 +265,8 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset,
         **({"strength": args.strength} if getattr(args, "strength", None) is not None else {}),
-        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "vae": args.vae,
+        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "lora_weight": args.lora_weight,
+        "vae": args.vae,
         "low_vram": args.low_vram, "offline": args.offline,
         "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
         "adapt_prior": args.adapt, "delta_denoising": args.delta_denoising})
@@ -403,6 +404,9 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
     parser.add_argument("--lora", default=None,
                         help="a LoRA (HF id, folder or .safetensors) fused into the model; an LCM-LoRA such as "
                              "latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model")
+    parser.add_argument("--lora-weight", type=float, default=1.0,
+                        help=f"how much of the LoRA is fused: 1 as trained (default), less to soften it, negative "
+                             f"to push away from it ({protocol.MIN_LORA_WEIGHT:g} to {protocol.MAX_LORA_WEIGHT:g})")
     parser.add_argument("--vae", default=None,
                         help="an autoencoder in place of the model's (HF id, folder or .safetensors): "
                              "madebyollin/taesd (SD 1.x/2.x) encodes and decodes views several times faster, "

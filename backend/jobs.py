@@ -80,6 +80,7 @@ class JobRequest:
     strength: float = 0.5           # refine mode only: how far the result may move from the texture
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
     lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
+    lora_weight: float = 1.0        # how much of it (``protocol.MIN_LORA_WEIGHT`` to ``MAX_LORA_WEIGHT``)
     vae: str | None = None          # an autoencoder in place of the model's (TAESD: faster views)
     low_vram: bool = False          # bound the model's memory for small cards (prior.set_low_vram)
     # ReDream: use the artist's ``references`` (asset files, primary first), or else the assets the
@@ -126,6 +127,14 @@ class JobRequest:
         if not isinstance(strength, (int, float)) or not protocol.MIN_STRENGTH <= strength <= protocol.MAX_STRENGTH:
             raise bad(f"strength {strength!r} is out of range: choose {protocol.MIN_STRENGTH:g} (keep nearly all) to "
                       f"{protocol.MAX_STRENGTH:g} (repaint)")
+        lora_weight = f.get("lora_weight", 1.0)
+        if not isinstance(lora_weight, (int, float)) or not \
+                protocol.MIN_LORA_WEIGHT <= lora_weight <= protocol.MAX_LORA_WEIGHT:
+            raise bad(f"LoRA weight {lora_weight!r} is out of range: choose {protocol.MIN_LORA_WEIGHT:g} to "
+                      f"{protocol.MAX_LORA_WEIGHT:g} (1: as trained)")
+        if lora_weight != 1.0 and not f.get("lora"):
+            raise bad("a LoRA weight was given without a LoRA: choose the LoRA too (--lora in the CLI), or leave the "
+                      "weight at 1")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -146,12 +155,20 @@ class JobRequest:
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
-                   lora=str(f["lora"]) if f.get("lora") else None, vae=str(f["vae"]) if f.get("vae") else None,
+                   lora=str(f["lora"]) if f.get("lora") else None, lora_weight=float(lora_weight),
+                   vae=str(f["vae"]) if f.get("vae") else None,
                    low_vram=bool(f.get("low_vram", False)),
                    preset=preset, offline=bool(f.get("offline", False)),
                    references=tuple(references), libraries=tuple(libraries),
                    clip=str(f["clip"]) if f.get("clip") else None, adapt_prior=bool(f.get("adapt_prior", False)),
                    delta_denoising=bool(f.get("delta_denoising", False)))
+
+    @property
+    def lora_label(self) -> str | None:
+        """The LoRA as it changes the model: its name, with its weight where that is not 1."""
+        if self.lora is None:
+            return None
+        return self.lora if self.lora_weight == 1.0 else f"{self.lora} × {self.lora_weight:g}"
 
     def config(self, refine: bool = False, few_step: str | None = None) -> SIRConfig | DistillConfig:
         """The method's schedule: the named preset, else the default for this model (``few_step``:
@@ -184,13 +201,13 @@ class ModelCache:
     def get(self, request: JobRequest, events: TextureEvents) -> Prior:
         """The request's model (with its ControlNet, LoRA and VAE), loaded once; low-VRAM mode is
         switched on the loaded model, so toggling it costs no reload."""
-        key = (request.model, request.controlnet, request.lora, request.vae)
+        key = (request.model, request.controlnet, request.lora_label, request.vae)
         if key not in self.priors:
             events.progress(0, 1, f"downloading {request.model} (first use: gigabytes, which takes minutes)"
                             if first_download(request.model, request.offline) else f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
-                                          lora=request.lora, vae=request.vae)
+                                          lora=request.lora, lora_weight=request.lora_weight, vae=request.vae)
         prior = self.priors[key]
         if isinstance(prior, LatentDiffusionPrior):
             set_low_vram(prior, request.low_vram)
@@ -468,7 +485,7 @@ def adaptation(request: JobRequest, prior: Prior, chosen: list, cfg: SIRConfig |
         return contextlib.nullcontext()
     from .adapt import adapted
 
-    identity = " + ".join(x for x in (request.model, request.lora) if x)
+    identity = " + ".join(x for x in (request.model, request.lora_label) if x)
     return adapted(prior, identity, chosen, cfg.adapt, cfg.background, request.seed, events, total)
 
 

@@ -271,11 +271,13 @@ def default_device() -> torch.device:
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,
-               controlnet: str | None = None, lora: str | None = None, vae: str | None = None) -> Prior:
+               controlnet: str | None = None, lora: str | None = None, vae: str | None = None,
+               lora_weight: float = 1.0) -> Prior:
     """``model``: 'tiny', a Hugging Face id, a diffusers folder, a single checkpoint file, or
     ``python:MODULE:FUNCTION`` (a prior written outside Kiln, see ``load_plugin``);
     ``controlnet``: optionally a depth ControlNet given the same ways; ``lora``: optionally a LoRA
-    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights; ``vae``:
+    (an LCM-LoRA makes SD a few-step model) given the same ways, fused into the weights at
+    ``lora_weight``; ``vae``:
     optionally an autoencoder in place of the model's (``_load_vae``). Low-VRAM mode is switched
     on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
@@ -295,7 +297,7 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     if controlnet:
         prior.controlnet = _load_controlnet(controlnet, prior, offline)
     if lora:
-        _fuse_lora(prior, lora, offline)
+        _fuse_lora(prior, lora, offline, lora_weight)
     if vae:  # after the LoRA: diffusers' LoRA loader builds a pipeline around the model's own VAE
         prior.vae = _load_vae(vae, prior, offline)
     prior.few_step = prior.few_step or few_step_kind(model, lora)
@@ -379,7 +381,7 @@ def few_step_kind(model: str, lora: str | None = None) -> str | None:
     return "turbo" if "turbo" in names else None
 
 
-def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
+def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool, weight: float = 1.0) -> None:
     """Load a LoRA through diffusers' pipeline loader (Kohya or diffusers format, id, folder or
     file) and fuse it into the UNet and text encoder, so inference costs nothing extra."""
     path = Path(source).expanduser()
@@ -401,7 +403,7 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool) -> None:
         pipe.load_lora_weights(where, local_files_only=local)
         missing = adapted - _loaded_layers(pipe)
         if not missing:
-            pipe.fuse_lora()
+            pipe.fuse_lora(lora_scale=weight)
             pipe.unload_lora_weights()  # the fused weights stay; the adapter layers go
     except Exception as exc:  # hub, filesystem, format and shape errors all end here
         if "size mismatch for " not in str(exc):  # torch's load_state_dict names each layer sized otherwise

@@ -46,6 +46,9 @@ MAX_GUIDANCE = 200.0
 MAX_SEED = 2**63 - 1
 #: Refining: how far the result may move from the texture (a fraction of the noise a blank start gets).
 MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0
+#: A LoRA's weight when fused: 1 as trained, less to soften it, negative to push away from it (as
+#: "detail" LoRAs are used), past 1 at the risk of artefacts.
+MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -2.0, 2.0
 #: A mesh's ``up_axis``: Blender's is z; glTF's and most OBJ files' y.
 UP_AXES = ("y", "z")
 #: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).

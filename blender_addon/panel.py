@@ -109,7 +109,10 @@ class KILN_PT_advanced(_KilnSubPanel, bpy.types.Panel):
         row = col.row(align=True)
         row.prop(settings, "steps")
         row.prop(settings, "guidance")
-        col.prop(settings, "lora")
+        row = col.row(align=True)
+        row.prop(settings, "lora")
+        if settings.lora.strip():
+            row.prop(settings, "lora_weight", slider=True)
         col.prop(settings, "vae")
         col.prop(settings, "controlnet")
 

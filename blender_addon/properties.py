@@ -111,6 +111,10 @@ class KilnSettings(bpy.types.PropertyGroup):
         name="LoRA", default="", subtype="FILE_PATH",
         description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
                     "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
+    lora_weight: FloatProperty(
+        name="Weight", default=1.0, min=protocol.MIN_LORA_WEIGHT, max=protocol.MAX_LORA_WEIGHT, soft_min=0.0,
+        description="How much of the LoRA is fused into the model: 1 as trained, less to soften it, negative to "
+                    "push away from it")
     vae: StringProperty(
         name="VAE", default="", subtype="FILE_PATH",
         description="Optional autoencoder in place of the model's (Hugging Face id, folder or .safetensors). "

@@ -190,6 +190,8 @@ def read_settings(settings: Any) -> dict[str, Any]:
     for name in ("controlnet", "lora", "vae"):
         if typed_path(getattr(settings, name)):
             fields[name] = typed_path(getattr(settings, name))
+    if "lora" in fields:
+        fields["lora_weight"] = float(settings.lora_weight)
     if settings.refine:  # the backend refines when the job carries a texture; strength says how far
         fields["strength"] = float(settings.strength)
     return fields

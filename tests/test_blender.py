@@ -691,6 +691,10 @@ def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_foun
     shown = panels_show(kiln)
     assert ("prop", "prompt") in shown and ("operator", "kiln.texture_selected", None) in shown
     assert {("prop", "lora"), ("prop", "steps"), ("prop", "use_references")} <= set(shown)
+    assert ("prop", "lora_weight") not in shown  # a weight shows beside a LoRA only
+    scene.lora = "latent-consistency/lcm-lora-sdv1-5"
+    assert ("prop", "lora_weight") in panels_show(kiln)
+    scene.lora = ""
     assert all(getattr(bpy.types, name).bl_parent_id == "KILN_PT_main"
                for name in ("KILN_PT_advanced", "KILN_PT_references", "KILN_PT_backend"))
     assert not any(item[0] == "operator" and item[1] == "kiln.setup_backend" for item in shown)
@@ -1657,7 +1661,7 @@ def test_model_fields_take_paths_from_the_file_browser_and_pasted_ones(kiln, sce
     """The model, LoRA, VAE and ControlNet fields browse for a file: in a saved .blend the browser
     writes a path relative to it ("//"), which the backend, started elsewhere, must get absolute.
     A path pasted with quotes (Windows' Copy as Path) or typed with "~" is read as meant; Hugging
-    Face ids and 'tiny' go as typed."""
+    Face ids and 'tiny' go as typed. The LoRA's weight goes with a LoRA only."""
     assert all(scene.bl_rna.properties[name].subtype == "FILE_PATH" for name in ("model", "lora", "vae", "controlnet"))
     scene.model, scene.lora = "//weights/model", f'"{tmp_path / "my lora.safetensors"}" '
     scene.vae, scene.controlnet = "~/vae", "lllyasviel/sd-controlnet-depth"
@@ -1665,6 +1669,9 @@ def test_model_fields_take_paths_from_the_file_browser_and_pasted_ones(kiln, sce
     assert fields["model"] == str(tmp_path / "weights" / "model")
     assert fields["lora"] == str(tmp_path / "my lora.safetensors")
     assert fields["vae"] == str(Path.home() / "vae") and fields["controlnet"] == "lllyasviel/sd-controlnet-depth"
+    assert fields["lora_weight"] == 1.0
+    scene.lora_weight, scene.lora = 0.5, ""  # a weight without a LoRA is not sent
+    assert "lora_weight" not in kiln.session.read_settings(scene)
     scene.model = " tiny "
     assert kiln.session.read_settings(scene)["model"] == "tiny"
 

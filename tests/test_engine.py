@@ -1306,6 +1306,16 @@ def test_a_lora_in_kohyas_layout_is_fused_and_one_for_another_model_is_refused(t
                 weights[f"{key}.alpha"] = torch.tensor(4.0)
     save_file(weights, tmp_path / "kohya.safetensors")
     fused = load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "kohya.safetensors"))
+    half = load_prior("tiny", torch.device("cpu"), lora=str(tmp_path / "kohya.safetensors"), lora_weight=0.5)
+    layer = ("down_blocks", 0, "attentions", 0, "transformer_blocks", 0, "attn1", "to_q", "weight")
+
+    def weight(prior):
+        found = prior.unet
+        for step in layer:
+            found = found[step] if isinstance(step, int) else getattr(found, step)
+        return found.detach()
+    assert torch.allclose(weight(half) - weight(tiny), (weight(fused) - weight(tiny)) / 2, atol=1e-6)
+    assert (weight(fused) - weight(tiny)).abs().max() > 1e-3
     # The address of the file's page on the hub, as copied from the browser, fetches it (here from the cache).
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     snapshot = tmp_path / "hub" / "models--kiln-tests--loras" / "snapshots" / ("0" * 40)

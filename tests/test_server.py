@@ -82,6 +82,8 @@ def test_disconnect_mid_frame_leaves_the_server_serving(server: BackendServer) -
 
 @pytest.mark.parametrize("fields, arrays, code, fragment", [
     ({"prompt": "   "}, None, protocol.E_BAD_REQUEST, "prompt is empty"),
+    ({"prompt": "x", "lora": "a/b", "lora_weight": 5}, None, protocol.E_BAD_REQUEST, "LoRA weight 5 is out of range"),
+    ({"prompt": "x", "lora_weight": 0.5}, None, protocol.E_BAD_REQUEST, "LoRA weight was given without a LoRA"),
     ({"texture_size": 256}, None, protocol.E_BAD_REQUEST, "texture size 256 is out of range"),
     ({"texture_size": 8192}, None, protocol.E_BAD_REQUEST, "texture size 8192 is out of range"),
     ({"steps": 0}, None, protocol.E_BAD_REQUEST, "steps 0 is out of range"),
