@@ -15,6 +15,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--negative", default="")
     parser.add_argument("--model", default=None, help="default: the scene's Kiln model")
     parser.add_argument("--lora", default="", help="a LoRA fused into the model, e.g. an LCM-LoRA for 4-step SD")
+    parser.add_argument("--lora-weight", type=float, default=1.0, help="how much of the LoRA: 1 as trained (default)")
     parser.add_argument("--vae", default="", help="an autoencoder in place of the model's, e.g. madebyollin/taesd "
                         "(SD 1.x/2.x): faster, slightly softer")
     parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
@@ -87,7 +88,8 @@ def configure(args: argparse.Namespace, script: str):
     settings = bpy.context.scene.kiln
     values = {"negative_prompt": ("--negative", args.negative), "seed": ("--seed", args.seed),
               "method": ("--method", args.method), "texture_size": ("--size", args.size),
-              "lora": ("--lora", args.lora), "vae": ("--vae", args.vae)}
+              "lora": ("--lora", args.lora), "lora_weight": ("--lora-weight", args.lora_weight),
+              "vae": ("--vae", args.vae)}
     for name, option in (("model", "--model"), ("steps", "--steps"), ("guidance", "--guidance")):
         if getattr(args, name) is not None:
             values[name] = (option, getattr(args, name))

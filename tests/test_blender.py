@@ -514,6 +514,8 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     # Blender would clamp these without a word; a pipeline hears of them instead.
     clamped = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
     assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
+    heavy = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--lora", "a/b", "--lora-weight", "3")
+    assert heavy.returncode == 1 and "--lora-weight 3.0 is out of range: choose -2 to 2" in heavy.stderr
     blank = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
     assert blank.returncode == 1 and "add --refine" in blank.stderr
     some = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
