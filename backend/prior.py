@@ -586,7 +586,7 @@ def _published_config(source: str, filename: str, offline: bool) -> dict | None:
         return None
 
 
-def check_architecture(label: str, unet: Any, index: dict | None = None) -> None:
+def check_architecture(label: str, unet: dict, index: dict | None = None) -> None:
     """Refuse a model whose architecture is not SD 1.x/2.x's, which Kiln's prior is written for: one
     CLIP text encoder feeding a UNet that takes four latent channels (five with SD 2's depth channel).
     SDXL, inpainting and edit models load as a Stable Diffusion pipeline all the same and would fail
@@ -600,6 +600,8 @@ def check_architecture(label: str, unet: Any, index: dict | None = None) -> None
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label} is an SDXL model (two text encoders, 1024² views), "
                          f"which Kiln does not run yet: {_PICK_SD}")
     channels = unet.get("in_channels")
+    if channels is None:  # the UNet's config is not to be had before loading: checked after
+        return
     if channels == 9:
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"{label} is an inpainting model (its UNet takes a mask and a "
                          "masked image beside the latents) and Kiln denoises whole views: pick the model it was "
@@ -646,9 +648,11 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     path = Path(model).expanduser()
     if path.is_dir() or (HF_ID.match(model) and not path.exists()):
-        unet = _published_config(model, "unet/config.json", offline)
-        if unet is not None:
-            check_architecture(f"model {model!r}", unet, _published_config(model, "model_index.json", offline))
+        # A diffusion transformer's repository has no unet/ but tens of GB in its own parts.
+        index = _published_config(model, "model_index.json", offline)
+        unet = _published_config(model, "unet/config.json", offline) if index is None or "unet" in index else None
+        if index is not None or unet is not None:
+            check_architecture(f"model {model!r}", unet or {}, index)
     if path.is_dir() and not (path / "model_index.json").is_file():
         files = sorted(f.name for f in path.iterdir() if f.suffix in (".safetensors", ".ckpt"))
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "

@@ -629,8 +629,7 @@ def test_models_of_other_architectures_are_refused_before_their_weights_are_fetc
     cached_repo("kiln-tests/xl", {"model_index.json": {"_class_name": "StableDiffusionXLPipeline", "unet": [],
                                                        "text_encoder_2": []},
                                   "unet/config.json": dict(unet, addition_embed_type="text_time")})
-    cached_repo("kiln-tests/dit", {"model_index.json": {"_class_name": "StableDiffusion3Pipeline", "transformer": []},
-                                   "unet/config.json": unet})
+    cached_repo("kiln-tests/dit", {"model_index.json": {"_class_name": "StableDiffusion3Pipeline", "transformer": []}})
     for name in ("kiln-tests/xl", "https://huggingface.co/kiln-tests/xl", "https://huggingface.co/kiln-tests/xl/tree/main"):
         with pytest.raises(ModelError, match="is an SDXL model .* pick an SD 1.x or 2.x model"):
             load_prior(name, torch.device("cpu"), offline=True)  # an id, or its page's address
