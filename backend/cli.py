@@ -265,7 +265,8 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
         "seed": args.seed, "texture_size": args.size, "steps": args.steps, "guidance": args.guidance,
         "method": args.method, "preset": args.preset,
         **({"strength": args.strength} if getattr(args, "strength", None) is not None else {}),
-        "controlnet": getattr(args, "controlnet", None), "lora": args.lora, "lora_weight": args.lora_weight,
+        "controlnet": getattr(args, "controlnet", None), "controlnet_weight": getattr(args, "controlnet_weight", 1.0),
+        "lora": args.lora, "lora_weight": args.lora_weight,
         "vae": args.vae,
         "low_vram": args.low_vram, "offline": args.offline,
         "references": args.reference or [], "libraries": args.library or [], "clip": args.clip,
@@ -444,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     add_job_arguments(tex, PRESETS)
     tex.add_argument("--controlnet", default=None,
                      help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")
+    tex.add_argument("--controlnet-weight", type=float, default=1.0,
+                     help="how strongly the ControlNet steers the views: 1 as trained (default), 0 not at all "
+                          f"(up to {protocol.MAX_CONTROLNET_WEIGHT:g})")
     tex.add_argument("--refine", action="store_true",
                      help="start from the mesh's existing texture (or --init-texture) instead of blank")
     tex.add_argument("--init-texture", default=None,

@@ -81,6 +81,7 @@ class JobRequest:
     controlnet: str | None = None   # a depth ControlNet to condition the prior on the mesh's shape
     lora: str | None = None         # a LoRA fused into the model (e.g. an LCM-LoRA: few-step SD)
     lora_weight: float = 1.0        # how much of it (``protocol.MIN_LORA_WEIGHT`` to ``MAX_LORA_WEIGHT``)
+    controlnet_weight: float = 1.0  # how strongly the ControlNet steers (no reload to change it)
     vae: str | None = None          # an autoencoder in place of the model's (TAESD: faster views)
     low_vram: bool = False          # bound the model's memory for small cards (prior.set_low_vram)
     # ReDream: use the artist's ``references`` (asset files, primary first), or else the assets the
@@ -135,6 +136,14 @@ class JobRequest:
         if lora_weight != 1.0 and not f.get("lora"):
             raise bad("a LoRA weight was given without a LoRA: choose the LoRA too (--lora in the CLI), or leave the "
                       "weight at 1")
+        controlnet_weight = f.get("controlnet_weight", 1.0)
+        if not isinstance(controlnet_weight, (int, float)) or not \
+                protocol.MIN_CONTROLNET_WEIGHT <= controlnet_weight <= protocol.MAX_CONTROLNET_WEIGHT:
+            raise bad(f"ControlNet weight {controlnet_weight!r} is out of range: choose "
+                      f"{protocol.MIN_CONTROLNET_WEIGHT:g} to {protocol.MAX_CONTROLNET_WEIGHT:g} (1: as trained)")
+        if controlnet_weight != 1.0 and not f.get("controlnet"):
+            raise bad("a ControlNet weight was given without a ControlNet: choose the ControlNet too (--controlnet "
+                      "in the CLI), or leave the weight at 1")
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -156,6 +165,7 @@ class JobRequest:
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
                    lora=str(f["lora"]) if f.get("lora") else None, lora_weight=float(lora_weight),
+                   controlnet_weight=float(controlnet_weight),
                    vae=str(f["vae"]) if f.get("vae") else None,
                    low_vram=bool(f.get("low_vram", False)),
                    preset=preset, offline=bool(f.get("offline", False)),
@@ -199,8 +209,8 @@ class ModelCache:
     priors: dict[tuple[str, str | None, str | None, str | None], Prior] = field(default_factory=dict)
 
     def get(self, request: JobRequest, events: TextureEvents) -> Prior:
-        """The request's model (with its ControlNet, LoRA and VAE), loaded once; low-VRAM mode is
-        switched on the loaded model, so toggling it costs no reload."""
+        """The request's model (with its ControlNet, LoRA and VAE), loaded once; low-VRAM mode and
+        the ControlNet's weight are set on the loaded model, so changing them costs no reload."""
         key = (request.model, request.controlnet, request.lora_label, request.vae)
         if key not in self.priors:
             events.progress(0, 1, f"downloading {request.model} (first use: gigabytes, which takes minutes)"
@@ -211,6 +221,7 @@ class ModelCache:
         prior = self.priors[key]
         if isinstance(prior, LatentDiffusionPrior):
             set_low_vram(prior, request.low_vram)
+            prior.conditioning_scale = request.controlnet_weight
         if prior.pipeline_check:
             events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                        f"this {'object' if request.task == protocol.TASK_GENERATE else 'texture'} tests the "

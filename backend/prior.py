@@ -156,7 +156,7 @@ class LatentDiffusionPrior:
     dtype: torch.dtype
     pipeline_check: bool = False
     controlnet: Any = None          # a depth ControlNet, if the user chose one
-    conditioning_scale: float = 1.0
+    conditioning_scale: float = 1.0  # the ControlNet's weight (``protocol.MAX_CONTROLNET_WEIGHT``)
     wants_view_prompts: bool = True
     few_step: str | None = None     # "lcm" or "turbo": a distilled few-step model with its own SIR preset
     batch_limit: int | None = None  # low-VRAM mode: at most this many images per UNet call (``set_low_vram``)

@@ -49,6 +49,8 @@ MIN_STRENGTH, MAX_STRENGTH = 0.05, 1.0
 #: A LoRA's weight when fused: 1 as trained, less to soften it, negative to push away from it (as
 #: "detail" LoRAs are used), past 1 at the risk of artefacts.
 MIN_LORA_WEIGHT, MAX_LORA_WEIGHT = -2.0, 2.0
+#: How strongly a depth ControlNet steers the views: 1 as trained, 0 not at all.
+MIN_CONTROLNET_WEIGHT, MAX_CONTROLNET_WEIGHT = 0.0, 2.0
 #: A mesh's ``up_axis``: Blender's is z; glTF's and most OBJ files' y.
 UP_AXES = ("y", "z")
 #: Above this, unwrapping and rasterising cost more than a texture can show (~1 texel per triangle).

@@ -114,7 +114,10 @@ class KILN_PT_advanced(_KilnSubPanel, bpy.types.Panel):
         if settings.lora.strip():
             row.prop(settings, "lora_weight", slider=True)
         col.prop(settings, "vae")
-        col.prop(settings, "controlnet")
+        row = col.row(align=True)
+        row.prop(settings, "controlnet")
+        if settings.controlnet.strip():
+            row.prop(settings, "controlnet_weight", slider=True)
 
 
 class KILN_PT_references(_KilnSubPanel, bpy.types.Panel):

@@ -127,6 +127,10 @@ class KilnSettings(bpy.types.PropertyGroup):
         name="Depth ControlNet", default="", subtype="FILE_PATH",
         description="Optional: a depth ControlNet (Hugging Face id such as lllyasviel/sd-controlnet-depth, a "
                     "folder or a .safetensors file) so the generated views follow the mesh's shape")
+    controlnet_weight: FloatProperty(
+        name="Weight", default=1.0, min=protocol.MIN_CONTROLNET_WEIGHT, max=protocol.MAX_CONTROLNET_WEIGHT,
+        description="How strongly the ControlNet makes the views follow the mesh's shape: 1 as trained, less to "
+                    "give the prompt more say")
     method: EnumProperty(name="Method", default="sir", items=[
         ("sir", "SIR", "Few-step iterative reconstruction (MicroDreamer): fast, the default"),
         ("sds", "SDS", "Score distillation (DreamFusion): thousands of steps, needs high guidance"),

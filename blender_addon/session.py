@@ -190,8 +190,9 @@ def read_settings(settings: Any) -> dict[str, Any]:
     for name in ("controlnet", "lora", "vae"):
         if typed_path(getattr(settings, name)):
             fields[name] = typed_path(getattr(settings, name))
-    if "lora" in fields:
-        fields["lora_weight"] = float(settings.lora_weight)
+    for name in ("lora", "controlnet"):  # a weight goes with its model part only
+        if name in fields:
+            fields[f"{name}_weight"] = float(getattr(settings, f"{name}_weight"))
     if settings.refine:  # the backend refines when the job carries a texture; strength says how far
         fields["strength"] = float(settings.strength)
     return fields
@@ -652,7 +653,8 @@ class GenerateSession(TextureSession):
 
     def __init__(self, job_fields: dict[str, Any], backend: BackendChoice, location: Any,
                  shared_arrays: dict[str, protocol.Array] | None = None) -> None:
-        fields = {k: v for k, v in job_fields.items() if k not in ("controlnet", "strength")}  # texturing only
+        texturing_only = ("controlnet", "controlnet_weight", "strength")
+        fields = {k: v for k, v in job_fields.items() if k not in texturing_only}
         target = Target(object_name(job_fields["prompt"]),
                         {"task": protocol.TASK_GENERATE, "uv_map": protocol.UNWRAP_UV_MAP}, {})
         self._setup([target], fields, backend, shared_arrays)

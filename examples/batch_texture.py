@@ -38,6 +38,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--prompt", required=True)
     add_shared_options(parser)
     parser.add_argument("--controlnet", default="", help="a depth ControlNet: HF id, folder or .safetensors")
+    parser.add_argument("--controlnet-weight", type=float, default=1.0,
+                        help="how strongly the ControlNet steers: 1 as trained (default)")
     parser.add_argument("--refine", action="store_true", help="start from each object's existing texture")
     parser.add_argument("--strength", type=float, default=None,
                         help="refine only: 0.05 keeps, 1 repaints (default: the scene's, 0.5 in a new one)")
@@ -111,7 +113,8 @@ def main() -> int:
         return 1
     values = {"prompt": ("--prompt", args.prompt), "refine": ("--refine", args.refine),
               "selected_faces": ("--selected-faces", args.selected_faces),
-              "controlnet": ("--controlnet", args.controlnet)}
+              "controlnet": ("--controlnet", args.controlnet),
+              "controlnet_weight": ("--controlnet-weight", args.controlnet_weight)}
     if args.strength is not None:
         values["strength"] = ("--strength", args.strength)
     if not assign(settings, values, "batch_texture.py"):

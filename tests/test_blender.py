@@ -693,10 +693,10 @@ def test_the_panel_and_preferences_draw_and_offer_set_up_when_no_backend_is_foun
     shown = panels_show(kiln)
     assert ("prop", "prompt") in shown and ("operator", "kiln.texture_selected", None) in shown
     assert {("prop", "lora"), ("prop", "steps"), ("prop", "use_references")} <= set(shown)
-    assert ("prop", "lora_weight") not in shown  # a weight shows beside a LoRA only
-    scene.lora = "latent-consistency/lcm-lora-sdv1-5"
-    assert ("prop", "lora_weight") in panels_show(kiln)
-    scene.lora = ""
+    assert not {("prop", "lora_weight"), ("prop", "controlnet_weight")} & set(shown)  # beside their part only
+    scene.lora, scene.controlnet = "latent-consistency/lcm-lora-sdv1-5", "lllyasviel/sd-controlnet-depth"
+    assert {("prop", "lora_weight"), ("prop", "controlnet_weight")} <= set(panels_show(kiln))
+    scene.lora = scene.controlnet = ""
     assert all(getattr(bpy.types, name).bl_parent_id == "KILN_PT_main"
                for name in ("KILN_PT_advanced", "KILN_PT_references", "KILN_PT_backend"))
     assert not any(item[0] == "operator" and item[1] == "kiln.setup_backend" for item in shown)
@@ -1671,9 +1671,9 @@ def test_model_fields_take_paths_from_the_file_browser_and_pasted_ones(kiln, sce
     assert fields["model"] == str(tmp_path / "weights" / "model")
     assert fields["lora"] == str(tmp_path / "my lora.safetensors")
     assert fields["vae"] == str(Path.home() / "vae") and fields["controlnet"] == "lllyasviel/sd-controlnet-depth"
-    assert fields["lora_weight"] == 1.0
-    scene.lora_weight, scene.lora = 0.5, ""  # a weight without a LoRA is not sent
-    assert "lora_weight" not in kiln.session.read_settings(scene)
+    assert fields["lora_weight"] == fields["controlnet_weight"] == 1.0
+    scene.lora_weight, scene.lora, scene.controlnet = 0.5, "", ""  # a weight without its part is not sent
+    assert not {"lora_weight", "controlnet_weight"} & set(kiln.session.read_settings(scene))
     scene.model = " tiny "
     assert kiln.session.read_settings(scene)["model"] == "tiny"
 

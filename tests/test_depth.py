@@ -90,6 +90,23 @@ def test_a_controlnet_cut_from_another_unet_is_refused_before_its_weights_load(c
         _check_controlnet("lllyasviel/sd-controlnet-depth", dict(config, cross_attention_dim=768), sd21)
 
 
+def test_the_controlnets_weight_scales_its_steer_and_changes_without_a_reload(controlnet_folder) -> None:
+    """Weight 0 leaves the plain UNet's prediction; the weight is set on the loaded model per job."""
+    models = ModelCache()
+    fields = {"prompt": "a vase", "model": "tiny", "controlnet": str(controlnet_folder)}
+    steered = models.get(JobRequest.from_fields(fields), TextureEvents())
+    x = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    cams = orbit(np.array([[-1, -1, -1], [1, 1, 1]], np.float32), [0.0, 90.0], [0.0, 0.0], "y")
+    views = Views(cams, depth=torch.linspace(0, 1, 64).expand(2, 1, 64, 64))
+    embeds = steered.encode_prompt("a vase", "")
+    full = steered.predict_eps(x, 500, embeds, views)[1]
+    loose = models.get(JobRequest.from_fields({**fields, "controlnet_weight": 0.0}), TextureEvents())
+    assert loose is steered and loose.conditioning_scale == 0.0
+    plain = load_prior("tiny", torch.device("cpu")).predict_eps(x, 500, embeds, views)[1]
+    assert torch.allclose(loose.predict_eps(x, 500, embeds, views)[1], plain, atol=1e-5)
+    assert not torch.allclose(full, plain, atol=1e-4)
+
+
 def test_texture_job_with_a_depth_controlnet_runs_end_to_end(controlnet_folder) -> None:
     mesh, _ = load_mesh_file(ROOT / "examples" / "vase.obj")
     request = JobRequest.from_fields({"prompt": "a vase", "model": "tiny", "texture_size": 512, "steps": 1,
