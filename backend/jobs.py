@@ -128,22 +128,19 @@ class JobRequest:
         if not isinstance(strength, (int, float)) or not protocol.MIN_STRENGTH <= strength <= protocol.MAX_STRENGTH:
             raise bad(f"strength {strength!r} is out of range: choose {protocol.MIN_STRENGTH:g} (keep nearly all) to "
                       f"{protocol.MAX_STRENGTH:g} (repaint)")
-        lora_weight = f.get("lora_weight", 1.0)
-        if not isinstance(lora_weight, (int, float)) or not \
-                protocol.MIN_LORA_WEIGHT <= lora_weight <= protocol.MAX_LORA_WEIGHT:
-            raise bad(f"LoRA weight {lora_weight!r} is out of range: choose {protocol.MIN_LORA_WEIGHT:g} to "
-                      f"{protocol.MAX_LORA_WEIGHT:g} (1: as trained)")
-        if lora_weight != 1.0 and not f.get("lora"):
-            raise bad("a LoRA weight was given without a LoRA: choose the LoRA too (--lora in the CLI), or leave the "
-                      "weight at 1")
-        controlnet_weight = f.get("controlnet_weight", 1.0)
-        if not isinstance(controlnet_weight, (int, float)) or not \
-                protocol.MIN_CONTROLNET_WEIGHT <= controlnet_weight <= protocol.MAX_CONTROLNET_WEIGHT:
-            raise bad(f"ControlNet weight {controlnet_weight!r} is out of range: choose "
-                      f"{protocol.MIN_CONTROLNET_WEIGHT:g} to {protocol.MAX_CONTROLNET_WEIGHT:g} (1: as trained)")
-        if controlnet_weight != 1.0 and not f.get("controlnet"):
-            raise bad("a ControlNet weight was given without a ControlNet: choose the ControlNet too (--controlnet "
-                      "in the CLI), or leave the weight at 1")
+        def weight(part: str, name: str, low: float, high: float) -> float:
+            """A model part's weight: in range, and given only with that part."""
+            value = f.get(f"{part}_weight", 1.0)
+            if not isinstance(value, (int, float)) or not low <= value <= high:
+                raise bad(f"{name} weight {value!r} is out of range: choose {low:g} to {high:g} (1: as trained)")
+            if value != 1.0 and not f.get(part):
+                raise bad(f"a {name} weight was given without a {name}: choose the {name} too (--{part} in the "
+                          "CLI), or leave the weight at 1")
+            return float(value)
+
+        lora_weight = weight("lora", "LoRA", protocol.MIN_LORA_WEIGHT, protocol.MAX_LORA_WEIGHT)
+        controlnet_weight = weight("controlnet", "ControlNet", protocol.MIN_CONTROLNET_WEIGHT,
+                                   protocol.MAX_CONTROLNET_WEIGHT)
         method = f.get("method") or "sir"
         if method not in METHODS:
             raise bad(f"unknown method {method!r}: choose one of {', '.join(METHODS)}")
@@ -164,8 +161,8 @@ class JobRequest:
                    seed=seed, texture_size=size, steps=steps,
                    guidance=None if guidance is None else float(guidance), method=method, strength=float(strength),
                    controlnet=str(f["controlnet"]) if f.get("controlnet") else None,
-                   lora=str(f["lora"]) if f.get("lora") else None, lora_weight=float(lora_weight),
-                   controlnet_weight=float(controlnet_weight),
+                   lora=str(f["lora"]) if f.get("lora") else None, lora_weight=lora_weight,
+                   controlnet_weight=controlnet_weight,
                    vae=str(f["vae"]) if f.get("vae") else None,
                    low_vram=bool(f.get("low_vram", False)),
                    preset=preset, offline=bool(f.get("offline", False)),
