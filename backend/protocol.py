@@ -380,14 +380,14 @@ def default_connection_file() -> Path:
     return user_folder() / "backend.json"
 
 
-def write_connection_file(path: Path, port: int, secret: str, device: str) -> None:
+def write_connection_file(path: Path, port: int, secret: str, device: str, software: str = "") -> None:
     """Readable by this user only, and whole or absent: a reader never sees half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         json.dump({"kiln": "backend", "protocol": PROTOCOL_VERSION, "port": port, "secret": secret,
-                   "pid": os.getpid(), "device": device}, fh)
+                   "pid": os.getpid(), "device": device, "software": software}, fh)
     os.replace(partial, path)
 
 

@@ -309,6 +309,7 @@ class Server:
         self.stopping = threading.Event()
         self.running: Job | None = None  # the job on the GPU, for queue positions
         self.device = self.device_name()  # looked up once: the ready line and every welcome report it
+        self.software = self.software_versions()
 
     @staticmethod
     def device_name() -> str:
@@ -317,6 +318,22 @@ class Server:
             return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         except Exception:  # the device name is informational; never fail a start over it
             return "unknown"
+
+    @staticmethod
+    def software_versions() -> str:
+        """What a bug report needs to know of the backend first: its Python, torch (and its CUDA)
+        and diffusers, as Blender's Copy Diagnostics shows them."""
+        import platform
+        from importlib.metadata import PackageNotFoundError, version
+
+        parts = [f"Python {platform.python_version()}"]
+        try:
+            import torch
+            parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
+            parts.append(f"diffusers {version('diffusers')}")
+        except (ImportError, PackageNotFoundError):  # reported as far as it goes; never fail a start over it
+            pass
+        return ", ".join(parts)
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._work, name="kiln-worker", daemon=True).start()
@@ -417,13 +434,14 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
         return 2
     if connection_file is not None:  # before the ready line, so whoever reads that finds the file
         try:
-            protocol.write_connection_file(connection_file, server.port, secret, server.device)
+            protocol.write_connection_file(connection_file, server.port, secret, server.device, server.software)
         except OSError as exc:
             print(f"kiln-backend: cannot write the connection file {connection_file} ({exc.strerror}): pass "
                   "another --connection-file", file=sys.stderr)
             return 2
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
-                      "protocol": protocol.PROTOCOL_VERSION, "device": server.device}), flush=True)
+                      "protocol": protocol.PROTOCOL_VERSION, "device": server.device,
+                      "software": server.software}), flush=True)
     log.info("listening on 127.0.0.1:%d", server.port)
     unwrap.keep_spare()  # each job on a mesh without UVs then finds xatlas's child already started
     if connection_file is None:

@@ -73,6 +73,8 @@ class BackendProcess:
         #: What the backend computes on ("cpu", or the GPU's name), from its ready line; the panel shows
         #: it, since a backend without a GPU runs real models far too slowly to wait for.
         self.device = ""
+        #: Its Python, torch and diffusers versions, from its ready line, for Copy Diagnostics.
+        self.software = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def start(self) -> int:
@@ -107,6 +109,7 @@ class BackendProcess:
                 ready = json.loads(line)
                 self.port = int(ready["port"])
                 self.device = str(ready.get("device") or "")
+                self.software = str(ready.get("software") or "")
                 return self.port
             except (ValueError, KeyError, TypeError):
                 break
@@ -187,6 +190,8 @@ class StandingBackend:
             raise BackendError(f"{exc}, or set Backend to 'Start Its Own' in Preferences > Add-ons > Kiln") from None
         self.port, self.secret = int(self.info["port"]), str(self.info["secret"])
         self.device = str(self.info.get("device") or "")
+        #: Its Python, torch and diffusers versions, for Copy Diagnostics.
+        self.software = str(self.info.get("software") or "")
 
     def connect(self, inbox: "queue.Queue[Any]") -> Client:
         try:

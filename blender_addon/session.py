@@ -9,6 +9,7 @@ connecting, sending meshes) run on a thread and report through the same inbox as
 from __future__ import annotations
 
 import atexit
+import platform
 import queue
 import threading
 import traceback
@@ -20,7 +21,7 @@ import bpy
 import numpy as np
 
 from . import blend_assets
-from .backend import protocol
+from .backend import __version__, protocol
 from .backend_process import BackendChoice, BackendError, BackendProcess, StandingBackend, find_python
 from .bake import REFERENCE, REFERENCE_SIZE, bake_base_colour
 from .client import Client, Disconnected
@@ -109,12 +110,17 @@ class BackendManager:
             client.close()
 
     def diagnostics(self) -> str:
-        """The status and the backend's recent output, for a bug report."""
+        """What a bug report needs: Kiln's, Blender's and the backend's versions, the backend's
+        status and its recent output."""
         process = self.process
         lines = list(process.stderr_tail) if process else []
         none = "(started outside Blender: its output is in its own terminal)" \
             if isinstance(process, StandingBackend) else "(no backend output)"
-        return "\n".join([f"Kiln backend: {self.status()}", *(lines or [none])])
+        where = getattr(process, "python", None) or getattr(process, "path", None)
+        backend = "; ".join(str(x) for x in (where, getattr(process, "software", "")) if x)
+        return "\n".join([f"Kiln {__version__} in Blender {bpy.app.version_string}, {platform.platform()}",
+                          f"Kiln backend: {self.status()}" + (f" ({backend})" if backend else ""),
+                          *(lines or [none])])
 
     def status(self) -> str:
         process = self.process

@@ -774,6 +774,7 @@ def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None
         assert status.startswith("connected") and f"port {ready['port']}" in status, status
         assert bpy.ops.kiln.copy_diagnostics() == {"FINISHED"}  # the clipboard is Blender's UI's: not here
         assert "its output is in its own terminal" in kiln.session.MANAGER.diagnostics()
+        assert f"({path}; Python 3." in kiln.session.MANAGER.diagnostics()  # its versions, from its file
         kiln.session.MANAGER.stop()
         assert proc.poll() is None  # not Blender's to stop
         proc.kill()  # a crash leaves its file behind
@@ -798,6 +799,9 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
     image = bpy.data.images["Kiln Cube"]
     assert image.packed_file is not None and image.packed_file.size > 1000
     assert kiln.session.MANAGER.status().startswith("running on the CPU (slow")  # from its ready line
+    report = kiln.session.MANAGER.diagnostics().splitlines()  # what a bug report needs first
+    assert report[0].startswith(f"Kiln 0.1.0 in Blender {bpy.app.version_string}, ")
+    assert f"({BACKEND_PYTHON}; Python 3." in report[1] and ", torch " in report[1] and ", diffusers " in report[1]
     assert "tiny" in kiln.session.MANAGER.unload_models()
     assert "none loaded" in kiln.session.MANAGER.unload_models()
 
