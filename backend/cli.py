@@ -432,7 +432,11 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
 
 
 def main(argv: list[str] | None = None) -> int:
+    from . import __version__
+    from .server import software_versions
+
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"Kiln {__version__} ({software_versions()})")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server Blender connects to (secret on stdin)")
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on stdout)")

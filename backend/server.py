@@ -298,6 +298,22 @@ class Connection:
         self.server.jobs.put(job)
 
 
+def software_versions() -> str:
+    """What a bug report needs to know of the backend first: its Python, torch (and its CUDA) and
+    diffusers, as Blender's Copy Diagnostics and ``python -m backend --version`` show them."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    parts = [f"Python {platform.python_version()}"]
+    try:
+        import torch
+        parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
+        parts.append(f"diffusers {version('diffusers')}")
+    except (ImportError, PackageNotFoundError):  # reported as far as it goes; never fail a start over it
+        pass
+    return ", ".join(parts)
+
+
 class Server:
     def __init__(self, secret: str, port: int = 0) -> None:
         self.secret = secret
@@ -309,7 +325,7 @@ class Server:
         self.stopping = threading.Event()
         self.running: Job | None = None  # the job on the GPU, for queue positions
         self.device = self.device_name()  # looked up once: the ready line and every welcome report it
-        self.software = self.software_versions()
+        self.software = software_versions()
 
     @staticmethod
     def device_name() -> str:
@@ -318,22 +334,6 @@ class Server:
             return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         except Exception:  # the device name is informational; never fail a start over it
             return "unknown"
-
-    @staticmethod
-    def software_versions() -> str:
-        """What a bug report needs to know of the backend first: its Python, torch (and its CUDA)
-        and diffusers, as Blender's Copy Diagnostics shows them."""
-        import platform
-        from importlib.metadata import PackageNotFoundError, version
-
-        parts = [f"Python {platform.python_version()}"]
-        try:
-            import torch
-            parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
-            parts.append(f"diffusers {version('diffusers')}")
-        except (ImportError, PackageNotFoundError):  # reported as far as it goes; never fail a start over it
-            pass
-        return ", ".join(parts)
 
     def serve_forever(self) -> None:
         threading.Thread(target=self._work, name="kiln-worker", daemon=True).start()

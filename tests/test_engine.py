@@ -721,6 +721,12 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     assert len(glb.faces) == 2112 and glb.visual.uv is not None
 
 
+def test_cli_version_names_what_a_bug_report_needs() -> None:
+    result = run_cli("--version")
+    assert result.returncode == 0 and result.stdout.startswith("Kiln 0.1.0 (Python 3.")
+    assert ", torch " in result.stdout and ", diffusers " in result.stdout
+
+
 def test_a_mesh_far_from_its_files_origin_keeps_its_shape_and_place(tmp_path) -> None:
     """A georeferenced mesh (a vase a million units out): float32 positions would round its
     vertices by 0.06 units, merging half of them; Kiln keeps them relative to its centre and writes
