@@ -109,15 +109,13 @@ class KILN_PT_advanced(_KilnSubPanel, bpy.types.Panel):
         row = col.row(align=True)
         row.prop(settings, "steps")
         row.prop(settings, "guidance")
-        row = col.row(align=True)
-        row.prop(settings, "lora")
-        if settings.lora.strip():
-            row.prop(settings, "lora_weight", slider=True)
+        col.prop(settings, "lora")
+        if settings.lora.strip():  # under it: beside a path field, both would be cut short in the sidebar
+            col.prop(settings, "lora_weight", slider=True)
         col.prop(settings, "vae")
-        row = col.row(align=True)
-        row.prop(settings, "controlnet")
+        col.prop(settings, "controlnet")
         if settings.controlnet.strip():
-            row.prop(settings, "controlnet_weight", slider=True)
+            col.prop(settings, "controlnet_weight", slider=True)
 
 
 class KILN_PT_references(_KilnSubPanel, bpy.types.Panel):

@@ -112,7 +112,7 @@ class KilnSettings(bpy.types.PropertyGroup):
         description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
                     "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
     lora_weight: FloatProperty(
-        name="Weight", default=1.0, min=protocol.MIN_LORA_WEIGHT, max=protocol.MAX_LORA_WEIGHT, soft_min=0.0,
+        name="LoRA Weight", default=1.0, min=protocol.MIN_LORA_WEIGHT, max=protocol.MAX_LORA_WEIGHT, soft_min=0.0,
         description="How much of the LoRA is fused into the model: 1 as trained, less to soften it, negative to "
                     "push away from it")
     vae: StringProperty(
@@ -128,7 +128,7 @@ class KilnSettings(bpy.types.PropertyGroup):
         description="Optional: a depth ControlNet (Hugging Face id such as lllyasviel/sd-controlnet-depth, a "
                     "folder or a .safetensors file) so the generated views follow the mesh's shape")
     controlnet_weight: FloatProperty(
-        name="Weight", default=1.0, min=protocol.MIN_CONTROLNET_WEIGHT, max=protocol.MAX_CONTROLNET_WEIGHT,
+        name="ControlNet Weight", default=1.0, min=protocol.MIN_CONTROLNET_WEIGHT, max=protocol.MAX_CONTROLNET_WEIGHT,
         description="How strongly the ControlNet makes the views follow the mesh's shape: 1 as trained, less to "
                     "give the prompt more say")
     method: EnumProperty(name="Method", default="sir", items=[
