@@ -210,8 +210,10 @@ class ModelCache:
         the ControlNet's weight are set on the loaded model, so changing them costs no reload."""
         key = (request.model, request.controlnet, request.lora_label, request.vae)
         if key not in self.priors:
-            events.progress(0, 1, f"downloading {request.model} (first use: gigabytes, which takes minutes)"
-                            if first_download(request.model, request.offline) else f"loading model {request.model}")
+            fetched = [part for part in (request.model, request.controlnet, request.lora, request.vae)
+                       if part and first_download(part, request.offline)]
+            events.progress(0, 1, f"downloading {' and '.join(fetched)} (first use: gigabytes, which takes minutes)"
+                            if fetched else f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
                                           lora=request.lora, lora_weight=request.lora_weight, vae=request.vae)

@@ -359,16 +359,17 @@ def load_plugin(spec: str, device: torch.device, offline: bool) -> Prior:
     return prior
 
 
-def first_download(model: str, offline: bool) -> bool:
-    """Whether loading ``model`` will download it: a Hugging Face id this machine has not fetched,
-    with the hub in reach. The first load of SD takes minutes (gigabytes), which the artist should
-    be told rather than watch 'loading' stand still."""
-    from huggingface_hub import try_to_load_from_cache
+def first_download(source: str, offline: bool) -> bool:
+    """Whether loading ``source`` (a model, ControlNet, LoRA or VAE) will download it: a Hugging
+    Face id this machine has never fetched, with the hub in reach. The first load of SD takes
+    minutes (gigabytes), which the artist should be told rather than watch 'loading' stand still."""
+    from huggingface_hub import constants
 
-    if offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not HF_ID.match(model) \
-            or Path(model).expanduser().exists():
+    if offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not HF_ID.match(source) \
+            or Path(source).expanduser().exists():
         return False
-    return not isinstance(try_to_load_from_cache(model, "model_index.json"), str)
+    snapshots = Path(constants.HF_HUB_CACHE) / f"models--{source.replace('/', '--')}" / "snapshots"
+    return not (snapshots.is_dir() and any(snapshots.iterdir()))
 
 
 def few_step_kind(model: str, lora: str | None = None) -> str | None:

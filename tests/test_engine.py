@@ -662,9 +662,11 @@ def test_a_models_first_download_is_announced_as_such(tmp_path, monkeypatch) -> 
     monkeypatch.setattr(jobs, "load_prior", no_network)
     rec = Recorder()
     with pytest.raises(ModelError):
-        ModelCache().get(JobRequest.from_fields({"prompt": "a vase", "model": "kiln-tests/never-fetched"}), rec)
-    assert rec.progress_calls == [(0, 1, "downloading kiln-tests/never-fetched (first use: gigabytes, which takes "
-                                          "minutes)")]
+        ModelCache().get(JobRequest.from_fields({"prompt": "a vase", "model": "kiln-tests/never-fetched",
+                                                 "controlnet": "kiln-tests/cached", "lora": "kiln-tests/new-lora"}),
+                         rec)
+    assert rec.progress_calls == [(0, 1, "downloading kiln-tests/never-fetched and kiln-tests/new-lora (first use: "
+                                          "gigabytes, which takes minutes)")]
 
 
 def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_offline(tmp_path, monkeypatch) -> None:
