@@ -259,6 +259,18 @@ def refining(args: argparse.Namespace) -> bool:
     return refine
 
 
+def count_of_hits(text: str) -> int:
+    """--count: a whole number of assets, one or more; 0 found nothing and was reported as empty
+    libraries."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count} lists no asset: give 1 or more")
+    return count
+
+
 def request_from(args: argparse.Namespace, task: str) -> JobRequest:
     return JobRequest.from_fields({
         "task": task, "prompt": args.prompt, "negative_prompt": args.negative, "model": args.model,
@@ -470,7 +482,7 @@ def main(argv: list[str] | None = None) -> int:
     find = sub.add_parser("search", help="the assets nearest a prompt in indexed libraries (JSON)")
     find.add_argument("--prompt", required=True)
     find.add_argument("--library", action="append", required=True, help="an indexed asset folder (repeatable)")
-    find.add_argument("--count", type=int, default=6)
+    find.add_argument("--count", type=count_of_hits, default=6, help="how many assets to list (default 6)")
     find.add_argument("--clip", default=None, help="CLIP weights (HF id or folder): re-rank by picture")
     find.add_argument("--offline", action="store_true", help="never contact the model hub")
     gen = sub.add_parser("generate", help="generate a textured object from a prompt (GLB + PNG), without Blender")

@@ -723,6 +723,18 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     assert len(glb.faces) == 2112 and glb.visual.uv is not None
 
 
+def test_cli_search_refuses_a_count_that_lists_nothing() -> None:
+    """--count 0 found nothing, which was reported as empty libraries."""
+    import argparse
+
+    from backend.cli import count_of_hits
+
+    assert count_of_hits("3") == 3
+    for text, why in (("0", "0 lists no asset: give 1 or more"), ("-2", "-2 lists no asset"), ("x", "not a whole")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            count_of_hits(text)
+
+
 def test_cli_version_names_what_a_bug_report_needs() -> None:
     result = run_cli("--version")
     assert result.returncode == 0 and result.stdout.startswith("Kiln 0.1.0 (Python 3.")
