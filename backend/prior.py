@@ -281,7 +281,7 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     optionally an autoencoder in place of the model's (``_load_vae``). Low-VRAM mode is switched
     on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
-    offline = offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+    offline = hub_offline(offline)
     model, controlnet, lora, vae = (from_hub_url(source, offline) if source else source
                                     for source in (model, controlnet, lora, vae))
     if model.startswith(PLUGIN):
@@ -359,14 +359,19 @@ def load_plugin(spec: str, device: torch.device, offline: bool) -> Prior:
     return prior
 
 
+def hub_offline(offline: bool) -> bool:
+    """Whether the hub is off limits: asked for (--offline, Blender's online access off), or set for
+    the whole environment as huggingface_hub reads it (HF_HUB_OFFLINE)."""
+    return offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
 def first_download(source: str, offline: bool) -> bool:
     """Whether loading ``source`` (a model, ControlNet, LoRA or VAE) will download it: a Hugging
     Face id this machine has never fetched, with the hub in reach. The first load of SD takes
     minutes (gigabytes), which the artist should be told rather than watch 'loading' stand still."""
     from huggingface_hub import constants
 
-    if offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0") or not HF_ID.match(source) \
-            or Path(source).expanduser().exists():
+    if hub_offline(offline) or not HF_ID.match(source) or Path(source).expanduser().exists():
         return False
     snapshots = Path(constants.HF_HUB_CACHE) / f"models--{source.replace('/', '--')}" / "snapshots"
     return not (snapshots.is_dir() and any(snapshots.iterdir()))
