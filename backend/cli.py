@@ -443,12 +443,26 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
     parser.add_argument("--out", required=True, help="output folder")
 
 
-def main(argv: list[str] | None = None) -> int:
-    from . import __version__
-    from .server import software_versions
+class VersionAction(argparse.Action):
+    """--version, with the versions looked up only when asked for: argparse's own action wants
+    its text when the parser is built, which would cost every command (``serve`` included, which
+    Blender waits on) a lookup."""
 
+    def __init__(self, option_strings: list[str], dest: str, **_: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print Kiln's, Python's, torch's and diffusers' "
+                         "versions and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: object) -> None:
+        from . import __version__
+        from .server import software_versions
+
+        print(f"Kiln {__version__} ({software_versions()})")
+        parser.exit()
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m backend", description=__doc__)
-    parser.add_argument("--version", action="version", version=f"Kiln {__version__} ({software_versions()})")
+    parser.add_argument("--version", action=VersionAction)
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the server Blender connects to (secret on stdin)")
     serve.add_argument("--port", type=int, default=0, help="0 picks a free port (reported on stdout)")
