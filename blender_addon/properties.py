@@ -241,5 +241,5 @@ def library_fields(prefs: KilnPreferences) -> dict[str, object]:
     from .blend_assets import cache_root
 
     exported = [str(cache_root())] if any(p.is_dir() for p in cache_root().iterdir()) else []
-    return {"libraries": kiln_folders(prefs) + exported,
-            **({"clip": typed_path(prefs.clip_model)} if typed_path(prefs.clip_model) else {})}
+    clip = typed_path(prefs.clip_model)
+    return {"libraries": kiln_folders(prefs) + exported, **({"clip": clip} if clip else {})}

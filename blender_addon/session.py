@@ -188,14 +188,15 @@ def read_settings(settings: Any) -> dict[str, Any]:
     if not protocol.MIN_TEXTURE_SIZE <= settings.texture_size <= protocol.MAX_TEXTURE_SIZE:
         raise SceneError(f"texture size {settings.texture_size} is out of range: choose "
                          f"{protocol.MIN_TEXTURE_SIZE} to {protocol.MAX_TEXTURE_SIZE} pixels")
-    if not typed_path(settings.model):
+    model = typed_path(settings.model)
+    if not model:
         raise SceneError("no model chosen: enter a Hugging Face id, a folder, a .safetensors file, or 'tiny'")
-    fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": typed_path(settings.model),
+    fields = {"prompt": prompt, "negative_prompt": settings.negative_prompt, "model": model,
               "method": settings.method, "seed": int(settings.seed), "texture_size": int(settings.texture_size),
               "steps": int(settings.steps) or None, "guidance": float(settings.guidance) or None}
     for name in ("controlnet", "lora", "vae"):
-        if typed_path(getattr(settings, name)):
-            fields[name] = typed_path(getattr(settings, name))
+        if path := typed_path(getattr(settings, name)):
+            fields[name] = path
     for name in ("lora", "controlnet"):  # a weight goes with its model part only
         if name in fields:
             fields[f"{name}_weight"] = float(getattr(settings, f"{name}_weight"))
