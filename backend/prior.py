@@ -405,6 +405,8 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool, weight: 
                                    feature_extractor=None, requires_safety_checker=False)
     where, local = (str(path), True) if path.exists() else (source, offline)
     try:
+        # The file is read twice: handed the converted dict instead, diffusers would lose a Kohya
+        # LoRA's alphas (its scale), which only reading the file yields.
         adapted = _adapted_layers(pipe.lora_state_dict(where, local_files_only=local)[0])
         pipe.load_lora_weights(where, local_files_only=local)
         missing = adapted - _loaded_layers(pipe)
