@@ -27,14 +27,23 @@ from .protocol import MAX_TEXTURE_SIZE
 _COMPRESSIONS = {"KHR_draco_mesh_compression": "Draco (KHR_draco_mesh_compression)",
                  "EXT_meshopt_compression": "meshoptimizer (EXT_meshopt_compression)"}
 
+#: Mesh files Kiln reads (trimesh's loaders for triangle meshes). Checked by name first: trimesh's
+#: own refusal of an FBX or a .blend ("file_type 'fbx' not supported") names neither the formats
+#: it does read nor how to get there.
+MESH_SUFFIXES = (".glb", ".gltf", ".obj", ".ply", ".stl", ".off")
+
 
 def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     """The Mesh in a file, and the trimesh object it was read from (its parts joined, their
     colours on one texture through its UVs when any part has a texture)."""
     import trimesh
 
+    if path.is_dir():
+        raise MeshError(f"{str(path)!r} is a folder: give the mesh file in it")
     if not path.is_file():
         raise MeshError(f"mesh file {str(path)!r} does not exist")
+    if path.suffix.lower() not in MESH_SUFFIXES:
+        raise MeshError(unread_format(path))
     if path.stat().st_size == 0:  # an export or copy that failed part-way; trimesh's words name no cause
         raise MeshError(f"mesh file {str(path)!r} is empty (0 bytes): export or copy it again")
     compressed = [_COMPRESSIONS[name] for name in (_gltf_header(path) or {}).get("extensionsRequired", [])
@@ -59,6 +68,17 @@ def load_mesh_file(path: Path) -> tuple[Mesh, object]:
     mesh = Mesh((vertices if origin is None else vertices - origin).astype(np.float32), faces, corner_uvs,
                 up_axis="y", name=path.stem, origin=origin)
     return mesh, loaded
+
+
+def unread_format(path: Path) -> str:
+    """Why a file of another type is not read, and the export that gets it read."""
+    kinds = ", ".join(MESH_SUFFIXES)
+    if path.suffix.lower() == ".blend":
+        return (f"{str(path)!r} is a Blender file, which Kiln textures inside Blender: open it there and use the "
+                "Kiln panel, or headless: blender -b FILE --python examples/batch_texture.py -- --prompt ...")
+    what = f"a {path.suffix} file" if path.suffix else "a file without an extension"
+    return (f"{str(path)!r} is {what}, and Kiln reads {kinds}: export it as .glb (it keeps the UVs and "
+            "textures), or rename it if it is one of those")
 
 
 def _gltf_header(path: Path) -> dict | None:

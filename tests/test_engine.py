@@ -84,6 +84,25 @@ def test_an_empty_or_cut_short_mesh_file_is_named_as_such(tmp_path) -> None:
         load_mesh_file(tmp_path / "cut.glb")
 
 
+def test_a_file_of_a_type_kiln_does_not_read_names_the_ones_it_does(tmp_path) -> None:
+    """trimesh's "file_type 'fbx' not supported" named neither the formats it reads nor the export,
+    and a folder was said not to exist."""
+    import trimesh
+
+    for name in ("chair.fbx", "chair"):
+        (tmp_path / name).write_bytes(b"Kaydara FBX Binary")
+        with pytest.raises(MeshError, match=r"Kiln reads .glb, .gltf, .obj, .ply, .stl, .off: export it as .glb"):
+            load_mesh_file(tmp_path / name)
+    (tmp_path / "scene.blend").write_bytes(b"BLENDER-v500")
+    with pytest.raises(MeshError, match=r"is a Blender file, .* --python examples/batch_texture.py"):
+        load_mesh_file(tmp_path / "scene.blend")
+    (tmp_path / "parts.obj").mkdir()
+    with pytest.raises(MeshError, match=r"'.*parts.obj' is a folder: give the mesh file in it"):
+        load_mesh_file(tmp_path / "parts.obj")
+    trimesh.creation.box().export(tmp_path / "BOX.STL")  # an upper-case name is the same type
+    assert load_mesh_file(tmp_path / "BOX.STL")[0].triangle_count == 12
+
+
 def test_unwrap_gives_per_loop_uvs_that_reproduce_the_corners() -> None:
     mesh = grid_mesh()
     assert mesh.corner_uvs is None
