@@ -11,7 +11,7 @@ import sys
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_texture import add_shared_options, configure  # noqa: E402
+from batch_texture import add_shared_options, configure, save  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -38,8 +38,8 @@ def main() -> int:
             return 1
         made.append(bpy.context.view_layer.objects.active.name)
         bpy.context.scene.cursor.location.x += args.spacing
-    if args.save and bpy.data.filepath:
-        bpy.ops.wm.save_mainfile()
+    if not save(args, "batch_generate.py"):
+        return 1
     print(f"batch_generate.py: generated {', '.join(made)}")
     return 0
 

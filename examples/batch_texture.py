@@ -5,6 +5,7 @@ can trust the exit code (Blender itself exits 0 after a failed script unless tol
 """
 
 import argparse
+import os
 import sys
 
 import bpy
@@ -29,7 +30,8 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
                              "--connection-file`; default file ~/.kiln/backend.json): many batch runs then share "
                              "one loaded model")
     parser.add_argument("--low-vram", action="store_true", help="bound GPU memory for 6 GB cards")
-    parser.add_argument("--save", action="store_true", help="save the .blend afterwards")
+    parser.add_argument("--save", nargs="?", const="", default=None, metavar="BLEND",
+                        help="save the .blend afterwards: over the file Blender opened, or as BLEND")
 
 
 def parse() -> argparse.Namespace:
@@ -80,6 +82,14 @@ def assign(settings, values: dict[str, tuple[str, object]], script: str) -> bool
 def configure(args: argparse.Namespace, script: str):
     """Enable Kiln and put the options both batch scripts share into the scene's Kiln settings;
     None (after saying why on stderr) when an option is out of range."""
+    if args.save == "" and not bpy.data.filepath:  # said before the job, not found missing after it
+        print(f"{script}: --save has no file to save over (Blender opened none): give one, --save scene.blend",
+              file=sys.stderr)
+        return None
+    folder = os.path.dirname(os.path.abspath(args.save or "."))
+    if args.save and not os.path.isdir(folder):
+        print(f"{script}: --save {args.save}: the folder {folder} does not exist", file=sys.stderr)
+        return None
     package = enable_kiln()
     prefs = bpy.context.preferences.addons[package].preferences
     if args.backend_python:
@@ -96,6 +106,20 @@ def configure(args: argparse.Namespace, script: str):
         if getattr(args, name) is not None:
             values[name] = (option, getattr(args, name))
     return settings if assign(settings, values, script) else None
+
+
+def save(args: argparse.Namespace, script: str) -> bool:
+    """Save the .blend as ``--save`` asks (nothing without it); False, after saying why on stderr,
+    when it cannot be written."""
+    try:
+        if args.save:
+            bpy.ops.wm.save_as_mainfile(filepath=os.path.abspath(args.save))
+        elif args.save is not None:
+            bpy.ops.wm.save_mainfile()
+    except RuntimeError as exc:
+        print(f"{script}: could not save the .blend: {exc}", file=sys.stderr)
+        return False
+    return True
 
 
 def main() -> int:
@@ -132,8 +156,8 @@ def main() -> int:
     except RuntimeError as exc:
         print(f"batch_texture.py: {exc}", file=sys.stderr)
         return 1
-    if args.save and bpy.data.filepath:
-        bpy.ops.wm.save_mainfile()
+    if not save(args, "batch_texture.py"):
+        return 1
     print(f"batch_texture.py: textured {', '.join(names)}")
     return 0
 

@@ -476,16 +476,18 @@ def test_texture_size_is_clamped_to_the_supported_range(scene) -> None:
     assert scene.texture_size == 4096
 
 
-def run_batch(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+def run_batch(tmp_path: Path, *args: str, opened: bool = True) -> subprocess.CompletedProcess:
     """The batch example in a fresh Blender process, as `blender -b --python` would run it, on a
-    copy of Blender's start-up file (made once per test)."""
+    copy of Blender's start-up file (made once per test), or on no file at all (``opened`` False:
+    the start-up scene, unsaved)."""
     blend, home = tmp_path / "batch.blend", tmp_path / "home.blend"
     if not home.exists():
         setup = f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(home)!r})"
         subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
     shutil.copyfile(home, blend)
     example = str(ROOT / "examples" / "batch_texture.py")
-    script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
+    opening = "bpy.ops.wm.open_mainfile(filepath=sys.argv[1])" if opened else "bpy.ops.wm.read_homefile()"
+    script = (f"import sys, runpy, bpy; {opening}; "
               f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
     return subprocess.run([sys.executable, "-c", script, str(blend), *args, "--backend-python", BACKEND_PYTHON],
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
@@ -520,6 +522,19 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     assert blank.returncode == 1 and "add --refine" in blank.stderr
     some = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
     assert some.returncode == 1 and "--selected-faces keeps the other faces' texture" in some.stderr
+    # Blender opened no file: --save said nothing and the result was lost with the process.
+    lost = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--save", opened=False)
+    assert lost.returncode == 1 and "--save has no file to save over (Blender opened none)" in lost.stderr
+    assert "textured" not in lost.stdout
+    nowhere = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--save", str(tmp_path / "no" / "a.blend"))
+    assert nowhere.returncode == 1 and "the folder" in nowhere.stderr and "does not exist" in nowhere.stderr
+    saved = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
+                      "--save", str(tmp_path / "crate.blend"), opened=False)
+    assert saved.returncode == 0, saved.stderr[-2000:]
+    with bpy.data.libraries.load(str(tmp_path / "crate.blend")) as (held, taken):
+        taken.images = ["Kiln Cube"]
+    assert taken.images[0].packed_file is not None  # the job had no folder beside a file to write it to
+    bpy.data.images.remove(taken.images[0])
 
 
 class DrawnLayout:
