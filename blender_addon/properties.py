@@ -20,6 +20,11 @@ from .backend_process import BackendChoice, BackendError, find_python
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
+#: Options of a scene's path field that may be relative to the .blend ("//", resolved by
+#: ``typed_path``). Blender 4.5 asks fields to say so, and otherwise warns when one is set and its
+#: file browser writes absolute paths; 4.2 to 4.4 know no such option and let every field.
+BLEND_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (4, 5, 0) else set()
+
 
 class KilnLibrary(bpy.types.PropertyGroup):
     path: StringProperty(name="Folder", subtype="DIR_PATH",
@@ -104,11 +109,11 @@ class KilnSettings(bpy.types.PropertyGroup):
     prompt: StringProperty(name="Prompt", description="What the texture, or the generated object, should show")
     negative_prompt: StringProperty(name="Negative", description="What the result should avoid")
     model: StringProperty(
-        name="Model", default=DEFAULT_MODEL, subtype="FILE_PATH",
+        name="Model", default=DEFAULT_MODEL, subtype="FILE_PATH", options=BLEND_RELATIVE,
         description="A Hugging Face id, a local diffusers folder, a .safetensors file, or 'tiny' (built-in "
                     "random-weight model that checks the pipeline offline; its output is not art)")
     lora: StringProperty(
-        name="LoRA", default="", subtype="FILE_PATH",
+        name="LoRA", default="", subtype="FILE_PATH", options=BLEND_RELATIVE,
         description="Optional LoRA fused into the model (Hugging Face id, folder or .safetensors). An LCM-LoRA such "
                     "as latent-consistency/lcm-lora-sdv1-5 makes SD a 4-step model: Kiln then uses its fast schedule")
     lora_weight: FloatProperty(
@@ -116,7 +121,7 @@ class KilnSettings(bpy.types.PropertyGroup):
         description="How much of the LoRA is fused into the model: 1 as trained, less to soften it, negative to "
                     "push away from it")
     vae: StringProperty(
-        name="VAE", default="", subtype="FILE_PATH",
+        name="VAE", default="", subtype="FILE_PATH", options=BLEND_RELATIVE,
         description="Optional autoencoder in place of the model's (Hugging Face id, folder or .safetensors). "
                     "madebyollin/taesd (for SD 1.x/2.x) encodes and decodes views several times faster, with "
                     "slightly softer detail: worth it with few-step models, where the VAE takes the most time")
@@ -124,7 +129,7 @@ class KilnSettings(bpy.types.PropertyGroup):
     texture_size: IntProperty(name="Texture Size", default=1024, min=protocol.MIN_TEXTURE_SIZE,
                               max=protocol.MAX_TEXTURE_SIZE, subtype="PIXEL")
     controlnet: StringProperty(
-        name="Depth ControlNet", default="", subtype="FILE_PATH",
+        name="Depth ControlNet", default="", subtype="FILE_PATH", options=BLEND_RELATIVE,
         description="Optional: a depth ControlNet (Hugging Face id such as lllyasviel/sd-controlnet-depth, a "
                     "folder or a .safetensors file) so the generated views follow the mesh's shape")
     controlnet_weight: FloatProperty(
