@@ -37,6 +37,11 @@ class SceneError(Exception):
         self.fix, self.obj = fix, obj.name_full if obj is not None else ""
 
 
+#: Object types whose surface Object > Convert > Mesh turns into faces; the advice to convert a
+#: light, camera or armature led nowhere.
+CONVERTIBLE = {"CURVE", "SURFACE", "META", "FONT"}
+
+
 def check_object(obj: Any) -> None:
     if obj is None:
         raise SceneError("no object given: select one or more mesh objects")
@@ -46,8 +51,9 @@ def check_object(obj: Any) -> None:
                          "(Object > Apply > Make Instances Real)")
     if obj.type != "MESH":
         kind = obj.type.lower().replace("_", " ")
-        raise SceneError(f"{obj.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mesh: convert it "
-                         "(Object > Convert > Mesh) or deselect it")
+        fix = "convert it (Object > Convert > Mesh) or deselect it" if obj.type in CONVERTIBLE \
+            else "it has no surface to texture: deselect it"
+        raise SceneError(f"{obj.name!r} is {'an' if kind[0] in 'aeiou' else 'a'} {kind}, not a mesh: {fix}")
     if obj.mode != "OBJECT":
         raise SceneError(f"{obj.name!r} is in {obj.mode.title()} Mode: switch to Object Mode first", "object_mode", obj)
 

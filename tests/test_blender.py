@@ -349,8 +349,8 @@ def empty_venv_python(tmp_path: Path) -> str:
     ("nothing selected", "Select one or more mesh objects"),
     ("only a curve selected", r"Select one or more mesh objects: 'Rope' is a curve, not a mesh: convert it "
                               r"\(Object > Convert > Mesh\)"),
-    ("camera selected", "is a camera, not a mesh"),
-    ("empty selected", "is an empty, not a mesh"),
+    ("camera selected", "is a camera, not a mesh: it has no surface to texture: deselect it"),
+    ("empty selected", "is an empty, not a mesh: it has no surface to texture"),
     ("collection instance selected", "Make Instances Real"),
     ("no faces", "has no faces"),
     ("nan vertex", "NaN or infinite"),
