@@ -39,9 +39,9 @@ BACKEND_PYTHON = os.environ.get("KILN_BACKEND_PYTHON", sys.executable)
 class BackendServer:
     """A real ``python -m backend serve`` subprocess, started the way the add-on starts it."""
 
-    def __init__(self) -> None:
+    def __init__(self, *python_path: Path) -> None:
         self.secret = protocol.new_secret()
-        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(map(str, (ROOT, *python_path))), PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen([BACKEND_PYTHON, "-m", "backend", "serve"], cwd=ROOT, env=env,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.proc.stdin.write(self.secret.encode() + b"\n")

@@ -174,6 +174,32 @@ def test_queued_job_can_be_cancelled_before_it_starts(server: BackendServer) -> 
     assert statuses == {first.get("job"): "cancelled", second.get("job"): "cancelled"}
 
 
+LOUD_PRIOR = """
+import os
+from backend.tiny_model import build_tiny_prior
+
+
+def make(device, offline):
+    print("x" * 300_000, flush=True)  # a library's print
+    os.write(1, b"y" * 300_000)  # a C library's, or a child's, on the inherited descriptor
+    return build_tiny_prior(device)
+"""
+
+
+def test_a_library_writing_to_stdout_does_not_hang_the_job(tmp_path) -> None:
+    """Blender reads only the backend's ready line from stdout: 600 kB written there later filled
+    the pipe, and the backend hung in the write with the job at "loading"."""
+    (tmp_path / "loud_prior.py").write_text(LOUD_PRIOR)
+    srv = BackendServer(tmp_path)
+    try:
+        sock = srv.connect()
+        sock.settimeout(60)
+        submit(sock, model="python:loud_prior:make")
+        assert read_until(sock, protocol.DONE, protocol.ERROR)[-1].type == protocol.DONE
+    finally:
+        srv.stop()
+
+
 def test_backend_exits_when_its_parent_closes_stdin() -> None:
     srv = BackendServer()
     srv.proc.stdin.close()
