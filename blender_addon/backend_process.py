@@ -96,7 +96,7 @@ class BackendProcess:
         self.proc.stdin.flush()
         threading.Thread(target=self._read_stderr, name="kiln-backend-stderr", daemon=True).start()
         lines: queue.Queue[bytes] = queue.Queue()
-        threading.Thread(target=lambda: lines.put(self.proc.stdout.readline()), daemon=True).start()
+        threading.Thread(target=self._read_ready_line, args=(lines,), daemon=True).start()
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             try:
@@ -116,12 +116,19 @@ class BackendProcess:
         self.stop()
         raise BackendError(f"the backend failed to start{self._exit_note()}. {self.diagnosis()}")
 
+    def _read_ready_line(self, lines: "queue.Queue[bytes]") -> None:
+        """The backend's one stdout line; it sends the rest of its output to stderr."""
+        assert self.proc and self.proc.stdout
+        with self.proc.stdout:
+            lines.put(self.proc.stdout.readline())
+
     def _read_stderr(self) -> None:
         assert self.proc and self.proc.stderr
-        for raw in self.proc.stderr:
-            line = raw.decode("utf-8", "replace").rstrip()
-            self.stderr_tail.append(line)
-            print(line, file=sys.stderr)
+        with self.proc.stderr:  # closed once the backend (and any child holding it) is gone
+            for raw in self.proc.stderr:
+                line = raw.decode("utf-8", "replace").rstrip()
+                self.stderr_tail.append(line)
+                print(line, file=sys.stderr)
 
     def _exit_note(self) -> str:
         code = self.proc.poll() if self.proc else None
@@ -250,14 +257,15 @@ class EnvironmentSetup:
 
     def _follow(self) -> None:
         assert self.proc.stdout
-        for raw in self.proc.stdout:
-            line = raw.rstrip()
-            self.lines.append(line)
-            print(line, file=sys.stderr)
-            if line.startswith("kiln-setup: step"):
-                self.step = self.status = line.removeprefix("kiln-setup: ")
-            elif line.startswith(("Collecting ", "Downloading ", "Installing collected packages")):
-                self.status = f"{self.step} · {line[:80]}"  # what a long step is fetching now
+        with self.proc.stdout:
+            for raw in self.proc.stdout:
+                line = raw.rstrip()
+                self.lines.append(line)
+                print(line, file=sys.stderr)
+                if line.startswith("kiln-setup: step"):
+                    self.step = self.status = line.removeprefix("kiln-setup: ")
+                elif line.startswith(("Collecting ", "Downloading ", "Installing collected packages")):
+                    self.status = f"{self.step} · {line[:80]}"  # what a long step is fetching now
         code = self.proc.wait()
         if code == 0:
             self.python, self.status = venv_python(self.folder), "done"

@@ -512,8 +512,8 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
         assert shared.returncode == 0, shared.stderr[-2000:]
     finally:
         proc.terminate()
-        proc.wait()
-    assert "job 1: texture 'a crate' with tiny (sir)" in proc.stderr.read()  # its terminal shows the job
+        log = proc.communicate()[1]
+    assert "job 1: texture 'a crate' with tiny (sir)" in log  # its terminal shows the job
     # Blender would clamp these without a word; a pipeline hears of them instead.
     clamped = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
     assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
@@ -794,7 +794,7 @@ def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None
         kiln.session.MANAGER.stop()
         assert proc.poll() is None  # not Blender's to stop
         proc.kill()  # a crash leaves its file behind
-        proc.wait()
+        proc.communicate()
         with pytest.raises(RuntimeError, match=rf"nothing answers on port {ready['port']}.*serve --connection-file"):
             bpy.ops.kiln.texture_selected()
     finally:
@@ -802,7 +802,7 @@ def test_jobs_can_go_to_a_backend_started_by_hand(kiln, scene, tmp_path) -> None
         kiln.session.MANAGER.stop()
         if proc is not None:
             proc.kill()
-            proc.wait()
+            proc.communicate()
 
 
 def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, scene) -> None:
