@@ -48,6 +48,13 @@ def find_python(preference: str) -> Path:
         path = Path(value.strip()).expanduser()  # pasted paths bring spaces and newlines along
         if path.is_file():
             return path
+        if path.is_dir():  # the environment's folder, or its bin folder, picked in the file browser
+            inside = next((p for p in (venv_python(path), venv_python(path.parent), path / Path(sys.executable).name)
+                           if p.is_file()), None)
+            if inside is not None:
+                return inside
+            raise BackendError(f"the backend Python set in {source} is a folder with no Python in it: {path}; "
+                               f"choose the environment's interpreter ({venv_python(Path('ENV'))}), or {SET_UP}")
         raise BackendError(f"the backend Python set in {source} does not exist: {path}; {SET_UP}, "
                            "or fix Backend Python in the same preferences")
     raise BackendError(f"no backend is set up yet: {SET_UP}, or set Backend Python in the same preferences")

@@ -1660,7 +1660,17 @@ def write_asset_blend(path: Path) -> None:
     bpy.data.batch_remove([chair, loose, *lamp.objects, lamp, mat, image])
 
 
-def test_paths_typed_in_the_preferences_with_a_tilde_spaces_or_quotes_are_found(kiln) -> None:
+def test_paths_typed_in_the_preferences_with_a_tilde_spaces_or_quotes_are_found(kiln, tmp_path) -> None:
+    """As are the environment's folder, or its bin folder, picked for Backend Python (the file
+    browser makes picking a folder easy): the interpreter inside it is used."""
+    python = kiln.backend_process.venv_python(tmp_path / "kiln env")
+    python.parent.mkdir(parents=True)
+    python.write_text("")
+    for folder in (tmp_path / "kiln env", python.parent):
+        assert kiln.backend_process.find_python(f"{folder}{os.sep}") == python
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(kiln.backend_process.BackendError, match=r"is a folder with no Python in it: .*empty; choose"):
+        kiln.backend_process.find_python(str(tmp_path / "empty"))
     prefs = bpy.context.preferences.addons[kiln.__name__].preferences
     saved = [lib.path for lib in prefs.libraries]
     prefs.libraries.clear()
