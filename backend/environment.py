@@ -28,6 +28,11 @@ CPU_TORCH = "torch==2.13.0"
 #: PyPI's torch for Windows is CPU-only; PyTorch's own index has the CUDA builds (their versions'
 #: local label, ``+cu128``, ranks them above PyPI's, so pip takes them with PyPI still consulted).
 CUDA_TORCH_INDEX = "https://download.pytorch.org/whl/cu128"
+#: Since torch 2.8 only the CUDA 12.6 builds carry kernels for cards before Turing (Maxwell, Pascal,
+#: Volta: GTX 900 and 10 series, Titan V): with any other build such a card fails the first job
+#: with "no kernel image is available for execution on the device".
+LEGACY_TORCH_INDEX = "https://download.pytorch.org/whl/cu126"
+LEGACY_BELOW = (7, 5)
 
 
 def venv_python(path: Path) -> Path:
@@ -54,10 +59,29 @@ def has_nvidia_gpu() -> bool:
         subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
-def torch_requirement(device: str, platform: str = sys.platform) -> list[str]:
-    """pip's arguments for torch: the pinned CPU build, or a CUDA build for this platform."""
+def gpu_capability() -> tuple[int, int] | None:
+    """The oldest NVIDIA card's compute capability, as nvidia-smi reports it; None when it cannot
+    (no card, or a driver whose nvidia-smi predates the query)."""
+    if shutil.which("nvidia-smi") is None:
+        return None
+    found = subprocess.run(["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"],
+                           capture_output=True, text=True)
+    try:
+        return min(tuple(int(part) for part in line.strip().split(".")) for line in found.stdout.splitlines()
+                   if line.strip())  # type: ignore[return-value]
+    except ValueError:  # "[N/A]", or nothing at all
+        return None
+
+
+def torch_requirement(device: str, platform: str = sys.platform,
+                      capability: tuple[int, int] | None = None) -> list[str]:
+    """pip's arguments for torch, installed before the rest (so that what depends on torch finds it
+    there rather than fetching another build): the pinned CPU build, the CUDA 12.6 build for a card
+    of ``capability`` older than Turing, else the CUDA build for this platform."""
     if device != "cuda":
         return [CPU_TORCH]
+    if capability is not None and capability < LEGACY_BELOW:  # only that index: PyPI's newer torch lacks it
+        return ["torch", "--index-url", LEGACY_TORCH_INDEX]
     return ["torch", "--extra-index-url", CUDA_TORCH_INDEX] if platform == "win32" else ["torch"]
 
 
@@ -71,7 +95,9 @@ def create(venv: Path, device: str = "auto", extra: Sequence[str] = (), progress
     python = make_venv(venv)
     pip = pip_install(python, progress)
     step(2, f"installing PyTorch ({device}) and Kiln's dependencies: several GB the first time, minutes")
-    subprocess.run([*pip, *torch_requirement(device), "-r", str(HERE / "requirements.txt"), *extra], check=True)
+    subprocess.run([*pip, *torch_requirement(device, capability=gpu_capability() if device == "cuda" else None)],
+                   check=True)
+    subprocess.run([*pip, "-r", str(HERE / "requirements.txt"), *extra], check=True)
     if device == "cuda":
         subprocess.run([*pip, "-r", str(HERE / "requirements-cuda.txt")], check=True)
     step(3, "recording it for the add-on")

@@ -26,6 +26,7 @@ from .presets import (
     resolve,
     resolve_generate,
 )
+from .gpu import gpu_problem, no_kernel_fix
 from .prior import (LatentDiffusionPrior, Prior, first_download, load_prior, readable_tokens, set_low_vram,
                     unread_words)
 from .texture import SlotTextures, shared_uv_area
@@ -61,6 +62,8 @@ def describe_failure(exc: BaseException, low_vram: bool) -> dict[str, str]:
         return {"code": protocol.E_OUT_OF_MEMORY,
                 "message": f"the GPU ran out of memory{' even in Low VRAM mode' if low_vram else ''}: {fixes} "
                            f"({text[:200]})"}
+    if fix := no_kernel_fix(text):
+        return {"code": protocol.E_JOB_FAILED, "message": f"the job failed: {fix} ({text[:200]})"}
     return {"code": protocol.E_JOB_FAILED, "message": f"the job failed: {text[:500]}"}
 
 
@@ -221,6 +224,8 @@ class ModelCache:
         if isinstance(prior, LatentDiffusionPrior):
             set_low_vram(prior, request.low_vram)
             prior.conditioning_scale = request.controlnet_weight
+        if not prior.pipeline_check and (problem := gpu_problem()):
+            events.log(problem)
         if prior.pipeline_check:
             events.log("PIPELINE CHECK: the built-in tiny model has random weights; "
                        f"this {'object' if request.task == protocol.TASK_GENERATE else 'texture'} tests the "
@@ -505,7 +510,7 @@ def run_index_job(request: JobRequest, events: TextureEvents) -> list[str]:
     from .embed import ClipEmbedder, WordLlamaEmbedder
     from .events import Cancelled
     from .library import build_index
-    from .prior import default_device
+    from .gpu import default_device
 
     embedder = WordLlamaEmbedder()
     clip = ClipEmbedder.load(request.clip, request.offline, default_device()) if request.clip else None
@@ -531,7 +536,7 @@ def run_search_job(request: JobRequest, events: TextureEvents) -> int:
     """The assets nearest the prompt in the request's libraries, sent as one HITS message for the
     artist to pick from; returns how many."""
     from .embed import ClipEmbedder
-    from .prior import default_device
+    from .gpu import default_device
     from .retrieve import search_libraries
 
     events.progress(0, 1, "searching the asset libraries")

@@ -23,6 +23,7 @@ import torch
 from . import protocol
 from .cameras import Cameras, view_suffix
 from .diffusion import NoiseSchedule
+from .gpu import default_device
 
 TINY = "tiny"
 UNCOND, COND, BOTH = "uncond", "cond", "both"
@@ -264,10 +265,6 @@ def set_low_vram(prior: LatentDiffusionPrior, on: bool) -> None:
         prior.vae.enable_slicing()
     else:
         prior.vae.disable_slicing()
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def load_prior(model: str, device: torch.device | None = None, offline: bool = False,

@@ -27,9 +27,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from . import protocol, unwrap
 from .events import Cancelled, TextureEvents
+from .gpu import default_device
 from .jobs import (
     JobError,
     JobRequest,
@@ -305,11 +307,10 @@ def software_versions() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
     parts = [f"Python {platform.python_version()}"]
+    parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
     try:
-        import torch
-        parts.append(f"torch {torch.__version__}" + (f" (CUDA {torch.version.cuda})" if torch.version.cuda else ""))
         parts.append(f"diffusers {version('diffusers')}")
-    except (ImportError, PackageNotFoundError):  # reported as far as it goes; never fail a start over it
+    except PackageNotFoundError:  # reported as far as it goes; never fail a start over it
         pass
     return ", ".join(parts)
 
@@ -330,8 +331,7 @@ class Server:
     @staticmethod
     def device_name() -> str:
         try:
-            import torch
-            return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+            return torch.cuda.get_device_name() if default_device().type == "cuda" else "cpu"
         except Exception:  # the device name is informational; never fail a start over it
             return "unknown"
 
