@@ -60,6 +60,9 @@ class BackendServer:
                 self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+                self.proc.wait()
+        self.proc.stdin.close()
+        self.proc.stdout.close()
 
 
 def start_standing_backend(path: Path) -> tuple[subprocess.Popen, dict | None]:
