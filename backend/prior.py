@@ -714,6 +714,11 @@ _NO_HUB = ("localentrynotfound", "offlinemodeisenabled", "outgoing traffic", "of
            "establish a new connection", "max retries exceeded", "connectionerror")
 
 
+#: How a machine gets at gated and private models: the hub's own login, or a token in the
+#: environment of whatever starts the backend (Blender, or the shell running the CLI).
+_HUB_LOGIN = "`hf auth login` in the backend's environment, or HF_TOKEN set where Blender or the CLI starts"
+
+
 def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = False) -> ModelError:
     """One message for the many ways loading fails; ``local``: the source is a file or folder on this
     machine, which lacks no download unless reading it reached for the hub (a single checkpoint's
@@ -733,11 +738,16 @@ def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = 
     if offline or wants_hub:
         return ModelError(protocol.E_WEIGHTS_OFFLINE,
                           f"the weights of {label} are not on this machine and it is offline. Download them "
-                          "once where there is internet (e.g. `huggingface-cli download <id>`), or pick a local "
+                          "once where there is internet (e.g. `hf download <id>`), or pick a local "
                           f"diffusers folder or .safetensors file in Kiln's model field. ({text[:300]})")
+    if type(exc).__name__ == "GatedRepoError" or "cannot access gated repo" in text.lower():
+        return ModelError(protocol.E_MODEL_NOT_FOUND,
+                          f"{label} is gated on the Hugging Face hub: accept its terms on its page there, then log "
+                          f"this machine in ({_HUB_LOGIN}) and try again. ({text[:300]})")
     if "not found" in text.lower() or "404" in text or "repository" in text.lower():
         return ModelError(protocol.E_MODEL_NOT_FOUND,
-                          f"{label} was not found: check the spelling of the id or path. ({text[:300]})")
+                          f"{label} was not found: check the spelling of the id or path; a private model also needs "
+                          f"this machine logged in ({_HUB_LOGIN}). ({text[:300]})")
     return ModelError(protocol.E_MODEL_NOT_FOUND, f"could not load {label}: {text[:500]}")
 
 

@@ -586,7 +586,7 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
     assert err.value.code == protocol.E_MODEL_NOT_FOUND and "Hugging Face id" in str(err.value)
     with pytest.raises(ModelError) as err:
         load_prior("kiln-tests/never-downloaded", torch.device("cpu"), offline=True)
-    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and "huggingface-cli download" in str(err.value)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and "hf download" in str(err.value)
     broken = tmp_path / "broken.safetensors"
     broken.write_bytes(b"not a checkpoint")
     with pytest.raises(ModelError) as err:
@@ -596,6 +596,34 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
     with pytest.raises(ModelError, match=r"is not a diffusers folder \(it has no model_index.json\): give the "
                                          "checkpoint file it holds, 'broken.safetensors', instead"):
         load_prior(str(tmp_path), torch.device("cpu"))
+
+
+def hub_error(kind: type, message: str) -> Exception:
+    """huggingface_hub's own error, with its own words, without the HTTP response it is built from
+    (whose class changes with its version)."""
+    error = kind.__new__(kind)
+    Exception.__init__(error, message)
+    return error
+
+
+def test_gated_and_private_models_say_how_to_get_at_them() -> None:
+    """Both come as a 401 from the hub; the gated one's words ("Please log in") named no way to."""
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    from backend.prior import explain_load_error
+
+    url = "https://huggingface.co/org/gated/resolve/main/model_index.json"
+    gated = hub_error(GatedRepoError, f"401 Client Error.\n\nCannot access gated repo for url {url}.\nAccess to model "
+                      "org/gated is restricted. You must have access to it and be authenticated to access it. Please "
+                      "log in.")
+    hidden = hub_error(RepositoryNotFoundError, f"401 Client Error.\n\nRepository Not Found for url: {url}.\nIf you "
+                       "are trying to access a private or gated repo, make sure you are authenticated.")
+    message = str(explain_load_error(gated, "model 'org/gated'", offline=False))
+    assert message.startswith("model 'org/gated' is gated on the Hugging Face hub: accept its terms on its page "
+                              "there, then log this machine in (`hf auth login`")
+    message = str(explain_load_error(hidden, "model 'org/privat'", offline=False))
+    assert message.startswith("model 'org/privat' was not found: check the spelling of the id or path; a private "
+                              "model also needs this machine logged in (`hf auth login`")
 
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
