@@ -740,6 +740,12 @@ def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = 
                           f"the weights of {label} are not on this machine and it is offline. Download them "
                           "once where there is internet (e.g. `hf download <id>`), or pick a local "
                           f"diffusers folder or .safetensors file in Kiln's model field. ({text[:300]})")
+    if "no space left" in text.lower():  # the download's: gigabytes into the hub cache
+        from huggingface_hub.constants import HF_HUB_CACHE
+        return ModelError(protocol.E_MODEL_NOT_FOUND,
+                          f"the disk ran out of space downloading {label} into the Hugging Face cache "
+                          f"({HF_HUB_CACHE}): free some gigabytes there, or point HF_HOME at a disk with room, "
+                          f"and try again ({text[:200]})")
     if type(exc).__name__ == "GatedRepoError" or "cannot access gated repo" in text.lower():
         return ModelError(protocol.E_MODEL_NOT_FOUND,
                           f"{label} is gated on the Hugging Face hub: accept its terms on its page there, then log "

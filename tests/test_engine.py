@@ -606,8 +606,9 @@ def hub_error(kind: type, message: str) -> Exception:
     return error
 
 
-def test_gated_and_private_models_say_how_to_get_at_them() -> None:
-    """Both come as a 401 from the hub; the gated one's words ("Please log in") named no way to."""
+def test_gated_and_private_models_and_a_full_disk_say_how_to_get_past_them() -> None:
+    """Both models come as a 401 from the hub; the gated one's words ("Please log in") named no way
+    to. A full disk was "could not load" the model."""
     from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
 
     from backend.prior import explain_load_error
@@ -624,6 +625,9 @@ def test_gated_and_private_models_say_how_to_get_at_them() -> None:
     message = str(explain_load_error(hidden, "model 'org/privat'", offline=False))
     assert message.startswith("model 'org/privat' was not found: check the spelling of the id or path; a private "
                               "model also needs this machine logged in (`hf auth login`")
+    full = OSError(28, "No space left on device")
+    assert "the disk ran out of space downloading model 'org/big' into the Hugging Face cache (" in \
+        str(explain_load_error(full, "model 'org/big'", offline=False))
 
 
 def test_a_local_diffusers_folder_loads_through_the_real_loading_code(tmp_path) -> None:
