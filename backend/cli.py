@@ -22,7 +22,7 @@ from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, shaded_vertices
-from .mesh_file import load_mesh_file, missing_texture, parts_without_uvs, texture_placement_problem
+from .mesh_file import MESH_SUFFIXES, load_mesh_file, missing_texture, parts_without_uvs, texture_placement_problem
 from .presets import GENERATE_PRESETS, METHODS, PRESETS
 from .prior import ModelError
 from .texture import SlotTextures
@@ -471,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"(default {protocol.default_connection_file()}) for Kiln's 'Connect to a Running "
                             "Backend' preference; keeps models loaded across Blender sessions; Ctrl+C stops it")
     tex = sub.add_parser("texture", help="texture a mesh file from a prompt, without Blender")
-    tex.add_argument("mesh", help="OBJ, GLB, PLY, ... (anything trimesh reads)")
+    tex.add_argument("mesh", help=f"a {', '.join(MESH_SUFFIXES)} file")
     add_job_arguments(tex, PRESETS)
     tex.add_argument("--controlnet", default=None,
                      help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")
@@ -505,8 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         from .server import serve as run_server
         return run_server(args.port, Path(args.connection_file).expanduser() if args.connection_file else None)
-    if args.command == "index":
-        return index_command(args)
-    if args.command == "search":
-        return search_command(args)
-    return generate_command(args) if args.command == "generate" else texture_command(args)
+    commands = {"index": index_command, "search": search_command, "generate": generate_command,
+                "texture": texture_command}
+    try:
+        return commands[args.command](args)
+    except KeyboardInterrupt:  # Ctrl+C: the shell's exit status for it, without a page of torch's frames
+        print(f"kiln: {args.command} interrupted (Ctrl+C)", file=sys.stderr)
+        return 130

@@ -759,6 +759,28 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event on Windows, not a signal to a group")
+def test_ctrl_c_stops_the_cli_with_the_shells_status_and_no_traceback(tmp_path) -> None:
+    """Ctrl+C reaches the whole foreground group: the CLI and its unwrapping child. It printed a
+    page of torch's frames."""
+    import signal
+    import trimesh
+
+    trimesh.creation.icosphere(subdivisions=5).export(tmp_path / "ball.obj")  # no UVs: a child unwraps it
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cli = subprocess.Popen([sys.executable, "-m", "backend", "texture", str(tmp_path / "ball.obj"), "--prompt", "a",
+                            "--steps", "400", "--out", str(tmp_path / "out")], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
+    seen = ""
+    while "loading model" not in seen:  # the job is under way
+        seen += cli.stderr.read(1)
+    os.killpg(cli.pid, signal.SIGINT)
+    seen += cli.communicate(timeout=60)[1]
+    assert cli.returncode == 130 and seen.rstrip().endswith("kiln: texture interrupted (Ctrl+C)")
+    assert "Traceback" not in seen and not (tmp_path / "out" / "ball.glb").exists()
+
+
 def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     import trimesh
     from PIL import Image
