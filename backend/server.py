@@ -415,6 +415,10 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
     With ``connection_file``, the backend makes its own secret and writes both there instead."""
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="kiln-backend %(levelname)s %(message)s")
     if connection_file is None:
+        # Blender's: it lives as long as Blender holds its stdin. A Ctrl+C in the terminal Blender was
+        # started from reaches it too, and would end a job mid-way with a traceback whether or not
+        # Blender goes; if Blender goes, the closed stdin ends the backend.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         secret = sys.stdin.readline().strip()
         if len(secret) < 32:
             print("kiln-backend: expected the session secret on stdin's first line (Blender passes it); "

@@ -200,8 +200,13 @@ def test_a_library_writing_to_stdout_does_not_hang_the_job(tmp_path) -> None:
         srv.stop()
 
 
-def test_backend_exits_when_its_parent_closes_stdin() -> None:
+def test_backend_exits_when_its_parent_closes_stdin_and_not_on_the_terminals_ctrl_c() -> None:
+    """Ctrl+C in the terminal Blender runs from reaches the backend too: it killed a job mid-way,
+    with a traceback, whether or not Blender went."""
     srv = BackendServer()
+    srv.proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    assert_still_serving(srv)
     srv.proc.stdin.close()
     assert srv.proc.wait(timeout=10) == 0
 
