@@ -101,8 +101,15 @@ def validate(zip_path: Path) -> bool:
 
 
 def setup(dev: bool, device: str) -> Path:
-    """Create .venv with the backend's dependencies and record it for the add-on."""
-    return create(VENV, device, [*TEST_TOOLS, *BENCH_TOOLS] if dev else [])
+    """Create .venv with the backend's dependencies and record it for the add-on. The checkout goes
+    on its path too, so that a pipeline's `.venv/bin/python -m backend ...` runs from any folder (it
+    said "No module named backend" outside this one); a folder holding a backend of its own, as
+    the add-on's does for the backend Blender starts, still comes first."""
+    python = create(VENV, device, [*TEST_TOOLS, *BENCH_TOOLS] if dev else [])
+    site = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (Path(site) / "kiln-checkout.pth").write_text(f"{ROOT}\n", encoding="utf-8")
+    return python
 
 
 def test() -> int:

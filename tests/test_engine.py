@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -779,6 +780,16 @@ def test_ctrl_c_stops_the_cli_with_the_shells_status_and_no_traceback(tmp_path) 
     seen += cli.communicate(timeout=60)[1]
     assert cli.returncode == 130 and seen.rstrip().endswith("kiln: texture interrupted (Ctrl+C)")
     assert "Traceback" not in seen and not (tmp_path / "out" / "ball.glb").exists()
+
+
+@pytest.mark.skipif(not (ROOT / ".venv").is_dir() or Path(sys.prefix) != ROOT / ".venv",
+                    reason="the checkout's own environment, which `build.py setup` makes, is not the one running")
+def test_the_checkouts_environment_runs_the_cli_from_any_folder(tmp_path) -> None:
+    """A pipeline calls `.venv/bin/python -m backend` from its own folder: "No module named backend"."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "backend", "--version"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.startswith("Kiln "), result.stderr
 
 
 def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
