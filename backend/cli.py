@@ -12,7 +12,7 @@ import json
 import os
 import sys
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,7 @@ import numpy as np
 from . import protocol
 from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
+from .gpu import device_label
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, shaded_vertices
 from .mesh_file import MESH_SUFFIXES, load_mesh_file, missing_texture, parts_without_uvs, texture_placement_problem
@@ -287,8 +288,12 @@ def request_from(args: argparse.Namespace, task: str) -> JobRequest:
 
 def finish(request: JobRequest, out: Path, started: float, files: dict[str, str], **extra: object) -> int:
     """result.json, the pipeline-check notice where it applies, and the summary on stdout."""
+    from .server import software_versions
+
+    # Everything a rerun needs to give the same result: every setting, and what it ran on.
     summary = {"seconds": round(time.perf_counter() - started, 2), "model": request.model, "seed": request.seed,
-               "method": request.method, "pipeline_check": request.model == "tiny", **extra, **files}
+               "method": request.method, "pipeline_check": request.model == "tiny", **extra, **files,
+               "settings": asdict(request), "device": device_label(), "software": software_versions()}
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
     if request.model == "tiny":
         print(f"PIPELINE CHECK: made with the built-in tiny random-weight model. The {request.task} result is "

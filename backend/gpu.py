@@ -69,6 +69,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() and not gpu_problem() else "cpu")
 
 
+def device_label() -> str:
+    """What jobs run on, in words: the GPU's name, or "cpu" (Blender's panel, result.json)."""
+    return torch.cuda.get_device_name() if default_device().type == "cuda" else "cpu"
+
+
 def no_kernel_fix(text: str) -> str | None:
     """The fix for torch's missing-kernel error, when ``text`` is one."""
     if NO_KERNEL not in text:

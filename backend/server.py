@@ -31,7 +31,7 @@ import torch
 
 from . import protocol, unwrap
 from .events import Cancelled, TextureEvents
-from .gpu import default_device
+from .gpu import device_label
 from .jobs import (
     JobError,
     JobRequest,
@@ -331,7 +331,7 @@ class Server:
     @staticmethod
     def device_name() -> str:
         try:
-            return torch.cuda.get_device_name() if default_device().type == "cuda" else "cpu"
+            return device_label()
         except Exception:  # the device name is informational; never fail a start over it
             return "unknown"
 

@@ -8,6 +8,7 @@ import os
 import struct
 import subprocess
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -803,6 +804,11 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     summary = json.loads((tmp_path / "result.json").read_text())
     png = Image.open(summary["texture"])
     assert png.size == (512, 512) and np.asarray(png).std() > 1.0
+    # Everything a rerun needs, the prompt and what it ran on included (it held model, seed and method).
+    settings = summary["settings"]
+    assert (settings["prompt"], settings["texture_size"], settings["steps"]) == ("a glazed vase", 512, 1)
+    assert json.loads(json.dumps(asdict(JobRequest.from_fields(settings)))) == settings  # and read back whole
+    assert summary["device"] == "cpu" and summary["software"].startswith("Python 3.")
     glb = trimesh.load(summary["mesh"], force="mesh")
     assert len(glb.faces) == 2112 and glb.visual.uv is not None
 
