@@ -448,7 +448,8 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
                       "software": server.software}), flush=True)
     # Blender reads only that line: whatever a library (or a child, which inherits the descriptor)
     # wrote to stdout later would fill a pipe no one reads, and the backend would hang in the write.
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    if sys.stdout is not None and sys.stderr is not None:  # pythonw has neither
+        os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     log.info("listening on 127.0.0.1:%d", server.port)
     unwrap.keep_spare()  # each job on a mesh without UVs then finds xatlas's child already started
     if connection_file is None:
