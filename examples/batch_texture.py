@@ -70,7 +70,11 @@ def assign(settings, values: dict[str, tuple[str, object]], script: str) -> bool
     number outside a property's limits without a word, so a pipeline would get a job it did not ask
     for: an out-of-range number is refused instead (False, after saying why on stderr)."""
     for name, (option, value) in values.items():
-        prop = settings.bl_rna.properties[name]
+        prop = settings.bl_rna.properties.get(name)
+        if prop is None:  # this script is newer than the extension Blender has installed
+            print(f"{script}: {option} needs a newer Kiln than the one installed in this Blender: install "
+                  "dist/kiln-*.zip from the same checkout as this script (python3 build.py builds it)", file=sys.stderr)
+            return False
         if prop.type in ("INT", "FLOAT") and not prop.hard_min <= value <= prop.hard_max:
             low, high = (f"{x:g}" if isinstance(x, float) else str(x) for x in (prop.hard_min, prop.hard_max))
             print(f"{script}: {option} {value} is out of range: choose {low} to {high}", file=sys.stderr)

@@ -538,6 +538,17 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     bpy.data.images.remove(taken.images[0])
 
 
+def test_a_batch_script_newer_than_the_installed_extension_says_so(kiln, scene, capsys) -> None:
+    """A TD pulls the scripts and forgets to reinstall the zip: an option the installed Kiln lacks
+    was a KeyError traceback."""
+    import runpy
+
+    batch = runpy.run_path(str(ROOT / "examples" / "batch_texture.py"))  # its functions, not its main
+    assert not batch["assign"](bpy.context.scene.kiln, {"future_knob": ("--future-knob", 1.0)}, "batch_texture.py")
+    assert "batch_texture.py: --future-knob needs a newer Kiln than the one installed in this Blender: install " \
+        "dist/kiln-*.zip" in capsys.readouterr().err
+
+
 class DrawnLayout:
     """Stands in for a UILayout, which Blender makes only when it draws a window (never in
     background mode), so that the add-on's draw code runs here: it records what a draw shows and
