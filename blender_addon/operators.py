@@ -72,7 +72,7 @@ class _SessionOperator(_WhenIdle):
         session = self._session(context)
         if session is None:
             return {"CANCELLED"}
-        shown = -1
+        shown, interrupted = -1, False
         try:
             while not session.finished:
                 session.pump(timeout=0.1)
@@ -81,10 +81,11 @@ class _SessionOperator(_WhenIdle):
                     shown = int(fraction * 10)
                     print(f"Kiln {fraction:.0%} · {text}", flush=True)
         except KeyboardInterrupt:
+            interrupted = True
             session.cancel()
             while not session.finished:
                 session.pump(timeout=0.1)
-        return self._end(session)
+        return self._end(session, interrupted)
 
     def invoke(self, context: bpy.types.Context, event: bpy.types.Event) -> set[str]:
         if self._session(context) is None:
@@ -118,14 +119,19 @@ class _SessionOperator(_WhenIdle):
             ACTIVE.abandon("stopped: Blender ended the job's operator")
         context.window_manager.event_timer_remove(self._timer)
 
-    def _end(self, session: sessions.TextureSession) -> set[str]:
+    def _end(self, session: sessions.TextureSession, interrupted: bool = False) -> set[str]:
+        """Reports how the job ended. Ctrl+C ends a script's (a batch run's) job like Esc an
+        artist's, but as an error: the script's call raises, so it does not go on, or exit 0, as if
+        the job had finished."""
         for note in dict.fromkeys(session.notes):
             self.report({"INFO"}, note)
         if session.succeeded:
             self.report({"INFO"}, f"Kiln: {session.summary()}")
             return {"FINISHED"}
         if session.cancel_requested and not session.failure:
-            self.report({"WARNING"}, f"Kiln cancelled; kept the last result. {session.summary()}")
+            how = " (Ctrl+C)" if interrupted else ""
+            self.report({"ERROR" if interrupted else "WARNING"},
+                        f"Kiln cancelled{how}; kept the last result. {session.summary()}")
         else:
             self.report({"ERROR"}, f"Kiln: {session.summary()}")
         return {"FINISHED"} if session.changed_scene else {"CANCELLED"}

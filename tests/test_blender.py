@@ -321,6 +321,25 @@ def test_cancel_mid_job_keeps_the_last_texture(kiln, scene) -> None:
     assert pixels(target.live.image)[:-4:4].std() > 0.01
 
 
+def test_ctrl_c_in_a_script_cancels_its_job_and_the_call_raises(kiln, scene, monkeypatch) -> None:
+    """A batch run's Ctrl+C (a KeyboardInterrupt while the call waits on the job) ends the job as Esc
+    does, last texture kept; the script went on to print "textured" and exit 0."""
+    obj = add_cube()
+    select(obj)
+    scene.steps = 100
+    pump = kiln.session.TextureSession.pump
+
+    def interrupted(session, timeout: float = 0.0) -> None:
+        pump(session, timeout)
+        if session.targets[0].live is not None and not session.cancel_requested:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(kiln.session.TextureSession, "pump", interrupted)
+    with pytest.raises(RuntimeError, match=r"Kiln cancelled \(Ctrl\+C\); kept the last result"):
+        bpy.ops.kiln.texture_selected()
+    assert obj.material_slots[0].material.name == "Kiln Cube" and kiln.operators.ACTIVE.finished
+
+
 def test_backend_killed_mid_job_then_a_new_job_restarts_it(kiln, scene) -> None:
     obj = add_cube()
     session = run_session(kiln, [obj], steps=100)
