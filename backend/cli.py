@@ -30,13 +30,24 @@ from .texture import SlotTextures
 from .tiles import udim_numbers
 
 
-class ConsoleEvents(TextureEvents):
-    """Progress on a tqdm bar on stderr; the last texture kept for writing out."""
+#: In a log, a progress line at most this often (besides one for each new phase).
+LOG_EVERY_S = 10.0
 
-    def __init__(self) -> None:
+
+class ConsoleEvents(TextureEvents):
+    """Progress on stderr, the last texture kept for writing out. In a terminal, a tqdm bar; in a
+    log (stderr a pipeline's file, a render farm's console) plain lines, one for each new phase and
+    at most one every ``LOG_EVERY_S`` besides: there a bar's carriage returns made the whole job one
+    line, tens of kilobytes long."""
+
+    def __init__(self, interactive: bool | None = None) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=1, unit="update", file=sys.stderr, dynamic_ncols=True)
+        interactive = sys.stderr.isatty() if interactive is None else interactive
+        self.bar = tqdm(total=1, unit="update", file=sys.stderr, dynamic_ncols=True) if interactive else None
+        self.started, self.logged = time.monotonic(), -LOG_EVERY_S
+        self.phases: set[str] = set()
+        self.last_logged: tuple[str, bool] = ("", False)  # a phase's last count is logged once
         self.phase = ""
         self.final = None
         self.reference_used: dict[str, object] | None = None
@@ -45,12 +56,22 @@ class ConsoleEvents(TextureEvents):
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.bar.close()  # an error then prints on a line of its own, not after the bar
+        if self.bar is not None:
+            self.bar.close()  # an error then prints on a line of its own, not after the bar
 
     def progress(self, done: int, total: int, phase: str) -> None:
-        """Through tqdm's rate limit, so a long job does not write a line per update into a TD's log;
-        but a new phase that holds the count still (extracting, unwrapping) shows at once, since no
-        update comes to show it while it runs."""
+        """Through tqdm's rate limit, or the log's, so that a long job does not write a line per
+        update; but a new phase that holds the count still (extracting, unwrapping) shows at once,
+        since no update comes to show it while it runs."""
+        if self.bar is None:
+            now, new, end = time.monotonic(), phase not in self.phases, (phase, done >= total)
+            if new or now - self.logged >= LOG_EVERY_S or (end[1] and end != self.last_logged):
+                self.last_logged = end
+                self.phases.add(phase)
+                self.logged = now
+                print(f"kiln: {phase} {done}/{total} ({done / max(total, 1):.0%}, {now - self.started:.0f} s)",
+                      file=sys.stderr, flush=True)
+            return
         still, changed, self.phase = done == self.bar.n, phase != self.phase, phase
         self.bar.total = total
         self.bar.set_description(phase, refresh=False)
@@ -69,7 +90,10 @@ class ConsoleEvents(TextureEvents):
         return {"reference": self.reference_used} if self.reference_used else {}
 
     def log(self, text: str) -> None:
-        self.bar.write(text, file=sys.stderr)
+        if self.bar is None:
+            print(text, file=sys.stderr, flush=True)
+        else:
+            self.bar.write(text, file=sys.stderr)
 
 
 #: The summary every CLI job writes beside its results.
@@ -368,7 +392,8 @@ def index_command(args: argparse.Namespace) -> int:
         clip = ClipEmbedder.load(args.clip, args.offline, torch.device("cpu")) if args.clip else None
         empty = False
         for folder in args.folders:
-            with tqdm(total=1, unit="asset", file=sys.stderr, dynamic_ncols=True) as bar:
+            # Off in a log (disable=None: stderr no terminal), where its frames made one long line.
+            with tqdm(total=1, unit="asset", file=sys.stderr, dynamic_ncols=True, disable=None) as bar:
                 def progress(done: int, total: int, what: str, bar=bar) -> None:
                     bar.total, bar.n = total, done
                     bar.set_description(what[-40:])

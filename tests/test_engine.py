@@ -917,17 +917,34 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
 
 
 def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count(capsys) -> None:
-    """A TD's log gets a few lines for a burst of updates, not one per update; a phase that holds
-    the count (unwrapping) is on the bar at once, though no update follows to show it."""
-    from backend.cli import ConsoleEvents
+    """A terminal gets a few frames of the bar for a burst of updates, not one per update; a phase
+    that holds the count (unwrapping) is on the bar at once, though no update follows to show it.
+    A log (stderr not a terminal) gets plain lines, no carriage returns: one for each new phase and
+    at most one every LOG_EVERY_S besides, though SIR's phases alternate at every few updates."""
+    from backend import cli
 
-    events = ConsoleEvents()
-    for done in range(1, 501):
-        events.progress(done, 1000, "reconstructing")
-    events.progress(500, 1000, "unwrapping UVs (xatlas)")
+    with cli.ConsoleEvents(interactive=True) as events:
+        for done in range(1, 501):
+            events.progress(done, 1000, "reconstructing")
+        events.progress(500, 1000, "unwrapping UVs (xatlas)")
     frames = [f for f in capsys.readouterr().err.split("\r") if f.strip()]
     assert len(frames) < 20
     assert "unwrapping UVs (xatlas)" in frames[-1] and "500/1000" in frames[-1]
+    events = cli.ConsoleEvents()  # pytest's captured stderr is no terminal
+    for done in range(1, 501):
+        events.progress(done, 1000, "denoising views" if done % 20 < 10 else "reconstructing texture")
+    events.progress(500, 1000, "unwrapping UVs (xatlas)")
+    events.log("PIPELINE CHECK")
+    log = capsys.readouterr().err
+    assert "\r" not in log and log.splitlines() == [
+        "kiln: denoising views 1/1000 (0%, 0 s)", "kiln: reconstructing texture 10/1000 (1%, 0 s)",
+        "kiln: unwrapping UVs (xatlas) 500/1000 (50%, 0 s)", "PIPELINE CHECK"]
+    events.logged -= cli.LOG_EVERY_S  # as if that long had passed
+    events.progress(501, 1000, "reconstructing texture")
+    assert capsys.readouterr().err.startswith("kiln: reconstructing texture 501/1000 (50%")
+    for _ in range(2):  # the end shows, once
+        events.progress(1000, 1000, "reconstructing texture")
+    assert capsys.readouterr().err.splitlines() == ["kiln: reconstructing texture 1000/1000 (100%, 0 s)"]
 
 
 def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
