@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from .environment import LEGACY_TORCH_INDEX, gpu_capability
+from .environment import CUDA_TORCH_INDEX, LEGACY_BELOW, LEGACY_TORCH_INDEX, gpu_capability
 
 #: torch's own words when a kernel is missing for the card, the fallback when ``gpu_problem``
 #: did not see it coming (a kernel of nvdiffrast's or gsplat's, built for other cards).
@@ -37,10 +37,14 @@ def has_kernels(capability: tuple[int, int], archs: list[str]) -> bool:
     return False
 
 
-def _legacy_fix() -> str:
-    return (f"install the CUDA 12.6 build of torch, the last with kernels for cards before the RTX 20 series, into "
-            f"the backend's environment (`python -m pip install --force-reinstall torch --index-url "
-            f"{LEGACY_TORCH_INDEX}` with its Python), or set up the backend again")
+def _kernel_fix(capability: tuple[int, int] | None) -> str:
+    """How to get a torch with kernels for a card of ``capability``: an older card needs the last
+    build that kept them, a newer one a newer build."""
+    index, which = (LEGACY_TORCH_INDEX, "the CUDA 12.6 build of torch, the last with kernels for cards before the "
+                    "RTX 20 series,") if capability is None or capability < LEGACY_BELOW else \
+        (CUDA_TORCH_INDEX, "a newer torch, built for this card,")
+    return (f"install {which} into the backend's environment (`python -m pip install --force-reinstall torch "
+            f"--index-url {index}` with its Python), or set up the backend again")
 
 
 @lru_cache(maxsize=1)
@@ -53,7 +57,7 @@ def gpu_problem() -> str:
             return ""
         return (f"the {torch.cuda.get_device_name()} (compute capability {capability[0]}.{capability[1]}) is not a "
                 f"card torch {torch.__version__} has kernels for ({' '.join(archs)}), so jobs run on the CPU, "
-                f"far slower: {_legacy_fix()}")
+                f"far slower: {_kernel_fix(capability)}")
     if gpu_capability() is None:
         return ""
     if torch.version.cuda is None:
@@ -78,4 +82,5 @@ def no_kernel_fix(text: str) -> str | None:
     """The fix for torch's missing-kernel error, when ``text`` is one."""
     if NO_KERNEL not in text:
         return None
-    return f"this GPU has no kernels in the backend's torch {torch.__version__}: {_legacy_fix()}"
+    capability = torch.cuda.get_device_capability() if torch.cuda.is_available() else None
+    return f"this GPU has no kernels in the backend's torch {torch.__version__}: {_kernel_fix(capability)}"

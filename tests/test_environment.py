@@ -66,6 +66,10 @@ def test_a_gpu_torch_cannot_use_is_named_with_its_fix_and_jobs_run_on_the_cpu(gp
     problem = look()
     assert problem.startswith("the NVIDIA GeForce GTX 1080 (compute capability 6.1) is not a card torch")
     assert f"--index-url {LEGACY_TORCH_INDEX}" in problem and gpu_module.default_device().type == "cpu"
+    card.capability, card.archs = (12, 0), ["sm_75", "sm_80", "sm_86", "sm_90"]  # newer than the build, no PTX
+    assert "a newer torch, built for this card, into the backend's environment" in look()
+    assert f"--index-url {CUDA_TORCH_INDEX}" in look()
+    card.capability = (6, 1)
     card.available = False  # a CPU build of torch, or a driver older than its CUDA
     card.cuda = None
     assert "is a CPU build" in look() and "--device cuda" in look()
@@ -73,6 +77,7 @@ def test_a_gpu_torch_cannot_use_is_named_with_its_fix_and_jobs_run_on_the_cpu(gp
     assert "update the NVIDIA driver" in look()
     card.smi = None  # no NVIDIA card: the CPU is all there is
     assert look() == ""
+    card.available = True
     failure = describe_failure(RuntimeError("CUDA error: no kernel image is available for execution on the device"),
                                False)["message"]
     assert "this GPU has no kernels in the backend's torch" in failure and LEGACY_TORCH_INDEX in failure
