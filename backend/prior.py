@@ -673,10 +673,23 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
     elif HF_ID.match(model) and not path.exists():
         pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
     else:
-        raise ModelError(protocol.E_MODEL_NOT_FOUND,
-                         f"unknown model {model!r}: it is not 'tiny', an existing diffusers folder, a "
-                         ".safetensors file, or a Hugging Face id like 'stabilityai/stable-diffusion-2-1-base'")
+        raise unknown_model(model)
     return _from_pipeline(model, pipe, device, dtype)
+
+
+def unknown_model(model: str) -> ModelError:
+    return ModelError(protocol.E_MODEL_NOT_FOUND,
+                      f"unknown model {model!r}: it is not 'tiny', an existing diffusers folder, a .safetensors file, "
+                      "or a Hugging Face id like 'stabilityai/stable-diffusion-2-1-base'")
+
+
+def names_a_model(model: str) -> bool:
+    """Whether ``model`` is a form ``load_prior`` loads, judged without loading or fetching anything,
+    so that a typo is refused before the loaded model makes way for it."""
+    path = Path(model).expanduser()
+    return model == TINY or model.startswith(PLUGIN) or _HUB_URL.match(model.strip()) is not None \
+        or path.is_dir() or (path.is_file() and path.suffix in (".safetensors", ".ckpt")) \
+        or (HF_ID.match(model) is not None and not path.exists())
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str) -> Any:

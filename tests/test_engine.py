@@ -600,6 +600,17 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
         load_prior(str(tmp_path), torch.device("cpu"))
 
 
+def test_a_mistyped_model_is_refused_with_the_loaded_one_kept() -> None:
+    """The cache made way (dropped the loaded model) before loading the next one: a typo in the
+    model field cost the next job a reload of the model it had."""
+    models, events = ModelCache(), TextureEvents()
+    tiny = models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny"}), events)
+    for typo in ("tiny2", "stable-diffusion-v1-5", "C:/no/such/model.safetensors"):
+        with pytest.raises(ModelError, match=rf"unknown model '{typo}': it is not 'tiny'"):
+            models.get(JobRequest.from_fields({"prompt": "a crate", "model": typo}), events)
+    assert list(models.priors.values()) == [tiny]
+
+
 def hub_error(kind: type, message: str) -> Exception:
     """huggingface_hub's own error, with its own words, without the HTTP response it is built from
     (whose class changes with its version)."""
