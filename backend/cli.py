@@ -20,7 +20,7 @@ import numpy as np
 from . import protocol
 from .assets import base_colour, image_rgb, texture_tensor
 from .events import TextureEvents
-from .gpu import device_label
+from .gpu import device_label, no_kernel_fix
 from .jobs import JobError, JobRequest, ModelCache, describe_failure, run_generate_job, run_texture_job
 from .mesh import SMOOTH_ANGLE_DEG, Mesh, MeshError, shaded_vertices
 from .mesh_file import MESH_SUFFIXES, load_mesh_file, missing_texture, parts_without_uvs, texture_placement_problem
@@ -326,11 +326,12 @@ def finish(request: JobRequest, out: Path, started: float, files: dict[str, str]
     return 0
 
 
-def out_of_memory(exc: Exception, low_vram: bool) -> int:
-    """Exit code 2 with the fix (Low VRAM first) when the GPU ran out of memory, which a pipeline
-    can act on; any other exception is a bug and goes on with its traceback."""
+def known_failure(exc: Exception, low_vram: bool) -> int:
+    """Exit code 2 with the fix when the GPU ran out of memory (Low VRAM first) or has no kernels in
+    this torch, which a pipeline can act on; any other exception is a bug and goes on with its
+    traceback."""
     failure = describe_failure(exc, low_vram)
-    if failure["code"] != protocol.E_OUT_OF_MEMORY:
+    if failure["code"] != protocol.E_OUT_OF_MEMORY and not no_kernel_fix(str(exc)):
         raise exc
     print(f"kiln: error: {failure['message']}", file=sys.stderr)
     return 2
@@ -353,8 +354,8 @@ def texture_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - out of GPU memory gets its fix; anything else is re-raised
-        return out_of_memory(exc, args.low_vram)
+    except Exception as exc:  # noqa: BLE001 - a GPU failure with a known fix gets it; anything else is re-raised
+        return known_failure(exc, args.low_vram)
     return finish(request, out, started, write_result(mesh, events.final, out, loaded), **events.used())
 
 
@@ -368,8 +369,8 @@ def generate_command(args: argparse.Namespace) -> int:
     except (JobError, MeshError, ModelError) as exc:
         print(f"kiln: error: {exc}", file=sys.stderr)
         return 2
-    except Exception as exc:  # noqa: BLE001 - out of GPU memory gets its fix; anything else is re-raised
-        return out_of_memory(exc, args.low_vram)
+    except Exception as exc:  # noqa: BLE001 - a GPU failure with a known fix gets it; anything else is re-raised
+        return known_failure(exc, args.low_vram)
     # glTF is Y-up; the object was made Z-up (Blender's convention): (x, y, z) → (x, z, −y).
     mesh = replace(result.mesh, positions=result.mesh.positions[:, [0, 2, 1]] * np.array([1, 1, -1], np.float32))
     # All smooth, as Generate Object in Blender makes it: a marching-cubes skin has bumps, not hard edges.

@@ -993,7 +993,8 @@ def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
 def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_traceback(
         tmp_path, monkeypatch, capsys) -> None:
     """The CLI (and the server, through the same ``describe_failure``) turns a CUDA out-of-memory
-    failure into exit code 2 and the fix; Low VRAM comes first unless the job already had it."""
+    failure into exit code 2 and the fix; Low VRAM comes first unless the job already had it. So
+    does a card with no kernels in torch's build."""
     import torch
 
     from backend import cli
@@ -1009,6 +1010,13 @@ def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_tr
     assert cli.main([*job, "--low-vram"]) == 2
     err = capsys.readouterr().err
     assert "even in Low VRAM mode: choose a smaller texture size" in err and "turn on" not in err
+
+    def no_kernel(*_args, **_kwargs):  # a card its torch has no kernels for, not seen coming
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(cli, "run_texture_job", no_kernel)
+    assert cli.main(job) == 2
+    assert "this GPU has no kernels in the backend's torch" in capsys.readouterr().err
 
     def bug(*_args, **_kwargs):
         raise RuntimeError("a bug")
