@@ -387,11 +387,9 @@ def few_step_kind(model: str, lora: str | None = None) -> str | None:
 def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool, weight: float = 1.0) -> None:
     """Load a LoRA through diffusers' pipeline loader (Kohya or diffusers format, id, folder or
     file) and fuse it into the UNet and text encoder, so inference costs nothing extra."""
+    if not names_weights(source):
+        raise unknown_part("LoRA", source)
     path = Path(source).expanduser()
-    if not (path.exists() or HF_ID.match(source)):
-        raise ModelError(protocol.E_MODEL_NOT_FOUND,
-                         f"unknown LoRA {source!r}: give a Hugging Face id such as "
-                         "'latent-consistency/lcm-lora-sdv1-5', a folder, or a .safetensors file")
     from diffusers import DDIMScheduler, StableDiffusionPipeline  # imports transformers' image processors: seconds
 
     # The pipeline wants a scheduler that LoRA loading never uses; with the defaults' steps_offset 0
@@ -456,7 +454,7 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
             return _taesd_file(path)
         return AutoencoderKL.from_single_file(str(path), dtype=prior.dtype, local_files_only=offline)
 
-    vae = _load_part(source, "VAE", "'madebyollin/taesd' (fast, for SD 1.x/2.x)", offline, from_file,
+    vae = _load_part(source, "VAE", offline, from_file,
                      lambda name, local: AutoModel.from_pretrained(name, dtype=prior.dtype,
                                                                    local_files_only=local,
                                                                    variant=_folder_variant(Path(name))))
@@ -505,7 +503,7 @@ def _load_controlnet(source: str, prior: LatentDiffusionPrior, offline: bool) ->
     published = _published_config(source, "config.json", offline)
     if published is not None:
         _check_controlnet(source, published, prior)
-    net = _load_part(source, "ControlNet", "'lllyasviel/sd-controlnet-depth'", offline,
+    net = _load_part(source, "ControlNet", offline,
                      lambda path: ControlNetModel.from_single_file(str(path), dtype=prior.dtype,
                                                                    local_files_only=offline),
                      lambda name, local: ControlNetModel.from_pretrained(name, dtype=prior.dtype,
@@ -540,7 +538,7 @@ def _check_controlnet(source: str, config: dict, prior: LatentDiffusionPrior) ->
                      f"{tuple(ours['block_out_channels'])}): pick a depth ControlNet made for the model's base")
 
 
-def _load_part(source: str, what: str, example: str, offline: bool, from_file: Callable[[Path], Any],
+def _load_part(source: str, what: str, offline: bool, from_file: Callable[[Path], Any],
                from_pretrained: Callable[[str, bool], Any]) -> Any:
     """A model part (ControlNet, VAE) given as a single file, a diffusers folder or a Hugging Face
     id; ``from_pretrained`` gets the name and whether to stay local. The many ways loading fails
@@ -555,8 +553,24 @@ def _load_part(source: str, what: str, example: str, offline: bool, from_file: C
         raise
     except Exception as exc:  # hub, filesystem, format and config errors all end here
         raise explain_load_error(exc, f"{what} {source!r}", offline, local=path.exists()) from None
-    raise ModelError(protocol.E_MODEL_NOT_FOUND, f"unknown {what} {source!r}: give a Hugging Face id such as "
-                     f"{example}, a diffusers folder, or a .safetensors file")
+    raise unknown_part(what, source)
+
+
+#: An example of a name each part's field takes, for the refusal of one that names nothing.
+_PART_EXAMPLES = {"LoRA": "'latent-consistency/lcm-lora-sdv1-5'", "VAE": "'madebyollin/taesd' (fast, for SD 1.x/2.x)",
+                  "ControlNet": "'lllyasviel/sd-controlnet-depth'"}
+
+
+def unknown_part(what: str, source: str) -> ModelError:
+    return ModelError(protocol.E_MODEL_NOT_FOUND, f"unknown {what} {source!r}: give a Hugging Face id such as "
+                      f"{_PART_EXAMPLES[what]}, a folder, or a .safetensors file")
+
+
+def names_weights(source: str) -> bool:
+    """Whether a part's ``source`` is a form its loader loads (a file or folder here, a Hugging
+    Face id or page), judged without loading or fetching anything (see ``names_a_model``)."""
+    return Path(source).expanduser().exists() or HF_ID.match(source) is not None \
+        or _HUB_URL.match(source.strip()) is not None
 
 
 #: A model's family, by the width of the text embeddings its UNet (or ControlNet) attends to.

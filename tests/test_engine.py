@@ -608,6 +608,9 @@ def test_a_mistyped_model_is_refused_with_the_loaded_one_kept() -> None:
     for typo in ("tiny2", "stable-diffusion-v1-5", "C:/no/such/model.safetensors"):
         with pytest.raises(ModelError, match=rf"unknown model '{typo}': it is not 'tiny'"):
             models.get(JobRequest.from_fields({"prompt": "a crate", "model": typo}), events)
+    for part, typo in (("lora", "lcm-lora-sdv1-5"), ("vae", "~/no/vae.safetensors"), ("controlnet", "depth")):
+        with pytest.raises(ModelError, match=r"unknown (LoRA|VAE|ControlNet) '.*': give a Hugging Face id such as"):
+            models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny", part: typo}), events)
     assert list(models.priors.values()) == [tiny]
 
 
