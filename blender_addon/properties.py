@@ -22,7 +22,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 #: Options of a scene's path field that may be relative to the .blend ("//", resolved by
 #: ``typed_path``). Blender 4.5 asks fields to say so, and otherwise warns when one is set and its
-#: file browser writes absolute paths; 4.2 to 4.4 know no such option and let every field.
+#: file browser writes absolute paths; 4.2 to 4.4 know no such option and let every path field hold one.
 BLEND_RELATIVE = {"PATH_SUPPORTS_BLEND_RELATIVE"} if bpy.app.version >= (4, 5, 0) else set()
 
 
