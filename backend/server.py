@@ -31,7 +31,7 @@ import torch
 
 from . import protocol, unwrap
 from .events import Cancelled, TextureEvents
-from .gpu import device_label
+from .gpu import device_label, gpu_problem
 from .jobs import (
     JobError,
     JobRequest,
@@ -451,6 +451,8 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
     if sys.stdout is not None and sys.stderr is not None:  # pythonw has neither
         os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
     log.info("listening on 127.0.0.1:%d", server.port)
+    if problem := gpu_problem():  # in Blender's console (and Copy Diagnostics) or the standing backend's terminal
+        log.warning(problem)
     unwrap.keep_spare()  # each job on a mesh without UVs then finds xatlas's child already started
     if connection_file is None:
         threading.Thread(target=_exit_with_parent, name="kiln-parent-watch", daemon=True).start()
