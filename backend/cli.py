@@ -433,12 +433,12 @@ def search_command(args: argparse.Namespace) -> int:
 
 def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     """The options texturing and generating share."""
-    parser.add_argument("--prompt", required=True)
-    parser.add_argument("--negative", default="", help="negative prompt")
+    parser.add_argument("--prompt", required=True, help="what the result should show")
+    parser.add_argument("--negative", default="", help="negative prompt: what it should avoid")
     parser.add_argument("--model", default="tiny",
                         help="'tiny' (built-in, offline pipeline check), a Hugging Face id, a diffusers folder, "
                              "or a .safetensors file")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same settings: same result (default 0)")
     parser.add_argument("--size", type=int, default=1024,
                         help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
     parser.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
@@ -502,7 +502,7 @@ def main(argv: list[str] | None = None) -> int:
                             f"(default {protocol.default_connection_file()}) for Kiln's 'Connect to a Running "
                             "Backend' preference; keeps models loaded across Blender sessions; Ctrl+C stops it")
     tex = sub.add_parser("texture", help="texture a mesh file from a prompt, without Blender")
-    tex.add_argument("mesh", help=f"a {', '.join(MESH_SUFFIXES)} file")
+    tex.add_argument("mesh", help=f"a {', '.join(MESH_SUFFIXES[:-1])} or {MESH_SUFFIXES[-1]} file")
     add_job_arguments(tex, PRESETS)
     tex.add_argument("--controlnet", default=None,
                      help="a depth ControlNet (HF id, folder or .safetensors) so views follow the mesh's shape")

@@ -20,7 +20,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vae", default="", help="an autoencoder in place of the model's, e.g. madebyollin/taesd "
                         "(SD 1.x/2.x): faster, slightly softer")
     parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="same seed, same settings: same result (default 0)")
     parser.add_argument("--size", type=int, default=1024, help="texture size")
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--guidance", type=float, default=None)
@@ -37,7 +37,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
 def parse() -> argparse.Namespace:
     argv = sys.argv[sys.argv.index("--") + 1:] if "--" in sys.argv else []
     parser = argparse.ArgumentParser(prog="batch_texture.py")
-    parser.add_argument("--prompt", required=True)
+    parser.add_argument("--prompt", required=True, help="what the textures should show")
     add_shared_options(parser)
     parser.add_argument("--controlnet", default="", help="a depth ControlNet: HF id, folder or .safetensors")
     parser.add_argument("--controlnet-weight", type=float, default=1.0,
