@@ -8,6 +8,7 @@ import socket
 import stat
 import struct
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -200,6 +201,7 @@ def test_a_library_writing_to_stdout_does_not_hang_the_job(tmp_path) -> None:
         srv.stop()
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event on Windows, not a signal to send")
 def test_backend_exits_when_its_parent_closes_stdin_and_not_on_the_terminals_ctrl_c() -> None:
     """Ctrl+C in the terminal Blender runs from reaches the backend too: it killed a job mid-way,
     with a traceback, whether or not Blender went."""
