@@ -445,7 +445,7 @@ def serve(port: int = 0, connection_file: Path | None = None) -> int:
             return 2
     print(json.dumps({"kiln": "listening", "port": server.port, "pid": os.getpid(),
                       "protocol": protocol.PROTOCOL_VERSION, "device": server.device,
-                      "software": server.software}), flush=True)
+                      "software": server.software, "gpu_problem": gpu_problem()}), flush=True)
     # Blender reads only that line: whatever a library (or a child, which inherits the descriptor)
     # wrote to stdout later would fill a pipe no one reads, and the backend would hang in the write.
     if sys.stdout is not None and sys.stderr is not None:  # pythonw has neither

@@ -82,6 +82,8 @@ class BackendProcess:
         self.device = ""
         #: Its Python, torch and diffusers versions, from its ready line, for Copy Diagnostics.
         self.software = ""
+        #: Why it runs on the CPU of a machine with an NVIDIA card, with the fix ("" when it does not).
+        self.gpu_problem = ""
         self.stderr_tail: collections.deque[str] = collections.deque(maxlen=200)
 
     def start(self) -> int:
@@ -117,6 +119,7 @@ class BackendProcess:
                 self.port = int(ready["port"])
                 self.device = str(ready.get("device") or "")
                 self.software = str(ready.get("software") or "")
+                self.gpu_problem = str(ready.get("gpu_problem") or "")
                 return self.port
             except (ValueError, KeyError, TypeError):
                 break
@@ -195,6 +198,7 @@ class StandingBackend:
     loaded models across Blender sessions, and its output is in the terminal that runs it."""
 
     stderr_tail: tuple[str, ...] = ()
+    gpu_problem = ""  # its own terminal says, at its start
 
     def __init__(self, path: Path) -> None:
         self.path = path

@@ -142,6 +142,8 @@ class KILN_PT_backend(_KilnSubPanel, bpy.types.Panel):
     def draw(self, context: bpy.types.Context) -> None:
         layout = self.layout
         layout.label(text=session.MANAGER.status(), icon="CONSOLE")
+        if problem := session.MANAGER.gpu_problem():  # before a job's note says it: slow jobs need a reason
+            draw_wrapped(layout, context, problem, "ERROR")
         row = layout.row(align=True)
         row.operator("kiln.start_backend", text="Start")
         row.operator("kiln.stop_backend", text="Stop")

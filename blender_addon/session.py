@@ -122,6 +122,11 @@ class BackendManager:
                           f"Kiln backend: {self.status()}" + (f" ({backend})" if backend else ""),
                           *(lines or [none])])
 
+    def gpu_problem(self) -> str:
+        """Why the running backend cannot use the machine's NVIDIA card, with the fix ("" if none)."""
+        process = self.process
+        return process.gpu_problem if process is not None and process.alive() else ""
+
     def status(self) -> str:
         process = self.process
         if process is None:

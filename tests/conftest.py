@@ -46,7 +46,8 @@ class BackendServer:
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         self.proc.stdin.write(self.secret.encode() + b"\n")
         self.proc.stdin.flush()
-        self.port = int(json.loads(self.proc.stdout.readline())["port"])
+        self.ready = json.loads(self.proc.stdout.readline())
+        self.port = int(self.ready["port"])
 
     def connect(self, secret: str | None = None) -> socket.socket:
         sock = socket.create_connection(("127.0.0.1", self.port), timeout=60)

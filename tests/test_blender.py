@@ -848,6 +848,14 @@ def test_unsaved_file_gets_the_texture_packed_and_models_can_be_unloaded(kiln, s
     report = kiln.session.MANAGER.diagnostics().splitlines()  # what a bug report needs first
     assert report[0].startswith(f"Kiln 0.1.0 in Blender {bpy.app.version_string}, ")
     assert f"({BACKEND_PYTHON}; Python 3." in report[1] and ", torch " in report[1] and ", diffusers " in report[1]
+    backend_panel = next(p for p in kiln.panel.CLASSES if p.__name__ == "KILN_PT_backend")
+    assert kiln.session.MANAGER.gpu_problem() == ""  # no NVIDIA card here, nothing to explain
+    assert not [item for item in drawn(backend_panel.draw, None, bpy.context) if item[0] == "label"][1:]
+    # A card the backend cannot use (its ready line says why: see test_server): the panel shows why.
+    kiln.session.MANAGER.process.gpu_problem = "the NVIDIA GeForce GTX 1080 (compute capability 6.1) is not a card " \
+        "torch 2.13.0 has kernels for, so jobs run on the CPU, far slower: install the CUDA 12.6 build"
+    shown = " ".join(item[1] for item in drawn(backend_panel.draw, None, bpy.context) if item[0] == "label")
+    assert "GTX 1080 (compute capability 6.1) is not a card" in shown and "install the CUDA 12.6 build" in shown
     assert "tiny" in kiln.session.MANAGER.unload_models()
     assert "none loaded" in kiln.session.MANAGER.unload_models()
 

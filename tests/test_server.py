@@ -201,6 +201,31 @@ def test_a_library_writing_to_stdout_does_not_hang_the_job(tmp_path) -> None:
         srv.stop()
 
 
+OLD_CARD = """
+import torch
+
+torch.cuda.is_available = lambda: True
+torch.cuda.get_device_capability = lambda *_: (6, 1)
+torch.cuda.get_arch_list = lambda: ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
+torch.cuda.get_device_name = lambda *_: "NVIDIA GeForce GTX 1080"
+"""
+
+
+def test_a_card_torch_has_no_kernels_for_is_named_in_the_ready_line_and_jobs_run_on_the_cpu(tmp_path) -> None:
+    """The add-on's Backend panel shows the ready line's reason before any job runs slowly. The
+    card is torch.cuda as a GTX 1080 shows it to a CUDA 12.8 build, set up by a sitecustomize."""
+    (tmp_path / "sitecustomize.py").write_text(OLD_CARD)
+    srv = BackendServer(tmp_path)
+    try:
+        assert srv.ready["device"] == "cpu"
+        assert srv.ready["gpu_problem"].startswith("the NVIDIA GeForce GTX 1080 (compute capability 6.1) is not a card")
+        sock = srv.connect()
+        submit(sock)
+        assert read_until(sock, protocol.DONE, protocol.ERROR)[-1].type == protocol.DONE
+    finally:
+        srv.stop()
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event on Windows, not a signal to send")
 def test_backend_exits_when_its_parent_closes_stdin_and_not_on_the_terminals_ctrl_c() -> None:
     """Ctrl+C in the terminal Blender runs from reaches the backend too: it killed a job mid-way,
