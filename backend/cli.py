@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 import time
 from dataclasses import asdict, replace
@@ -538,6 +539,14 @@ def main(argv: list[str] | None = None) -> int:
         return run_server(args.port, Path(args.connection_file).expanduser() if args.connection_file else None)
     commands = {"index": index_command, "search": search_command, "generate": generate_command,
                 "texture": texture_command}
+
+    def terminated(signum: int, _frame: object) -> None:
+        """A render farm's or a shell's kill: leave as Ctrl+C does, through the job's clean-up (the
+        unwrapping child and its folder of the mesh), which Python's default skips."""
+        print(f"kiln: {args.command} stopped ({signal.Signals(signum).name})", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
         return commands[args.command](args)
     except KeyboardInterrupt:  # Ctrl+C: the shell's exit status for it, without a page of torch's frames

@@ -780,25 +780,46 @@ def test_ctrl_c_stops_the_cli_with_the_shells_status_and_no_traceback(tmp_path) 
     """Ctrl+C reaches the whole foreground group: the CLI and its unwrapping child. It printed a
     page of torch's frames."""
     import signal
-    import trimesh
 
-    trimesh.creation.icosphere(subdivisions=5).export(tmp_path / "ball.obj")  # no UVs: a child unwraps it
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    cli = subprocess.Popen([sys.executable, "-m", "backend", "texture", str(tmp_path / "ball.obj"), "--prompt", "a",
-                            "--steps", "400", "--out", str(tmp_path / "out")], cwd=ROOT, env=env, text=True,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
-    seen = ""
-    while "loading model" not in seen:  # the job is under way
-        seen += cli.stderr.read(1)
+    cli = started_cli(tmp_path, start_new_session=True,
+                      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     os.killpg(cli.pid, signal.SIGINT)
-    seen += cli.communicate(timeout=60)[1]
+    seen = cli.communicate(timeout=60)[1]
     assert cli.returncode == 130 and seen.rstrip().endswith("kiln: texture interrupted (Ctrl+C)")
     assert "Traceback" not in seen and not (tmp_path / "out" / "ball.glb").exists()
+    assert not list((tmp_path / "tmp").glob("kiln-unwrap-*"))
 
 
 @pytest.mark.skipif(not (ROOT / ".venv").is_dir() or Path(sys.prefix) != ROOT / ".venv",
                     reason="the checkout's own environment, which `build.py setup` makes, is not the one running")
+def started_cli(tmp_path: Path, **popen: object) -> subprocess.Popen:
+    """A CLI job on a mesh without UVs (a child unwraps it, in a folder under ``tmp_path/tmp``),
+    returned once it is under way."""
+    import trimesh
+
+    trimesh.creation.icosphere(subdivisions=5).export(tmp_path / "ball.obj")
+    (tmp_path / "tmp").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(tmp_path / "tmp"))
+    cli = subprocess.Popen([sys.executable, "-m", "backend", "texture", str(tmp_path / "ball.obj"), "--prompt", "a",
+                            "--steps", "400", "--out", str(tmp_path / "out")], cwd=ROOT, env=env, text=True,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, **popen)
+    seen = ""
+    while "loading model" not in seen:
+        seen += cli.stderr.read(1)
+    return cli
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="Windows ends a process without a signal to handle")
+def test_a_killed_cli_cleans_up_its_unwrapping_child_and_folder(tmp_path) -> None:
+    """A render farm's kill (SIGTERM) ended the CLI at once: its xatlas child ran on, and the
+    child's folder, holding a copy of the mesh, stayed in the temporary folder for good."""
+    cli = started_cli(tmp_path)
+    cli.terminate()
+    seen = cli.communicate(timeout=60)[1]
+    assert cli.returncode == 128 + 15 and seen.rstrip().endswith("kiln: texture stopped (SIGTERM)")
+    assert not list((tmp_path / "tmp").glob("kiln-unwrap-*"))
+
+
 def test_the_checkouts_environment_runs_the_cli_from_any_folder(tmp_path) -> None:
     """A pipeline calls `.venv/bin/python -m backend` from its own folder: "No module named backend"."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
