@@ -27,8 +27,8 @@ from .presets import (
     resolve_generate,
 )
 from .gpu import gpu_problem, no_kernel_fix
-from .prior import (LatentDiffusionPrior, Prior, first_download, load_prior, names_a_model, names_weights,
-                    readable_tokens, set_low_vram, unknown_model, unknown_part, unread_words)
+from .prior import (LatentDiffusionPrior, Prior, check_names, first_download, load_prior, readable_tokens,
+                    set_low_vram, unread_words)
 from .texture import SlotTextures, shared_uv_area
 from .tiles import pack_tiles
 from .unwrap import Unwrapping
@@ -213,11 +213,8 @@ class ModelCache:
         the ControlNet's weight are set on the loaded model, so changing them costs no reload."""
         key = (request.model, request.controlnet, request.lora_label, request.vae)
         if key not in self.priors:
-            if not names_a_model(request.model):  # refused while the loaded model stays for the next job
-                raise unknown_model(request.model)
-            for what, source in (("ControlNet", request.controlnet), ("LoRA", request.lora), ("VAE", request.vae)):
-                if source and not names_weights(source):
-                    raise unknown_part(what, source)
+            # Refused while the loaded model stays for the next job.
+            check_names(request.model, request.controlnet, request.lora, request.vae)
             fetched = [part for part in (request.model, request.controlnet, request.lora, request.vae)
                        if part and first_download(part, request.offline)]
             events.progress(0, 1, f"downloading {' and '.join(fetched)} (first use: gigabytes, which takes minutes)"

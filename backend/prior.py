@@ -279,6 +279,7 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
     device = device or default_device()
     offline = hub_offline(offline)
+    check_names(model, controlnet, lora, vae)
     model, controlnet, lora, vae = (from_hub_url(source, offline) if source else source
                                     for source in (model, controlnet, lora, vae))
     if model.startswith(PLUGIN):
@@ -387,8 +388,6 @@ def few_step_kind(model: str, lora: str | None = None) -> str | None:
 def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool, weight: float = 1.0) -> None:
     """Load a LoRA through diffusers' pipeline loader (Kohya or diffusers format, id, folder or
     file) and fuse it into the UNet and text encoder, so inference costs nothing extra."""
-    if not names_weights(source):
-        raise unknown_part("LoRA", source)
     path = Path(source).expanduser()
     from diffusers import DDIMScheduler, StableDiffusionPipeline  # imports transformers' image processors: seconds
 
@@ -695,6 +694,17 @@ def unknown_model(model: str) -> ModelError:
     return ModelError(protocol.E_MODEL_NOT_FOUND,
                       f"unknown model {model!r}: it is not 'tiny', an existing diffusers folder, a .safetensors file, "
                       "or a Hugging Face id like 'stabilityai/stable-diffusion-2-1-base'")
+
+
+def check_names(model: str, controlnet: str | None = None, lora: str | None = None, vae: str | None = None) -> None:
+    """Refuse a model, ControlNet, LoRA or VAE name that loads nothing, by its form alone (nothing
+    is loaded or fetched): ``load_prior`` starts with it, and the model cache asks it before it lets
+    the loaded model go, so that a typo costs no reload."""
+    if not names_a_model(model):
+        raise unknown_model(model)
+    for what, source in (("ControlNet", controlnet), ("LoRA", lora), ("VAE", vae)):
+        if source and not names_weights(source):
+            raise unknown_part(what, source)
 
 
 def names_a_model(model: str) -> bool:
