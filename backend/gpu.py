@@ -14,7 +14,7 @@ from functools import lru_cache
 
 import torch
 
-from .environment import CUDA_TORCH_INDEX, LEGACY_BELOW, LEGACY_TORCH_INDEX, gpu_capability
+from .environment import CUDA_TORCH_INDEX, LEGACY_BELOW, LEGACY_TORCH_INDEX, has_nvidia_gpu
 
 #: torch's own words when a kernel is missing for the card, the fallback when ``gpu_problem``
 #: did not see it coming (a kernel of nvdiffrast's or gsplat's, built for other cards).
@@ -58,7 +58,7 @@ def gpu_problem() -> str:
         return (f"the {torch.cuda.get_device_name()} (compute capability {capability[0]}.{capability[1]}) is not a "
                 f"card torch {torch.__version__} has kernels for ({' '.join(archs)}), so jobs run on the CPU, "
                 f"far slower: {_kernel_fix(capability)}")
-    if gpu_capability() is None:
+    if not has_nvidia_gpu():  # (a driver too old to report its card's capability still lists the card)
         return ""
     if torch.version.cuda is None:
         return (f"this machine has an NVIDIA card, but the backend's torch {torch.__version__} is a CPU build, so "

@@ -41,12 +41,12 @@ def test_cards_before_turing_get_the_last_torch_build_with_their_kernels(monkeyp
 def gpu(monkeypatch):
     """torch.cuda as a machine with an NVIDIA card shows it (this one has none), and a fresh look."""
     card = types.SimpleNamespace(available=True, capability=(8, 6), archs=["sm_75", "sm_80", "sm_86", "sm_90"],
-                                 cuda="12.8", smi=(8, 6))
+                                 cuda="12.8", listed=True)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: card.available)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: card.capability)
     monkeypatch.setattr(torch.cuda, "get_arch_list", lambda: card.archs)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA GeForce GTX 1080")
-    monkeypatch.setattr(gpu_module, "gpu_capability", lambda: card.smi)
+    monkeypatch.setattr(gpu_module, "has_nvidia_gpu", lambda: card.listed)
 
     def look():
         monkeypatch.setattr(torch.version, "cuda", card.cuda)
@@ -75,7 +75,7 @@ def test_a_gpu_torch_cannot_use_is_named_with_its_fix_and_jobs_run_on_the_cpu(gp
     assert "is a CPU build" in look() and "--device cuda" in look()
     card.cuda = "12.8"
     assert "update the NVIDIA driver" in look()
-    card.smi = None  # no NVIDIA card: the CPU is all there is
+    card.listed = False  # no NVIDIA card: the CPU is all there is
     assert look() == ""
     card.available = True
     failure = describe_failure(RuntimeError("CUDA error: no kernel image is available for execution on the device"),
