@@ -682,7 +682,8 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
         if path.suffix == ".safetensors":
             _check_checkpoint(path, f"checkpoint {str(path)!r}")
-        pipe = _from_single_file(path, dtype, offline)
+        return _read_parameterisation(_from_pipeline(model, _from_single_file(path, dtype, offline), device, dtype),
+                                      path)
     elif HF_ID.match(model) and not path.exists():
         pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
     else:
@@ -744,6 +745,45 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
         return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=offline)
     except Exception as exc:
         raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline, local=True) from None
+
+
+#: A checkpoint's companion configuration (A1111's and ComfyUI's convention: the checkpoint's name
+#: with .yaml) says ``parameterization: "v"`` for a v-prediction model and nothing for a noise one.
+_V_PARAMETERISATION = re.compile(r"""^\s*parameterization:\s*["']?v["']?\s*(?:#.*)?$""", re.M)
+#: SD 2's text width: its noise-predicting models (2.x-base, depth) work at 512², its v ones at 768².
+_SD2_TEXT_WIDTH = 1024
+
+
+def _read_parameterisation(prior: LatentDiffusionPrior, checkpoint: Path) -> LatentDiffusionPrior:
+    """Settle what a single checkpoint's UNet predicts, which the file does not record: diffusers
+    reads every SD 2 file as 2.1's 768² v-prediction and every SD 1 file as a noise predictor, so a
+    fine-tune of 2.1-base (512², noise) gave textures of noise. A companion .yaml decides where
+    there is one; otherwise ``probe_prediction_type`` does."""
+    config = checkpoint.with_suffix(".yaml")
+    if config.is_file():
+        v = _V_PARAMETERISATION.search(config.read_text(encoding="utf-8", errors="replace"))
+        prior.prediction_type = "v_prediction" if v else "epsilon"
+    else:
+        prior.prediction_type = probe_prediction_type(prior)
+    if prior.unet.config.cross_attention_dim == _SD2_TEXT_WIDTH:
+        prior.unet.register_to_config(sample_size=96 if prior.prediction_type == "v_prediction" else 64)
+    return prior
+
+
+@torch.no_grad()
+def probe_prediction_type(prior: LatentDiffusionPrior) -> str:
+    """Whether the UNet predicts noise or v, from one call at the last timestep, whose input is
+    almost pure noise (SD: 0.07 of the image): a noise predictor returns about its input, a v
+    predictor about minus the image it expects, which owes the input next to nothing. The cosine
+    between output and input is near 1 for the one and near 0 for the other; 0.5 splits them."""
+    t = prior.schedule.num_train_timesteps - 1
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn((1, prior.vae.config.latent_channels, 16, 16), generator=generator).to(prior.device)
+    size = 16 * prior.latent_factor
+    depth = torch.full((1, 1, size, size), 0.5, device=prior.device) if prior.unet.config.in_channels == 5 else None
+    out = prior._unet(x.to(prior.dtype), t, prior.encode_prompt("", "")[:1], depth)
+    agreement = torch.nn.functional.cosine_similarity(out.flatten().float(), x.flatten(), dim=0)
+    return "epsilon" if float(agreement) > 0.5 else "v_prediction"
 
 
 #: How huggingface_hub and requests say the hub could not be reached (or was not to be).

@@ -769,6 +769,55 @@ def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_o
     assert "is on this machine, but reading it needs files it does not hold" in str(err.value)
 
 
+def gaussian_denoiser(schedule, predicts: str, mean: float = 0.4, std: float = 0.9):
+    """The exact UNet for latents drawn from N(mean, std²) per element: what a trained model
+    approximates, as noise (``epsilon``) or v (``v_prediction``)."""
+    from types import SimpleNamespace
+
+    def forward(sample, timestep, encoder_hidden_states=None, **_):
+        a, s = schedule.coefficients(int(timestep))
+        x0 = mean + a * std ** 2 / (a * a * std ** 2 + s * s) * (sample - a * mean)
+        eps = (sample - a * x0) / s
+        return SimpleNamespace(sample=eps if predicts == "epsilon" else a * eps - s * x0)
+    return forward
+
+
+@pytest.mark.parametrize("predicts", ["epsilon", "v_prediction"])
+def test_a_single_checkpoints_parameterisation_is_read_from_its_yaml_or_found_by_one_call(
+        tmp_path, monkeypatch, predicts) -> None:
+    """A single file does not record whether its UNet predicts noise or v, and diffusers reads every
+    SD 2 file as 2.1's 768² v model: a 2.x-base fine-tune (512², noise) made noise. A companion
+    .yaml (A1111's convention) decides; without one, one UNet call at the last timestep does, and
+    an SD 2 model's resolution follows (noise: 512², v: 768²)."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from safetensors.torch import save_file
+
+    from backend import prior as prior_module
+    from backend.tiny_model import build_tiny_prior
+
+    def single_file(path, dtype, offline):
+        tiny = build_tiny_prior(torch.device("cpu"))
+        tiny.unet.register_to_config(cross_attention_dim=1024)  # read as SD 2
+        tiny.unet.forward = gaussian_denoiser(tiny.schedule, predicts)
+        scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                  prediction_type="v_prediction", clip_sample=False)  # diffusers' guess for SD 2
+        return StableDiffusionPipeline(tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.unet, scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    monkeypatch.setattr(prior_module, "_from_single_file", single_file)
+    checkpoint = tmp_path / "fine-tune.safetensors"
+    save_file({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1, 1024),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)}, checkpoint)
+
+    probed = load_prior(str(checkpoint), torch.device("cpu"))
+    assert probed.prediction_type == predicts
+    assert probed.resolution == (768 if predicts == "v_prediction" else 512) * 4 // 8  # the tiny VAE's factor 4
+
+    other = "epsilon" if predicts == "v_prediction" else "v_prediction"
+    yaml = 'model:\n  params:\n    parameterization: "v"\n' if other == "v_prediction" else "model:\n  params: {}\n"
+    checkpoint.with_suffix(".yaml").write_text(yaml)
+    assert load_prior(str(checkpoint), torch.device("cpu")).prediction_type == other
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     return subprocess.run([sys.executable, "-m", "backend", *args], cwd=ROOT, env=env, capture_output=True,
