@@ -406,7 +406,7 @@ def _exit_with_parent() -> None:
             pass
     finally:
         log.info("parent closed stdin; exiting")
-        unwrap.discard_spare()  # os._exit runs no atexit hooks
+        unwrap.stop_children()  # os._exit runs no atexit hooks
         os._exit(0)
 
 

@@ -99,7 +99,7 @@ def _parametrize(positions: np.ndarray, triangles: np.ndarray, pieces: list[np.n
     return corner
 
 
-def _child(folder: str) -> None:
+def _child(folder: str, parent: int) -> None:
     if hasattr(os, "nice"):  # POSIX; on Windows the parent starts the child at below-normal priority
         os.nice(NICENESS)
     import xatlas  # noqa: F401  (now, so that a spare has paid for it before its job comes)
@@ -113,6 +113,11 @@ def _child(folder: str) -> None:
     bounds = data["bounds"]
     pieces = [data["order"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     np.save(Path(folder) / "uvs.npy", _parametrize(data["positions"], triangles, pieces))
+    if os.getppid() != parent:  # the backend was killed meanwhile (POSIX hands its orphans to another
+        # process; Windows keeps the dead parent's id): no one is left to read the UVs or remove the
+        # folder, which holds a copy of the artist's mesh
+        os.close(2)
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Child:
@@ -125,9 +130,12 @@ class _Child:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
         with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
-            self.process = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(folder)], env=env,
+            self.process = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(folder), str(os.getpid())],
+                                            env=env,
                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
                                             creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0))
+        with _live_lock:
+            _live.add(self)
 
     def close(self) -> None:
         if self.process.poll() is None:
@@ -136,11 +144,16 @@ class _Child:
         with contextlib.suppress(OSError):  # a "go" still buffered for a child that died: nothing to tell
             self.process.stdin.close()
         self.folder.cleanup()
+        with _live_lock:
+            _live.discard(self)
 
 
 _spare: _Child | None = None
 _keeping = False
 _lock = threading.Lock()
+#: Every child not yet closed, the spare and those at work: ``stop_children`` ends them all.
+_live: set[_Child] = set()
+_live_lock = threading.Lock()
 
 
 def keep_spare() -> None:
@@ -149,7 +162,7 @@ def keep_spare() -> None:
     global _keeping, _spare
     with _lock:
         if not _keeping:
-            atexit.register(discard_spare)
+            atexit.register(stop_children)
         _keeping = True
         if _spare is None:
             _spare = _Child()
@@ -163,6 +176,19 @@ def discard_spare() -> None:
         if _spare is not None:
             _spare.close()
             _spare = None
+
+
+def stop_children() -> None:
+    """Stop every child, the spare and those at work, and remove their folders: the backend is going
+    (Blender closed its stdin, or a standing backend's Ctrl+C), and a child at work would run on
+    and leave its folder, a copy of the mesh, behind with no one to read or remove it."""
+    global _keeping, _spare
+    with _lock:
+        _keeping, _spare = False, None
+    with _live_lock:
+        children = list(_live)
+    for child in children:
+        child.close()
 
 
 def _take_child() -> _Child:
@@ -268,4 +294,4 @@ def unwrap(mesh: Mesh, cancelled: Callable[[], bool] = lambda: False,
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1])
+    _child(sys.argv[1], int(sys.argv[2]))

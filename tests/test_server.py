@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -236,6 +237,54 @@ def test_backend_exits_when_its_parent_closes_stdin_and_not_on_the_terminals_ctr
     assert_still_serving(srv)
     srv.proc.stdin.close()
     assert srv.proc.wait(timeout=10) == 0
+
+
+def frozen_unwrapping(tmp_path: Path, monkeypatch) -> tuple[BackendServer, socket.socket, int, Path]:
+    """A Blender backend whose job on a mesh without UVs has handed its xatlas child the mesh, with
+    the child stopped (SIGSTOP) before it could start: the job's connection, the child's pid and
+    folder."""
+    tmp_path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(tmp_path))
+    srv = BackendServer()
+    deadline = time.monotonic() + 60
+    while not (spare := [(int(p.parent.name), Path(p.read_bytes().split(b"\0")[3].decode()))
+                         for p in Path("/proc").glob("[0-9]*/cmdline") if str(tmp_path).encode() in p.read_bytes()
+                         and b"backend.unwrap" in p.read_bytes()]):
+        assert time.monotonic() < deadline, "the backend started no spare xatlas child"
+        time.sleep(0.05)
+    pid, folder = spare[0]
+    os.kill(pid, signal.SIGSTOP)
+    sock = srv.connect()
+    submit(sock, cube_arrays(with_uvs=False))
+    while not (folder / "mesh.npz").exists():
+        assert time.monotonic() < deadline, "the job never handed its child the mesh"
+        time.sleep(0.05)
+    return srv, sock, pid, folder
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds the child through /proc")
+def test_a_backend_that_goes_mid_unwrap_leaves_no_copy_of_the_mesh(tmp_path, monkeypatch) -> None:
+    """Blender quitting (stdin closed) or killing its backend mid-unwrap left xatlas's child running
+    on, and its folder, holding a copy of the artist's mesh, in the temporary folder for good."""
+    srv, sock, pid, folder = frozen_unwrapping(tmp_path / "quit", monkeypatch)
+    try:
+        srv.proc.stdin.close()
+        assert srv.proc.wait(timeout=30) == 0
+        assert not list(folder.parent.glob("kiln-unwrap-*"))
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    sock.close()
+    srv, sock, pid, folder = frozen_unwrapping(tmp_path / "killed", monkeypatch)
+    srv.proc.kill()  # nothing of the backend's runs: the child, once it finishes, tidies up itself
+    srv.proc.wait(timeout=30)
+    os.kill(pid, signal.SIGCONT)
+    deadline = time.monotonic() + 60
+    while left := list(folder.parent.glob("kiln-unwrap-*")):
+        assert time.monotonic() < deadline, f"left behind: {[sorted(p.name for p in f.iterdir()) for f in left]}"
+        time.sleep(0.1)
+    sock.close()
 
 
 def test_backend_refuses_to_serve_without_a_secret() -> None:
