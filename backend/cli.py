@@ -444,7 +444,7 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
                         help=f"texture size, {protocol.MIN_TEXTURE_SIZE}-{protocol.MAX_TEXTURE_SIZE}")
     parser.add_argument("--steps", type=int, default=None, help="iterations (default: the preset's)")
     parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default: the preset's)")
-    parser.add_argument("--method", choices=METHODS, default="sir",
+    parser.add_argument("--method", type=str.lower, choices=METHODS, default="sir",
                         help="sir: few-step iterative reconstruction (default); sds / ssd: score distillation")
     parser.add_argument("--lora", default=None,
                         help="a LoRA (HF id, folder or .safetensors) fused into the model; an LCM-LoRA such as "
@@ -456,7 +456,8 @@ def add_job_arguments(parser: argparse.ArgumentParser, presets: dict[str, dict])
                         help="an autoencoder in place of the model's (HF id, folder or .safetensors): "
                              "madebyollin/taesd (SD 1.x/2.x) encodes and decodes views several times faster, "
                              "with slightly softer detail")
-    parser.add_argument("--preset", choices=sorted({p for names in presets.values() for p in names}), default=None,
+    parser.add_argument("--preset", type=str.lower, choices=sorted({p for names in presets.values() for p in names}),
+                        default=None,
                         help="default: pipeline-check for the tiny model, lcm/turbo for few-step models "
                              "(LCM, LCM-LoRA, SD-Turbo), quality otherwise")
     parser.add_argument("--offline", action="store_true", help="never contact the model hub")

@@ -19,7 +19,7 @@ def add_shared_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lora-weight", type=float, default=1.0, help="how much of the LoRA: 1 as trained (default)")
     parser.add_argument("--vae", default="", help="an autoencoder in place of the model's, e.g. madebyollin/taesd "
                         "(SD 1.x/2.x): faster, slightly softer")
-    parser.add_argument("--method", choices=["sir", "sds", "ssd"], default="sir")
+    parser.add_argument("--method", type=str.lower, choices=["sir", "sds", "ssd"], default="sir")
     parser.add_argument("--seed", type=int, default=0, help="same seed, same settings: same result (default 0)")
     parser.add_argument("--size", type=int, default=1024, help="texture size")
     parser.add_argument("--steps", type=int, default=None)

@@ -882,7 +882,7 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     from PIL import Image
 
     result = run_cli("texture", str(VASE), "--prompt", "a glazed vase", "--size", "512", "--steps", "1",
-                     "--out", str(tmp_path))
+                     "--method", "SIR", "--out", str(tmp_path))  # as the README and the panel spell it
     assert result.returncode == 0, result.stderr
     assert "PIPELINE CHECK" in result.stdout
     summary = json.loads((tmp_path / "result.json").read_text())
@@ -890,7 +890,8 @@ def test_cli_textures_a_mesh_file_end_to_end(tmp_path) -> None:
     assert png.size == (512, 512) and np.asarray(png).std() > 1.0
     # Everything a rerun needs, the prompt and what it ran on included (it held model, seed and method).
     settings = summary["settings"]
-    assert (settings["prompt"], settings["texture_size"], settings["steps"]) == ("a glazed vase", 512, 1)
+    assert (settings["prompt"], settings["texture_size"], settings["steps"], settings["method"]) == \
+        ("a glazed vase", 512, 1, "sir")
     assert json.loads(json.dumps(asdict(JobRequest.from_fields(settings)))) == settings  # and read back whole
     assert summary["device"] == "cpu" and summary["software"].startswith("Python 3.")
     glb = trimesh.load(summary["mesh"], force="mesh")
