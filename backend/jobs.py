@@ -15,7 +15,7 @@ from . import protocol
 from .assets import Asset
 from .events import TextureEvents
 from .mesh import Mesh, MeshError
-from .mesh_file import missing_texture
+from .mesh_file import MESH_SUFFIXES, missing_texture, unread_format
 from .presets import (
     GENERATE_PRESETS,
     METHODS,
@@ -486,9 +486,19 @@ def check_reference_options(request: JobRequest, own_reference: bool) -> None:
         raise JobError(protocol.E_BAD_REQUEST, "Delta Denoising corrects score distillation's gradient, which SIR "
                        "does not use: choose SDS or SSD, or turn Delta Denoising off")
     for file in request.references:
-        if not Path(file).is_file():
+        path = Path(file)
+        if path.is_dir():
+            raise JobError(protocol.E_BAD_REQUEST, f"reference {file!r} is a folder: name one asset file in it, or "
+                           "retrieve from it as an asset library (Preferences > Add-ons > Kiln; --library in the CLI)")
+        if not path.is_file():
             raise JobError(protocol.E_BAD_REQUEST, f"reference {file!r} does not exist: name an asset file (GLB, OBJ, "
                            "PLY, ...) or pick one from Find References")
+        if path.suffix.lower() == ".blend":
+            raise JobError(protocol.E_BAD_REQUEST, f"reference {file!r} is a Blender file: export the asset as .glb "
+                           "(File > Export > glTF 2.0), or put the file in an asset library folder, where Kiln's "
+                           "add-on exports a .blend's marked assets")
+        if path.suffix.lower() not in MESH_SUFFIXES:
+            raise JobError(protocol.E_BAD_REQUEST, f"reference: {unread_format(path)}")
     for folder in request.libraries:
         if not Path(folder).is_dir():
             raise JobError(protocol.E_BAD_REQUEST, f"asset library {folder!r} is not a folder: fix or remove it "

@@ -555,16 +555,26 @@ def test_delta_denoising_cancels_the_prior_where_the_render_is_the_reference() -
     assert loss(other) > 0 and loss(other) != pytest.approx(loss(None))
 
 
-def test_reference_options_are_checked_before_anything_loads() -> None:
+def test_reference_options_are_checked_before_anything_loads(tmp_path: Path) -> None:
+    """A reference that is a folder was said not to exist, and one Kiln cannot read (a .txt, a
+    .blend) was refused only after the model loaded: minutes, with a first download."""
     from backend.jobs import JobError, JobRequest, ModelCache, run_texture_job
 
     mesh = box_mesh()
+    for name in ("notes.txt", "scene.blend"):
+        (tmp_path / name).write_text("not a mesh")
     for fields, fragment in (({"adapt_prior": True}, "Adapt Model works from.*--reference or --library in the CLI"),
                              ({"delta_denoising": True, "method": "sds"}, "Delta Denoising works from references"),
-                             ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD")):
+                             ({"delta_denoising": True, "references": ["x.glb"]}, "choose SDS or SSD"),
+                             ({"references": [str(tmp_path)]}, "is a folder: name one asset file in it, or retrieve"),
+                             ({"references": [str(tmp_path / "x.glb")]}, "does not exist"),
+                             ({"references": [str(tmp_path / "notes.txt")]}, r"is a \.txt file, and Kiln reads \.glb"),
+                             ({"references": [str(tmp_path / "scene.blend")]}, "is a Blender file: export the asset")):
         request = JobRequest.from_fields({"prompt": "a crate", **fields})
+        cache = ModelCache()
         with pytest.raises(JobError, match=fragment):
-            run_texture_job(request, mesh, TextureEvents(), ModelCache())
+            run_texture_job(request, mesh, TextureEvents(), cache)
+        assert not cache.priors
 
 
 def test_a_job_adapts_the_model_and_denoises_against_its_references(tmp_path: Path, monkeypatch) -> None:
