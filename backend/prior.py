@@ -565,6 +565,23 @@ def unknown_part(what: str, source: str) -> ModelError:
                       f"{_PART_EXAMPLES[what]}, a folder, or a .safetensors file")
 
 
+#: The files a part's weights come in: safetensors, and PyTorch's pickles.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".ckpt", ".pt", ".pth")
+
+
+def _not_weights(what: str, path: Path) -> str | None:
+    """Why a file or folder given for a part holds no weights (a picture, a text file, the folder
+    above the one that holds them), or None: refused by their names, before the loaded model goes."""
+    instead = f"give the {what}'s .safetensors file or its folder, or a Hugging Face id such as {_PART_EXAMPLES[what]}"
+    if path.is_file() and path.suffix.lower() not in _WEIGHT_SUFFIXES:
+        kind = f"a {path.suffix} file" if path.suffix else "a file without an extension"
+        return f"{what} {str(path)!r} is {kind}, not weights: {instead}"
+    if path.is_dir() and not any(f.name == "config.json" or (f.suffix.lower() in _WEIGHT_SUFFIXES
+                                                             and not f.name.startswith(".")) for f in path.iterdir()):
+        return f"folder {str(path)!r} holds no {what} (no config.json, no weights file): {instead}"
+    return None
+
+
 def names_weights(source: str) -> bool:
     """Whether a part's ``source`` is a form its loader loads (a file or folder here, a Hugging
     Face id or page), judged without loading or fetching anything (see ``names_a_model``)."""
@@ -671,12 +688,6 @@ def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> L
         unet = _published_config(model, "unet/config.json", offline) if index is None or "unet" in index else None
         if index is not None or unet is not None:
             check_architecture(f"model {model!r}", unet or {}, index)
-    if path.is_dir() and not (path / "model_index.json").is_file():
-        files = sorted(f.name for f in path.iterdir() if f.suffix in (".safetensors", ".ckpt"))
-        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "
-                         "model_index.json): " + (f"give the checkpoint file it holds, {files[0]!r}, instead" if files
-                                                  else "give a diffusers folder (model_index.json and a folder per "
-                                                  "part), a .safetensors file or a Hugging Face id"))
     if path.is_dir():
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
     elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
@@ -703,9 +714,19 @@ def check_names(model: str, controlnet: str | None = None, lora: str | None = No
     the loaded model go, so that a typo costs no reload."""
     if not names_a_model(model):
         raise unknown_model(model)
+    folder = Path(model).expanduser()
+    if folder.is_dir() and not (folder / "model_index.json").is_file():
+        files = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt")
+                       and not f.name.startswith("."))  # Kiln's own index of an asset library, say
+        raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "
+                         "model_index.json): " + (f"give the checkpoint file it holds, {files[0]!r}, instead" if files
+                                                  else "give a diffusers folder (model_index.json and a folder per "
+                                                  "part), a .safetensors file or a Hugging Face id"))
     for what, source in (("ControlNet", controlnet), ("LoRA", lora), ("VAE", vae)):
         if source and not names_weights(source):
             raise unknown_part(what, source)
+        if source and (problem := _not_weights(what, Path(source).expanduser())):
+            raise ModelError(protocol.E_MODEL_NOT_FOUND, problem)
 
 
 def names_a_model(model: str) -> bool:

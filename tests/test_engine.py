@@ -600,10 +600,13 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
         load_prior(str(tmp_path), torch.device("cpu"))
 
 
-def test_a_mistyped_model_is_refused_with_the_loaded_one_kept() -> None:
+def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path) -> None:
     """The cache made way (dropped the loaded model) before loading the next one: a typo in the
-    model field cost the next job a reload of the model it had."""
+    model field cost the next job a reload of the model it had. So did a folder or file that is
+    there but holds no weights (the folder above them, a picture picked in the file browser)."""
     models, events = ModelCache(), TextureEvents()
+    (tmp_path / "style.png").write_bytes(b"not weights")
+    (tmp_path / ".kiln-index.safetensors").write_bytes(b"an asset library's own index")
     tiny = models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny"}), events)
     for typo in ("tiny2", "stable-diffusion-v1-5", "C:/no/such/model.safetensors"):
         with pytest.raises(ModelError, match=rf"unknown model '{typo}': it is not 'tiny'"):
@@ -611,6 +614,12 @@ def test_a_mistyped_model_is_refused_with_the_loaded_one_kept() -> None:
     for part, typo in (("lora", "lcm-lora-sdv1-5"), ("vae", "~/no/vae.safetensors"), ("controlnet", "depth")):
         with pytest.raises(ModelError, match=r"unknown (LoRA|VAE|ControlNet) '.*': give a Hugging Face id such as"):
             models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny", part: typo}), events)
+    for part, there, message in (("lora", tmp_path / "style.png", r"LoRA '.*style.png' is a \.png file, not weights"),
+                                 ("vae", tmp_path, r"folder '.*' holds no VAE \(no config.json, no weights file\)")):
+        with pytest.raises(ModelError, match=message):
+            models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny", part: str(there)}), events)
+    with pytest.raises(ModelError, match="is not a diffusers folder .*: give a diffusers folder"):
+        models.get(JobRequest.from_fields({"prompt": "a crate", "model": str(tmp_path)}), events)
     assert list(models.priors.values()) == [tiny]
 
 
