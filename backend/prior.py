@@ -12,6 +12,7 @@ checkpoint, and turns the many ways that fails into one message that says what t
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 from dataclasses import dataclass
@@ -24,6 +25,11 @@ from . import protocol
 from .cameras import Cameras, view_suffix
 from .diffusion import NoiseSchedule
 from .gpu import default_device
+
+# At diffusers' import, transformers warns that its image processors want torchvision and fall back
+# to PIL ones, and says to install it: Kiln needs none (SD runs without its safety checker, CLIP
+# reads pictures through the PIL processor), and every real job's log sent artists after it.
+logging.getLogger("transformers.utils.import_utils").setLevel(logging.ERROR)
 
 TINY = "tiny"
 UNCOND, COND, BOTH = "uncond", "cond", "both"

@@ -1010,6 +1010,16 @@ def test_the_cli_glb_shows_the_texture_untinted_on_smooth_normals_and_keeps_a_fi
     assert "normalTexture" in header["materials"][0] and pbr.get("baseColorFactor", [1, 1, 1, 1]) == [1, 1, 1, 1]
 
 
+def test_loading_diffusers_pipelines_does_not_send_artists_after_torchvision() -> None:
+    """Every job with a real model (and every LoRA) imports diffusers' pipelines, at which
+    transformers printed twice that torchvision is not installed and to install it: Kiln needs none."""
+    loads = "import backend.prior; from diffusers import StableDiffusionPipeline; import transformers; " \
+            "transformers.CLIPImageProcessor"
+    result = subprocess.run([sys.executable, "-c", loads], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert result.returncode == 0 and "torchvision" not in result.stderr, result.stderr
+
+
 def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count(capsys) -> None:
     """A terminal gets a few frames of the bar for a burst of updates, not one per update; a phase
     that holds the count (unwrapping) is on the bar at once, though no update follows to show it.
