@@ -12,12 +12,13 @@ checkpoint, and turns the many ways that fails into one message that says what t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Iterator, Protocol
 
 import torch
 
@@ -407,8 +408,9 @@ def _fuse_lora(prior: LatentDiffusionPrior, source: str, offline: bool, weight: 
     try:
         # The file is read twice: handed the converted dict instead, diffusers would lose a Kohya
         # LoRA's alphas (its scale), which only reading the file yields.
-        adapted = _adapted_layers(pipe.lora_state_dict(where, local_files_only=local)[0])
-        pipe.load_lora_weights(where, local_files_only=local)
+        with _stand_ins(path):
+            adapted = _adapted_layers(pipe.lora_state_dict(where, local_files_only=local)[0])
+            pipe.load_lora_weights(where, local_files_only=local)
         missing = adapted - _loaded_layers(pipe)
         if not missing:
             pipe.fuse_lora(lora_scale=weight)
@@ -453,10 +455,10 @@ def _load_vae(source: str, prior: LatentDiffusionPrior, offline: bool) -> Any:
     def from_file(path: Path) -> Any:
         from safetensors import safe_open
 
-        with safe_open(str(path), "pt") as weights:
-            tiny = any(key.startswith("encoder.layers.") for key in weights.keys())
-        if tiny:
-            return _taesd_file(path)
+        if path.suffix.lower() == ".safetensors":
+            with safe_open(str(path), "pt") as weights:
+                if any(key.startswith("encoder.layers.") for key in weights.keys()):
+                    return _taesd_file(path)
         return AutoencoderKL.from_single_file(str(path), dtype=prior.dtype, local_files_only=offline)
 
     vae = _load_part(source, "VAE", offline, from_file,
@@ -551,7 +553,8 @@ def _load_part(source: str, what: str, offline: bool, from_file: Callable[[Path]
     path = Path(source).expanduser()
     try:
         if path.is_file():
-            return from_file(path)
+            with _stand_ins(path):
+                return from_file(path)
         if path.is_dir() or HF_ID.match(source):
             return from_pretrained(str(path) if path.is_dir() else source, offline or path.is_dir())
     except ModelError:
@@ -769,7 +772,8 @@ def _from_single_file(path: Path, dtype: torch.dtype, offline: bool) -> Any:
     from diffusers import StableDiffusionPipeline
 
     try:
-        return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=offline)
+        with _stand_ins(path):
+            return StableDiffusionPipeline.from_single_file(str(path), dtype=dtype, local_files_only=offline)
     except Exception as exc:
         raise explain_load_error(exc, f"checkpoint {str(path)!r}", offline, local=True) from None
 
@@ -829,6 +833,11 @@ def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = 
     base configuration)."""
     text = f"{type(exc).__name__}: {exc}"
     wants_hub = any(sign in text.lower() for sign in _NO_HUB)
+    if local and _pickled_objects(exc):
+        return ModelError(protocol.E_MODEL_NOT_FOUND,
+                          f"{label} holds Python objects besides its weights that cannot be read without running "
+                          "code the file names (a pickle older than torch 1.6's, or one that calls the system): use "
+                          "the model's .safetensors file (most models publish one)")
     if local and wants_hub:
         return ModelError(protocol.E_WEIGHTS_OFFLINE,
                           f"{label} is on this machine, but reading it needs files it does not hold (for a single "
@@ -859,6 +868,42 @@ def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = 
                           f"{label} was not found: check the spelling of the id or path; a private model also needs "
                           f"this machine logged in ({_HUB_LOGIN}). ({text[:300]})")
     return ModelError(protocol.E_MODEL_NOT_FOUND, f"could not load {label}: {text[:500]}")
+
+
+class _Unread:
+    """Stands in for an object a checkpoint pickled besides its weights (a training run's callback,
+    its best score), made from the pickle's data without running any of the file's code."""
+
+    def __init__(self, *_args: object, **_kwargs: object) -> None:
+        pass
+
+    def __setstate__(self, _state: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _stand_ins(path: Path) -> Iterator[None]:
+    """Read a pickled checkpoint (.ckpt, .pt, .bin) weights-only, as diffusers has torch read it,
+    with the objects torch does not know as ``_Unread``: a training run's .ckpt (many SD fine-tunes
+    and VAEs) holds its callbacks too, and torch refused the whole file. Unpickling them for real
+    would run whatever code the file names, which weights-only reading is there to prevent."""
+    names: list[str] = []
+    if path.suffix.lower() != ".safetensors":
+        with contextlib.suppress(Exception):  # a folder, or a pickle older than torch 1.6's zip format
+            names = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    with torch.serialization.safe_globals([(type(name.rsplit(".", 1)[-1], (_Unread,), {}), name) for name in names]):
+        yield
+
+
+def _pickled_objects(exc: BaseException) -> bool:
+    """Whether loading failed on a pickle's objects that torch's weights-only reading refuses
+    (diffusers wraps that in an OSError that says only "unable to load weights")."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if "weights only load failed" in str(seen).lower():
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _from_pipeline(name: str, pipe: Any, device: torch.device, dtype: torch.dtype) -> LatentDiffusionPrior:

@@ -778,6 +778,51 @@ def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_o
     assert "is on this machine, but reading it needs files it does not hold" in str(err.value)
 
 
+class TrainingCallback:
+    """What a training run pickles into its .ckpt besides the weights (pytorch_lightning's
+    ModelCheckpoint, say): unpickled for real, its module is imported and its code runs."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __setstate__(self, state: dict) -> None:
+        Path(state["marker"]).touch()
+
+
+def test_a_training_runs_ckpt_is_read_weights_only_without_running_its_code(tmp_path, monkeypatch) -> None:
+    """torch reads a .ckpt weights-only and refused one that holds any other object: diffusers said
+    "unable to load weights", and Kiln "check that it is complete". Its other objects are now read
+    as stand-ins, which run nothing; a pickle too old to be read that way is named as such."""
+    import huggingface_hub.constants
+    from diffusers.models.model_loading_utils import load_state_dict
+
+    from backend.prior import _stand_ins
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    marker = tmp_path / "code-ran"
+    weights = {"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.randn(3, 768),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.randn(1, 4, 1, 1)}
+    trained = {"state_dict": weights, "global_step": 470000, "callbacks": {"ModelCheckpoint": TrainingCallback(marker)},
+               "best_score": np.float64(0.12)}
+    ckpt = tmp_path / "fine-tune.ckpt"
+    torch.save(trained, ckpt)
+    with pytest.raises(OSError, match="Unable to load weights"):
+        load_state_dict(str(ckpt))  # as diffusers' single-file loaders read it
+    with _stand_ins(ckpt):
+        read = load_state_dict(str(ckpt))
+    assert all(torch.equal(read["state_dict"][k], v) for k, v in weights.items()) and read["global_step"] == 470000
+    assert not marker.exists()
+    with pytest.raises(ModelError) as err:  # read, then wants its base model's configuration: offline here
+        load_prior(str(ckpt), torch.device("cpu"), offline=True)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and not marker.exists()
+
+    old = tmp_path / "old.ckpt"
+    torch.save(trained, old, _use_new_zipfile_serialization=False)
+    with pytest.raises(ModelError, match="holds Python objects besides its weights that cannot be read without"):
+        load_prior(str(old), torch.device("cpu"), offline=True)
+    assert not marker.exists()
+
+
 def gaussian_denoiser(schedule, predicts: str, mean: float = 0.4, std: float = 0.9):
     """The exact UNet for latents drawn from N(mean, std²) per element: what a trained model
     approximates, as noise (``epsilon``) or v (``v_prediction``)."""
