@@ -820,6 +820,9 @@ def probe_prediction_type(prior: LatentDiffusionPrior) -> str:
 #: How huggingface_hub and requests say the hub could not be reached (or was not to be).
 _NO_HUB = ("localentrynotfound", "offlinemodeisenabled", "outgoing traffic", "offline mode", "connect to",
            "establish a new connection", "max retries exceeded", "connectionerror")
+#: How diffusers says, offline, that the hub cache lacks a file of a model it reads a single file's
+#: configuration from (a full VAE's: SD 1.5's).
+_NOT_CACHED = re.compile(r"([\w.-]+/[\w.-]+) does not appear to have a file named")
 
 
 #: How a machine gets at gated and private models: the hub's own login, or a token in the
@@ -832,7 +835,8 @@ def explain_load_error(exc: Exception, label: str, offline: bool, local: bool = 
     machine, which lacks no download unless reading it reached for the hub (a single checkpoint's
     base configuration)."""
     text = f"{type(exc).__name__}: {exc}"
-    wants_hub = any(sign in text.lower() for sign in _NO_HUB)
+    wants_hub = any(sign in text.lower() for sign in _NO_HUB) or \
+        (offline and (uncached := _NOT_CACHED.search(text)) is not None and not Path(uncached[1]).exists())
     if local and _pickled_objects(exc):
         return ModelError(protocol.E_MODEL_NOT_FOUND,
                           f"{label} holds Python objects besides its weights that cannot be read without running "

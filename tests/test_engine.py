@@ -815,6 +815,13 @@ def test_a_training_runs_ckpt_is_read_weights_only_without_running_its_code(tmp_
     with pytest.raises(ModelError) as err:  # read, then wants its base model's configuration: offline here
         load_prior(str(ckpt), torch.device("cpu"), offline=True)
     assert err.value.code == protocol.E_WEIGHTS_OFFLINE and not marker.exists()
+    # A VAE's .ckpt (sd-vae-ft-mse's original is one) was opened as safetensors: "header too large".
+    vae = tmp_path / "vae-ft-mse.ckpt"
+    torch.save({"state_dict": {"encoder.conv_in.weight": torch.zeros(128, 3, 3, 3)}, "global_step": 840001,
+                "callbacks": [TrainingCallback(marker)]}, vae)
+    with pytest.raises(ModelError) as err:  # read; SD's VAE configuration comes from the hub
+        load_prior("tiny", torch.device("cpu"), vae=str(vae), offline=True)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and "config.json" in str(err.value) and not marker.exists()
 
     old = tmp_path / "old.ckpt"
     torch.save(trained, old, _use_new_zipfile_serialization=False)
