@@ -289,12 +289,13 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     check_names(model, controlnet, lora, vae)
     model, controlnet, lora, vae = (from_hub_url(source, offline) if source else source
                                     for source in (model, controlnet, lora, vae))
-    if model.startswith(PLUGIN):
+    kind = model_kind(model)
+    if kind == "plugin":
         if controlnet or lora or vae:
             raise ModelError(protocol.E_MODEL_NOT_FOUND, "a plug-in prior takes no ControlNet, LoRA or VAE from "
                              "Kiln: build them into the prior the plug-in returns")
         return load_plugin(model[len(PLUGIN):], device, offline)
-    if model == TINY:
+    if kind == "tiny":
         from .tiny_model import build_tiny_prior
         prior = build_tiny_prior(device)
     else:
@@ -593,7 +594,7 @@ def _not_weights(what: str, path: Path) -> str | None:
 
 def names_weights(source: str) -> bool:
     """Whether a part's ``source`` is a form its loader loads (a file or folder here, a Hugging
-    Face id or page), judged without loading or fetching anything (see ``names_a_model``)."""
+    Face id or page), judged without loading or fetching anything (see ``model_kind``)."""
     return Path(source).expanduser().exists() or HF_ID.match(source) is not None \
         or _HUB_URL.match(source.strip()) is not None
 
@@ -690,21 +691,21 @@ def _check_checkpoint(path: Path, label: str) -> None:
 
 def _load_stable_diffusion(model: str, device: torch.device, offline: bool) -> LatentDiffusionPrior:
     dtype = torch.float16 if device.type == "cuda" else torch.float32
-    path = Path(model).expanduser()
-    if path.is_dir() or (HF_ID.match(model) and not path.exists()):
+    path, kind = Path(model).expanduser(), model_kind(model)
+    if kind in ("folder", "hub"):
         # A diffusion transformer's repository has no unet/ but tens of GB in its own parts.
         index = _published_config(model, "model_index.json", offline)
         unet = _published_config(model, "unet/config.json", offline) if index is None or "unet" in index else None
         if index is not None or unet is not None:
             check_architecture(f"model {model!r}", unet or {}, index)
-    if path.is_dir():
+    if kind == "folder":
         pipe = _from_pretrained(str(path), dtype, offline=True, label=f"folder {model!r}")
-    elif path.is_file() and path.suffix in (".safetensors", ".ckpt"):
-        if path.suffix == ".safetensors":
+    elif kind == "checkpoint":
+        if path.suffix.lower() == ".safetensors":
             _check_checkpoint(path, f"checkpoint {str(path)!r}")
         return _read_parameterisation(_from_pipeline(model, _from_single_file(path, dtype, offline), device, dtype),
                                       path)
-    elif HF_ID.match(model) and not path.exists():
+    elif kind == "hub":
         pipe = _from_pretrained(model, dtype, offline, label=f"Hugging Face model {model!r}")
     else:
         raise unknown_model(model)
@@ -721,7 +722,7 @@ def check_names(model: str, controlnet: str | None = None, lora: str | None = No
     """Refuse a model, ControlNet, LoRA or VAE name that loads nothing, by its form alone (nothing
     is loaded or fetched): ``load_prior`` starts with it, and the model cache asks it before it lets
     the loaded model go, so that a typo costs no reload."""
-    if not names_a_model(model):
+    if model_kind(model) is None:
         raise unknown_model(model)
     folder = Path(model).expanduser()
     if folder.is_dir() and not (folder / "model_index.json").is_file():
@@ -738,13 +739,25 @@ def check_names(model: str, controlnet: str | None = None, lora: str | None = No
             raise ModelError(protocol.E_MODEL_NOT_FOUND, problem)
 
 
-def names_a_model(model: str) -> bool:
-    """Whether ``model`` is a form ``load_prior`` loads, judged without loading or fetching anything,
-    so that a typo is refused before the loaded model makes way for it."""
+#: The files a whole model comes in as one checkpoint.
+_CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+def model_kind(model: str) -> str | None:
+    """What ``model`` names, judged by its form without loading or fetching anything: 'tiny',
+    'plugin', 'folder', 'checkpoint', 'hub' (an id, or a page's address), or None for a name that
+    loads nothing. Loading dispatches on it, and ``check_names`` refuses a None before the loaded
+    model makes way, so that a typo costs no reload."""
     path = Path(model).expanduser()
-    return model == TINY or model.startswith(PLUGIN) or _HUB_URL.match(model.strip()) is not None \
-        or path.is_dir() or (path.is_file() and path.suffix in (".safetensors", ".ckpt")) \
-        or (HF_ID.match(model) is not None and not path.exists())
+    if model == TINY:
+        return "tiny"
+    if model.startswith(PLUGIN):
+        return "plugin"
+    if path.is_dir():
+        return "folder"
+    if path.is_file():
+        return "checkpoint" if path.suffix.lower() in _CHECKPOINT_SUFFIXES else None
+    return "hub" if HF_ID.match(model) or _HUB_URL.match(model.strip()) else None
 
 
 def _from_pretrained(source: str, dtype: torch.dtype, offline: bool, label: str) -> Any:

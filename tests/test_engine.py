@@ -621,6 +621,12 @@ def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path) -> None:
     with pytest.raises(ModelError, match="is not a diffusers folder .*: give a diffusers folder"):
         models.get(JobRequest.from_fields({"prompt": "a crate", "model": str(tmp_path)}), events)
     assert list(models.priors.values()) == [tiny]
+    from backend.prior import model_kind
+
+    (tmp_path / "FINE-TUNE.SAFETENSORS").write_bytes(b"")  # as some Windows downloads name it
+    assert [model_kind(m) for m in (str(tmp_path / "FINE-TUNE.SAFETENSORS"), str(tmp_path / "style.png"),
+                                    "https://huggingface.co/org/model", "org/model")] == \
+        ["checkpoint", None, "hub", "hub"]
 
 
 def hub_error(kind: type, message: str) -> Exception:
