@@ -23,8 +23,7 @@ def register() -> None:
 def unregister() -> None:
     if operators.on_file_load in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.remove(operators.on_file_load)
-    if operators.ACTIVE is not None:
-        operators.ACTIVE.cancel()
+    operators.stop_running_job("stopped: Kiln was disabled")
     operators.stop_setup()
     session.MANAGER.stop()
     scene_io.ReferenceIcon.free()

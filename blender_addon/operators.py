@@ -7,6 +7,7 @@ from __future__ import annotations
 import atexit
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 
@@ -30,6 +31,24 @@ REFUSAL: SceneError | None = None
 
 def _running() -> bool:
     return ACTIVE is not None and not ACTIVE.finished
+
+
+#: How long disabling Kiln waits for a running job to hand over its last texture, as Cancel does.
+STOP_WAIT_S = 3.0
+
+
+def stop_running_job(why: str) -> None:
+    """End the running job now (Kiln is being disabled, or updated): cancelled, and given a moment
+    to keep its last texture as Cancel does, else abandoned. Left running, it held the panel and
+    refused every later job ("a Kiln job is running") until Blender restarted."""
+    if not _running():
+        return
+    ACTIVE.cancel()
+    deadline = time.monotonic() + STOP_WAIT_S
+    while not ACTIVE.finished and time.monotonic() < deadline:
+        ACTIVE.pump(timeout=0.05)
+    if not ACTIVE.finished:
+        ACTIVE.abandon(why)
 
 
 def _redraw(context: bpy.types.Context) -> None:

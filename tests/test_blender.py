@@ -321,6 +321,25 @@ def test_cancel_mid_job_keeps_the_last_texture(kiln, scene) -> None:
     assert pixels(target.live.image)[:-4:4].std() > 0.01
 
 
+def test_disabling_kiln_mid_job_keeps_the_last_texture_and_jobs_run_once_it_is_back(kiln, scene) -> None:
+    """Disabling (or updating) the extension mid-job left the job running for good: once enabled
+    again, Kiln refused every job ("A Kiln job is running") until Blender restarted."""
+    obj = add_cube()
+    session = kiln.operators.ACTIVE = run_session(kiln, [obj], steps=400)
+    target = session.targets[0]
+    pump_until(session, lambda: target.live is not None)
+    bpy.ops.preferences.addon_disable(module=kiln.__name__)
+    try:
+        assert session.finished and target.status == "cancelled"
+        assert obj.material_slots[0].material.name == "Kiln Cube"  # the last texture, written as Cancel writes it
+        assert Path(bpy.path.abspath(target.live.image.filepath)).is_file()
+    finally:
+        bpy.ops.preferences.addon_enable(module=kiln.__name__)
+    bpy.context.preferences.addons[kiln.__name__].preferences.python_path = BACKEND_PYTHON
+    select(obj)
+    assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
+
+
 def test_ctrl_c_in_a_script_cancels_its_job_and_the_call_raises(kiln, scene, monkeypatch) -> None:
     """A batch run's Ctrl+C (a KeyboardInterrupt while the call waits on the job) ends the job as Esc
     does, last texture kept; the script went on to print "textured" and exit 0."""
