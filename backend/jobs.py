@@ -207,12 +207,16 @@ class ModelCache:
     """Loaded priors stay in memory between jobs (loading SD takes seconds); Unload frees them."""
 
     priors: dict[tuple[str, str | None, str | None, str | None], Prior] = field(default_factory=dict)
+    #: The model loading now, and whether Unload was pressed meanwhile (it then serves its job only).
+    loading: str | None = None
+    dropped: bool = False
 
     def get(self, request: JobRequest, events: TextureEvents) -> Prior:
         """The request's model (with its ControlNet, LoRA and VAE), loaded once; low-VRAM mode and
         the ControlNet's weight are set on the loaded model, so changing them costs no reload."""
         key = (request.model, request.controlnet, request.lora_label, request.vae)
-        if key not in self.priors:
+        prior = self.priors.get(key)  # read once: Unload may clear the cache from another thread at any time
+        if prior is None:
             # Refused while the loaded model stays for the next job.
             check_names(request.model, request.controlnet, request.lora, request.vae)
             fetched = [part for part in (request.model, request.controlnet, request.lora, request.vae)
@@ -220,9 +224,14 @@ class ModelCache:
             events.progress(0, 1, f"downloading {' and '.join(fetched)} (first use: gigabytes, which takes minutes)"
                             if fetched else f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
-            self.priors[key] = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
-                                          lora=request.lora, lora_weight=request.lora_weight, vae=request.vae)
-        prior = self.priors[key]
+            self.loading, self.dropped = request.model, False
+            try:
+                prior = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
+                                   lora=request.lora, lora_weight=request.lora_weight, vae=request.vae)
+            finally:
+                self.loading = None
+            if not self.dropped:
+                self.priors[key] = prior
         if isinstance(prior, LatentDiffusionPrior):
             set_low_vram(prior, request.low_vram)
             prior.conditioning_scale = request.controlnet_weight
@@ -245,6 +254,9 @@ class ModelCache:
     def unload(self) -> list[str]:
         names = [model + "".join(f" + {extra}" for extra in extras if extra) for model, *extras in self.priors]
         self.priors.clear()
+        if self.loading is not None:  # pressed mid-load: the model was kept once loaded, VRAM and all
+            self.dropped = True
+            names.append(f"{self.loading} (loading now: freed when its job ends)")
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         return names

@@ -629,6 +629,22 @@ def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path) -> None:
         ["checkpoint", None, "hub", "hub"]
 
 
+def test_unload_pressed_while_a_model_loads_frees_it_after_its_job(monkeypatch) -> None:
+    """Unload found nothing cached while a model loaded (seconds, minutes with a download), said
+    "none loaded", and the model then stayed in memory, VRAM and all."""
+    import backend.jobs
+
+    models, said = ModelCache(), []
+
+    def loading(*args, **kwargs):
+        said.extend(models.unload())  # the artist's Unload, from the connection's thread, mid-load
+        return load_prior(*args, **kwargs)
+    monkeypatch.setattr(backend.jobs, "load_prior", loading)
+    prior = models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny"}), TextureEvents())
+    assert prior.name == "tiny" and not models.priors  # the job has its model; the cache keeps none
+    assert said == ["tiny (loading now: freed when its job ends)"]
+
+
 def hub_error(kind: type, message: str) -> Exception:
     """huggingface_hub's own error, with its own words, without the HTTP response it is built from
     (whose class changes with its version)."""
