@@ -49,6 +49,10 @@ class TextureEvents:
     def log(self, text: str) -> None:
         """A message the user should see."""
 
+    def loading(self, model: str | None) -> None:
+        """The job now waits on ``model``'s load (a first download takes minutes), or no longer
+        (None): no step runs meanwhile, so a cancel cannot be seen until it is over."""
+
     def cancelled(self) -> bool:
         """Polled between steps; True stops the job within a step."""
         return False

@@ -225,11 +225,13 @@ class ModelCache:
                             if fetched else f"loading model {request.model}")
             self.priors.clear()  # one model resident at a time keeps VRAM bounded
             self.loading, self.dropped = request.model, False
+            events.loading(request.model)
             try:
                 prior = load_prior(request.model, offline=request.offline, controlnet=request.controlnet,
                                    lora=request.lora, lora_weight=request.lora_weight, vae=request.vae)
             finally:
                 self.loading = None
+                events.loading(None)
             if not self.dropped:
                 self.priors[key] = prior
         if isinstance(prior, LatentDiffusionPrior):

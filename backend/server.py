@@ -126,6 +126,28 @@ class Job:
     init_texture: Any
     reference: Any                  # the artist's reference object (asset, name), or None
     cancel: threading.Event = field(default_factory=threading.Event)
+    loading: str | None = None      # the model the job waits on, while it loads
+    answered: bool = False          # its DONE or ERROR is sent: there is only ever one
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def answer(self, msg_type: str, fields: dict[str, Any]) -> None:
+        """The job's one DONE or ERROR: a cancel answered during a model's load leaves the worker's
+        own answer, once the load ends, unsent."""
+        with self.lock:
+            if self.answered:
+                return
+            self.answered = True
+        self.conn.outbox.put(msg_type, {"job": self.id, **fields})
+
+    def cancel_now(self) -> None:
+        """Cancel; a job waiting on a model's load is answered at once rather than when the load
+        ends (minutes, for a first download), and the load goes on, for whichever job wants it next."""
+        self.cancel.set()
+        if self.loading is not None:
+            self.conn.outbox.put(protocol.LOG, {"job": self.id, "level": "info", "text":
+                                                f"{self.loading} goes on loading in the backend, for the next job "
+                                                "that uses it (Stop the backend to end it)"})
+            self.answer(protocol.DONE, {"status": "cancelled", "seconds": 0.0})
 
 
 class JobEvents(TextureEvents):
@@ -188,6 +210,11 @@ class JobEvents(TextureEvents):
 
     def cancelled(self) -> bool:
         return self.job.cancel.is_set() or self.job.conn.outbox.closed
+
+    def loading(self, model: str | None) -> None:
+        self.job.loading = model
+        if model is not None and self.job.cancel.is_set():  # cancelled just before its load began
+            self.job.cancel_now()
 
 
 class Connection:
@@ -262,7 +289,7 @@ class Connection:
             job_id = msg.get("job")
             job = self.jobs.get(job_id) if isinstance(job_id, int) else None  # unknown ids are already over
             if job:
-                job.cancel.set()
+                job.cancel_now()
         elif msg.type == protocol.PING:
             self.outbox.put(protocol.PONG, {"t": msg.get("t")})
         elif msg.type == protocol.UNLOAD:
@@ -297,6 +324,9 @@ class Connection:
         self.jobs[job_id] = job
         ahead = self.server.jobs.qsize() + int(self.server.running is not None)
         self.outbox.put(protocol.ACCEPTED, {"job": job_id, "tag": msg.get("tag"), "queue_position": ahead})
+        running = self.server.running
+        if running is not None and running.answered and (model := running.loading) is not None:
+            JobEvents(job).progress(0, 1, f"waiting for {model} to finish loading (a cancelled job's)")
         self.server.jobs.put(job)
 
 
@@ -363,10 +393,9 @@ class Server:
                 self.running = None
 
     def _run(self, job: Job) -> None:
-        out = job.conn.outbox
         started = time.monotonic()
         if job.cancel.is_set():
-            out.put(protocol.DONE, {"job": job.id, "status": "cancelled", "seconds": 0.0})
+            job.answer(protocol.DONE, {"status": "cancelled", "seconds": 0.0})
             return
         from .prior import ModelError
         request = job.request
@@ -381,19 +410,16 @@ class Server:
                 run_search_job(request, JobEvents(job))
             else:
                 run_texture_job(request, job.mesh, JobEvents(job), self.models, job.init_texture, job.reference)
-            out.put(protocol.DONE, {"job": job.id, "status": "finished",
-                                    "seconds": round(time.monotonic() - started, 3)})
+            job.answer(protocol.DONE, {"status": "finished", "seconds": round(time.monotonic() - started, 3)})
             log.info("job %d finished in %.1f s", job.id, time.monotonic() - started)
         except Cancelled:
-            out.put(protocol.DONE, {"job": job.id, "status": "cancelled",
-                                    "seconds": round(time.monotonic() - started, 3)})
+            job.answer(protocol.DONE, {"status": "cancelled", "seconds": round(time.monotonic() - started, 3)})
             log.info("job %d cancelled", job.id)
         except (JobError, ModelError, MeshError) as exc:  # MeshError carries no code of its own
-            out.put(protocol.ERROR, {"job": job.id, "code": getattr(exc, "code", protocol.E_BAD_MESH),
-                                     "message": str(exc)})
+            job.answer(protocol.ERROR, {"code": getattr(exc, "code", protocol.E_BAD_MESH), "message": str(exc)})
             log.info("job %d refused: %s", job.id, exc)
         except Exception as exc:  # the server outlives any one job's failure
-            out.put(protocol.ERROR, {"job": job.id, **describe_failure(exc, request.low_vram)})
+            job.answer(protocol.ERROR, describe_failure(exc, request.low_vram))
             log.error("job %d failed:\n%s", job.id, traceback.format_exc())
         finally:
             job.conn.jobs.pop(job.id, None)

@@ -340,6 +340,31 @@ def test_disabling_kiln_mid_job_keeps_the_last_texture_and_jobs_run_once_it_is_b
     assert bpy.ops.kiln.texture_selected("EXEC_DEFAULT", True) == {"FINISHED"}
 
 
+def test_esc_while_the_model_loads_ends_the_job_at_once(kiln, scene, tmp_path, monkeypatch) -> None:
+    """Esc during a first download held the job, and the panel, until the gigabytes were in."""
+    from test_server import SLOW_PRIOR
+
+    go = tmp_path / "loaded"
+    (tmp_path / "slow_prior.py").write_text(SLOW_PRIOR.format(go=str(go)))
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    kiln.session.MANAGER.stop()  # the next backend starts with the prior on its path
+    bpy.context.scene.kiln.model = "python:slow_prior:make"
+    try:
+        obj = add_cube()
+        session = run_session(kiln, [obj], steps=2)
+        target = session.targets[0]
+        pump_until(session, lambda: target.phase.startswith("loading model"))
+        sent = time.monotonic()
+        session.cancel()
+        pump_until(session, lambda: session.finished, timeout=5)
+        assert time.monotonic() - sent < 2 and target.status == "cancelled"
+        assert any("goes on loading in the backend" in note for note in session.notes + target.notes)
+        assert obj.material_slots[0].material.name == "Artist Cube"  # nothing of the job landed
+    finally:
+        go.touch()
+        kiln.session.MANAGER.stop()
+
+
 def test_ctrl_c_in_a_script_cancels_its_job_and_the_call_raises(kiln, scene, monkeypatch) -> None:
     """A batch run's Ctrl+C (a KeyboardInterrupt while the call waits on the job) ends the job as Esc
     does, last texture kept; the script went on to print "textured" and exit 0."""

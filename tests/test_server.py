@@ -202,6 +202,46 @@ def test_a_library_writing_to_stdout_does_not_hang_the_job(tmp_path) -> None:
         srv.stop()
 
 
+SLOW_PRIOR = """
+import time
+from pathlib import Path
+
+def make(device=None, offline=False):
+    from backend.tiny_model import build_tiny_prior
+    while not Path({go!r}).exists():  # a model's first download: minutes
+        time.sleep(0.05)
+    return build_tiny_prior(device)
+"""
+
+
+def test_a_cancel_while_the_model_loads_is_answered_at_once_and_the_load_serves_the_next_job(tmp_path) -> None:
+    """A job is cancelled between steps, and none runs while its model loads: Esc during a first
+    download held the job, and the panel, until the gigabytes were in."""
+    go = tmp_path / "loaded"
+    (tmp_path / "slow_prior.py").write_text(SLOW_PRIOR.format(go=str(go)))
+    srv = BackendServer(tmp_path)
+    try:
+        sock = srv.connect()
+        sock.settimeout(60)
+        submit(sock, model="python:slow_prior:make")
+        first = read_until(sock, protocol.PROGRESS)[-1]
+        assert first.get("phase").startswith("loading model")
+        protocol.send(sock, protocol.CANCEL, {"job": first.get("job")})
+        answered = read_until(sock, protocol.DONE, protocol.ERROR)
+        assert (answered[-1].type, answered[-1].get("status")) == (protocol.DONE, "cancelled")
+        assert any("goes on loading in the backend" in m.get("text", "") for m in answered if m.type == protocol.LOG)
+        submit(sock, model="python:slow_prior:make", steps=1)
+        waiting = read_until(sock, protocol.PROGRESS)[-1]
+        assert waiting.get("phase") == "waiting for python:slow_prior:make to finish loading (a cancelled job's)"
+        go.touch()
+        rest = read_until(sock, protocol.DONE, protocol.ERROR)
+        assert (rest[-1].type, rest[-1].get("job"), rest[-1].get("status")) == \
+            (protocol.DONE, waiting.get("job"), "finished")
+        assert not [m for m in rest if m.type in (protocol.DONE, protocol.ERROR) and m.get("job") == first.get("job")]
+    finally:
+        srv.stop()
+
+
 OLD_CARD = """
 import torch
 
