@@ -722,10 +722,10 @@ def check_names(model: str, controlnet: str | None = None, lora: str | None = No
     """Refuse a model, ControlNet, LoRA or VAE name that loads nothing, by its form alone (nothing
     is loaded or fetched): ``load_prior`` starts with it, and the model cache asks it before it lets
     the loaded model go, so that a typo costs no reload."""
-    if model_kind(model) is None:
+    kind, folder = model_kind(model), Path(model).expanduser()
+    if kind is None:
         raise unknown_model(model)
-    folder = Path(model).expanduser()
-    if folder.is_dir() and not (folder / "model_index.json").is_file():
+    if kind == "folder" and not (folder / "model_index.json").is_file():
         files = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt")
                        and not f.name.startswith("."))  # Kiln's own index of an asset library, say
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "

@@ -600,7 +600,7 @@ def test_unknown_model_and_offline_weights_get_distinct_messages(tmp_path) -> No
         load_prior(str(tmp_path), torch.device("cpu"))
 
 
-def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path) -> None:
+def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path, monkeypatch) -> None:
     """The cache made way (dropped the loaded model) before loading the next one: a typo in the
     model field cost the next job a reload of the model it had. So did a folder or file that is
     there but holds no weights (the folder above them, a picture picked in the file browser)."""
@@ -623,6 +623,9 @@ def test_a_mistyped_model_is_refused_with_the_loaded_one_kept(tmp_path) -> None:
     assert list(models.priors.values()) == [tiny]
     from backend.prior import model_kind
 
+    (tmp_path / "tiny").mkdir()  # a folder of that name where the CLI runs is not the model 'tiny'
+    monkeypatch.chdir(tmp_path)
+    assert models.get(JobRequest.from_fields({"prompt": "a crate", "model": "tiny"}), events) is tiny
     (tmp_path / "FINE-TUNE.SAFETENSORS").write_bytes(b"")  # as some Windows downloads name it
     assert [model_kind(m) for m in (str(tmp_path / "FINE-TUNE.SAFETENSORS"), str(tmp_path / "style.png"),
                                     "https://huggingface.co/org/model", "org/model")] == \
