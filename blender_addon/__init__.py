@@ -18,11 +18,14 @@ def register() -> None:
         bpy.utils.register_class(cls)
     properties.register()
     bpy.app.handlers.load_pre.append(operators.on_file_load)
+    bpy.app.handlers.save_pre.append(operators.on_save)
 
 
 def unregister() -> None:
     if operators.on_file_load in bpy.app.handlers.load_pre:
         bpy.app.handlers.load_pre.remove(operators.on_file_load)
+    if operators.on_save in bpy.app.handlers.save_pre:
+        bpy.app.handlers.save_pre.remove(operators.on_save)
     operators.stop_running_job("stopped: Kiln was disabled")
     operators.stop_setup()
     session.MANAGER.stop()

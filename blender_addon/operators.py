@@ -167,6 +167,13 @@ def on_file_load(*_args: object) -> None:
         ACTIVE.abandon("stopped: another file was opened")
 
 
+@bpy.app.handlers.persistent
+def on_save(*_args: object) -> None:
+    """Saving mid-job keeps the texture as it stands (``pack_textures_in_progress``)."""
+    if _running():
+        ACTIVE.pack_textures_in_progress()
+
+
 def job_request(context: bpy.types.Context) -> tuple[dict, dict]:
     """The job's fields from the panel, and the arrays every job of the run shares (a reference object)."""
     settings, prefs = context.scene.kiln, preferences(context)

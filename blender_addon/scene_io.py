@@ -493,6 +493,8 @@ def saved_texture(live: LiveTexture, made: texture_file.TextureFile) -> str:
     went, for the job's summary. Blender reads the pixels back from it: the same bytes. Raises
     ReferenceError when the image was undone or deleted meanwhile."""
     image = live.image
+    if image.packed_file is not None:  # packed as it stood when the .blend was saved mid-job
+        image.unpack(method="REMOVE")
     if made.path is not None:
         image.filepath_raw = str(made.path)
         image.source = "FILE"

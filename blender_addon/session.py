@@ -9,6 +9,7 @@ connecting, sending meshes) run on a thread and report through the same inbox as
 from __future__ import annotations
 
 import atexit
+import contextlib
 import platform
 import queue
 import threading
@@ -396,6 +397,16 @@ class TextureSession:
     @property
     def succeeded(self) -> bool:
         return not self.failure and all(t.status == "finished" for t in self.targets)
+
+    def pack_textures_in_progress(self) -> None:
+        """The .blend is being saved mid-job: pack each texture as it stands. Until the job ends it
+        has no file, and Blender saves an image without one as blank, so a file saved mid-job (an
+        artist's habitual Ctrl+S) and not again, Blender gone, came back with black objects. The
+        finished texture's file replaces the pack (``saved_texture``)."""
+        for target in self.targets:
+            if target.live is not None and target.saving is None and not target.saved_to:
+                with contextlib.suppress(ReferenceError):  # the image was undone or deleted meanwhile
+                    target.live.image.pack()
 
     # --- applying messages -----------------------------------------------------------------
     def pump(self, timeout: float = 0.0) -> None:

@@ -365,6 +365,32 @@ def test_esc_while_the_model_loads_ends_the_job_at_once(kiln, scene, tmp_path, m
         kiln.session.MANAGER.stop()
 
 
+def saved_mid_job(kiln, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A job's texture when the .blend was saved (to ``path``) mid-job, and its last one."""
+    obj = add_cube()
+    session = kiln.operators.ACTIVE = run_session(kiln, [obj], steps=100)
+    target = session.targets[0]
+    pump_until(session, lambda: target.live is not None)
+    image = target.live.image
+    bpy.ops.wm.save_as_mainfile(filepath=str(path), copy=True)
+    then = pixels(image)
+    session.cancel()  # ends as a finished job does: its last texture written to its file
+    pump_until(session, lambda: session.finished)
+    assert image.packed_file is None and image.filepath == "//kiln_textures/Cube_seed0.png"  # the file, not the pack
+    return then, pixels(image)
+
+
+def test_a_file_saved_mid_job_keeps_the_texture_as_it_stood(kiln, scene, tmp_path) -> None:
+    """Until a job ends its texture has no file, and Blender saves such an image blank: a .blend
+    saved mid-job (an artist's habitual Ctrl+S), and not again, came back with a black object."""
+    then, final = saved_mid_job(kiln, tmp_path / "mid-job.blend")
+    bpy.ops.wm.save_mainfile()
+    bpy.ops.wm.open_mainfile(filepath=bpy.data.filepath)
+    assert np.array_equal(pixels(bpy.data.images["Kiln Cube"]), final)
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "mid-job.blend"))
+    assert np.array_equal(pixels(bpy.data.images["Kiln Cube"]), then) and then[:-4:4].std() > 0.01
+
+
 def test_ctrl_c_in_a_script_cancels_its_job_and_the_call_raises(kiln, scene, monkeypatch) -> None:
     """A batch run's Ctrl+C (a KeyboardInterrupt while the call waits on the job) ends the job as Esc
     does, last texture kept; the script went on to print "textured" and exit 0."""
