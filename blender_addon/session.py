@@ -404,7 +404,7 @@ class TextureSession:
         artist's habitual Ctrl+S) and not again, Blender gone, came back with black objects. The
         finished texture's file replaces the pack (``saved_texture``)."""
         for target in self.targets:
-            if target.live is not None and target.saving is None and not target.saved_to:
+            if target.live is not None and not target.saved_to:  # its PNG being written too: not yet its file
                 with contextlib.suppress(ReferenceError):  # the image was undone or deleted meanwhile
                     target.live.image.pack()
 
