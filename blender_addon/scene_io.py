@@ -7,6 +7,7 @@ per-element Python loop over a 2048² image takes seconds, this takes millisecon
 from __future__ import annotations
 
 import re
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ def _same_corners(a: Any, b: Any) -> bool:
 
 def mesh_arrays(obj: Any, uv_map: str | None = None,
                 sources: list[BaseColour | list[float] | None] | None = None, base: str = "init_texture",
-                selected_faces: bool = False) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+                selected_faces: bool = False, unwrap: bool = False) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     """The SUBMIT fields and arrays for one object as the viewport shows it (its modifiers applied,
     as a Mirror's missing half or a Subdivision's rounding change what the texture must fit):
     world-space positions, loop triangles, their loops, and the per-loop UVs of ``uv_map``
@@ -106,13 +107,14 @@ def mesh_arrays(obj: Any, uv_map: str | None = None,
     UV map, which modifiers carry by name. ``sources`` (``slot_sources``) adds what each material
     slot shows, so a refine job (or a reference object) shows every face's own look, the first
     image as ``base`` (the protocol module describes these arrays, beside REFERENCE_PREFIX).
-    ``selected_faces`` adds which triangles lie in faces selected in Edit Mode, the ones to repaint."""
+    ``selected_faces`` adds which triangles lie in faces selected in Edit Mode, the ones to repaint.
+    ``unwrap`` sends no UVs, so that the backend makes new ones (``outdated_unwrap``)."""
     check_object(obj)
     obj.data.update_tag()  # edits from scripts (a UV map removed) need not tag it, and would be missed
     evaluated = obj.evaluated_get(bpy.context.evaluated_depsgraph_get())
     mesh = evaluated.to_mesh()
     try:
-        fields, arrays = _mesh_arrays(obj, mesh, uv_map)
+        fields, arrays = _mesh_arrays(obj, mesh, uv_map, unwrap)
         if sources is not None:
             _slot_arrays(obj, mesh, sources, base, fields, arrays)
         if selected_faces:
@@ -207,12 +209,13 @@ def _tile_faces(mesh: Any, image: Any, uv_map: str, chosen: np.ndarray) -> list[
     return [(n, inside) for n, inside in masks if inside.any()]
 
 
-def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
+def _mesh_arrays(obj: Any, mesh: Any, uv_map: str | None,
+                 unwrap: bool = False) -> tuple[dict[str, Any], dict[str, protocol.Array]]:
     _check_surface(obj, mesh)
     if uv_map and uv_map not in mesh.uv_layers:
         raise SceneError(f"{obj.name!r} loses its UV map {uv_map!r} in its modifiers ({', '.join(_modifiers(obj))}), "
                          "so its texture cannot follow them: keep the UV map in the modifiers' output, or apply them")
-    uv_layer = mesh.uv_layers[uv_map] if uv_map else mesh.uv_layers.active
+    uv_layer = None if unwrap else mesh.uv_layers[uv_map] if uv_map else mesh.uv_layers.active
     if uv_layer is None and not _same_corners(obj.data, mesh):
         raise SceneError(f"{obj.name!r} has no UV map, and its modifiers ({', '.join(_modifiers(obj))}) change its "
                          "faces, so the UVs Kiln would make could not be stored on the mesh: add a UV map (Edit Mode "
@@ -279,13 +282,39 @@ def reference_arrays(obj: Any, baked: tuple[np.ndarray, str] | None = None
 
 
 def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
-    """A new UV map from the backend's unwrap; the object's existing maps are left untouched."""
+    """The UV map from the backend's unwrap, ``protocol.UNWRAP_UV_MAP`` (made anew over an outdated
+    one of Kiln's); the artist's own maps are left untouched."""
     mesh = obj.data
     _check_not_editing(obj)
     if loop_uvs.shape[0] != len(mesh.loops):
         raise SceneError(f"{obj.name!r} was edited while Kiln worked ({len(mesh.loops)} face corners now, "
                          f"{loop_uvs.shape[0]} when the job started): run it again")
-    return _write_uv_map(obj, protocol.UNWRAP_UV_MAP, loop_uvs)
+    name = _write_uv_map(obj, protocol.UNWRAP_UV_MAP, loop_uvs, rewrite=True)
+    mesh[UNWRAPPED_FACES] = _faces_checksum(mesh)
+    return name
+
+
+#: On a mesh Kiln unwrapped: a checksum of its faces then, so that a later job can tell whether the
+#: artist has added or changed faces since, which the map does not fit.
+UNWRAPPED_FACES = "kiln_unwrapped_faces"
+
+
+def _faces_checksum(mesh: Any) -> str:
+    """Which vertices each face's corners use, as a checksum (hex: an IDProperty int holds 32 bits, signed)."""
+    corners, sizes = np.empty(len(mesh.loops), np.int32), np.empty(len(mesh.polygons), np.int32)
+    mesh.loops.foreach_get("vertex_index", corners)
+    mesh.polygons.foreach_get("loop_total", sizes)
+    return f"{zlib.crc32(sizes.tobytes(), zlib.crc32(corners.tobytes())):08x}"
+
+
+def outdated_unwrap(obj: Any) -> bool:
+    """Whether the active UV map is one Kiln made for faces the mesh no longer has: a fresh job then
+    unwraps it again (an extruded face's interpolated UVs would stretch one texel over it). A map
+    the artist has only moved keeps its place; a refine job reads the old texture through it."""
+    mesh, layer = obj.data, obj.data.uv_layers.active
+    recorded = mesh.get(UNWRAPPED_FACES)
+    return layer is not None and layer.name == protocol.UNWRAP_UV_MAP and recorded is not None \
+        and recorded != _faces_checksum(mesh)
 
 
 def add_tile_uv_map(obj: Any, source: str, tiles: list[list[int]]) -> str:

@@ -38,6 +38,7 @@ from .scene_io import (
     build_object,
     check_paintable,
     mesh_arrays,
+    outdated_unwrap,
     reference_arrays,
     save_texture,
     saved_texture,
@@ -253,7 +254,10 @@ def target_for(obj: Any, refine: bool, selected_faces: bool = False, size: int =
     blank start changes them all, as the panel shows by greying the option out)."""
     check_paintable(obj)
     if not refine:
-        return Target(obj.name, *mesh_arrays(obj), obj=obj)
+        outdated = outdated_unwrap(obj)
+        return Target(obj.name, *mesh_arrays(obj, unwrap=outdated), obj=obj,
+                      notes=[f"{obj.name}: its faces changed since Kiln made its UV map {protocol.UNWRAP_UV_MAP!r}, "
+                             "so Kiln made it again"] if outdated else [])
     found, problem, unreadable = existing_texture(obj), image_problem(obj), unreadable_colour(obj)
     if problem is not None:
         raise SceneError(f"{obj.name!r} has nothing to refine: {problem}; or untick Refine Existing Texture")

@@ -156,6 +156,43 @@ def test_several_objects_and_a_mesh_without_uvs(kiln, scene) -> None:
     assert bpy.data.images["Kiln Plain"] != bpy.data.images["Kiln Other"]
 
 
+def kiln_uvs(obj) -> np.ndarray:
+    uv = np.empty(len(obj.data.loops) * 2, np.float32)
+    obj.data.uv_layers["KilnUV"].data.foreach_get("uv", uv)
+    return uv.reshape(-1, 2)
+
+
+def test_a_mesh_edited_since_kiln_unwrapped_it_is_unwrapped_again(kiln, scene) -> None:
+    """A fresh job reused the KilnUV map of an earlier one: faces extruded since had the UVs
+    Blender interpolated for them, strips of no area that stretched one texel over each."""
+    obj = add_cube("Plain", uvs=False, artist_material=False)
+    select(obj)
+    bpy.ops.kiln.texture_selected()
+    first = kiln_uvs(obj)
+    bpy.ops.kiln.texture_selected()  # unchanged: the map stays as it is
+    assert np.array_equal(kiln_uvs(obj), first) and not any("changed" in n for n in kiln.operators.ACTIVE.notes)
+    bm = bmesh.new()
+    bm.from_mesh(obj.data)
+    top = max(bm.faces, key=lambda f: f.calc_center_median().z)
+    made = bmesh.ops.extrude_face_region(bm, geom=[top])["geom"]
+    bmesh.ops.translate(bm, vec=(0, 0, 1), verts=[v for v in made if isinstance(v, bmesh.types.BMVert)])
+    bm.to_mesh(obj.data)
+    bm.free()
+    obj.data.update()
+    bpy.ops.kiln.texture_selected()
+    assert kiln.operators.ACTIVE.targets[0].status == "finished"
+    assert any("its faces changed since Kiln made its UV map 'KilnUV'" in n for n in kiln.operators.ACTIVE.notes)
+    assert [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
+    uv = kiln_uvs(obj)
+    for face in obj.data.polygons:  # every face has UV area of its own again
+        corners = uv[face.loop_start:face.loop_start + face.loop_total]
+        x, y = corners[:, 0], corners[:, 1]
+        assert abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1))) / 2 > 1e-4
+    scene.refine = True  # refining reads the texture through the map it was made on: kept
+    bpy.ops.kiln.texture_selected()
+    assert np.array_equal(kiln_uvs(obj), uv)
+
+
 def udim_cube(name: str):
     """A subdivided cube whose UV map puts its top and bottom faces in UDIM tile 1002 and the
     rest in 1001; returns it and its map's UVs."""
