@@ -620,6 +620,7 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
     _set_geometry(mesh, positions, triangles)
     layer = mesh.uv_layers.new(name=protocol.UNWRAP_UV_MAP)
     layer.data.foreach_set("uv", np.ascontiguousarray(corner_uvs, np.float32).ravel())
+    mesh[UNWRAPPED_FACES] = _faces_checksum(mesh)  # edited later, a fresh texture job unwraps it again
     mesh.shade_smooth()
     obj = bpy.data.objects.new(name, mesh)
     obj.location = location

@@ -1589,6 +1589,7 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     layer.hide_viewport = False
     assert kiln.scene_io.PREVIOUS_MATERIALS not in obj  # nothing to restore on an object Kiln made
     assert len(obj.data.polygons) > 100 and [uv.name for uv in obj.data.uv_layers] == ["KilnUV"]
+    assert not kiln.scene_io.outdated_unwrap(obj) and kiln.scene_io.UNWRAPPED_FACES in obj.data  # edited: anew
     assert not any(m.name.endswith("preview") for m in bpy.data.materials)
     tex = obj.material_slots[0].material.node_tree.nodes[kiln.scene_io.TEXTURE_NODE]
     assert tex.image.size[0] == 512 and pixels(tex.image).reshape(512, 512, 4)[..., :3].std() > 0.01
