@@ -126,6 +126,25 @@ def save(args: argparse.Namespace, script: str) -> bool:
     return True
 
 
+def select(targets: list) -> bool:
+    """Select just ``targets``, the ones hidden in the viewport too: Blender selects no hidden
+    object, and one the artist had hidden went untextured while the script said it was done. False,
+    after saying why, for one that a hidden collection keeps from being selected."""
+    for obj in bpy.context.scene.objects:
+        obj.select_set(False)
+    for obj in targets:
+        obj.hide_set(False)
+        obj.hide_viewport = obj.hide_select = False
+        obj.select_set(True)
+    kept = [obj.name for obj in targets if not obj.select_get()]
+    if kept:
+        print(f"batch_texture.py: {', '.join(kept)} cannot be selected in this view layer (a collection that holds "
+              "it is hidden): show that collection, or leave it out of --objects", file=sys.stderr)
+        return False
+    bpy.context.view_layer.objects.active = targets[0]
+    return True
+
+
 def main() -> int:
     args = parse()
     settings = configure(args, "batch_texture.py")
@@ -152,14 +171,24 @@ def main() -> int:
     if missing or not names:
         print(f"batch_texture.py: no such objects: {missing or 'no meshes in the scene'}", file=sys.stderr)
         return 1
-    for obj in bpy.context.scene.objects:
-        obj.select_set(obj.name in names)
-    bpy.context.view_layer.objects.active = bpy.context.scene.objects[names[0]]
+    targets = [bpy.context.scene.objects[n] for n in names]
+    excluded = [obj.name for obj in targets if obj.name not in bpy.context.view_layer.objects]
+    if excluded:
+        print(f"batch_texture.py: {', '.join(excluded)} is in a collection excluded from the view layer: include "
+              "that collection (its checkbox in the Outliner), or leave it out of --objects", file=sys.stderr)
+        return 1
+    hidden = [(obj, obj.hide_get(), obj.hide_viewport, obj.hide_select) for obj in targets]
     try:
+        if not select(targets):
+            return 1
         bpy.ops.kiln.texture_selected()
     except RuntimeError as exc:
         print(f"batch_texture.py: {exc}", file=sys.stderr)
         return 1
+    finally:  # the artist's hidden objects stay hidden in the file
+        for obj, hide, hide_viewport, hide_select in hidden:
+            obj.hide_set(hide)
+            obj.hide_viewport, obj.hide_select = hide_viewport, hide_select
     if not save(args, "batch_texture.py"):
         return 1
     print(f"batch_texture.py: textured {', '.join(names)}")

@@ -664,6 +664,36 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None
     bpy.data.images.remove(taken.images[0])
 
 
+def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(kiln, tmp_path) -> None:
+    """Blender selects no hidden object: one hidden in the viewport (H, or the monitor icon) went
+    untextured while the script printed "textured" and exited 0."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    add_cube("Shown")
+    eye, monitor = add_cube("Eye"), add_cube("Monitor")
+    eye.hide_set(True)
+    monitor.hide_viewport = True
+    excluded = bpy.data.collections.new("Excluded")
+    bpy.context.scene.collection.children.link(excluded)
+    excluded.objects.link(bpy.data.objects.new("Elsewhere", bpy.data.meshes.new("Elsewhere")))
+    bpy.context.view_layer.layer_collection.children["Excluded"].exclude = True
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "hidden.blend"))
+    script = (f"import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath={str(tmp_path / 'hidden.blend')!r}); "
+              f"sys.argv = ['blender', '--'] + sys.argv[1:]; "
+              f"runpy.run_path({str(ROOT / 'examples' / 'batch_texture.py')!r}, run_name='__main__')")
+    job = ["--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
+           "--backend-python", BACKEND_PYTHON]
+    ran = subprocess.run([sys.executable, "-c", script, *job, "--objects", "Shown", "Eye", "Monitor", "--save"],
+                         capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert ran.returncode == 0 and "textured Shown, Eye, Monitor" in ran.stdout, ran.stderr[-2000:]
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "hidden.blend"))
+    for name in ("Shown", "Eye", "Monitor"):
+        assert bpy.data.objects[name].material_slots[0].material.name == f"Kiln {name}"
+    assert bpy.data.objects["Eye"].hide_get() and bpy.data.objects["Monitor"].hide_viewport
+    refused = subprocess.run([sys.executable, "-c", script, *job, "--objects", "Elsewhere"],
+                             capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    assert refused.returncode == 1 and "Elsewhere is in a collection excluded from the view layer" in refused.stderr
+
+
 def test_a_batch_script_newer_than_the_installed_extension_says_so(kiln, scene, capsys) -> None:
     """A TD pulls the scripts and forgets to reinstall the zip: an option the installed Kiln lacks
     was a KeyError traceback."""
