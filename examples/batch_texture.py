@@ -48,7 +48,8 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--selected-faces", action="store_true",
                         help="refine only: repaint only the faces selected in Edit Mode in the .blend; the others "
                              "keep their texture")
-    parser.add_argument("--objects", nargs="*", help="object names (default: every mesh in the scene)")
+    parser.add_argument("--objects", nargs="*", help="object names (default: every mesh in the view layer, hidden "
+                        "ones too)")
     return parser.parse_args(argv)
 
 
@@ -166,7 +167,8 @@ def main() -> int:
         values["strength"] = ("--strength", args.strength)
     if not assign(settings, values, "batch_texture.py"):
         return 1
-    names = args.objects or [o.name for o in bpy.context.scene.objects if o.type == "MESH"]
+    # By default the meshes of the view layer: those of an excluded collection are not in the scene as rendered.
+    names = args.objects or [o.name for o in bpy.context.view_layer.objects if o.type == "MESH"]
     missing = [n for n in names if n not in bpy.context.scene.objects]
     if missing or not names:
         print(f"batch_texture.py: no such objects: {missing or 'no meshes in the scene'}", file=sys.stderr)

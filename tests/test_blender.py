@@ -692,6 +692,9 @@ def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(k
     refused = subprocess.run([sys.executable, "-c", script, *job, "--objects", "Elsewhere"],
                              capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert refused.returncode == 1 and "Elsewhere is in a collection excluded from the view layer" in refused.stderr
+    every = subprocess.run([sys.executable, "-c", script, *job], capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ))  # the view layer's meshes, hidden ones too: not the excluded one
+    assert every.returncode == 0 and "textured Shown, Eye, Monitor" in every.stdout, every.stderr[-2000:]
 
 
 def test_a_batch_script_newer_than_the_installed_extension_says_so(kiln, scene, capsys) -> None:
