@@ -289,8 +289,14 @@ def add_uv_map(obj: Any, loop_uvs: np.ndarray) -> str:
     if loop_uvs.shape[0] != len(mesh.loops):
         raise SceneError(f"{obj.name!r} was edited while Kiln worked ({len(mesh.loops)} face corners now, "
                          f"{loop_uvs.shape[0]} when the job started): run it again")
+    return _write_unwrap(obj, loop_uvs)
+
+
+def _write_unwrap(obj: Any, loop_uvs: np.ndarray) -> str:
+    """``protocol.UNWRAP_UV_MAP`` holding ``loop_uvs`` (over the old one), with the checksum of the
+    faces it fits, which ``outdated_unwrap`` compares."""
     name = _write_uv_map(obj, protocol.UNWRAP_UV_MAP, loop_uvs, rewrite=True)
-    mesh[UNWRAPPED_FACES] = _faces_checksum(mesh)
+    obj.data[UNWRAPPED_FACES] = _faces_checksum(obj.data)
     return name
 
 
@@ -618,11 +624,9 @@ def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner
     and selected; its texture material comes with the job's textures (``start_live_texture``)."""
     mesh = bpy.data.meshes.new(name)
     _set_geometry(mesh, positions, triangles)
-    layer = mesh.uv_layers.new(name=protocol.UNWRAP_UV_MAP)
-    layer.data.foreach_set("uv", np.ascontiguousarray(corner_uvs, np.float32).ravel())
-    mesh[UNWRAPPED_FACES] = _faces_checksum(mesh)  # edited later, a fresh texture job unwraps it again
     mesh.shade_smooth()
     obj = bpy.data.objects.new(name, mesh)
+    _write_unwrap(obj, corner_uvs)  # with its faces' checksum: edited later, a fresh job unwraps it again
     obj.location = location
     _link_new(obj)
     for other in bpy.context.selected_objects:
