@@ -144,9 +144,8 @@ class Job:
         ends (minutes, for a first download), and the load goes on, for whichever job wants it next."""
         self.cancel.set()
         if self.loading is not None:
-            self.conn.outbox.put(protocol.LOG, {"job": self.id, "level": "info", "text":
-                                                f"{self.loading} goes on loading in the backend, for the next job "
-                                                "that uses it (Stop the backend to end it)"})
+            JobEvents(self).log(f"{self.loading} goes on loading in the backend, for the next job that uses it "
+                                "(Stop the backend to end it)")
             self.answer(protocol.DONE, {"status": "cancelled", "seconds": 0.0})
 
 
