@@ -105,8 +105,7 @@ def _child(folder: str, parent: int) -> None:
     import xatlas  # noqa: F401  (now, so that a spare has paid for it before its job comes)
 
     if not sys.stdin.readline():  # EOF: a spare whose backend went without a word (killed, crashed)
-        os.close(2)  # the one open handle on the folder's stderr.txt (Windows deletes no open file)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_own_folder(folder)
         return
     data = np.load(Path(folder) / "mesh.npz")
     triangles = data["triangles"]
@@ -116,8 +115,13 @@ def _child(folder: str, parent: int) -> None:
     if os.getppid() != parent:  # the backend was killed meanwhile (POSIX hands its orphans to another
         # process; Windows keeps the dead parent's id): no one is left to read the UVs or remove the
         # folder, which holds a copy of the artist's mesh
-        os.close(2)
-        shutil.rmtree(folder, ignore_errors=True)
+        _remove_own_folder(folder)
+
+
+def _remove_own_folder(folder: str) -> None:
+    """What a child whose backend has gone does: remove its folder, as no one else will."""
+    os.close(2)  # the one open handle on the folder's stderr.txt (Windows deletes no open file)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 class _Child:
