@@ -726,7 +726,7 @@ def check_names(model: str, controlnet: str | None = None, lora: str | None = No
     if kind is None:
         raise unknown_model(model)
     if kind == "folder" and not (folder / "model_index.json").is_file():
-        files = sorted(f.name for f in folder.iterdir() if f.suffix in (".safetensors", ".ckpt")
+        files = sorted(f.name for f in folder.iterdir() if f.suffix.lower() in _CHECKPOINT_SUFFIXES
                        and not f.name.startswith("."))  # Kiln's own index of an asset library, say
         raise ModelError(protocol.E_MODEL_NOT_FOUND, f"folder {model!r} is not a diffusers folder (it has no "
                          "model_index.json): " + (f"give the checkpoint file it holds, {files[0]!r}, instead" if files
