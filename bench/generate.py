@@ -310,7 +310,7 @@ def main() -> None:
         cfg = GENERATE_PRESETS[method]["quality"]
         configs[method] = replace(cfg, mesh=replace(cfg.mesh, texture_size=512, face_budget=20_000))
     if args.quick:  # a smoke test of the script: few Gaussians, short schedules, a coarse grid
-        short = {"sir": {"iterations": 2, "recon_steps": 15, "init_recon_steps": 15}, "sds": {"iterations": 20}}
+        short = {"sir": {"iterations": 2, "recon_steps": 8, "init_recon_steps": 8}, "sds": {"iterations": 20}}
         configs = {k: replace(c, schedule=replace(c.schedule, **short[k]),
                               splats=replace(c.splats, count=1000), mesh=replace(c.mesh, grid=40, face_budget=4000,
                                                                                  bake_rounds=1))

@@ -620,51 +620,66 @@ def run_batch(tmp_path: Path, *args: str, opened: bool = True) -> subprocess.Com
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
 
 
-def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path) -> None:
+def refused_batch(capsys, *args: str) -> str:
+    """A batch run that must refuse before any job starts, run in this Blender (a fresh process
+    costs seconds each): its exit status 1 and what it said on stderr."""
+    import runpy
+
+    argv = sys.argv
+    sys.argv = ["blender", "--", *args, "--backend-python", BACKEND_PYTHON]
+    try:
+        with pytest.raises(SystemExit) as exited:
+            runpy.run_path(str(ROOT / "examples" / "batch_texture.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+    assert exited.value.code == 1
+    return capsys.readouterr().err
+
+
+def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path, capsys) -> None:
     ok = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1", "--save")
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "textured Cube" in ok.stdout
     assert (tmp_path / "kiln_textures" / "Cube_seed0.png").is_file()
-    ssd = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "3",
-                    "--method", "ssd")
-    assert ssd.returncode == 0, ssd.stderr[-2000:]
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
     assert bad.returncode == 1 and "prompt is empty" in bad.stderr
     # Many batch runs can share one backend, and its loaded model, started by hand.
     proc, _ = start_standing_backend(tmp_path / "backend.json")
+    shared = ["--model", "tiny", "--size", "512", "--connection-file", str(tmp_path / "backend.json")]
     try:
-        shared = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
-                           "--connection-file", str(tmp_path / "backend.json"))
-        assert shared.returncode == 0, shared.stderr[-2000:]
+        ssd = run_batch(tmp_path, "--prompt", "a crate", "--steps", "3", "--method", "ssd", *shared)
+        assert ssd.returncode == 0, ssd.stderr[-2000:]
+        saved = run_batch(tmp_path, "--prompt", "a box", "--steps", "1", "--save", str(tmp_path / "crate.blend"),
+                          *shared, opened=False)
+        assert saved.returncode == 0, saved.stderr[-2000:]
     finally:
         proc.terminate()
         log = proc.communicate()[1]
-    assert "job 1: texture 'a crate' with tiny (sir)" in log  # its terminal shows the job
-    # Blender would clamp these without a word; a pipeline hears of them instead.
-    clamped = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
-    assert clamped.returncode == 1 and "--strength 3.0 is out of range: choose 0.05 to 1" in clamped.stderr
-    heavy = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--lora", "a/b", "--lora-weight", "3")
-    assert heavy.returncode == 1 and "--lora-weight 3.0 is out of range: choose -2 to 2" in heavy.stderr
-    blank = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
-    assert blank.returncode == 1 and "add --refine" in blank.stderr
-    some = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
-    assert some.returncode == 1 and "--selected-faces keeps the other faces' texture" in some.stderr
-    # Blender opened no file: --save said nothing and the result was lost with the process.
-    lost = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--save", opened=False)
-    assert lost.returncode == 1 and "--save has no file to save over (Blender opened none)" in lost.stderr
-    assert "textured" not in lost.stdout
-    nowhere = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--save", str(tmp_path / "no" / "a.blend"))
-    assert nowhere.returncode == 1 and "the folder" in nowhere.stderr and "does not exist" in nowhere.stderr
-    saved = run_batch(tmp_path, "--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
-                      "--save", str(tmp_path / "crate.blend"), opened=False)
-    assert saved.returncode == 0, saved.stderr[-2000:]
+    # Its terminal shows the jobs.
+    assert "job 1: texture 'a crate' with tiny (ssd)" in log and "job 2: texture 'a box' with tiny (sir)" in log
     with bpy.data.libraries.load(str(tmp_path / "crate.blend")) as (held, taken):
         taken.images = ["Kiln Cube"]
     assert taken.images[0].packed_file is not None  # the job had no folder beside a file to write it to
     bpy.data.images.remove(taken.images[0])
+    # The refusals below come before any job, so they run in this Blender, on a scene of one cube.
+    bpy.ops.wm.read_homefile()
+    # Blender would clamp these without a word; a pipeline hears of them instead.
+    assert "--strength 3.0 is out of range: choose 0.05 to 1" in refused_batch(
+        capsys, "--prompt", "a crate", "--model", "tiny", "--refine", "--strength", "3")
+    assert "--lora-weight 3.0 is out of range: choose -2 to 2" in refused_batch(
+        capsys, "--prompt", "a crate", "--model", "tiny", "--lora", "a/b", "--lora-weight", "3")
+    assert "add --refine" in refused_batch(capsys, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
+    assert "--selected-faces keeps the other faces' texture" in refused_batch(
+        capsys, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
+    # Blender opened no file: --save said nothing and the result was lost with the process.
+    assert "--save has no file to save over (Blender opened none)" in refused_batch(
+        capsys, "--prompt", "a crate", "--model", "tiny", "--save")
+    nowhere = refused_batch(capsys, "--prompt", "a crate", "--model", "tiny", "--save",
+                            str(tmp_path / "no" / "a.blend"))
+    assert "the folder" in nowhere and "does not exist" in nowhere
 
 
-def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(kiln, tmp_path) -> None:
+def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(kiln, tmp_path, capsys) -> None:
     """Blender selects no hidden object: one hidden in the viewport (H, or the monitor icon) went
     untextured while the script printed "textured" and exited 0."""
     bpy.ops.wm.read_homefile(use_empty=True)
@@ -689,9 +704,8 @@ def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(k
     for name in ("Shown", "Eye", "Monitor"):
         assert bpy.data.objects[name].material_slots[0].material.name == f"Kiln {name}"
     assert bpy.data.objects["Eye"].hide_get() and bpy.data.objects["Monitor"].hide_viewport
-    refused = subprocess.run([sys.executable, "-c", script, *job, "--objects", "Elsewhere"],
-                             capture_output=True, text=True, timeout=300, env=dict(os.environ))
-    assert refused.returncode == 1 and "Elsewhere is in a collection excluded from the view layer" in refused.stderr
+    assert "Elsewhere is in a collection excluded from the view layer" in refused_batch(
+        capsys, "--prompt", "a crate", "--model", "tiny", "--objects", "Elsewhere")
 
 
 def test_a_batch_script_newer_than_the_installed_extension_says_so(kiln, scene, capsys) -> None:
@@ -1649,9 +1663,8 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) ->
 
 def test_batch_generate_script(kiln, tmp_path) -> None:
     blend = tmp_path / "gen.blend"
-    setup = ("import bpy; bpy.ops.wm.read_homefile(use_empty=True); "
-             f"bpy.ops.wm.save_as_mainfile(filepath={str(blend)!r})")
-    subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
+    bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.ops.wm.save_as_mainfile(filepath=str(blend), copy=True)  # a copy: this Blender can read it back below
     example = str(ROOT / "examples" / "batch_generate.py")
     script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
               f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
@@ -1660,10 +1673,8 @@ def test_batch_generate_script(kiln, tmp_path) -> None:
                           capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
     assert "generated Kiln stool" in done.stdout
-    check = subprocess.run([sys.executable, "-c", f"import bpy; bpy.ops.wm.open_mainfile(filepath={str(blend)!r}); "
-                            "print(sorted(o.name for o in bpy.data.objects))"],
-                           capture_output=True, text=True, env=dict(os.environ))
-    assert "['Kiln stool']" in check.stdout
+    with bpy.data.libraries.load(str(blend)) as (saved, _):
+        assert saved.objects == ["Kiln stool"]
 
 
 def write_cube_obj(path: Path, extents: tuple[float, float, float]) -> None:

@@ -910,6 +910,21 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
+def refused_cli(capsys, *args: str) -> str:
+    """A CLI run that must be refused before any job starts, run in this process (a fresh one
+    costs seconds each): exit status 2, and what it said on stderr."""
+    from backend import cli
+
+    capsys.readouterr()
+    try:
+        code = cli.main(list(args))
+    except SystemExit as exited:  # argparse's own refusals
+        code = exited.code
+    err = capsys.readouterr().err
+    assert code == 2, err
+    return err
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="Ctrl+C is a console event on Windows, not a signal to a group")
 def test_ctrl_c_stops_the_cli_with_the_shells_status_and_no_traceback(tmp_path) -> None:
     """Ctrl+C reaches the whole foreground group: the CLI and its unwrapping child. It printed a
@@ -1128,36 +1143,35 @@ def test_console_progress_is_rate_limited_but_shows_a_phase_that_holds_the_count
     assert capsys.readouterr().err.splitlines() == ["kiln: reconstructing texture 1000/1000 (100%, 0 s)"]
 
 
-def test_cli_fails_loudly_on_bad_input(tmp_path) -> None:
+def test_cli_fails_loudly_on_bad_input(tmp_path, capsys) -> None:
     result = run_cli("texture", str(VASE), "--prompt", "", "--out", str(tmp_path))
-    assert result.returncode == 2 and "prompt is empty" in result.stderr
-    result = run_cli("texture", str(tmp_path / "missing.obj"), "--prompt", "x", "--out", str(tmp_path))
-    assert result.returncode == 2 and "does not exist" in result.stderr
-    result = run_cli("texture", str(VASE), "--prompt", "x", "--size", "100", "--out", str(tmp_path))
-    assert result.returncode == 2 and "out of range" in result.stderr
-    result = run_cli("texture", str(VASE), "--prompt", "x", "--vae", "no such vae", "--out", str(tmp_path))
-    assert result.returncode == 2 and "unknown VAE 'no such vae'" in result.stderr
+    assert result.returncode == 2 and "prompt is empty" in result.stderr  # the process's own exit status
+    assert "does not exist" in refused_cli(capsys, "texture", str(tmp_path / "missing.obj"), "--prompt", "x",
+                                           "--out", str(tmp_path))
+    assert "out of range" in refused_cli(capsys, "texture", str(VASE), "--prompt", "x", "--size", "100", "--out",
+                                         str(tmp_path))
+    assert "unknown VAE 'no such vae'" in refused_cli(capsys, "texture", str(VASE), "--prompt", "x", "--vae",
+                                                      "no such vae", "--out", str(tmp_path))
     # Checked before any model loads, so a long job is not lost at its end.
     blocker = tmp_path / "a file"
     blocker.write_text("")
-    result = run_cli("texture", str(VASE), "--prompt", "x", "--out", str(blocker / "out"))
-    assert result.returncode == 2 and "cannot make the --out folder" in result.stderr
-    assert "loading model" not in result.stderr
+    err = refused_cli(capsys, "texture", str(VASE), "--prompt", "x", "--out", str(blocker / "out"))
+    assert "cannot make the --out folder" in err and "loading model" not in err
     from backend.cli import output_folder
     with pytest.raises(JobError, match="'.*a file' is a file, and Kiln writes a folder of results"):
         output_folder(str(blocker))
-    result = run_cli("generate", "--prompt", "x", "--reference", str(tmp_path / "gone.glb"), "--out", str(tmp_path))
-    assert result.returncode == 2 and "gone.glb' does not exist" in result.stderr
-    assert "loading model" not in result.stderr
-    result = run_cli("texture", str(VASE), "--prompt", "x", "--library", str(tmp_path / "gone"), "--out", str(tmp_path))
-    assert result.returncode == 2 and "gone' is not a folder" in result.stderr
+    err = refused_cli(capsys, "generate", "--prompt", "x", "--reference", str(tmp_path / "gone.glb"), "--out",
+                      str(tmp_path))
+    assert "gone.glb' does not exist" in err and "loading model" not in err
+    assert "gone' is not a folder" in refused_cli(capsys, "texture", str(VASE), "--prompt", "x", "--library",
+                                                  str(tmp_path / "gone"), "--out", str(tmp_path))
     # --out the mesh's own folder: its .glb would be replaced by the result.
     import trimesh
     trimesh.creation.box().export(tmp_path / "box.glb")
     kept = (tmp_path / "box.glb").read_bytes()
-    result = run_cli("texture", str(tmp_path / "box.glb"), "--prompt", "x", "--out", str(tmp_path))
-    assert result.returncode == 2 and "would write the result 'box.glb' over the input file" in result.stderr
-    assert (tmp_path / "box.glb").read_bytes() == kept and "loading model" not in result.stderr
+    err = refused_cli(capsys, "texture", str(tmp_path / "box.glb"), "--prompt", "x", "--out", str(tmp_path))
+    assert "would write the result 'box.glb' over the input file" in err
+    assert (tmp_path / "box.glb").read_bytes() == kept and "loading model" not in err
 
 
 def test_out_of_gpu_memory_names_low_vram_first_and_other_failures_keep_their_traceback(
@@ -1275,7 +1289,7 @@ def test_every_setting_the_panel_accepts_the_backend_accepts_too() -> None:
     assert request.config(refine=True).guidance == protocol.MAX_GUIDANCE
 
 
-def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
+def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path, capsys) -> None:
     first = run_cli("texture", str(VASE), "--prompt", "a vase", "--size", "512", "--steps", "1", "--out",
                     str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr
@@ -1284,8 +1298,8 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
                     "--strength", "0.2", "--out", str(tmp_path / "b"))
     assert again.returncode == 0, again.stderr
     assert (tmp_path / "b" / "vase_texture.png").is_file()
-    none = run_cli("texture", str(VASE), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "c"))
-    assert none.returncode == 2 and "no texture to refine" in none.stderr
+    assert "no texture to refine" in refused_cli(capsys, "texture", str(VASE), "--prompt", "a vase", "--refine",
+                                                 "--out", str(tmp_path / "c"))
     # An OBJ copied without its .mtl: refused saying so, not refined from the grey trimesh makes up.
     moved = tmp_path / "moved.obj"
     moved.write_text("mtllib moved.mtl\nv 0 0 0\nv 1 0 0\nv 0 1 0\nv 0 0 1\nvt 0 0\nvt 1 0\nvt 0 1\n"
@@ -1299,18 +1313,16 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     box, ball = trimesh.creation.box(), trimesh.creation.icosphere(1).apply_translation((3, 0, 0))
     box.visual = trimesh.visual.TextureVisuals(uv=np.asarray(box.vertices)[:, :2] + 0.5, image=Image.new("RGB", (4, 4)))
     trimesh.Scene({"Box": box, "Ball": ball}).export(tmp_path / "mixed.glb")
-    mixed = run_cli("texture", str(tmp_path / "mixed.glb"), "--prompt", "a vase", "--refine", "--out",
-                    str(tmp_path / "m"))
-    assert mixed.returncode == 2 and "its part 'Ball' has no UV map, so the texture to refine cannot lie on it" \
-        in mixed.stderr, mixed.stderr
+    mixed = refused_cli(capsys, "texture", str(tmp_path / "mixed.glb"), "--prompt", "a vase", "--refine", "--out",
+                        str(tmp_path / "m"))
+    assert "its part 'Ball' has no UV map, so the texture to refine cannot lie on it" in mixed, mixed
     args = argparse.Namespace(mesh="mixed.glb", refine=False, init_texture=None, repaint_mask=None, strength=None)
     mesh, loaded = load_mesh_file(tmp_path / "mixed.glb")
     assert mesh.corner_uvs is not None
     partial_uv_map(args, mesh, loaded)
     assert mesh.corner_uvs is None  # unwrapped whole
-    grey = run_cli("texture", str(moved), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "g"))
-    assert grey.returncode == 2 and f"its material library 'moved.mtl' is not in {tmp_path}: put the file there" \
-        in grey.stderr, grey.stderr
+    grey = refused_cli(capsys, "texture", str(moved), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "g"))
+    assert f"its material library 'moved.mtl' is not in {tmp_path}: put the file there" in grey, grey
     # A texture tiled by KHR_texture_transform: trimesh would read it 1:1 on the UVs, so it is refused.
     data = glb.read_bytes()
     length = struct.unpack("<I", data[12:16])[0]
@@ -1323,17 +1335,18 @@ def test_cli_refines_the_texture_a_mesh_file_carries(tmp_path) -> None:
     tiled = tmp_path / "tiled.glb"
     tiled.write_bytes(b"glTF" + struct.pack("<II", 2, 20 + len(chunk) + len(rest)) + struct.pack("<I", len(chunk))
                       + b"JSON" + chunk + rest)
-    refused = run_cli("texture", str(tiled), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "t"))
-    assert refused.returncode == 2 and "placed by KHR_texture_transform" in refused.stderr, refused.stderr
-    bad = run_cli("texture", str(glb), "--prompt", "a vase", "--refine", "--strength", "3", "--out", str(tmp_path))
-    assert bad.returncode == 2 and "strength 3.0 is out of range" in bad.stderr
+    refused = refused_cli(capsys, "texture", str(tiled), "--prompt", "a vase", "--refine", "--out", str(tmp_path / "t"))
+    assert "placed by KHR_texture_transform" in refused, refused
+    assert "strength 3.0 is out of range" in refused_cli(capsys, "texture", str(glb), "--prompt", "a vase",
+                                                         "--refine", "--strength", "3", "--out", str(tmp_path))
     # Options that only refining reads are never dropped without a word: --init-texture refines,
     # --strength on a blank start is refused. Both fail before any model loads.
-    gone = run_cli("texture", str(glb), "--prompt", "a vase", "--init-texture", str(tmp_path / "gone.png"),
-                   "--out", str(tmp_path / "d"))
-    assert gone.returncode == 2 and "cannot read --init-texture" in gone.stderr
-    blank = run_cli("texture", str(glb), "--prompt", "a vase", "--strength", "0.3", "--out", str(tmp_path / "e"))
-    assert blank.returncode == 2 and "add --refine" in blank.stderr and "loading model" not in blank.stderr
+    assert "cannot read --init-texture" in refused_cli(capsys, "texture", str(glb), "--prompt", "a vase",
+                                                       "--init-texture", str(tmp_path / "gone.png"), "--out",
+                                                       str(tmp_path / "d"))
+    blank = refused_cli(capsys, "texture", str(glb), "--prompt", "a vase", "--strength", "0.3", "--out",
+                        str(tmp_path / "e"))
+    assert "add --refine" in blank and "loading model" not in blank
 
 
 def test_a_texture_or_mask_pillow_cannot_read_says_which_formats_it_can(tmp_path) -> None:
@@ -1351,7 +1364,7 @@ def test_a_texture_or_mask_pillow_cannot_read_says_which_formats_it_can(tmp_path
         repaint_faces(str(exr), replace(mesh, corner_uvs=np.zeros((len(mesh.triangles), 3, 2), np.float32)))
 
 
-def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
+def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path, capsys) -> None:
     """--init-texture paint.<UDIM>.png: each face starts from its own tile's file, in its tile's
     cell of the texture, which the .glb reads through its UVs."""
     import trimesh
@@ -1379,9 +1392,9 @@ def test_cli_refines_a_udim_texture_tile_by_tile(tmp_path) -> None:
     colours = sample_image(torch.from_numpy(image.copy()).permute(2, 0, 1), cells)
     blue = (colours[:, 2] > colours[:, 0]).numpy()
     assert (blue == upper).mean() > 0.98  # each face shows its own tile's colour, not the other's
-    missing = run_cli("texture", str(tmp_path / "udim.obj"), "--prompt", "a vase", "--init-texture",
-                      str(tmp_path / "none.<UDIM>.png"), "--out", str(tmp_path / "bad"))
-    assert missing.returncode == 2 and "no tile files match" in missing.stderr
+    assert "no tile files match" in refused_cli(capsys, "texture", str(tmp_path / "udim.obj"), "--prompt", "a vase",
+                                                "--init-texture", str(tmp_path / "none.<UDIM>.png"), "--out",
+                                                str(tmp_path / "bad"))
 
 
 def test_textures_and_masks_of_any_bit_depth_keep_their_range(tmp_path) -> None:
@@ -1412,7 +1425,7 @@ def test_textures_and_masks_of_any_bit_depth_keep_their_range(tmp_path) -> None:
         assert np.abs(rgb - eight).max() < 1.5 / 255, (name, image.mode)
 
 
-def test_cli_repaints_the_faces_a_mask_marks_white(tmp_path) -> None:
+def test_cli_repaints_the_faces_a_mask_marks_white(tmp_path, capsys) -> None:
     """--repaint-mask: a pipeline's mask in texture space picks the faces to repaint (those whose
     UV centre lies on white); every other face's texel in the output is the input's. A mask dark
     under every face is refused before any model loads."""
@@ -1444,10 +1457,10 @@ def test_cli_repaints_the_faces_a_mask_marks_white(tmp_path) -> None:
     assert (now[~left] == before[~left]).all(axis=1).mean() > 0.99
     assert (np.abs(now[left].astype(int) - before[left]).max(axis=1) > 8).mean() > 0.5
     Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "dark.png")
-    dark = run_cli("texture", str(tmp_path / "vase.obj"), "--prompt", "a vase", "--init-texture",
-                   str(tmp_path / "paint.png"), "--repaint-mask", str(tmp_path / "dark.png"), "--out", str(tmp_path))
-    assert dark.returncode == 2 and "dark under every face's UV centre" in dark.stderr
-    assert "loading model" not in dark.stderr
+    dark = refused_cli(capsys, "texture", str(tmp_path / "vase.obj"), "--prompt", "a vase", "--init-texture",
+                       str(tmp_path / "paint.png"), "--repaint-mask", str(tmp_path / "dark.png"), "--out",
+                       str(tmp_path))
+    assert "dark under every face's UV centre" in dark and "loading model" not in dark
 
 
 def test_single_branch_predictions_match_the_batched_pair() -> None:
