@@ -12,20 +12,24 @@ from . import fixes, operators, panel, properties, scene_io, session
 
 CLASSES = (*properties.CLASSES, *operators.CLASSES, *fixes.CLASSES, *panel.CLASSES)
 
+#: (handler list, function): Blender's file events the add-on follows.
+HANDLERS = (("load_pre", operators.on_file_load), ("load_post", operators.on_file_loaded),
+            ("save_pre", operators.on_save), ("save_post", operators.on_saved),
+            ("save_post_fail", operators.on_saved))
+
 
 def register() -> None:
     for cls in CLASSES:
         bpy.utils.register_class(cls)
     properties.register()
-    bpy.app.handlers.load_pre.append(operators.on_file_load)
-    bpy.app.handlers.save_pre.append(operators.on_save)
+    for event, handler in HANDLERS:
+        getattr(bpy.app.handlers, event).append(handler)
 
 
 def unregister() -> None:
-    if operators.on_file_load in bpy.app.handlers.load_pre:
-        bpy.app.handlers.load_pre.remove(operators.on_file_load)
-    if operators.on_save in bpy.app.handlers.save_pre:
-        bpy.app.handlers.save_pre.remove(operators.on_save)
+    for event, handler in HANDLERS:
+        if handler in getattr(bpy.app.handlers, event):
+            getattr(bpy.app.handlers, event).remove(handler)
     operators.stop_running_job("stopped: Kiln was disabled")
     operators.stop_setup()
     session.MANAGER.stop()

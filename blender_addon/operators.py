@@ -169,9 +169,24 @@ def on_file_load(*_args: object) -> None:
 
 @bpy.app.handlers.persistent
 def on_save(*_args: object) -> None:
-    """Saving mid-job keeps the texture as it stands (``pack_textures_in_progress``)."""
+    """Saving mid-job keeps the texture as it stands and no preview (``TextureSession.before_save``)."""
     if _running():
-        ACTIVE.pack_textures_in_progress()
+        ACTIVE.before_save()
+
+
+@bpy.app.handlers.persistent
+def on_saved(*_args: object) -> None:
+    """After a save, written or failed: the previews come back."""
+    if _running():
+        ACTIVE.after_save()
+
+
+@bpy.app.handlers.persistent
+def on_file_loaded(*_args: object) -> None:
+    """A file saved without the save handlers (an autosave) may hold point previews: no job is
+    left to remove them."""
+    if names := scene_io.remove_stale_previews():
+        print(f"Kiln: removed {', '.join(names)}, left in the file by a generation that never finished")
 
 
 def job_request(context: bpy.types.Context) -> tuple[dict, dict]:

@@ -563,14 +563,25 @@ def _set_geometry(mesh: Any, positions: np.ndarray, triangles: np.ndarray) -> No
     mesh.update()
 
 
+#: Marks a point preview's object, so that one a file kept (an autosave) goes when the file is opened.
+PREVIEW_TAG = "kiln_preview"
+
+
 @dataclass
 class PointPreview:
     """The live stand-in of an object being generated: a small tetrahedron per Gaussian, coloured
-    through a colour attribute, at the 3D cursor. Removed when the real object arrives."""
+    through a colour attribute, at the 3D cursor. Removed when the real object arrives. It keeps
+    its last points, so that it can leave the scene for a save and come back after it."""
 
-    obj: Any
+    name: str
+    location: Any
+    obj: Any = None
+    points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
     def update(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
+        self.points = (positions, colors, sizes)
+        if self.obj is None:
+            self.obj = _preview_object(self.name, self.location)
         n = len(positions)
         radius = np.clip(sizes, 0.004, 0.05)[:, None, None]
         verts = (positions[:, None, :] + _TETRA[None] * radius).reshape(-1, 3)
@@ -583,12 +594,33 @@ class PointPreview:
         attr.data.foreach_set("color", rgba.ravel())
 
     def remove(self) -> None:
-        mesh = self.obj.data
-        materials = [m for m in mesh.materials if m is not None]
-        bpy.data.objects.remove(self.obj)
-        bpy.data.meshes.remove(mesh)
-        for material in materials:
-            bpy.data.materials.remove(material)
+        """Out of the scene and the file; ``restore`` brings it back from its points."""
+        if self.obj is not None:
+            _remove_with_its_data(self.obj)
+            self.obj = None
+
+    def restore(self) -> None:
+        if self.obj is None and self.points is not None:
+            self.update(*self.points)
+
+
+def _remove_with_its_data(obj: Any) -> None:
+    mesh = obj.data
+    materials = [m for m in mesh.materials if m is not None]
+    bpy.data.objects.remove(obj)
+    bpy.data.meshes.remove(mesh)
+    for material in materials:
+        bpy.data.materials.remove(material)
+
+
+def remove_stale_previews() -> list[str]:
+    """The point previews a file was saved with (Blender's autosave runs no save handlers): their
+    job is gone, so they go too. Their names, for a note."""
+    stale = [obj for obj in bpy.data.objects if obj.get(PREVIEW_TAG) and not obj.library]
+    names = [obj.name for obj in stale]
+    for obj in stale:
+        _remove_with_its_data(obj)
+    return names
 
 
 def _link_new(obj: Any) -> None:
@@ -601,9 +633,10 @@ def _link_new(obj: Any) -> None:
     (layer.collection if usable else bpy.context.scene.collection).objects.link(obj)
 
 
-def start_preview(name: str, location: Any) -> PointPreview:
+def _preview_object(name: str, location: Any) -> Any:
     mesh = bpy.data.meshes.new(f"{name} preview")
     obj = bpy.data.objects.new(f"{name} preview", mesh)
+    obj[PREVIEW_TAG] = True
     obj.location = location
     _link_new(obj)
     material = bpy.data.materials.new(f"{name} preview")
@@ -615,7 +648,7 @@ def start_preview(name: str, location: Any) -> PointPreview:
     attribute.attribute_name = "Col"
     material.node_tree.links.new(attribute.outputs["Color"], bsdf.inputs["Base Color"])
     mesh.materials.append(material)
-    return PointPreview(obj)
+    return obj
 
 
 def build_object(name: str, positions: np.ndarray, triangles: np.ndarray, corner_uvs: np.ndarray,

@@ -44,7 +44,6 @@ from .scene_io import (
     saved_texture,
     share_texture,
     start_live_texture,
-    start_preview,
 )
 from .texture_file import TextureFile
 
@@ -402,15 +401,24 @@ class TextureSession:
     def succeeded(self) -> bool:
         return not self.failure and all(t.status == "finished" for t in self.targets)
 
-    def pack_textures_in_progress(self) -> None:
-        """The .blend is being saved mid-job: pack each texture as it stands. Until the job ends it
-        has no file, and Blender saves an image without one as blank, so a file saved mid-job (an
-        artist's habitual Ctrl+S) and not again, Blender gone, came back with black objects. The
-        finished texture's file replaces the pack (``saved_texture``)."""
+    def before_save(self) -> None:
+        """The .blend is being saved mid-job (an artist's habitual Ctrl+S), and may be all that is
+        left of it if Blender goes. Each texture is packed as it stands: until the job ends it has
+        no file, and Blender saves an image without one as blank (black objects came back); the
+        finished texture's file replaces the pack (``saved_texture``). Point previews leave the
+        scene for the save (``after_save`` brings them back): a file kept one, a cloud of
+        tetrahedra its job would never remove."""
         for target in self.targets:
             if target.live is not None and not target.saved_to:  # its PNG being written too: not yet its file
                 with contextlib.suppress(ReferenceError):  # the image was undone or deleted meanwhile
                     target.live.image.pack()
+            if target.preview is not None:
+                target.preview.remove()
+
+    def after_save(self) -> None:
+        for target in self.targets:
+            if target.preview is not None:
+                target.preview.restore()
 
     # --- applying messages -----------------------------------------------------------------
     def pump(self, timeout: float = 0.0) -> None:
@@ -694,7 +702,7 @@ class GenerateSession(TextureSession):
 
         if msg.type == protocol.POINTS:
             if target.preview is None:
-                target.preview = start_preview(target.name, self.location)
+                target.preview = PointPreview(target.name, self.location)
             target.preview.update(arr("positions"), arr("colors"), arr("sizes"))
             return
         obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)

@@ -1645,20 +1645,40 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
 
 
 
-def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene) -> None:
+def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene, tmp_path) -> None:
+    """Nor does a save during the preview: the file saved mid-preview (a habitual Ctrl+S) came back,
+    job gone, with a cloud of tetrahedra named "... preview" in it."""
     before = set(bpy.data.objects.keys())
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = 200
-    session = kiln.session.GenerateSession(fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON), (0.0, 0.0, 0.0))
+    session = kiln.operators.ACTIVE = kiln.session.GenerateSession(
+        fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON), (0.0, 0.0, 0.0))
     session.start()
     target = session.targets[0]
     pump_until(session, lambda: target.preview is not None)
-    assert target.preview.obj.name in bpy.data.objects
+    shown = len(target.preview.obj.data.vertices)
+    bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "mid-preview.blend"), copy=True)
+    assert len(target.preview.obj.data.vertices) == shown > 0  # still shown after the save
+    with bpy.data.libraries.load(str(tmp_path / "mid-preview.blend")) as (saved, _):
+        assert saved.objects == [] and saved.meshes == [] and saved.materials == []
     session.cancel()
     pump_until(session, lambda: session.finished)
     assert target.status == "cancelled" and not session.changed_scene
     assert set(bpy.data.objects.keys()) == before
     assert not any("preview" in m.name for m in bpy.data.meshes)
+
+
+def test_a_preview_a_file_kept_goes_when_the_file_is_opened(kiln, tmp_path) -> None:
+    """A file written without the save handlers (Blender's autosave, after a crash) can hold a
+    preview whose job is gone."""
+    bpy.ops.wm.read_homefile(use_empty=True)
+    preview = kiln.scene_io.PointPreview("Kiln stool", (0.0, 0.0, 0.0))
+    preview.update(np.zeros((3, 3), np.float32), np.full((3, 3), 200, np.uint8), np.full(3, 0.01, np.float32))
+    bpy.data.libraries.write(str(tmp_path / "autosave.blend"), {preview.obj})
+    preview.remove()
+    del preview
+    bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "autosave.blend"))
+    assert (len(bpy.data.objects), len(bpy.data.meshes), len(bpy.data.materials)) == (0, 0, 0)
 
 
 def test_batch_generate_script(kiln, tmp_path) -> None:
