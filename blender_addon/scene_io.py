@@ -570,18 +570,22 @@ PREVIEW_TAG = "kiln_preview"
 @dataclass
 class PointPreview:
     """The live stand-in of an object being generated: a small tetrahedron per Gaussian, coloured
-    through a colour attribute, at the 3D cursor. Removed when the real object arrives. It keeps
-    its last points, so that it can leave the scene for a save and come back after it."""
+    through a colour attribute, at the 3D cursor. Removed when the real object arrives, which
+    takes its place: an artist who moved, turned or scaled the preview has the object there. It
+    keeps its last points and its place, so that it can leave the scene for a save and come back."""
 
     name: str
     location: Any
     obj: Any = None
     points: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    placement: Any = None  # its transform (a Matrix) while it is out of the scene
 
     def update(self, positions: np.ndarray, colors: np.ndarray, sizes: np.ndarray) -> None:
         self.points = (positions, colors, sizes)
         if self.obj is None:
             self.obj = _preview_object(self.name, self.location)
+            if self.placement is not None:
+                self.obj.matrix_basis = self.placement
         n = len(positions)
         radius = np.clip(sizes, 0.004, 0.05)[:, None, None]
         verts = (positions[:, None, :] + _TETRA[None] * radius).reshape(-1, 3)
@@ -596,6 +600,7 @@ class PointPreview:
     def remove(self) -> None:
         """Out of the scene and the file; ``restore`` brings it back from its points."""
         if self.obj is not None:
+            self.placement = self.obj.matrix_basis.copy()
             _remove_with_its_data(self.obj)
             self.obj = None
 

@@ -413,7 +413,8 @@ class TextureSession:
                 with contextlib.suppress(ReferenceError):  # the image was undone or deleted meanwhile
                     target.live.image.pack()
             if target.preview is not None:
-                target.preview.remove()
+                with contextlib.suppress(ReferenceError):  # the artist deleted it: the job stops at its next frame
+                    target.preview.remove()
 
     def after_save(self) -> None:
         for target in self.targets:
@@ -705,6 +706,10 @@ class GenerateSession(TextureSession):
                 target.preview = PointPreview(target.name, self.location)
             target.preview.update(arr("positions"), arr("colors"), arr("sizes"))
             return
+        # Where the artist left the preview (a deleted one stops the job here, before the object is made).
+        placement = target.preview.obj.matrix_basis.copy() if target.preview and target.preview.obj else None
         obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)
+        if placement is not None:
+            obj.matrix_basis = placement
         target.name, target.obj, target.created = obj.name, obj, True
         drop_preview(target)

@@ -1607,6 +1607,9 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     def spy(self, positions, colors, sizes):
         original(self, positions, colors, sizes)
         previews.append((self.obj.name, len(self.obj.data.vertices), tuple(self.obj.location)))
+        if len(previews) == 1:  # the artist moves the preview and turns it: the object lands there
+            self.obj.location.x += 1
+            self.obj.rotation_euler.z = 0.5
     kiln.scene_io.PointPreview.update = spy
     try:
         bpy.ops.ed.undo_push(message="before Kiln")
@@ -1621,7 +1624,8 @@ def test_generate_object_builds_a_textured_object_at_the_cursor_in_one_undo_step
     added = set(bpy.data.objects.keys()) - before
     assert added == {"Kiln red chair"}, added  # the preview is gone, only the object remains
     obj = bpy.data.objects["Kiln red chair"]
-    assert tuple(obj.location) == pytest.approx((2.0, -1.0, 0.5)) and obj.select_get()
+    assert tuple(obj.location) == pytest.approx((3.0, -1.0, 0.5)) and obj.select_get()
+    assert tuple(obj.rotation_euler) == pytest.approx((0, 0, 0.5))
     assert list(obj.users_collection) == [props]
     layer = bpy.context.view_layer.active_layer_collection
     assert layer.collection == props
@@ -1657,8 +1661,10 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene, tm
     target = session.targets[0]
     pump_until(session, lambda: target.preview is not None)
     shown = len(target.preview.obj.data.vertices)
+    target.preview.obj.location = (0, 2, 0)  # moved by the artist
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "mid-preview.blend"), copy=True)
-    assert len(target.preview.obj.data.vertices) == shown > 0  # still shown after the save
+    assert len(target.preview.obj.data.vertices) == shown > 0  # still shown after the save, where it was
+    assert tuple(target.preview.obj.location) == (0, 2, 0)
     with bpy.data.libraries.load(str(tmp_path / "mid-preview.blend")) as (saved, _):
         assert saved.objects == [] and saved.meshes == [] and saved.materials == []
     session.cancel()
