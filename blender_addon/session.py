@@ -382,7 +382,8 @@ class TextureSession:
         if active is None:
             return done / total, "Starting backend…" if self.client is None else "Queued…"
         eta = f" · ETA {active.eta:.0f} s" if active.eta is not None else ""
-        return done / total, f"{active.name}: {active.phase} {active.done}/{active.total}{eta}"
+        steps = f" {active.done}/{active.total}" if active.progress_log else ""  # none yet: waiting its turn
+        return done / total, f"{active.name}: {active.phase}{steps}{eta}"
 
     def summary(self) -> str:
         parts = [f"{t.name}: {t.status}" + (f" ({t.error})" if t.error else "")
@@ -512,6 +513,8 @@ class TextureSession:
             return
         if msg.type == protocol.ACCEPTED:
             target.job, target.status = msg.get("job"), "running"
+            if ahead := int(msg.get("queue_position") or 0):  # a backend shared with batch runs or other Blenders
+                target.phase = f"waiting for {ahead} job{'s' if ahead > 1 else ''} ahead of it"
             if self.cancel_requested and self.client:
                 self.client.send(protocol.CANCEL, {"job": target.job})
         elif msg.type == protocol.PROGRESS:

@@ -1674,6 +1674,23 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene, tm
     assert not any("preview" in m.name for m in bpy.data.meshes)
 
 
+def test_a_job_behind_another_clients_says_it_waits_its_turn(kiln, scene) -> None:
+    """A backend shared with batch runs or another Blender runs one job at a time: the panel said
+    "queued 0/1" for as long as the other job took."""
+    fields = kiln.session.read_settings(bpy.context.scene.kiln)
+    fields["steps"] = 200
+    other = kiln.session.GenerateSession(fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON), (0.0, 0.0, 0.0))
+    other.start()
+    pump_until(other, lambda: other.targets[0].done > 0)
+    session = run_session(kiln, [add_cube()], steps=1)
+    pump_until(session, lambda: session.targets[0].status == "running")
+    assert session.progress()[1] == "Cube: waiting for 1 job ahead of it"
+    other.cancel()
+    pump_until(other, lambda: other.finished)
+    pump_until(session, lambda: session.finished)
+    assert session.succeeded, session.summary()
+
+
 def test_a_preview_a_file_kept_goes_when_the_file_is_opened(kiln, tmp_path) -> None:
     """A file written without the save handlers (Blender's autosave, after a crash) can hold a
     preview whose job is gone."""
