@@ -11,7 +11,8 @@ crosses the surface, one per piece at most.
 
 Run as ``python -m backend.unwrap FOLDER``: the child imports numpy and xatlas only (torch's import
 alone took longer than unwrapping a 50k-face mesh), so nothing this module imports may pull torch in;
-then it waits for a line on stdin before it reads ``FOLDER/mesh.npz`` and writes ``FOLDER/uvs.npy``.
+then it waits for a line on stdin before it reads ``FOLDER/mesh.npz`` and writes ``FOLDER/uvs.npy``,
+and waits on stdin again until its backend, done with the UVs, stops it.
 Starting Python and those imports cost about a second on the GPU machine (5k and 50k faces both took
 1.1 s there, 2026-12-04), so a long-lived backend keeps one child started ahead (``keep_spare``) and
 a job only writes its mesh and says go.
@@ -44,6 +45,7 @@ TIME_LIMIT_S = 60.0
 # threads oversubscribe the cores. SD 1.5 loaded on 2 cores beside a 50k-face unwrap: 2.2-2.6 s one
 # after the other, 3.9-4.2 s side by side, 2.1-2.3 s side by side with the child niced.
 NICENESS = 10
+UVS = "uvs.npy"  # the child's answer in its folder, put there whole (a rename) when it is ready
 
 
 def split_faces(centroids: np.ndarray, piece_faces: int) -> list[np.ndarray]:
@@ -99,23 +101,28 @@ def _parametrize(positions: np.ndarray, triangles: np.ndarray, pieces: list[np.n
     return corner
 
 
-def _child(folder: str, parent: int) -> None:
+def _child(folder: str) -> None:
+    """A backend that goes without a word (killed, crashed, Windows or POSIX alike) closes the
+    child's stdin with its own end of the pipe: waiting for the go, or with the UVs written, the
+    child then finds EOF, and removes its folder (a copy of the artist's mesh), as no one else will.
+    A backend that is still there stops the child itself, once it has read the UVs."""
     if hasattr(os, "nice"):  # POSIX; on Windows the parent starts the child at below-normal priority
         os.nice(NICENESS)
     import xatlas  # noqa: F401  (now, so that a spare has paid for it before its job comes)
 
-    if not sys.stdin.readline():  # EOF: a spare whose backend went without a word (killed, crashed)
+    if not sys.stdin.readline():  # a spare whose backend went
         _remove_own_folder(folder)
         return
     data = np.load(Path(folder) / "mesh.npz")
     triangles = data["triangles"]
     bounds = data["bounds"]
     pieces = [data["order"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
-    np.save(Path(folder) / "uvs.npy", _parametrize(data["positions"], triangles, pieces))
-    if os.getppid() != parent:  # the backend was killed meanwhile (POSIX hands its orphans to another
-        # process; Windows keeps the dead parent's id): no one is left to read the UVs or remove the
-        # folder, which holds a copy of the artist's mesh
-        _remove_own_folder(folder)
+    uvs = _parametrize(data["positions"], triangles, pieces)
+    with open(Path(folder) / "uvs.partial.npy", "wb") as out:
+        np.save(out, uvs)
+    os.replace(Path(folder) / "uvs.partial.npy", Path(folder) / UVS)  # whole, or not there: the backend reads it
+    sys.stdin.readline()  # EOF, the backend gone: only ever reached then (it stops a child it is reading)
+    _remove_own_folder(folder)
 
 
 def _remove_own_folder(folder: str) -> None:
@@ -130,11 +137,11 @@ class _Child:
     def __init__(self) -> None:
         self.folder = tempfile.TemporaryDirectory(prefix="kiln-unwrap-")
         folder = Path(self.folder.name)
-        self.source, self.target, self.errors = folder / "mesh.npz", folder / "uvs.npy", folder / "stderr.txt"
+        self.source, self.target, self.errors = folder / "mesh.npz", folder / UVS, folder / "stderr.txt"
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             [str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")]))
         with open(self.errors, "wb") as errors:  # a file, not a pipe: a chatty child never blocks on it
-            self.process = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(folder), str(os.getpid())],
+            self.process = subprocess.Popen([sys.executable, "-m", "backend.unwrap", str(folder)],
                                             env=env,
                                             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors,
                                             creationflags=getattr(subprocess, "BELOW_NORMAL_PRIORITY_CLASS", 0))
@@ -142,7 +149,7 @@ class _Child:
             _live.add(self)
 
     def close(self) -> None:
-        if self.process.poll() is None:
+        if self.process.poll() is None:  # killed before its stdin closes, so it leaves the folder to us
             self.process.kill()
         self.process.wait()
         with contextlib.suppress(OSError):  # a "go" still buffered for a child that died: nothing to tell
@@ -223,9 +230,9 @@ class Unwrapping:
         np.savez(self.worker.source, positions=mesh.positions.astype(np.float32),
                  triangles=mesh.triangles.astype(np.int64), order=np.concatenate(pieces),
                  bounds=np.cumsum([0] + [len(p) for p in pieces]))
-        try:
+        try:  # stdin stays open: its end is the child's sign that the backend is gone
             self.child.stdin.write(b"go\n")
-            self.child.stdin.close()
+            self.child.stdin.flush()
         except OSError:  # the child died before its go; corner_uvs reports how
             pass
         self.deadline = time.monotonic() + time_limit
@@ -237,8 +244,8 @@ class Unwrapping:
         self.close()
 
     def done(self) -> bool:
-        """Whether the child has finished (its UVs, or its failure, are ready to read)."""
-        return self.child.poll() is not None
+        """Whether the child has finished: its UVs are written, or it has ended without them."""
+        return self.worker.target.exists() or self.child.poll() is not None
 
     def close(self) -> None:
         self.worker.close()
@@ -252,9 +259,9 @@ class Unwrapping:
         faces, name = self.mesh.triangle_count, self.mesh.name
         fix = ("give it a UV map in Blender (UV Editing > UV > Smart UV Project) or reduce it (Decimate modifier), "
                "then run again")
-        while True:
+        while not self.worker.target.exists():
             try:
-                self.child.wait(timeout=0.1)
+                self.child.wait(timeout=0.05)
                 break
             except subprocess.TimeoutExpired:
                 if cancelled():
@@ -262,7 +269,7 @@ class Unwrapping:
                 if time.monotonic() > self.deadline:
                     raise MeshError(f"unwrapping mesh {name!r} ({faces:,} triangles, no UV map) took over "
                                     f"{self.time_limit:g} s, so Kiln stopped it: {fix}") from None
-        if self.child.returncode != 0:
+        if not self.worker.target.exists():  # ended without its UVs
             errors = self.worker.errors.read_text(errors="replace").strip()
             how = f"crashed (signal {-self.child.returncode})" if self.child.returncode < 0 else "failed"
             detail = f" ({errors.splitlines()[-1]})" if errors else ""
@@ -298,4 +305,4 @@ def unwrap(mesh: Mesh, cancelled: Callable[[], bool] = lambda: False,
 
 
 if __name__ == "__main__":
-    _child(sys.argv[1], int(sys.argv[2]))
+    _child(sys.argv[1])
