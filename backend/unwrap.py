@@ -275,6 +275,7 @@ class Unwrapping:
             detail = f" ({errors.splitlines()[-1]})" if errors else ""
             raise MeshError(f"xatlas {how} unwrapping mesh {name!r} ({faces:,} triangles){detail}: {fix}")
         uvs = np.load(self.worker.target)
+        self.close()  # read: the child, which waits for its end of stdin, goes now rather than with the job
         if not np.isfinite(uvs).all():  # xatlas found no face with area to chart
             raise MeshError(f"mesh {name!r} has no faces with area for xatlas to unwrap: merge its duplicate "
                             "vertices (Edit Mode > Mesh > Clean Up > Merge by Distance) or give it a UV map")
