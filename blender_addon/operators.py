@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+import re
 import threading
 import time
 from pathlib import Path
@@ -91,13 +92,16 @@ class _SessionOperator(_WhenIdle):
         session = self._session(context)
         if session is None:
             return {"CANCELLED"}
-        shown, interrupted = -1, False
+        tenth, phases, interrupted = -1, set(), False
         try:
             while not session.finished:
                 session.pump(timeout=0.1)
                 fraction, text = session.progress()
-                if int(fraction * 10) != shown:  # a console line per tenth, for batch logs
-                    shown = int(fraction * 10)
+                # For batch logs, a console line per tenth and per phase first seen (its text less the counts).
+                phase = re.sub(r" · ETA.*|[\d.]+", "", text)
+                if not session.finished and (int(fraction * 10) != tenth or phase not in phases):
+                    tenth = int(fraction * 10)
+                    phases.add(phase)
                     print(f"Kiln {fraction:.0%} · {text}", flush=True)
         except KeyboardInterrupt:
             interrupted = True

@@ -10,6 +10,7 @@ import signal
 import shutil
 import subprocess
 import sys
+import threading
 import time
 import types
 import venv
@@ -1674,21 +1675,22 @@ def test_generation_cancelled_during_the_preview_leaves_no_trace(kiln, scene, tm
     assert not any("preview" in m.name for m in bpy.data.meshes)
 
 
-def test_a_job_behind_another_clients_says_it_waits_its_turn(kiln, scene) -> None:
+def test_a_job_behind_another_clients_says_it_waits_its_turn(kiln, scene, capsys) -> None:
     """A backend shared with batch runs or another Blender runs one job at a time: the panel said
-    "queued 0/1" for as long as the other job took."""
+    "queued 0/1" for as long as the other job took, and a batch log "Starting backend…"."""
     fields = kiln.session.read_settings(bpy.context.scene.kiln)
     fields["steps"] = 200
     other = kiln.session.GenerateSession(fields, kiln.backend_process.BackendChoice(BACKEND_PYTHON), (0.0, 0.0, 0.0))
     other.start()
     pump_until(other, lambda: other.targets[0].done > 0)
-    session = run_session(kiln, [add_cube()], steps=1)
-    pump_until(session, lambda: session.targets[0].status == "running")
-    assert session.progress()[1] == "Cube: waiting for 1 job ahead of it"
-    other.cancel()
+    select(add_cube())
+    threading.Timer(0.5, other.cancel).start()  # from the other Blender, while this one waits on its job
+    capsys.readouterr()
+    bpy.ops.kiln.texture_selected()
+    log = capsys.readouterr().out  # the panel's progress text, a line per tenth and per phase
     pump_until(other, lambda: other.finished)
-    pump_until(session, lambda: session.finished)
-    assert session.succeeded, session.summary()
+    assert kiln.operators.ACTIVE.succeeded, kiln.operators.ACTIVE.summary()
+    assert "Kiln 0% · Cube: waiting for 1 job ahead of it\n" in log and "Kiln 0% · Cube: denoising views 0/" in log, log
 
 
 def test_a_preview_a_file_kept_goes_when_the_file_is_opened(kiln, tmp_path) -> None:
