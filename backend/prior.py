@@ -284,8 +284,13 @@ def load_prior(model: str, device: torch.device | None = None, offline: bool = F
     ``lora_weight``; ``vae``:
     optionally an autoencoder in place of the model's (``_load_vae``). Low-VRAM mode is switched
     on a loaded prior (``set_low_vram``), so toggling it costs no reload."""
-    device = device or default_device()
     offline = hub_offline(offline)
+    with kept_off_the_hub(offline):
+        return _load_prior(model, device or default_device(), offline, controlnet, lora, vae, lora_weight)
+
+
+def _load_prior(model: str, device: torch.device, offline: bool, controlnet: str | None, lora: str | None,
+                vae: str | None, lora_weight: float) -> Prior:
     check_names(model, controlnet, lora, vae)
     model, controlnet, lora, vae = (from_hub_url(source, offline) if source else source
                                     for source in (model, controlnet, lora, vae))
@@ -369,6 +374,25 @@ def hub_offline(offline: bool) -> bool:
     """Whether the hub is off limits: asked for (--offline, Blender's online access off), or set for
     the whole environment as huggingface_hub reads it (HF_HUB_OFFLINE)."""
     return offline or os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def kept_off_the_hub(offline: bool) -> Iterator[None]:
+    """Offline means no request at all while a model loads: diffusers reaches the hub for a single
+    checkpoint's configuration even when told ``local_files_only``, which it sets aside when that
+    configuration is not cached. So a standing backend (started online) serving a Blender whose
+    online access is off looked up huggingface.co. huggingface_hub's own switch, which refuses
+    every request, is on for the load; the environment's HF_HUB_OFFLINE sets it for good."""
+    from huggingface_hub import constants
+
+    if not offline or constants.HF_HUB_OFFLINE:
+        yield
+        return
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = False
 
 
 def first_download(source: str, offline: bool) -> bool:

@@ -803,6 +803,33 @@ def test_single_checkpoints_are_checked_by_their_header_and_say_what_they_need_o
     assert "is on this machine, but reading it needs files it does not hold" in str(err.value)
 
 
+def test_an_offline_job_reaches_for_no_network_on_a_backend_started_online(tmp_path, monkeypatch) -> None:
+    """A standing backend (started by hand, online) serving a Blender whose online access is off:
+    diffusers reached the hub for a single checkpoint's configuration all the same, as it sets
+    local_files_only aside when that configuration is not cached."""
+    import socket
+
+    import huggingface_hub.constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-hub"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # the environment allows the hub
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    reached = []
+
+    def look_up(host, *_args, **_kwargs):  # never the network from a test: recorded and refused instead
+        reached.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "the test looks up no host")
+    monkeypatch.setattr(socket, "getaddrinfo", look_up)
+    save_file({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1, 768),
+               "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)},
+              tmp_path / "sd15.safetensors")
+    with pytest.raises(ModelError) as err:
+        load_prior(str(tmp_path / "sd15.safetensors"), torch.device("cpu"), offline=True)
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and reached == []
+    assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # the hub again for the jobs that may use it
+
+
 class TrainingCallback:
     """What a training run pickles into its .ckpt besides the weights (pytorch_lightning's
     ModelCheckpoint, say): unpickled for real, its module is imported and its code runs."""
