@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import protocol
-from .prior import HF_ID, ModelError, explain_load_error, from_hub_url
+from .prior import HF_ID, ModelError, explain_load_error, from_hub_url, hub_offline, kept_off_the_hub
 
 
 class TextEmbedder(Protocol):
@@ -77,9 +77,10 @@ class ClipEmbedder:
                              "'openai/clip-vit-base-patch32' or a folder with a CLIPModel and its tokenizer, or "
                              "leave CLIP empty to search by text alone")
         where = str(path) if path.is_dir() else source
-        try:
-            model = CLIPModel.from_pretrained(where, local_files_only=offline or path.is_dir()).to(device).eval()
-            tokenizer = CLIPTokenizer.from_pretrained(where, local_files_only=offline or path.is_dir())
+        try:  # transformers asks the hub for an adapter file even when told local_files_only
+            with kept_off_the_hub(hub_offline(offline)):
+                model = CLIPModel.from_pretrained(where, local_files_only=offline or path.is_dir()).to(device).eval()
+                tokenizer = CLIPTokenizer.from_pretrained(where, local_files_only=offline or path.is_dir())
         except Exception as exc:  # hub, filesystem and config errors all end here
             raise explain_load_error(exc, f"CLIP {source!r}", offline, local=path.is_dir()) from None
         return cls(model, tokenizer, source, device)

@@ -380,9 +380,10 @@ def hub_offline(offline: bool) -> bool:
 def kept_off_the_hub(offline: bool) -> Iterator[None]:
     """Offline means no request at all while a model loads: diffusers reaches the hub for a single
     checkpoint's configuration even when told ``local_files_only``, which it sets aside when that
-    configuration is not cached. So a standing backend (started online) serving a Blender whose
-    online access is off looked up huggingface.co. huggingface_hub's own switch, which refuses
-    every request, is on for the load; the environment's HF_HUB_OFFLINE sets it for good."""
+    configuration is not cached, and transformers for an adapter file. So a standing backend
+    (started online) serving a Blender whose online access is off looked up huggingface.co.
+    huggingface_hub's own switch, which refuses every request, is on for the load; the
+    environment's HF_HUB_OFFLINE sets it for good."""
     from huggingface_hub import constants
 
     if not offline or constants.HF_HUB_OFFLINE:

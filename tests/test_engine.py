@@ -824,6 +824,10 @@ def test_an_offline_job_reaches_for_no_network_on_a_backend_started_online(tmp_p
     save_file({"model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight": torch.zeros(1, 768),
                "model.diffusion_model.input_blocks.0.0.weight": torch.zeros(1, 4, 1, 1)},
               tmp_path / "sd15.safetensors")
+    from backend.embed import ClipEmbedder  # an index or search job's CLIP: transformers asked for an adapter
+    with pytest.raises(ModelError) as err:
+        ClipEmbedder.load("openai/clip-vit-base-patch32", True, torch.device("cpu"))
+    assert err.value.code == protocol.E_WEIGHTS_OFFLINE and reached == []
     with pytest.raises(ModelError) as err:
         load_prior(str(tmp_path / "sd15.safetensors"), torch.device("cpu"), offline=True)
     assert err.value.code == protocol.E_WEIGHTS_OFFLINE and reached == []
