@@ -29,6 +29,8 @@ def main() -> int:
     if settings is None:
         return 1
     made = []
+    cursor = bpy.context.scene.cursor
+    start = cursor.location.copy()
     for prompt in args.prompt:
         settings.prompt = prompt
         try:
@@ -37,7 +39,8 @@ def main() -> int:
             print(f"batch_generate.py: {prompt!r}: {exc}", file=sys.stderr)
             return 1
         made.append(bpy.context.view_layer.objects.active.name)
-        bpy.context.scene.cursor.location.x += args.spacing
+        cursor.location.x += args.spacing
+    cursor.location = start  # the artist's cursor is saved with the file, not where the last object went
     if not save(args, "batch_generate.py"):
         return 1
     print(f"batch_generate.py: generated {', '.join(made)}")

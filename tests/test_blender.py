@@ -1709,17 +1709,23 @@ def test_a_preview_a_file_kept_goes_when_the_file_is_opened(kiln, tmp_path) -> N
 def test_batch_generate_script(kiln, tmp_path) -> None:
     blend = tmp_path / "gen.blend"
     bpy.ops.wm.read_homefile(use_empty=True)
+    bpy.context.scene.cursor.location = (0.0, 1.0, 0.0)
     bpy.ops.wm.save_as_mainfile(filepath=str(blend), copy=True)  # a copy: this Blender can read it back below
     example = str(ROOT / "examples" / "batch_generate.py")
     script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
               f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", script, str(blend), "--prompt", "a stool", "--model", "tiny",
-                           "--size", "512", "--steps", "1", "--save", "--backend-python", BACKEND_PYTHON],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    done = subprocess.run([sys.executable, "-c", script, str(blend), "--prompt", "a stool", "--prompt", "a lamp",
+                           "--model", "tiny", "--size", "512", "--steps", "1", "--save", "--backend-python",
+                           BACKEND_PYTHON], capture_output=True, text=True, timeout=300, env=dict(os.environ))
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "generated Kiln stool" in done.stdout
-    with bpy.data.libraries.load(str(blend)) as (saved, _):
-        assert saved.objects == ["Kiln stool"]
+    assert "generated Kiln stool, Kiln lamp" in done.stdout
+    with bpy.data.libraries.load(str(blend)) as (saved, taken):
+        assert sorted(saved.objects) == ["Kiln lamp", "Kiln stool"]
+        taken.scenes = ["Scene"]
+    scene = taken.scenes[0]
+    assert tuple(scene.cursor.location) == (0.0, 1.0, 0.0)  # the file's cursor, not moved by the run
+    assert [tuple(scene.objects[name].location) for name in ("Kiln stool", "Kiln lamp")] == [(0, 1, 0), (2.5, 1, 0)]
+    bpy.data.scenes.remove(scene)
 
 
 def write_cube_obj(path: Path, extents: tuple[float, float, float]) -> None:
