@@ -11,7 +11,7 @@ import sys
 import bpy
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from batch_texture import add_shared_options, configure, save  # noqa: E402
+from batch_texture import add_shared_options, configure, refusal, save  # noqa: E402
 
 
 def parse() -> argparse.Namespace:
@@ -36,7 +36,7 @@ def main() -> int:
         try:
             bpy.ops.kiln.generate_object()
         except RuntimeError as exc:
-            print(f"batch_generate.py: {prompt!r}: {exc}", file=sys.stderr)
+            print(f"batch_generate.py: {prompt!r}: {refusal(exc)}", file=sys.stderr)
             return 1
         made.append(bpy.context.view_layer.objects.active.name)
         cursor.location.x += args.spacing

@@ -6,6 +6,7 @@ can trust the exit code (Blender itself exits 0 after a failed script unless tol
 
 import argparse
 import os
+import re
 import sys
 
 import bpy
@@ -64,6 +65,12 @@ def enable_kiln() -> str:
         except Exception:  # not installed under that repository
             continue
     sys.exit("batch_texture.py: the Kiln extension is not installed; install dist/kiln-*.zip first")
+
+
+def refusal(exc: RuntimeError) -> str:
+    """Kiln's own words from an operator's RuntimeError, without the wrapping Blender adds for a
+    report ("Error: ") or a poll message ("Operator bpy.ops.kiln.texture_selected.poll() ...")."""
+    return re.sub(r"^(Error: |Operator bpy\.ops\.\S+\.poll\(\) )", "", str(exc).strip())
 
 
 def assign(settings, values: dict[str, tuple[str, object]], script: str) -> bool:
@@ -185,7 +192,7 @@ def main() -> int:
             return 1
         bpy.ops.kiln.texture_selected()
     except RuntimeError as exc:
-        print(f"batch_texture.py: {exc}", file=sys.stderr)
+        print(f"batch_texture.py: {refusal(exc)}", file=sys.stderr)
         return 1
     finally:  # the artist's hidden objects stay hidden in the file
         for obj, hide, hide_viewport, hide_select in hidden:

@@ -643,7 +643,7 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path, capsys)
     assert "textured Cube" in ok.stdout
     assert (tmp_path / "kiln_textures" / "Cube_seed0.png").is_file()
     bad = run_batch(tmp_path, "--prompt", "", "--model", "tiny")
-    assert bad.returncode == 1 and "prompt is empty" in bad.stderr
+    assert bad.returncode == 1 and "batch_texture.py: the prompt is empty: type what" in bad.stderr, bad.stderr
     # Many batch runs can share one backend, and its loaded model, started by hand.
     proc, _ = start_standing_backend(tmp_path / "backend.json")
     shared = ["--model", "tiny", "--size", "512", "--connection-file", str(tmp_path / "backend.json")]
@@ -670,6 +670,8 @@ def test_batch_script_succeeds_headless_and_fails_loudly(kiln, tmp_path, capsys)
     assert "--lora-weight 3.0 is out of range: choose -2 to 2" in refused_batch(
         capsys, "--prompt", "a crate", "--model", "tiny", "--lora", "a/b", "--lora-weight", "3")
     assert "add --refine" in refused_batch(capsys, "--prompt", "a crate", "--model", "tiny", "--strength", "0.3")
+    assert "batch_texture.py: Select one or more mesh objects: 'Camera' is a camera" in refused_batch(  # no poll()
+        capsys, "--prompt", "a crate", "--model", "tiny", "--objects", "Camera")
     assert "--selected-faces keeps the other faces' texture" in refused_batch(
         capsys, "--prompt", "a crate", "--model", "tiny", "--selected-faces")
     # Blender opened no file: --save said nothing and the result was lost with the process.
