@@ -831,6 +831,20 @@ def test_an_offline_job_reaches_for_no_network_on_a_backend_started_online(tmp_p
     with pytest.raises(ModelError) as err:
         load_prior(str(tmp_path / "sd15.safetensors"), torch.device("cpu"), offline=True)
     assert err.value.code == protocol.E_WEIGHTS_OFFLINE and reached == []
+    # A model fetched before loads offline as it is, still without a look-up.
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from backend.tiny_model import build_tiny_prior
+
+    tiny = build_tiny_prior(torch.device("cpu"))
+    snapshot = tmp_path / "empty-hub" / "models--kiln-tests--fetched" / "snapshots" / ("0" * 40)
+    StableDiffusionPipeline(tiny.vae, tiny.text_encoder, tiny.tokenizer, tiny.unet, DDIMScheduler(),
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(snapshot)
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    assert load_prior("kiln-tests/fetched", torch.device("cpu"), offline=True).unet.config.in_channels == 4
+    assert reached == []
     assert huggingface_hub.constants.HF_HUB_OFFLINE is False  # the hub again for the jobs that may use it
 
 
