@@ -361,11 +361,13 @@ def test_cli_indexes_and_textures_with_a_retrieved_reference(tmp_path: Path) -> 
     lib = small_library(tmp_path / "lib")
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     (tmp_path / "typo").mkdir()  # a wrong path indexes as empty: the TD's script must hear of it
+    (tmp_path / "typo" / "props.blend").write_bytes(b"BLENDER-v402")  # Blender's own asset library: not read here
     done = subprocess.run([sys.executable, "-m", "backend", "index", str(lib), str(tmp_path / "typo")], cwd=ROOT,
                           env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 2, done.stderr
     assert "4 assets (4 new" in done.stdout and "typo: 0 assets" in done.stdout, done.stdout
     assert "holds no .glb, .gltf, .obj, .ply files" in done.stdout
+    assert "left out 1 .blend file (props.blend): Kiln reads .blend assets through Blender" in done.stderr
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, "-m", "backend", "texture", str(ROOT / "examples" / "vase.obj"),
                            "--prompt", "a wooden crate", "--preset", "pipeline-check", "--size", "512",
