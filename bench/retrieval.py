@@ -151,8 +151,8 @@ def generation_runs(folder: Path, quick: bool) -> list[dict]:
     box = frame_box(REFERENCE_RADIUS * FRAME_RADIUS)
     face = prior_facing(prior, scene.prompt, "")
     rows = []
-    # the smoke run fits fewer renders: 4 views, 15 updates per pass
-    short = dict(views=4, recon_steps=15, init_recon_steps=15) if quick else {}
+    # the smoke run fits fewer renders: 4 views, 8 updates per pass
+    short = dict(views=4, recon_steps=8, init_recon_steps=8) if quick else {}
     for iterations in (2,) if quick else (4, base.schedule.iterations):
         cfg = replace(base, schedule=replace(base.schedule, iterations=iterations, **short),
                       splats=replace(base.splats, count=1000 if quick else 2000),
