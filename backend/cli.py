@@ -380,13 +380,6 @@ def generate_command(args: argparse.Namespace) -> int:
                   gaussians=len(result.splats["means"]), triangles=mesh.triangle_count, **events.used())
 
 
-def blend_files(root: Path) -> list[str]:
-    """The .blend files under ``root`` (hidden folders skipped, as indexing skips them): a folder
-    of Blender's own asset libraries indexed here gave "0 assets" and no reason."""
-    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*.blend")
-                  if not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
 def index_command(args: argparse.Namespace) -> int:
     """Index each folder; unreadable files are listed with the reason. A folder that cannot be
     indexed, or that ends with no assets (a wrong path, most often), makes the exit code non-zero."""
@@ -394,7 +387,7 @@ def index_command(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .embed import ClipEmbedder, WordLlamaEmbedder
-    from .library import build_index
+    from .library import asset_files, build_index
 
     try:
         embedder = WordLlamaEmbedder()
@@ -412,7 +405,8 @@ def index_command(args: argparse.Namespace) -> int:
             print(report.summary(index, str(index.root)))
             for line in report.problems():
                 print(f"  {line}", file=sys.stderr)
-            if blends := blend_files(index.root):
+            # Blender's own asset libraries: indexed here they gave "0 assets" and no reason.
+            if blends := [p.relative_to(index.root).as_posix() for p in asset_files(index.root, (".blend",))]:
                 print(f"  left out {len(blends)} .blend file{'s' if len(blends) > 1 else ''} ({blends[0]}"
                       f"{', …' if len(blends) > 1 else ''}): Kiln reads .blend assets through Blender, which this "
                       "command has not: use the library from Blender (Kiln's Asset Libraries, Index Libraries), "

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import protocol
-from .prior import HF_ID, ModelError, explain_load_error, from_hub_url, hub_offline, kept_off_the_hub
+from .prior import HF_ID, ModelError, explain_load_error, from_hub_url, kept_off_the_hub
 
 
 class TextEmbedder(Protocol):
@@ -78,7 +78,7 @@ class ClipEmbedder:
                              "leave CLIP empty to search by text alone")
         where = str(path) if path.is_dir() else source
         try:  # transformers asks the hub for an adapter file even when told local_files_only
-            with kept_off_the_hub(hub_offline(offline)):
+            with kept_off_the_hub(offline):  # on already where the environment sets HF_HUB_OFFLINE
                 model = CLIPModel.from_pretrained(where, local_files_only=offline or path.is_dir()).to(device).eval()
                 tokenizer = CLIPTokenizer.from_pretrained(where, local_files_only=offline or path.is_dir())
         except Exception as exc:  # hub, filesystem and config errors all end here

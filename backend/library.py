@@ -203,9 +203,9 @@ def thumbnails(asset: Asset) -> np.ndarray:
     return (images.permute(0, 2, 3, 1).clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def asset_files(root: Path) -> list[Path]:
-    """Every asset file under ``root``, hidden folders skipped, in a stable order."""
-    files = [p for p in root.rglob("*") if p.suffix.lower() in ASSET_SUFFIXES and p.is_file()
+def asset_files(root: Path, suffixes: tuple[str, ...] = ASSET_SUFFIXES) -> list[Path]:
+    """Every asset file under ``root`` (of ``suffixes``), hidden folders skipped, in a stable order."""
+    files = [p for p in root.rglob("*") if p.suffix.lower() in suffixes and p.is_file()
              and not any(part.startswith(".") for part in p.relative_to(root).parts)]
     return sorted(files)
 

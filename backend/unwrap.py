@@ -118,9 +118,10 @@ def _child(folder: str) -> None:
     bounds = data["bounds"]
     pieces = [data["order"][a:b] for a, b in zip(bounds[:-1], bounds[1:])]
     uvs = _parametrize(data["positions"], triangles, pieces)
-    with open(Path(folder) / "uvs.partial.npy", "wb") as out:
+    partial = Path(folder) / "uvs.partial.npy"
+    with open(partial, "wb") as out:
         np.save(out, uvs)
-    os.replace(Path(folder) / "uvs.partial.npy", Path(folder) / UVS)  # whole, or not there: the backend reads it
+    os.replace(partial, Path(folder) / UVS)  # whole, or not there: the backend reads it
     sys.stdin.readline()  # EOF, the backend gone: only ever reached then (it stops a child it is reading)
     _remove_own_folder(folder)
 
