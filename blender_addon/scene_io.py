@@ -597,10 +597,15 @@ class PointPreview:
         rgba[..., :3] = srgb_bytes_to_linear(colors.astype(np.uint8))[:, None, :]
         attr.data.foreach_set("color", rgba.ravel())
 
+    def transform(self) -> Any:
+        """Where it stands (a Matrix), as the artist may have moved it; None before its first frame.
+        Raises ReferenceError when the artist deleted it."""
+        return self.obj.matrix_basis.copy() if self.obj is not None else self.placement
+
     def remove(self) -> None:
         """Out of the scene and the file; ``restore`` brings it back from its points."""
         if self.obj is not None:
-            self.placement = self.obj.matrix_basis.copy()
+            self.placement = self.transform()
             _remove_with_its_data(self.obj)
             self.obj = None
 

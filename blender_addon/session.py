@@ -710,7 +710,7 @@ class GenerateSession(TextureSession):
             target.preview.update(arr("positions"), arr("colors"), arr("sizes"))
             return
         # Where the artist left the preview (a deleted one stops the job here, before the object is made).
-        placement = target.preview.obj.matrix_basis.copy() if target.preview and target.preview.obj else None
+        placement = target.preview.transform() if target.preview is not None else None
         obj = build_object(target.name, arr("positions"), arr("triangles"), arr("corner_uvs"), self.location)
         if placement is not None:
             obj.matrix_basis = placement
