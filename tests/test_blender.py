@@ -604,21 +604,25 @@ def test_texture_size_is_clamped_to_the_supported_range(scene) -> None:
     assert scene.texture_size == 4096
 
 
+def run_example(example: str, blend: Path | None, *args: str) -> subprocess.CompletedProcess:
+    """``examples/<example>`` in a fresh Blender process, as `blender -b FILE --python` would run
+    it, on ``blend``, or on no file at all (None: the start-up scene, unsaved)."""
+    opening = "bpy.ops.wm.open_mainfile(filepath=sys.argv[1])" if blend else "bpy.ops.wm.read_homefile()"
+    script = (f"import sys, runpy, bpy; {opening}; sys.argv = ['blender', '--'] + sys.argv[2:]; "
+              f"runpy.run_path({str(ROOT / 'examples' / example)!r}, run_name='__main__')")
+    return subprocess.run([sys.executable, "-c", script, str(blend), *args, "--backend-python", BACKEND_PYTHON],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+
+
 def run_batch(tmp_path: Path, *args: str, opened: bool = True) -> subprocess.CompletedProcess:
-    """The batch example in a fresh Blender process, as `blender -b --python` would run it, on a
-    copy of Blender's start-up file (made once per test), or on no file at all (``opened`` False:
-    the start-up scene, unsaved)."""
+    """The batch texturing example (``run_example``) on a copy of Blender's start-up file (made
+    once per test), or on no file at all (``opened`` False: the start-up scene, unsaved)."""
     blend, home = tmp_path / "batch.blend", tmp_path / "home.blend"
     if not home.exists():
         setup = f"import bpy; bpy.ops.wm.read_homefile(); bpy.ops.wm.save_as_mainfile(filepath={str(home)!r})"
         subprocess.run([sys.executable, "-c", setup], check=True, capture_output=True, env=dict(os.environ))
     shutil.copyfile(home, blend)
-    example = str(ROOT / "examples" / "batch_texture.py")
-    opening = "bpy.ops.wm.open_mainfile(filepath=sys.argv[1])" if opened else "bpy.ops.wm.read_homefile()"
-    script = (f"import sys, runpy, bpy; {opening}; "
-              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
-    return subprocess.run([sys.executable, "-c", script, str(blend), *args, "--backend-python", BACKEND_PYTHON],
-                          capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    return run_example("batch_texture.py", blend if opened else None, *args)
 
 
 def refused_batch(capsys, *args: str) -> str:
@@ -695,13 +699,9 @@ def test_a_batch_run_textures_the_objects_an_artist_hid_and_leaves_them_hidden(k
     excluded.objects.link(bpy.data.objects.new("Elsewhere", bpy.data.meshes.new("Elsewhere")))
     bpy.context.view_layer.layer_collection.children["Excluded"].exclude = True
     bpy.ops.wm.save_as_mainfile(filepath=str(tmp_path / "hidden.blend"))
-    script = (f"import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath={str(tmp_path / 'hidden.blend')!r}); "
-              f"sys.argv = ['blender', '--'] + sys.argv[1:]; "
-              f"runpy.run_path({str(ROOT / 'examples' / 'batch_texture.py')!r}, run_name='__main__')")
-    job = ["--prompt", "a crate", "--model", "tiny", "--size", "512", "--steps", "1",
-           "--backend-python", BACKEND_PYTHON]
-    ran = subprocess.run([sys.executable, "-c", script, *job, "--save"], capture_output=True, text=True,
-                         timeout=300, env=dict(os.environ))  # the view layer's meshes: not the excluded one
+    # The view layer's meshes: not the excluded one.
+    ran = run_example("batch_texture.py", tmp_path / "hidden.blend", "--prompt", "a crate", "--model", "tiny",
+                      "--size", "512", "--steps", "1", "--save")
     assert ran.returncode == 0 and "textured Shown, Eye, Monitor" in ran.stdout, ran.stderr[-2000:]
     bpy.ops.wm.open_mainfile(filepath=str(tmp_path / "hidden.blend"))
     for name in ("Shown", "Eye", "Monitor"):
@@ -1713,12 +1713,8 @@ def test_batch_generate_script(kiln, tmp_path) -> None:
     bpy.ops.wm.read_homefile(use_empty=True)
     bpy.context.scene.cursor.location = (0.0, 1.0, 0.0)
     bpy.ops.wm.save_as_mainfile(filepath=str(blend), copy=True)  # a copy: this Blender can read it back below
-    example = str(ROOT / "examples" / "batch_generate.py")
-    script = ("import sys, runpy, bpy; bpy.ops.wm.open_mainfile(filepath=sys.argv[1]); "
-              f"sys.argv = ['blender', '--'] + sys.argv[2:]; runpy.run_path({example!r}, run_name='__main__')")
-    done = subprocess.run([sys.executable, "-c", script, str(blend), "--prompt", "a stool", "--prompt", "a lamp",
-                           "--model", "tiny", "--size", "512", "--steps", "1", "--save", "--backend-python",
-                           BACKEND_PYTHON], capture_output=True, text=True, timeout=300, env=dict(os.environ))
+    done = run_example("batch_generate.py", blend, "--prompt", "a stool", "--prompt", "a lamp", "--model", "tiny",
+                       "--size", "512", "--steps", "1", "--save")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "generated Kiln stool, Kiln lamp" in done.stdout
     with bpy.data.libraries.load(str(blend)) as (saved, taken):
